@@ -1,0 +1,163 @@
+//! The command line: `cipherbus keygen` and `cipherbus run`.
+//!
+//! This module owns argument parsing, logging setup and exit codes. Startup errors (bad config,
+//! bad key file, bad address) print one sentence and exit with code 2.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{FileConfig, Overrides};
+use crate::keyring::source::{write_new_kek, KekFile, RootKeySource};
+
+/// Exit code for anything wrong with how cipherbus was started.
+pub const EXIT_USAGE: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cipherbus",
+    version,
+    about = "Transparent encrypting proxy for NATS"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write a new 256-bit root key (KEK) to a file with mode 0600.
+    Keygen {
+        /// The file to create; an existing file is never overwritten.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Run the proxy.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// TOML config file; flags override its settings.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address agents connect to [default: 127.0.0.1:4333].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Upstream NATS server; repeat it or give a comma list for a cluster
+    /// [default: nats://127.0.0.1:4222].
+    #[arg(long, value_name = "URL")]
+    upstream: Vec<String>,
+    /// File holding the root key.
+    #[arg(long, value_name = "FILE")]
+    kek_file: Option<PathBuf>,
+    /// Directory for wrapped data keys and keyring state.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Serve /metrics and /healthz on this address.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<String>,
+    /// Check the config and the root key, print a summary, and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::Keygen { out } => match write_new_kek(&out) {
+            Ok(key) => {
+                println!(
+                    "wrote a new root key to {} (fingerprint {})",
+                    out.display(),
+                    key.fingerprint()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        Command::Run(args) => run(args),
+    }
+}
+
+fn fail(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("cipherbus: {e}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CIPHERBUS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let file = match &args.config {
+        Some(path) => match FileConfig::load(path) {
+            Ok(f) => f,
+            Err(e) => return fail(&e),
+        },
+        None => FileConfig::default(),
+    };
+    let config = match file.resolve(Overrides {
+        listen: args.listen,
+        upstream: args.upstream,
+        kek_file: args.kek_file,
+        state_dir: args.state_dir,
+        admin: args.admin,
+    }) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let root = match KekFile(config.kek_file.clone()).load() {
+        Ok(k) => k,
+        Err(e) => return fail(&e),
+    };
+    if args.check_config {
+        let ups: Vec<String> = config.upstreams.iter().map(ToString::to_string).collect();
+        println!(
+            "config ok: listen {}, upstream {}, root key fingerprint {}",
+            config.listen,
+            ups.join(","),
+            root.fingerprint()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(async move {
+        let handle = match crate::server::start(config, root).await {
+            Ok(h) => h,
+            Err(e) => return fail(&e),
+        };
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        handle.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

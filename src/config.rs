@@ -1,0 +1,369 @@
+//! Configuration: the TOML file, command-line overrides, and validation into typed values.
+//!
+//! This module owns parsing and checking settings ("parse, don't validate"): [`FileConfig`] is
+//! what serde reads, [`Config`] is what the rest of the proxy runs on. It never opens sockets
+//! and never reads key material; it only names the files that hold it.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::policy::{Policy, PolicyError, RuleConfig, DEFAULT_CONTROL_PREFIX};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:4333";
+pub const DEFAULT_UPSTREAM: &str = "nats://127.0.0.1:4222";
+/// Default cap on concurrent agent connections, well below common file-descriptor limits.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Client libraries give up after about 2 s, so the upstream dial and INFO must fit in less.
+pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Retired epochs kept unwrapped in memory; older ones are unwrapped again from the state dir.
+pub const DEFAULT_RETIRED_CACHE: usize = 64;
+
+/// The config file as written. Every section rejects unknown keys, so a typo fails loudly.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub upstream: Option<Vec<String>>,
+    pub kek_file: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub admin: Option<String>,
+    pub control_prefix: Option<String>,
+    pub max_connections: Option<usize>,
+    pub upstream_connect_timeout: Option<String>,
+    #[serde(default)]
+    pub keyring: KeyringSection,
+    #[serde(default)]
+    pub policy: Vec<RuleConfig>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyringSection {
+    pub retired_cache: Option<usize>,
+}
+
+/// Settings given on the command line; each one present overrides the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub upstream: Vec<String>,
+    pub kek_file: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub admin: Option<String>,
+}
+
+/// One upstream server, as `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// The validated configuration the proxy runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub upstreams: Vec<Upstream>,
+    pub kek_file: PathBuf,
+    pub state_dir: Option<PathBuf>,
+    pub admin: Option<SocketAddr>,
+    pub policy: Policy,
+    pub max_connections: usize,
+    pub upstream_connect_timeout: Duration,
+    pub retired_cache: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{what} {value:?} is not a valid address (expected HOST:PORT)")]
+    Address { what: &'static str, value: String },
+    #[error("upstream {value:?} is not valid: {why}")]
+    UpstreamUrl { value: String, why: &'static str },
+    #[error("no root key file: pass --kek-file FILE or set kek_file in the config (create one with `cipherbus keygen --out FILE`)")]
+    NoKek,
+    #[error("{what} {value:?} is not a valid duration (examples: 500ms, 2s, 1m)")]
+    Duration { what: &'static str, value: String },
+    #[error("{what} must be at least {min}")]
+    TooSmall { what: &'static str, min: usize },
+    #[error("subject policy: {0}")]
+    Policy(#[from] PolicyError),
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            // toml's message spans lines; keep it to one sentence for the operator.
+            message: e.message().trim().replace('\n', " "),
+        })
+    }
+
+    /// Applies the command-line overrides and validates everything.
+    pub fn resolve(self, flags: Overrides) -> Result<Config, ConfigError> {
+        let listen = flags
+            .listen
+            .or(self.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen = parse_addr("listen address", &listen)?;
+        let admin = flags
+            .admin
+            .or(self.admin)
+            .map(|a| parse_addr("admin address", &a))
+            .transpose()?;
+
+        let raw_upstreams = if !flags.upstream.is_empty() {
+            flags.upstream
+        } else {
+            self.upstream
+                .unwrap_or_else(|| vec![DEFAULT_UPSTREAM.to_owned()])
+        };
+        let mut upstreams = Vec::new();
+        for entry in &raw_upstreams {
+            for url in entry.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                upstreams.push(parse_upstream(url)?);
+            }
+        }
+        if upstreams.is_empty() {
+            return Err(ConfigError::UpstreamUrl {
+                value: raw_upstreams.join(","),
+                why: "no upstream server given",
+            });
+        }
+
+        let kek_file = flags.kek_file.or(self.kek_file).ok_or(ConfigError::NoKek)?;
+        let state_dir = flags.state_dir.or(self.state_dir);
+        let control_prefix = self
+            .control_prefix
+            .unwrap_or_else(|| DEFAULT_CONTROL_PREFIX.to_owned());
+        let policy = Policy::new(&self.policy, &control_prefix)?;
+
+        let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            return Err(ConfigError::TooSmall {
+                what: "max_connections",
+                min: 1,
+            });
+        }
+        let upstream_connect_timeout = match self.upstream_connect_timeout {
+            Some(s) => parse_duration(&s).ok_or(ConfigError::Duration {
+                what: "upstream_connect_timeout",
+                value: s,
+            })?,
+            None => DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
+        };
+        let retired_cache = self.keyring.retired_cache.unwrap_or(DEFAULT_RETIRED_CACHE);
+        if retired_cache == 0 {
+            return Err(ConfigError::TooSmall {
+                what: "keyring.retired_cache",
+                min: 1,
+            });
+        }
+
+        Ok(Config {
+            listen,
+            upstreams,
+            kek_file,
+            state_dir,
+            admin,
+            policy,
+            max_connections,
+            upstream_connect_timeout,
+            retired_cache,
+        })
+    }
+}
+
+fn parse_addr(what: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    let err = || ConfigError::Address {
+        what,
+        value: value.to_owned(),
+    };
+    if let Ok(addr) = value.parse() {
+        return Ok(addr);
+    }
+    // Names such as localhost:4333 resolve once, at startup.
+    value
+        .to_socket_addrs()
+        .map_err(|_| err())?
+        .next()
+        .ok_or_else(err)
+}
+
+/// Accepts `nats://host:port`, `host:port` and `host` (port 4222).
+pub fn parse_upstream(url: &str) -> Result<Upstream, ConfigError> {
+    let bad = |why| ConfigError::UpstreamUrl {
+        value: url.to_owned(),
+        why,
+    };
+    let rest = match url.split_once("://") {
+        Some(("nats", rest)) => rest,
+        Some(("tls", _)) => return Err(bad("TLS to the upstream is not supported yet")),
+        Some(_) => return Err(bad("the scheme must be nats://")),
+        None => url,
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.contains('@') {
+        return Err(bad(
+            "credentials do not belong in the upstream URL; agents authenticate themselves",
+        ));
+    }
+    if rest.contains('/') || rest.is_empty() {
+        return Err(bad("expected HOST:PORT"));
+    }
+    let (host, port) = match rest.rsplit_once(':') {
+        // A bracketed IPv6 literal keeps its colons.
+        Some((h, p)) if !h.is_empty() && (!h.contains(':') || h.starts_with('[')) => (
+            h.trim_start_matches('[').trim_end_matches(']'),
+            p.parse::<u16>()
+                .map_err(|_| bad("the port is not a number from 1 to 65535"))?,
+        ),
+        _ if rest.contains(':') && !rest.starts_with('[') => {
+            return Err(bad("expected HOST:PORT"));
+        }
+        _ => (rest.trim_start_matches('[').trim_end_matches(']'), 4222),
+    };
+    if port == 0 || host.is_empty() {
+        return Err(bad("expected HOST:PORT"));
+    }
+    Ok(Upstream {
+        host: host.to_owned(),
+        port,
+    })
+}
+
+/// Parses `500ms`, `2s`, `1m`, `3h`, `7d`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let secs = |k: u64| n.checked_mul(k).map(Duration::from_secs);
+    match unit.trim() {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86_400),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags_with_kek() -> Overrides {
+        Overrides {
+            kek_file: Some("kek".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = FileConfig::default().resolve(flags_with_kek()).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:4333".parse().unwrap());
+        assert_eq!(
+            c.upstreams,
+            vec![Upstream {
+                host: "127.0.0.1".into(),
+                port: 4222
+            }]
+        );
+        assert_eq!(c.max_connections, DEFAULT_MAX_CONNECTIONS);
+    }
+
+    #[test]
+    fn flags_override_file_and_comma_lists_split() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            listen = "127.0.0.1:1"
+            upstream = ["nats://10.0.0.1:4222"]
+            kek_file = "file-kek"
+            "#,
+        )
+        .unwrap();
+        let c = file
+            .resolve(Overrides {
+                listen: Some("127.0.0.1:2".into()),
+                upstream: vec!["nats://a:1,b:2".into(), "c".into()],
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(c.listen.port(), 2);
+        assert_eq!(c.kek_file, PathBuf::from("file-kek"));
+        let ups: Vec<String> = c.upstreams.iter().map(ToString::to_string).collect();
+        assert_eq!(ups, ["a:1", "b:2", "c:4222"]);
+    }
+
+    #[test]
+    fn unknown_keys_fail() {
+        assert!(toml::from_str::<FileConfig>("lisen = \"x\"").is_err());
+        assert!(toml::from_str::<FileConfig>("[keyring]\nretired = 1").is_err());
+        assert!(toml::from_str::<FileConfig>(
+            "[[policy]]\nsubject = \"a\"\nmode = \"encrypt\"\nbind = false"
+        )
+        .is_err());
+        assert!(
+            toml::from_str::<FileConfig>("[[policy]]\nsubject = \"a\"\nmode = \"open\"").is_err()
+        );
+    }
+
+    #[test]
+    fn bad_values_fail() {
+        let bad_listen = Overrides {
+            listen: Some("nowhere".into()),
+            ..flags_with_kek()
+        };
+        assert!(matches!(
+            FileConfig::default().resolve(bad_listen),
+            Err(ConfigError::Address { .. })
+        ));
+        assert!(matches!(
+            FileConfig::default().resolve(Overrides::default()),
+            Err(ConfigError::NoKek)
+        ));
+        for url in [
+            "http://x:1",
+            "nats://u:p@x:1",
+            "x:99999",
+            "x:",
+            "tls://x:1",
+            "a:b:c",
+        ] {
+            assert!(parse_upstream(url).is_err(), "{url}");
+        }
+        assert_eq!(parse_upstream("[::1]:5").unwrap().host, "::1");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_duration("2"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("2 fortnights"), None);
+    }
+}

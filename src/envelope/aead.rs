@@ -1,0 +1,195 @@
+//! The cipher primitive: XChaCha20-Poly1305 computed as HChaCha20 plus IETF
+//! ChaCha20-Poly1305.
+//!
+//! XChaCha20-Poly1305 with a 24-byte nonce `N` under key `K` is, by
+//! definition (draft-irtf-cfrg-xchacha-03, section 2.3), IETF
+//! ChaCha20-Poly1305 under the subkey `HChaCha20(K, N[0..16])` with the
+//! 12-byte nonce `00000000 || N[16..24]`. [`PrefixCipher`] caches that subkey
+//! for one 16-byte prefix so each message costs only the IETF AEAD. The
+//! subkey comes from RustCrypto `chacha20::hchacha`; the AEAD is aws-lc-rs,
+//! whose key context is heap-allocated and cleansed when freed. This file
+//! owns no key storage policy and does no I/O.
+
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
+use chacha20::cipher::consts::U10;
+use zeroize::{Zeroize, Zeroizing};
+
+use super::{EnvelopeError, TAG_LEN};
+
+/// Length of the XChaCha20 nonce.
+pub(crate) const NONCE_LEN: usize = 24;
+/// Length of the part of the nonce that goes into HChaCha20.
+pub(crate) const PREFIX_LEN: usize = 16;
+
+/// IETF ChaCha20-Poly1305 keyed with `HChaCha20(key, prefix)`.
+///
+/// Seals and opens every XChaCha20-Poly1305 nonce that starts with `prefix`.
+pub(crate) struct PrefixCipher {
+    aead: LessSafeKey,
+}
+
+impl PrefixCipher {
+    /// Derives the subkey for `prefix` under `key` and sets up the AEAD.
+    ///
+    /// The subkey's bytes live only in zeroized temporaries here and in the
+    /// backend's key context, which the backend cleanses when it is freed.
+    pub(crate) fn new(key: &[u8; 32], prefix: &[u8; PREFIX_LEN]) -> Result<Self, EnvelopeError> {
+        let mut raw = chacha20::hchacha::<U10>(key.into(), prefix.into());
+        let mut subkey = Zeroizing::new([0u8; 32]);
+        subkey.copy_from_slice(&raw);
+        raw.as_mut_slice().zeroize();
+        let unbound =
+            UnboundKey::new(&CHACHA20_POLY1305, &subkey[..]).map_err(|_| EnvelopeError::Backend)?;
+        Ok(PrefixCipher {
+            aead: LessSafeKey::new(unbound),
+        })
+    }
+
+    /// Encrypts `buf` in place and returns the tag. `tail` is `nonce[16..24]`.
+    pub(crate) fn seal_in_place(
+        &self,
+        tail: [u8; 8],
+        aad: &[u8],
+        buf: &mut [u8],
+    ) -> Result<[u8; TAG_LEN], EnvelopeError> {
+        let tag = self
+            .aead
+            .seal_in_place_separate_tag(ietf_nonce(tail), Aad::from(aad), buf)
+            .map_err(|_| EnvelopeError::TooLarge)?;
+        let mut out = [0u8; TAG_LEN];
+        let tag = tag.as_ref();
+        if tag.len() != TAG_LEN {
+            return Err(EnvelopeError::Backend);
+        }
+        out.copy_from_slice(tag);
+        Ok(out)
+    }
+
+    /// Verifies `tag` and decrypts `buf` in place. On failure `buf` is zeroed,
+    /// so no unauthenticated plaintext is left behind.
+    pub(crate) fn open_in_place(
+        &self,
+        tail: [u8; 8],
+        aad: &[u8],
+        tag: &[u8],
+        buf: &mut [u8],
+    ) -> Result<(), EnvelopeError> {
+        match self
+            .aead
+            .open_in_place_separate_tag(ietf_nonce(tail), Aad::from(aad), tag, buf)
+        {
+            Ok(_) => Ok(()),
+            Err(_) => {
+                buf.zeroize();
+                Err(EnvelopeError::Auth)
+            }
+        }
+    }
+}
+
+/// The IETF nonce for an XChaCha nonce tail: four zero bytes then the tail.
+fn ietf_nonce(tail: [u8; 8]) -> Nonce {
+    let mut n = [0u8; 12];
+    n[4..].copy_from_slice(&tail);
+    Nonce::assume_unique_for_key(n)
+}
+
+/// Splits a 24-byte XChaCha nonce into its HChaCha prefix and IETF tail.
+pub(crate) fn split_nonce(nonce: &[u8; NONCE_LEN]) -> ([u8; PREFIX_LEN], [u8; 8]) {
+    let mut prefix = [0u8; PREFIX_LEN];
+    let mut tail = [0u8; 8];
+    prefix.copy_from_slice(&nonce[..PREFIX_LEN]);
+    tail.copy_from_slice(&nonce[PREFIX_LEN..]);
+    (prefix, tail)
+}
+
+/// One-shot XChaCha20-Poly1305 seal with a detached tag.
+pub(crate) fn xchacha_seal(
+    key: &[u8; 32],
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    buf: &mut [u8],
+) -> Result<[u8; TAG_LEN], EnvelopeError> {
+    let (prefix, tail) = split_nonce(nonce);
+    PrefixCipher::new(key, &prefix)?.seal_in_place(tail, aad, buf)
+}
+
+/// One-shot XChaCha20-Poly1305 open with a detached tag.
+pub(crate) fn xchacha_open(
+    key: &[u8; 32],
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    tag: &[u8],
+    buf: &mut [u8],
+) -> Result<(), EnvelopeError> {
+    let (prefix, tail) = split_nonce(nonce);
+    PrefixCipher::new(key, &prefix)?.open_in_place(tail, aad, tag, buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A31_PLAINTEXT: &[u8] = b"Ladies and Gentlemen of the class of '99: If I could offer you \
+only one tip for the future, sunscreen would be it.";
+    const A31_CIPHERTEXT: &str = "bd6d179d3e83d43b9576579493c0e939572a1700252bfaccbed2902c21396cbb\
+731c7f1b0b4aa6440bf3a82f4eda7e39ae64c6708c54c216cb96b72e1213b4522f8c9ba40db5d945b11b69b982c1bb9e\
+3f3fac2bc369488f76b2383565d3fff921f9664c97637da9768812f615c68b13b52e";
+    const A31_TAG: &str = "c0875924c1c7987947deafd8780acf49";
+
+    fn a31_inputs() -> ([u8; 32], [u8; 24], Vec<u8>) {
+        let mut key = [0u8; 32];
+        for (i, b) in key.iter_mut().enumerate() {
+            *b = 0x80 + i as u8;
+        }
+        let mut nonce = [0u8; 24];
+        for (i, b) in nonce.iter_mut().enumerate() {
+            *b = 0x40 + i as u8;
+        }
+        let aad = hex::decode("50515253c0c1c2c3c4c5c6c7").unwrap();
+        (key, nonce, aad)
+    }
+
+    /// draft-irtf-cfrg-xchacha-03, Appendix A.3.1.
+    #[test]
+    fn draft_xchacha_a31_seal() {
+        let (key, nonce, aad) = a31_inputs();
+        let mut buf = A31_PLAINTEXT.to_vec();
+        let tag = xchacha_seal(&key, &nonce, &aad, &mut buf).unwrap();
+        assert_eq!(hex::encode(&buf), A31_CIPHERTEXT);
+        assert_eq!(hex::encode(tag), A31_TAG);
+    }
+
+    #[test]
+    fn draft_xchacha_a31_open() {
+        let (key, nonce, aad) = a31_inputs();
+        let mut buf = hex::decode(A31_CIPHERTEXT).unwrap();
+        let tag = hex::decode(A31_TAG).unwrap();
+        xchacha_open(&key, &nonce, &aad, &tag, &mut buf).unwrap();
+        assert_eq!(buf, A31_PLAINTEXT);
+
+        let mut bad = tag.clone();
+        bad[0] ^= 1;
+        let mut buf = hex::decode(A31_CIPHERTEXT).unwrap();
+        assert_eq!(
+            xchacha_open(&key, &nonce, &aad, &bad, &mut buf),
+            Err(EnvelopeError::Auth)
+        );
+        assert!(
+            buf.iter().all(|&b| b == 0),
+            "failed open must zero the buffer"
+        );
+    }
+
+    /// draft-irtf-cfrg-xchacha-03, section 2.2.1: the HChaCha20 test vector.
+    #[test]
+    fn draft_hchacha_vector() {
+        let key: [u8; 32] = core::array::from_fn(|i| i as u8);
+        let input = hex::decode("000000090000004a0000000031415927").unwrap();
+        let out = chacha20::hchacha::<U10>((&key).into(), input.as_slice().into());
+        assert_eq!(
+            hex::encode(out),
+            "82413b4227b27bfed30e42508a877d73a0f9e4d58a74a853c12ec41326d3ecdc"
+        );
+    }
+}

@@ -1,0 +1,155 @@
+//! The envelope: how one message payload is sealed and opened.
+//!
+//! This module owns the version-1 byte layout, its AAD, the nonce scheme,
+//! the key types and their derivation and wrapping. It is pure computation
+//! over buffers: no I/O, no clocks, no locks, no logging, and it knows
+//! nothing of NATS beyond "a payload and the subject it was published to".
+//! Which key is active, which epochs exist and which subjects are encrypted
+//! are decided elsewhere (keyring, policy); callers pass the key in.
+//!
+//! Version 1 layout (see docs/ENVELOPE.md for the full specification):
+//!
+//! ```text
+//! magic(1)=0xC1 | version(1)=1 | suite(1)=1 | flags(1) | epoch(4, BE) | nonce(24) | ciphertext | tag(16)
+//! ```
+//!
+//! `AAD = header(32) || subject` when `FLAG_SUBJECT_BOUND` is set, else `AAD = header(32)`.
+
+mod aead;
+mod error;
+mod kdf;
+mod keys;
+mod open;
+mod seal;
+mod wrap;
+
+#[cfg(test)]
+mod tests;
+
+pub use error::EnvelopeError;
+pub use kdf::{derive_control_key, derive_epoch1, CONTROL_INFO, EPOCH1_INFO, HKDF_SALT, WRAP_INFO};
+pub use keys::{
+    DataKey, RootKey, DATA_FINGERPRINT_LABEL, FINGERPRINT_BYTES, KEY_LEN, ROOT_FINGERPRINT_LABEL,
+};
+pub use open::{Opener, DEFAULT_OPENER_CACHE};
+pub use seal::Sealer;
+pub use wrap::{unwrap_key, wrap_key, WRAPPED_LEN, WRAP_AAD_LABEL, WRAP_FORMAT_1};
+
+/// First byte of every envelope. 0xC1 never occurs in UTF-8, so an envelope
+/// can never be mistaken for text or JSON, nor text for an envelope.
+pub const MAGIC: u8 = 0xC1;
+/// The version byte of the layout this file describes.
+pub const VERSION_1: u8 = 1;
+/// Cipher suite 1: XChaCha20-Poly1305 with a 24-byte nonce and 16-byte tag.
+pub const SUITE_XCHACHA20_POLY1305: u8 = 1;
+/// Flag bit: the subject is part of the AAD.
+pub const FLAG_SUBJECT_BOUND: u8 = 0x01;
+/// Every flag bit version 1 defines; any other bit is an error.
+pub const KNOWN_FLAGS: u8 = FLAG_SUBJECT_BOUND;
+/// Header length: magic(1) version(1) suite(1) flags(1) epoch(4) nonce(24).
+pub const HEADER_LEN: usize = 32;
+/// Poly1305 tag length.
+pub const TAG_LEN: usize = 16;
+/// Bytes an envelope adds to its plaintext.
+pub const OVERHEAD: usize = HEADER_LEN + TAG_LEN;
+
+const NONCE_OFFSET: usize = 8;
+
+/// The parsed 32-byte header of a version-1 envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Header {
+    /// Layout version; [`VERSION_1`].
+    pub version: u8,
+    /// Cipher suite; [`SUITE_XCHACHA20_POLY1305`].
+    pub suite: u8,
+    /// Flag bits; only [`FLAG_SUBJECT_BOUND`] is defined.
+    pub flags: u8,
+    /// Epoch of the data key that sealed the envelope.
+    pub epoch: u32,
+    /// The XChaCha20 nonce: 16-byte sealer prefix then 8-byte BE counter.
+    pub nonce: [u8; 24],
+}
+
+impl Header {
+    /// Parses and validates the header of `envelope`.
+    ///
+    /// Checks, in order: the magic byte ([`EnvelopeError::NotEnvelope`]), the
+    /// version ([`EnvelopeError::UnsupportedVersion`]), that the envelope is
+    /// at least [`OVERHEAD`] bytes ([`EnvelopeError::Truncated`]), the suite
+    /// and the flags. It does not authenticate anything.
+    pub fn parse(envelope: &[u8]) -> Result<Header, EnvelopeError> {
+        match envelope.first() {
+            Some(&MAGIC) => {}
+            _ => return Err(EnvelopeError::NotEnvelope),
+        }
+        match envelope.get(1) {
+            None => return Err(EnvelopeError::Truncated),
+            Some(&VERSION_1) => {}
+            Some(&v) => return Err(EnvelopeError::UnsupportedVersion(v)),
+        }
+        if envelope.len() < OVERHEAD {
+            return Err(EnvelopeError::Truncated);
+        }
+        let mut epoch = [0u8; 4];
+        epoch.copy_from_slice(&envelope[4..NONCE_OFFSET]);
+        let mut nonce = [0u8; 24];
+        nonce.copy_from_slice(&envelope[NONCE_OFFSET..HEADER_LEN]);
+        let header = Header {
+            version: envelope[1],
+            suite: envelope[2],
+            flags: envelope[3],
+            epoch: u32::from_be_bytes(epoch),
+            nonce,
+        };
+        header.validate()?;
+        Ok(header)
+    }
+
+    /// Checks the fields a version-1 reader understands.
+    pub fn validate(&self) -> Result<(), EnvelopeError> {
+        if self.version != VERSION_1 {
+            return Err(EnvelopeError::UnsupportedVersion(self.version));
+        }
+        if self.suite != SUITE_XCHACHA20_POLY1305 {
+            return Err(EnvelopeError::UnsupportedSuite(self.suite));
+        }
+        if self.flags & !KNOWN_FLAGS != 0 {
+            return Err(EnvelopeError::UnknownFlags(self.flags));
+        }
+        Ok(())
+    }
+
+    /// The 32 header bytes as they appear on the wire (and in the AAD).
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut out = [0u8; HEADER_LEN];
+        out[0] = MAGIC;
+        out[1] = self.version;
+        out[2] = self.suite;
+        out[3] = self.flags;
+        out[4..NONCE_OFFSET].copy_from_slice(&self.epoch.to_be_bytes());
+        out[NONCE_OFFSET..].copy_from_slice(&self.nonce);
+        out
+    }
+
+    /// Whether the subject is part of the AAD.
+    pub fn subject_bound(&self) -> bool {
+        self.flags & FLAG_SUBJECT_BOUND != 0
+    }
+
+    /// The sealer's random 16-byte nonce prefix.
+    pub fn nonce_prefix(&self) -> [u8; 16] {
+        aead::split_nonce(&self.nonce).0
+    }
+
+    /// The sealer's message counter (last 8 nonce bytes, big-endian).
+    pub fn counter(&self) -> u64 {
+        u64::from_be_bytes(aead::split_nonce(&self.nonce).1)
+    }
+}
+
+/// Whether `payload` claims to be an envelope (starts with [`MAGIC`]).
+///
+/// Cheap pre-check only; [`Header::parse`] does the real validation.
+pub fn is_envelope(payload: &[u8]) -> bool {
+    payload.first() == Some(&MAGIC)
+}

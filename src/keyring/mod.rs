@@ -1,0 +1,616 @@
+//! The keyring: data keys by epoch, their states, and the snapshot the hot path reads.
+//!
+//! This module owns which key seals (the single `active` epoch), which keys open (`staged`,
+//! `active`, `retired`), and which are gone (`destroyed`). It does not speak to the bus: the
+//! control plane decides *when* to stage, activate or destroy, and calls in here.
+//!
+//! - The hot path reads an immutable [`Snapshot`] through an `ArcSwap`, with no lock.
+//!   Every change builds the next snapshot off the hot path and swaps it in; its `generation`
+//!   tells sessions to drop cached subkeys.
+//! - Retired keys live in a bounded LRU on a `DashMap`. A miss unwraps the key again from the
+//!   state directory (epoch 1 is derived from the root key instead).
+//! - Epochs only move forward. Staging an epoch at or below one already known is refused, and a
+//!   destroyed epoch never comes back, not even after a restart.
+
+pub mod source;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::{self, DataKey, RootKey};
+use store::{EpochRecord, StateFile, Store, STATE_VERSION};
+
+/// Key states, after NIST SP 800-57.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyState {
+    /// Opens, does not seal yet.
+    Staged,
+    /// The one key that seals.
+    Active,
+    /// Opens until retention ends.
+    Retired,
+    /// Zeroized and shredded; its ciphertext can no longer be opened.
+    Destroyed,
+}
+
+/// A data key and its epoch.
+pub struct EpochKey {
+    pub epoch: u32,
+    pub key: DataKey,
+}
+
+impl std::fmt::Debug for EpochKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EpochKey")
+            .field("epoch", &self.epoch)
+            .field("fingerprint", &self.key.fingerprint())
+            .finish()
+    }
+}
+
+/// What the hot path reads: immutable, swapped whole.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Changes on every keyring change; sessions compare it to drop cached subkeys.
+    pub generation: u64,
+    pub active: Arc<EpochKey>,
+    staged: Vec<Arc<EpochKey>>,
+    /// Every epoch and its state (retired keys themselves are in the LRU or on disk).
+    states: Arc<BTreeMap<u32, KeyState>>,
+}
+
+impl Snapshot {
+    pub fn state(&self, epoch: u32) -> Option<KeyState> {
+        self.states.get(&epoch).copied()
+    }
+
+    pub fn epochs(&self) -> impl Iterator<Item = (u32, KeyState)> + '_ {
+        self.states.iter().map(|(e, s)| (*e, *s))
+    }
+}
+
+/// Why no key could be found for an epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyMiss {
+    /// Never seen here (a newer epoch not yet announced, or a forged header).
+    Unknown,
+    /// Destroyed: crypto-shredded.
+    Destroyed,
+    /// Known, but its wrapped copy could not be read or unwrapped.
+    Unavailable,
+}
+
+impl KeyMiss {
+    pub fn reason(self) -> &'static str {
+        match self {
+            KeyMiss::Unknown => "unknown_epoch",
+            KeyMiss::Destroyed => "destroyed",
+            KeyMiss::Unavailable => "key_unavailable",
+        }
+    }
+}
+
+/// A key found by [`Keyring::lookup`]: borrowed from the snapshot when it is there.
+pub enum KeyHandle<'a> {
+    Borrowed(&'a EpochKey),
+    Owned(Arc<EpochKey>),
+}
+
+impl Deref for KeyHandle<'_> {
+    type Target = EpochKey;
+    fn deref(&self) -> &EpochKey {
+        match self {
+            KeyHandle::Borrowed(k) => k,
+            KeyHandle::Owned(k) => k,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyringError {
+    #[error("state directory file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state directory file {path} is damaged: {why}")]
+    Corrupt { path: PathBuf, why: String },
+    #[error("epoch {epoch}: {why}")]
+    Refused { epoch: u32, why: &'static str },
+    #[error("key material: {0}")]
+    Envelope(#[from] envelope::EnvelopeError),
+}
+
+struct RetiredSlot {
+    key: Arc<EpochKey>,
+    last_used: AtomicU64,
+}
+
+/// The process-wide keyring.
+pub struct Keyring {
+    root: RootKey,
+    current: ArcSwap<Snapshot>,
+    retired: DashMap<u32, RetiredSlot>,
+    retired_cap: usize,
+    clock: AtomicU64,
+    store: Option<Store>,
+    /// Serializes changes; the hot path never takes it.
+    records: Mutex<StateFile>,
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyring")
+            .field("active", &self.current.load().active.epoch)
+            .field("retired_cached", &self.retired.len())
+            .finish()
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Keyring {
+    /// Opens the keyring. With no state yet, epoch 1 (derived from the root key) is active.
+    /// With a state directory, the persisted epochs come back; a damaged file is an error,
+    /// never a silent fallback to another key.
+    pub fn open(
+        root: RootKey,
+        state_dir: Option<&Path>,
+        retired_cap: usize,
+    ) -> Result<Self, KeyringError> {
+        let store = state_dir.map(Store::open).transpose()?;
+        let mut records = match &store {
+            Some(s) => s.load_state()?,
+            None => StateFile::default(),
+        };
+        if records.epochs.is_empty() {
+            let key = envelope::derive_epoch1(&root);
+            let now = now_secs();
+            records = StateFile {
+                version: STATE_VERSION,
+                epochs: vec![EpochRecord {
+                    epoch: 1,
+                    state: KeyState::Active,
+                    fingerprint: key.fingerprint(),
+                    created: now,
+                    activated: Some(now),
+                }],
+            };
+            if let Some(s) = &store {
+                s.save_state(&records)?;
+            }
+        }
+        let ring = Keyring {
+            current: ArcSwap::from_pointee(Snapshot {
+                generation: 0,
+                // Placeholder until `rebuild` below; never read before it.
+                active: Arc::new(EpochKey {
+                    epoch: 0,
+                    key: DataKey::from_bytes([0; 32]),
+                }),
+                staged: Vec::new(),
+                states: Arc::new(BTreeMap::new()),
+            }),
+            root,
+            retired: DashMap::new(),
+            retired_cap: retired_cap.max(1),
+            clock: AtomicU64::new(0),
+            store,
+            records: Mutex::new(records),
+        };
+        {
+            let records = ring.records.lock().unwrap_or_else(|p| p.into_inner());
+            ring.check_root(&records)?;
+            ring.rebuild(&records, 1)?;
+        }
+        Ok(ring)
+    }
+
+    /// Refuses a root key that is not the one this state directory was written with. Epoch 1
+    /// is derived, not unwrapped, so without this check a wrong root would silently seal with a
+    /// key no other proxy has.
+    fn check_root(&self, records: &StateFile) -> Result<(), KeyringError> {
+        use subtle::ConstantTimeEq;
+        let Some(r) = records
+            .epochs
+            .iter()
+            .find(|r| r.epoch == 1 && r.state != KeyState::Destroyed)
+        else {
+            return Ok(());
+        };
+        let derived = envelope::derive_epoch1(&self.root).fingerprint();
+        if bool::from(derived.as_bytes().ct_eq(r.fingerprint.as_bytes())) {
+            Ok(())
+        } else {
+            Err(KeyringError::Corrupt {
+                path: self
+                    .state_dir()
+                    .map(|d| d.join("state.json"))
+                    .unwrap_or_default(),
+                why: "it was written under a different root key".into(),
+            })
+        }
+    }
+
+    pub fn root(&self) -> &RootKey {
+        &self.root
+    }
+
+    pub fn state_dir(&self) -> Option<&Path> {
+        self.store.as_ref().map(Store::dir)
+    }
+
+    /// The current snapshot. Cheap; take it once per batch of messages.
+    pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.current.load()
+    }
+
+    /// The key for `epoch`, if it may still open.
+    pub fn lookup<'a>(&self, snap: &'a Snapshot, epoch: u32) -> Result<KeyHandle<'a>, KeyMiss> {
+        if snap.active.epoch == epoch {
+            return Ok(KeyHandle::Borrowed(&snap.active));
+        }
+        if let Some(k) = snap.staged.iter().find(|k| k.epoch == epoch) {
+            return Ok(KeyHandle::Borrowed(k));
+        }
+        match snap.state(epoch) {
+            None => return Err(KeyMiss::Unknown),
+            Some(KeyState::Destroyed) => return Err(KeyMiss::Destroyed),
+            Some(_) => {}
+        }
+        let tick = self.clock.fetch_add(1, Ordering::Relaxed);
+        if let Some(slot) = self.retired.get(&epoch) {
+            slot.last_used.store(tick, Ordering::Relaxed);
+            return Ok(KeyHandle::Owned(slot.key.clone()));
+        }
+        let key = self.load_key(epoch).map_err(|e| {
+            tracing::warn!(epoch, error = %e, "retired key could not be loaded");
+            KeyMiss::Unavailable
+        })?;
+        let key = Arc::new(EpochKey { epoch, key });
+        self.cache_retired(key.clone(), tick);
+        Ok(KeyHandle::Owned(key))
+    }
+
+    /// Number of retired keys held unwrapped in memory.
+    pub fn retired_cached(&self) -> usize {
+        self.retired.len()
+    }
+
+    fn cache_retired(&self, key: Arc<EpochKey>, tick: u64) {
+        while self.retired.len() >= self.retired_cap {
+            let oldest = self
+                .retired
+                .iter()
+                .min_by_key(|e| e.value().last_used.load(Ordering::Relaxed))
+                .map(|e| *e.key());
+            match oldest {
+                Some(e) => {
+                    self.retired.remove(&e);
+                }
+                None => break,
+            }
+        }
+        self.retired.insert(
+            key.epoch,
+            RetiredSlot {
+                key,
+                last_used: AtomicU64::new(tick),
+            },
+        );
+    }
+
+    fn load_key(&self, epoch: u32) -> Result<DataKey, KeyringError> {
+        if epoch == 1 {
+            return Ok(envelope::derive_epoch1(&self.root));
+        }
+        let store = self.store.as_ref().ok_or(KeyringError::Refused {
+            epoch,
+            why: "no state directory holds its wrapped key",
+        })?;
+        let wrapped = store.load_wrapped(epoch)?.ok_or(KeyringError::Refused {
+            epoch,
+            why: "its wrapped key file is missing",
+        })?;
+        envelope::unwrap_key(&self.root, epoch, &wrapped).map_err(|e| KeyringError::Corrupt {
+            path: store.key_path(epoch),
+            why: format!("cannot unwrap: {e}"),
+        })
+    }
+
+    /// Rebuilds the snapshot from the records and swaps it in.
+    fn rebuild(&self, records: &StateFile, generation: u64) -> Result<(), KeyringError> {
+        let prev = self.current.load();
+        let reuse = |epoch: u32| -> Result<Arc<EpochKey>, KeyringError> {
+            if prev.active.epoch == epoch {
+                return Ok(prev.active.clone());
+            }
+            if let Some(k) = prev.staged.iter().find(|k| k.epoch == epoch) {
+                return Ok(k.clone());
+            }
+            if let Some(slot) = self.retired.get(&epoch) {
+                return Ok(slot.key.clone());
+            }
+            Ok(Arc::new(EpochKey {
+                epoch,
+                key: self.load_key(epoch)?,
+            }))
+        };
+        let mut active = None;
+        let mut staged = Vec::new();
+        let mut states = BTreeMap::new();
+        for r in &records.epochs {
+            states.insert(r.epoch, r.state);
+            match r.state {
+                KeyState::Active => active = Some(reuse(r.epoch)?),
+                KeyState::Staged => staged.push(reuse(r.epoch)?),
+                KeyState::Retired | KeyState::Destroyed => {}
+            }
+        }
+        let active = active.ok_or_else(|| KeyringError::Corrupt {
+            path: self
+                .state_dir()
+                .map(|d| d.join("state.json"))
+                .unwrap_or_default(),
+            why: "no active epoch".into(),
+        })?;
+        for (epoch, state) in &states {
+            if *state == KeyState::Destroyed {
+                self.retired.remove(epoch);
+            }
+        }
+        self.current.store(Arc::new(Snapshot {
+            generation,
+            active,
+            staged,
+            states: Arc::new(states),
+        }));
+        Ok(())
+    }
+
+    fn commit(&self, records: &StateFile) -> Result<(), KeyringError> {
+        if let Some(s) = &self.store {
+            s.save_state(records)?;
+        }
+        let generation = self.current.load().generation + 1;
+        self.rebuild(records, generation)
+    }
+
+    /// Installs a new epoch as decrypt-only and persists it (wrapped) first.
+    pub fn stage(&self, epoch: u32, key: DataKey) -> Result<(), KeyringError> {
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let newest = records.epochs.iter().map(|r| r.epoch).max().unwrap_or(0);
+        if epoch <= newest {
+            return Err(KeyringError::Refused {
+                epoch,
+                why: "epochs only move forward",
+            });
+        }
+        if let Some(s) = &self.store {
+            s.save_wrapped(epoch, &envelope::wrap_key(&self.root, epoch, &key)?)?;
+        }
+        let mut next = records.clone();
+        next.epochs.push(EpochRecord {
+            epoch,
+            state: KeyState::Staged,
+            fingerprint: key.fingerprint(),
+            created: now_secs(),
+            activated: None,
+        });
+        // The new key is handed to the snapshot directly, not re-read from disk.
+        let prev = self.current.load();
+        let mut staged = prev.staged.clone();
+        staged.push(Arc::new(EpochKey { epoch, key }));
+        let mut states = (*prev.states).clone();
+        states.insert(epoch, KeyState::Staged);
+        if let Some(s) = &self.store {
+            s.save_state(&next)?;
+        }
+        self.current.store(Arc::new(Snapshot {
+            generation: prev.generation + 1,
+            active: prev.active.clone(),
+            staged,
+            states: Arc::new(states),
+        }));
+        *records = next;
+        Ok(())
+    }
+
+    /// Makes a staged epoch the one that seals; the old active epoch becomes retired.
+    pub fn activate(&self, epoch: u32) -> Result<(), KeyringError> {
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = records.clone();
+        let active = next
+            .epochs
+            .iter()
+            .find(|r| r.state == KeyState::Active)
+            .map_or(0, |r| r.epoch);
+        let target =
+            next.epochs
+                .iter()
+                .position(|r| r.epoch == epoch)
+                .ok_or(KeyringError::Refused {
+                    epoch,
+                    why: "not staged here",
+                })?;
+        if epoch <= active || next.epochs[target].state != KeyState::Staged {
+            return Err(KeyringError::Refused {
+                epoch,
+                why: "only a staged epoch newer than the active one can be activated",
+            });
+        }
+        let prev = self.current.load();
+        let tick = self.clock.fetch_add(1, Ordering::Relaxed);
+        self.cache_retired(prev.active.clone(), tick);
+        for r in &mut next.epochs {
+            if r.state == KeyState::Active {
+                r.state = KeyState::Retired;
+            }
+        }
+        next.epochs[target].state = KeyState::Active;
+        next.epochs[target].activated = Some(now_secs());
+        self.commit(&next)?;
+        *records = next;
+        Ok(())
+    }
+
+    /// Destroys an epoch: drops it from memory (zeroized on drop) and shreds its wrapped copy.
+    /// The active epoch cannot be destroyed; activate another one first.
+    pub fn destroy(&self, epoch: u32) -> Result<(), KeyringError> {
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = records.clone();
+        let r = next
+            .epochs
+            .iter_mut()
+            .find(|r| r.epoch == epoch)
+            .ok_or(KeyringError::Refused {
+                epoch,
+                why: "unknown epoch",
+            })?;
+        match r.state {
+            KeyState::Active => {
+                return Err(KeyringError::Refused {
+                    epoch,
+                    why: "the active epoch cannot be destroyed before another is activated",
+                })
+            }
+            KeyState::Destroyed => return Ok(()),
+            _ => r.state = KeyState::Destroyed,
+        }
+        self.retired.remove(&epoch);
+        if let Some(s) = &self.store {
+            s.shred(epoch)?;
+        }
+        self.commit(&next)?;
+        *records = next;
+        Ok(())
+    }
+
+    /// The persisted records, for listing.
+    pub fn records(&self) -> Vec<EpochRecord> {
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .epochs
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root() -> RootKey {
+        RootKey::from_bytes([7; 32])
+    }
+
+    #[test]
+    fn epoch1_is_derived_and_active() {
+        let ring = Keyring::open(root(), None, 4).unwrap();
+        let snap = ring.snapshot();
+        assert_eq!(snap.active.epoch, 1);
+        let other = Keyring::open(root(), None, 4).unwrap();
+        assert_eq!(
+            snap.active.key.fingerprint(),
+            other.snapshot().active.key.fingerprint(),
+            "proxies sharing a root agree on epoch 1"
+        );
+        assert_eq!(ring.lookup(&snap, 2).err(), Some(KeyMiss::Unknown));
+    }
+
+    #[test]
+    fn rotation_retires_into_a_bounded_lru_and_reloads_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = Keyring::open(root(), Some(dir.path()), 2).unwrap();
+        let mut fps = vec![ring.snapshot().active.key.fingerprint()];
+        for epoch in 2..=6 {
+            let key = DataKey::generate().unwrap();
+            fps.push(key.fingerprint());
+            ring.stage(epoch, key).unwrap();
+            ring.activate(epoch).unwrap();
+        }
+        assert!(ring.retired_cached() <= 2);
+        let snap = ring.snapshot();
+        assert_eq!(snap.active.epoch, 6);
+        for epoch in 1..=6u32 {
+            let k = ring.lookup(&snap, epoch).unwrap();
+            assert_eq!(k.key.fingerprint(), fps[epoch as usize - 1]);
+            assert!(ring.retired_cached() <= 2);
+        }
+        // A restarted keyring finds the same keys and the same active epoch.
+        drop(snap);
+        drop(ring);
+        let ring = Keyring::open(root(), Some(dir.path()), 2).unwrap();
+        let snap = ring.snapshot();
+        assert_eq!(snap.active.epoch, 6);
+        assert_eq!(ring.lookup(&snap, 3).unwrap().key.fingerprint(), fps[2]);
+    }
+
+    #[test]
+    fn epochs_never_move_backwards_and_destroy_shreds() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = Keyring::open(root(), Some(dir.path()), 4).unwrap();
+        ring.stage(3, DataKey::generate().unwrap()).unwrap();
+        assert!(ring.stage(2, DataKey::generate().unwrap()).is_err());
+        assert!(ring.stage(3, DataKey::generate().unwrap()).is_err());
+        ring.activate(3).unwrap();
+        assert!(ring.activate(1).is_err(), "re-activating an old epoch");
+        assert!(ring.destroy(3).is_err(), "active epoch");
+        ring.stage(4, DataKey::generate().unwrap()).unwrap();
+        ring.activate(4).unwrap();
+        ring.destroy(3).unwrap();
+        assert!(!dir.path().join("keys/epoch-0000000003.key").exists());
+        let snap = ring.snapshot();
+        assert_eq!(ring.lookup(&snap, 3).err(), Some(KeyMiss::Destroyed));
+        ring.destroy(1).unwrap();
+        drop(snap);
+        drop(ring);
+        let ring = Keyring::open(root(), Some(dir.path()), 4).unwrap();
+        let snap = ring.snapshot();
+        assert_eq!(ring.lookup(&snap, 1).err(), Some(KeyMiss::Destroyed));
+        assert_eq!(ring.lookup(&snap, 3).err(), Some(KeyMiss::Destroyed));
+        assert!(ring.lookup(&snap, 4).is_ok());
+    }
+
+    #[test]
+    fn damaged_state_is_an_error_not_a_fallback() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let ring = Keyring::open(root(), Some(dir.path()), 4).unwrap();
+            ring.stage(2, DataKey::generate().unwrap()).unwrap();
+            ring.activate(2).unwrap();
+        }
+        std::fs::write(dir.path().join("keys/epoch-0000000002.key"), b"junk").unwrap();
+        let err = Keyring::open(root(), Some(dir.path()), 4).unwrap_err();
+        assert!(err.to_string().contains("epoch-0000000002.key"), "{err}");
+        std::fs::write(dir.path().join("state.json"), b"{").unwrap();
+        let err = Keyring::open(root(), Some(dir.path()), 4).unwrap_err();
+        assert!(err.to_string().contains("state.json"), "{err}");
+    }
+
+    #[test]
+    fn wrong_root_key_fails_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let ring = Keyring::open(root(), Some(dir.path()), 4).unwrap();
+            ring.stage(2, DataKey::generate().unwrap()).unwrap();
+            ring.activate(2).unwrap();
+        }
+        assert!(Keyring::open(RootKey::from_bytes([8; 32]), Some(dir.path()), 4).is_err());
+    }
+}

@@ -1,0 +1,202 @@
+//! Prometheus metrics for the data path.
+//!
+//! This module owns the metric registry and the names, help texts and label sets of the
+//! proxy's metrics. Hot-path counters are plain atomics; pumps add to them once per read batch,
+//! not once per message. Rendering happens only when `/metrics` is scraped.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
+
+/// Reasons a payload on an `encrypt` subject was refused. Pre-created so they read 0, not absent.
+pub const OPEN_FAILURE_REASONS: &[&str] = &[
+    "plaintext",
+    "auth",
+    "unknown_epoch",
+    "destroyed",
+    "unbound",
+    "truncated",
+    "version",
+    "suite",
+    "flags",
+    "embedded",
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    pub direction: &'static str,
+}
+
+/// All metrics of one proxy process.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub messages_sealed: Counter,
+    pub messages_opened: Counter,
+    pub bytes_sealed: Counter,
+    pub bytes_opened: Counter,
+    pub open_failures: Family<ReasonLabel, Counter>,
+    pub denied: Family<DirectionLabel, Counter>,
+    pub protocol_errors: Family<ReasonLabel, Counter>,
+    pub connections: Gauge,
+    pub connections_accepted: Counter,
+    pub connections_refused: Family<ReasonLabel, Counter>,
+    pub upstream_connect_failures: Counter,
+    pub active_epoch: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("cipherbus");
+        let m = Metrics {
+            messages_sealed: Counter::default(),
+            messages_opened: Counter::default(),
+            bytes_sealed: Counter::default(),
+            bytes_opened: Counter::default(),
+            open_failures: Family::default(),
+            denied: Family::default(),
+            protocol_errors: Family::default(),
+            connections: Gauge::default(),
+            connections_accepted: Counter::default(),
+            connections_refused: Family::default(),
+            upstream_connect_failures: Counter::default(),
+            active_epoch: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "messages_sealed",
+            "Payloads sealed on their way from agents to the bus",
+            m.messages_sealed.clone(),
+        );
+        registry.register(
+            "messages_opened",
+            "Payloads opened on their way from the bus to agents",
+            m.messages_opened.clone(),
+        );
+        registry.register_with_unit(
+            "sealed",
+            "Plaintext bytes sealed",
+            Unit::Bytes,
+            m.bytes_sealed.clone(),
+        );
+        registry.register_with_unit(
+            "opened",
+            "Plaintext bytes delivered after opening",
+            Unit::Bytes,
+            m.bytes_opened.clone(),
+        );
+        registry.register(
+            "open_failures",
+            "Payloads on encrypt subjects refused and not delivered, by reason",
+            m.open_failures.clone(),
+        );
+        registry.register(
+            "denied",
+            "Publishes, subscriptions and deliveries refused by a deny rule, by direction",
+            m.denied.clone(),
+        );
+        registry.register(
+            "protocol_errors",
+            "Agent or upstream connections closed for a protocol violation, by reason",
+            m.protocol_errors.clone(),
+        );
+        registry.register(
+            "connections",
+            "Agent connections currently open",
+            m.connections.clone(),
+        );
+        registry.register(
+            "connections_accepted",
+            "Agent connections accepted",
+            m.connections_accepted.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Agent connections refused, by reason",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "upstream_connect_failures",
+            "Failed attempts to reach an upstream NATS server",
+            m.upstream_connect_failures.clone(),
+        );
+        registry.register(
+            "active_epoch",
+            "Epoch of the data key that seals new messages",
+            m.active_epoch.clone(),
+        );
+        for reason in OPEN_FAILURE_REASONS {
+            let _ = m.open_failures.get_or_create(&ReasonLabel { reason });
+        }
+        for direction in ["publish", "subscribe", "deliver"] {
+            let _ = m.denied.get_or_create(&DirectionLabel { direction });
+        }
+        Metrics { registry, ..m }
+    }
+
+    pub fn open_failure(&self, reason: &'static str) {
+        self.open_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub fn deny(&self, direction: &'static str) {
+        self.denied
+            .get_or_create(&DirectionLabel { direction })
+            .inc();
+    }
+
+    pub fn protocol_error(&self, reason: &'static str) {
+        self.protocol_errors
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// The current value of `cipherbus_open_failures_total{reason}`.
+    pub fn open_failures_for(&self, reason: &'static str) -> u64 {
+        self.open_failures
+            .get_or_create(&ReasonLabel { reason })
+            .get()
+    }
+
+    /// Renders the registry in the Prometheus/OpenMetrics text format.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_names_with_prefix_and_reasons() {
+        let m = Metrics::new();
+        m.messages_sealed.inc_by(3);
+        m.open_failure("auth");
+        m.active_epoch.set(7);
+        let text = m.render();
+        assert!(text.contains("cipherbus_messages_sealed_total 3"), "{text}");
+        assert!(text.contains("cipherbus_open_failures_total{reason=\"auth\"} 1"));
+        assert!(text.contains("cipherbus_open_failures_total{reason=\"plaintext\"} 0"));
+        assert!(text.contains("cipherbus_active_epoch 7"));
+        assert!(text.contains("cipherbus_sealed_bytes_total"));
+        assert_eq!(m.open_failures_for("auth"), 1);
+    }
+}

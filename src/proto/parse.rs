@@ -1,0 +1,1615 @@
+//! Incremental parsers for both directions of the client protocol.
+//!
+//! Both parsers share one framer: it finds the control line (scanning each byte once, even when
+//! the line arrives in pieces), recognises the verb as soon as its bytes arrive, enforces the
+//! control line limit on partial lines, and then waits for `size + 2` payload bytes without
+//! rescanning them. A direction only says which verbs it accepts and how it reads their
+//! arguments.
+//!
+//! Buffer contract: while a control line is incomplete `buf` is left untouched. Once a
+//! `PUB`/`HPUB`/`MSG`/`HMSG` line is complete it is consumed and its arguments are kept in the
+//! parser, so from then on `buf` holds only payload bytes; [`ClientParser::needed`] says how many
+//! more are due. Nothing is ever reserved from a declared size.
+
+use std::mem;
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use crate::proto::{
+    check_header_block, ClientOp, ProtoError, ServerOp, MAX_CONTROL_LINE, MAX_SERVER_CONTROL_LINE,
+};
+
+/// Bytes a control line may hold beyond its argument limit, for the verb and the blanks after
+/// it. nats-server skips any number of blanks there without buffering them; a bounded parser
+/// cannot, so a line whose blank run is absurdly long is refused as over the limit.
+const LINE_SLACK: usize = 64;
+
+/// `HMSG subject sid reply hdr total` has the most arguments.
+const MAX_ARGS: usize = 5;
+
+/// nats-server's `parseSize` reads at most 9 digits ("999M").
+const MAX_SIZE_DIGITS: usize = 9;
+
+/// Parser for what an agent sends. See the [module docs](self) for the buffer contract.
+#[derive(Debug, Default)]
+pub struct ClientParser(Framer<ClientDialect>);
+
+impl ClientParser {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Parses the next op from the front of `buf`.
+    ///
+    /// `Ok(Some(op))` consumed the op's bytes; `Ok(None)` needs more bytes (state is kept, call
+    /// again once more have been appended); `Err` means the connection must be closed, and every
+    /// later call returns the same error.
+    ///
+    /// `max_payload` is the limit currently advertised to the agent. It is checked against the
+    /// declared size (the total, headers included, for `HPUB`) as soon as the control line is
+    /// complete, before any payload byte is needed. The control line limit
+    /// ([`MAX_CONTROL_LINE`]) is enforced even when no `\n` has arrived yet.
+    pub fn parse(
+        &mut self,
+        buf: &mut BytesMut,
+        max_payload: usize,
+    ) -> Result<Option<ClientOp>, ProtoError> {
+        self.0.parse(buf, max_payload)
+    }
+
+    /// How many more bytes the current op needs, when known: only while waiting for a payload,
+    /// counted against the buffer length at the end of the last [`parse`](Self::parse) call.
+    pub fn needed(&self) -> Option<usize> {
+        self.0.needed()
+    }
+}
+
+/// Parser for what the server sends. Same contract as [`ClientParser`]; the control line limit
+/// is [`MAX_SERVER_CONTROL_LINE`], and `max_payload` bounds `MSG`/`HMSG` totals (pass the
+/// upstream max_payload plus whatever slack the caller allows).
+#[derive(Debug, Default)]
+pub struct ServerParser(Framer<ServerDialect>);
+
+impl ServerParser {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// See [`ClientParser::parse`].
+    pub fn parse(
+        &mut self,
+        buf: &mut BytesMut,
+        max_payload: usize,
+    ) -> Result<Option<ServerOp>, ProtoError> {
+        self.0.parse(buf, max_payload)
+    }
+
+    /// See [`ClientParser::needed`].
+    pub fn needed(&self) -> Option<usize> {
+        self.0.needed()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Verbs
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verb {
+    Connect,
+    Pub,
+    Hpub,
+    Sub,
+    Unsub,
+    Msg,
+    Hmsg,
+    Ping,
+    Pong,
+    Info,
+    Ok,
+    Err,
+}
+
+/// What may follow a verb, as in nats-server's state machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sep {
+    /// A space or tab must follow (`PUB`, `SUB`, `-ERR`, ...).
+    Blank,
+    /// The argument may follow directly (`CONNECT{...}`, `INFO{...}`).
+    Any,
+    /// Anything up to the `\n` is ignored (`PING`, `PONG`, `+OK`).
+    Ignore,
+}
+
+#[derive(Debug)]
+struct VerbSpec {
+    /// Upper case.
+    name: &'static [u8],
+    verb: Verb,
+    sep: Sep,
+}
+
+const fn spec(name: &'static [u8], verb: Verb, sep: Sep) -> VerbSpec {
+    VerbSpec { name, verb, sep }
+}
+
+/// What nats-server accepts from a client. `MSG`/`HMSG` are absent: the server answers them
+/// with "Unknown Protocol Operation".
+const CLIENT_VERBS: &[VerbSpec] = &[
+    spec(b"PUB", Verb::Pub, Sep::Blank),
+    spec(b"HPUB", Verb::Hpub, Sep::Blank),
+    spec(b"SUB", Verb::Sub, Sep::Blank),
+    spec(b"UNSUB", Verb::Unsub, Sep::Blank),
+    spec(b"PING", Verb::Ping, Sep::Ignore),
+    spec(b"PONG", Verb::Pong, Sep::Ignore),
+    spec(b"CONNECT", Verb::Connect, Sep::Any),
+    spec(b"INFO", Verb::Info, Sep::Any),
+    spec(b"+OK", Verb::Ok, Sep::Ignore),
+    spec(b"-ERR", Verb::Err, Sep::Blank),
+];
+
+/// What a server sends to a client.
+const SERVER_VERBS: &[VerbSpec] = &[
+    spec(b"MSG", Verb::Msg, Sep::Blank),
+    spec(b"HMSG", Verb::Hmsg, Sep::Blank),
+    spec(b"PING", Verb::Ping, Sep::Ignore),
+    spec(b"PONG", Verb::Pong, Sep::Ignore),
+    spec(b"INFO", Verb::Info, Sep::Any),
+    spec(b"+OK", Verb::Ok, Sep::Ignore),
+    spec(b"-ERR", Verb::Err, Sep::Blank),
+];
+
+enum VerbMatch {
+    Found(&'static VerbSpec),
+    /// Every byte so far is the start of some verb.
+    Partial,
+    Unknown,
+}
+
+/// Matches the start of `input` (the line so far, `\n` included if it arrived) against `verbs`,
+/// ASCII case-insensitively, deciding as early as nats-server does.
+fn match_verb(verbs: &'static [VerbSpec], input: &[u8]) -> VerbMatch {
+    let mut partial = false;
+    for spec in verbs {
+        let n = spec.name.len();
+        let k = n.min(input.len());
+        let prefix_ok = input[..k]
+            .iter()
+            .zip(&spec.name[..k])
+            .all(|(a, b)| a.to_ascii_uppercase() == *b);
+        if !prefix_ok {
+            continue;
+        }
+        match input.get(n) {
+            None if input.len() < n || spec.sep == Sep::Blank => partial = true,
+            None => return VerbMatch::Found(spec),
+            Some(&b) if spec.sep != Sep::Blank || is_blank(b) => return VerbMatch::Found(spec),
+            Some(_) => {}
+        }
+    }
+    if partial {
+        VerbMatch::Partial
+    } else {
+        VerbMatch::Unknown
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The shared framer
+
+/// One direction of the protocol.
+trait Dialect {
+    type Op;
+    type Pending: std::fmt::Debug;
+    const VERBS: &'static [VerbSpec];
+    /// Limit on the argument part of a control line.
+    const LINE_LIMIT: usize;
+
+    /// Reads a complete control line. `args` is the argument part: after the verb and its
+    /// blanks, without the line end.
+    fn line(
+        verb: Verb,
+        args: Bytes,
+        max_payload: usize,
+    ) -> Result<Step<Self::Op, Self::Pending>, ProtoError>;
+
+    /// Builds the op once its `size` payload bytes (and the `\r\n` after them) have arrived.
+    fn payload(pending: Self::Pending, payload: Bytes) -> Result<Self::Op, ProtoError>;
+}
+
+enum Step<Op, P> {
+    Op(Op),
+    Payload { pending: P, size: usize },
+}
+
+#[derive(Debug)]
+struct Framer<D: Dialect> {
+    state: State<D::Pending>,
+    /// Sticky: once failed, always failed.
+    failed: Option<ProtoError>,
+    /// `buf.len()` when the last `parse` returned.
+    have: usize,
+}
+
+impl<D: Dialect> Default for Framer<D> {
+    fn default() -> Self {
+        Self {
+            state: State::Line(LineScan::default()),
+            failed: None,
+            have: 0,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum State<P> {
+    Line(LineScan),
+    /// The control line was consumed; `size` payload bytes and `\r\n` are due.
+    Payload {
+        pending: P,
+        size: usize,
+    },
+}
+
+/// Progress on a control line that has not ended yet, so no byte is scanned twice.
+#[derive(Debug, Default, Clone, Copy)]
+struct LineScan {
+    /// Bytes already searched for `\n`.
+    scanned: usize,
+    /// The verb, once recognised: (verb, what follows it, name length).
+    verb: Option<(Verb, Sep, usize)>,
+    /// End of the blanks after the verb seen so far.
+    arg_probe: usize,
+}
+
+struct LineFound {
+    verb: Verb,
+    /// Bytes of the whole line, `\n` included.
+    len: usize,
+    /// The argument part within the line.
+    args: std::ops::Range<usize>,
+}
+
+impl<D: Dialect> Framer<D> {
+    fn parse(
+        &mut self,
+        buf: &mut BytesMut,
+        max_payload: usize,
+    ) -> Result<Option<D::Op>, ProtoError> {
+        if let Some(err) = self.failed {
+            return Err(err);
+        }
+        let res = self.step(buf, max_payload);
+        if let Err(err) = res {
+            self.failed = Some(err);
+        }
+        self.have = buf.len();
+        res
+    }
+
+    fn needed(&self) -> Option<usize> {
+        match &self.state {
+            State::Payload { size, .. } => Some((size + 2).saturating_sub(self.have)),
+            State::Line(_) => None,
+        }
+    }
+
+    fn step(
+        &mut self,
+        buf: &mut BytesMut,
+        max_payload: usize,
+    ) -> Result<Option<D::Op>, ProtoError> {
+        if let State::Line(scan) = &mut self.state {
+            let Some(found) = scan_line(D::VERBS, D::LINE_LIMIT, buf, scan)? else {
+                return Ok(None);
+            };
+            let line = buf.split_to(found.len).freeze();
+            self.state = State::Line(LineScan::default());
+            match D::line(found.verb, line.slice(found.args), max_payload)? {
+                Step::Op(op) => return Ok(Some(op)),
+                Step::Payload { pending, size } => self.state = State::Payload { pending, size },
+            }
+        }
+
+        let size = match &self.state {
+            State::Payload { size, .. } => *size,
+            State::Line(_) => return Ok(None),
+        };
+        // `size` has at most 9 digits: no overflow.
+        if buf.len() < size + 2 {
+            // Fail as early as nats-server does: at the first wrong terminator byte.
+            if buf.len() > size && buf[size] != b'\r' {
+                return Err(ProtoError::BadTerminator);
+            }
+            return Ok(None);
+        }
+        if &buf[size..size + 2] != b"\r\n" {
+            return Err(ProtoError::BadTerminator);
+        }
+        let payload = buf.split_to(size).freeze();
+        buf.advance(2);
+        match mem::replace(&mut self.state, State::Line(LineScan::default())) {
+            State::Payload { pending, .. } => D::payload(pending, payload).map(Some),
+            State::Line(_) => Ok(None),
+        }
+    }
+}
+
+/// Looks for a complete control line at the front of `buf`, checking the verb and the limits on
+/// whatever has arrived. `Ok(None)`: incomplete, `scan` remembers the progress.
+fn scan_line(
+    verbs: &'static [VerbSpec],
+    limit: usize,
+    buf: &[u8],
+    scan: &mut LineScan,
+) -> Result<Option<LineFound>, ProtoError> {
+    let from = scan.scanned.min(buf.len());
+    let nl = memchr::memchr(b'\n', &buf[from..]).map(|i| from + i);
+    let line = &buf[..nl.unwrap_or(buf.len())];
+
+    let (verb, sep, name_len) = match scan.verb {
+        Some(v) => v,
+        None => {
+            let input = nl.map_or(buf, |n| &buf[..=n]);
+            match match_verb(verbs, input) {
+                VerbMatch::Found(spec) => {
+                    let v = (spec.verb, spec.sep, spec.name.len());
+                    scan.verb = Some(v);
+                    v
+                }
+                VerbMatch::Partial if nl.is_none() => {
+                    scan.scanned = buf.len();
+                    return Ok(None);
+                }
+                VerbMatch::Partial | VerbMatch::Unknown => return Err(ProtoError::UnknownOp),
+            }
+        }
+    };
+
+    // The line without its end; a lone trailing '\r' on a partial line is not counted either,
+    // so a partial line never fails where the complete one would pass.
+    let content = match line.last() {
+        Some(b'\r') => line.len() - 1,
+        _ => line.len(),
+    };
+    if content > limit + LINE_SLACK {
+        return Err(ProtoError::MaxControlLine);
+    }
+    let mut args = content..content;
+    if sep != Sep::Ignore {
+        let mut p = scan.arg_probe.max(name_len);
+        while p < line.len() && is_blank(line[p]) {
+            p += 1;
+        }
+        scan.arg_probe = p;
+        // nats-server measures the argument part only.
+        if content.saturating_sub(p) > limit {
+            return Err(ProtoError::MaxControlLine);
+        }
+        args = p.min(content)..content;
+    }
+
+    match nl {
+        None => {
+            scan.scanned = buf.len();
+            Ok(None)
+        }
+        Some(n) => Ok(Some(LineFound {
+            verb,
+            len: n + 1,
+            args,
+        })),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arguments
+
+fn is_blank(b: u8) -> bool {
+    b == b' ' || b == b'\t'
+}
+
+/// `PUB`/`HPUB` split on blanks only (client.go `processPub`).
+fn is_pub_sep(b: u8) -> bool {
+    is_blank(b)
+}
+
+/// `SUB`/`UNSUB` (client.go `splitArg`) and `MSG`/`HMSG` as client libraries read them also split
+/// on `\r`; `\n` cannot occur inside a line.
+fn is_arg_sep(b: u8) -> bool {
+    is_blank(b) || b == b'\r'
+}
+
+/// Up to [`MAX_ARGS`] arguments as ranges into one line, without allocating.
+struct Args<'a> {
+    line: &'a Bytes,
+    spans: [(usize, usize); MAX_ARGS],
+    /// `MAX_ARGS + 1` means "more than `MAX_ARGS`".
+    len: usize,
+}
+
+impl<'a> Args<'a> {
+    fn split(line: &'a Bytes, is_sep: fn(u8) -> bool) -> Self {
+        let mut args = Args {
+            line,
+            spans: [(0, 0); MAX_ARGS],
+            len: 0,
+        };
+        let s = &line[..];
+        let mut i = 0;
+        while i < s.len() {
+            while i < s.len() && is_sep(s[i]) {
+                i += 1;
+            }
+            if i == s.len() {
+                break;
+            }
+            let start = i;
+            while i < s.len() && !is_sep(s[i]) {
+                i += 1;
+            }
+            if args.len == MAX_ARGS {
+                args.len = MAX_ARGS + 1;
+                break;
+            }
+            args.spans[args.len] = (start, i);
+            args.len += 1;
+        }
+        args
+    }
+
+    fn bytes(&self, i: usize) -> Bytes {
+        let (a, b) = self.spans[i];
+        self.line.slice(a..b)
+    }
+
+    fn raw(&self, i: usize) -> &[u8] {
+        let (a, b) = self.spans[i];
+        &self.line[a..b]
+    }
+
+    fn size(&self, i: usize, what: &'static str) -> Result<usize, ProtoError> {
+        parse_size(self.raw(i)).ok_or(ProtoError::BadArgs(what))
+    }
+}
+
+/// nats-server's `parseSize`: 1 to 9 ASCII digits. Signs, blanks, other bytes or a tenth digit
+/// fail (the server then closes without a message).
+fn parse_size(d: &[u8]) -> Option<usize> {
+    if d.is_empty() || d.len() > MAX_SIZE_DIGITS || !d.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(d.iter().fold(0, |n, &c| n * 10 + usize::from(c - b'0')))
+}
+
+/// The argument of `CONNECT`/`INFO`: the JSON text without trailing blanks; empty fails (the
+/// server's JSON decoder fails on it and closes without a message).
+fn json_arg(args: Bytes, what: &'static str) -> Result<Bytes, ProtoError> {
+    let json = trim_end(args);
+    if json.is_empty() {
+        return Err(ProtoError::BadArgs(what));
+    }
+    Ok(json)
+}
+
+/// The text of `-ERR`: trailing blanks and one pair of enclosing single quotes removed.
+fn err_text(args: Bytes) -> Bytes {
+    let text = trim_end(args);
+    if text.len() >= 2 && text[0] == b'\'' && text[text.len() - 1] == b'\'' {
+        text.slice(1..text.len() - 1)
+    } else {
+        text
+    }
+}
+
+fn trim_end(b: Bytes) -> Bytes {
+    let end = b.iter().rposition(|&c| !is_blank(c)).map_or(0, |i| i + 1);
+    b.slice(..end)
+}
+
+/// Splits a complete `HPUB`/`HMSG` body into its header block and payload.
+fn split_headers(mut payload: Bytes, hdr: usize) -> Result<(Bytes, Bytes), ProtoError> {
+    if hdr > payload.len() {
+        // Checked on the control line already (`hdr <= total`); kept so this can never panic.
+        return Err(ProtoError::BadArgs("header size larger than total size"));
+    }
+    let headers = payload.split_to(hdr);
+    check_header_block(&headers)?;
+    Ok((headers, payload))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agent -> proxy
+
+#[derive(Debug)]
+struct ClientDialect;
+
+#[derive(Debug)]
+enum ClientPending {
+    Pub {
+        subject: Bytes,
+        reply: Option<Bytes>,
+    },
+    Hpub {
+        subject: Bytes,
+        reply: Option<Bytes>,
+        hdr: usize,
+    },
+}
+
+impl Dialect for ClientDialect {
+    type Op = ClientOp;
+    type Pending = ClientPending;
+    const VERBS: &'static [VerbSpec] = CLIENT_VERBS;
+    const LINE_LIMIT: usize = MAX_CONTROL_LINE;
+
+    fn line(
+        verb: Verb,
+        args: Bytes,
+        max_payload: usize,
+    ) -> Result<Step<ClientOp, ClientPending>, ProtoError> {
+        let op = match verb {
+            Verb::Pub => {
+                // processPub: arity, then size, then max_payload.
+                let a = Args::split(&args, is_pub_sep);
+                let (reply, size_at) = match a.len {
+                    2 => (None, 1),
+                    3 => (Some(a.bytes(1)), 2),
+                    _ => return Err(ProtoError::BadArgs("PUB: wrong number of arguments")),
+                };
+                let size = a.size(size_at, "PUB: bad or missing size")?;
+                if size > max_payload {
+                    return Err(ProtoError::MaxPayload);
+                }
+                let pending = ClientPending::Pub {
+                    subject: a.bytes(0),
+                    reply,
+                };
+                return Ok(Step::Payload { pending, size });
+            }
+            Verb::Hpub => {
+                // processHeaderPub: arity, header size, total size, hdr <= total, max_payload.
+                let a = Args::split(&args, is_pub_sep);
+                let (reply, hdr_at) = match a.len {
+                    3 => (None, 1),
+                    4 => (Some(a.bytes(1)), 2),
+                    _ => return Err(ProtoError::BadArgs("HPUB: wrong number of arguments")),
+                };
+                let hdr = a.size(hdr_at, "HPUB: bad or missing header size")?;
+                let size = a.size(hdr_at + 1, "HPUB: bad or missing total size")?;
+                if hdr > size {
+                    return Err(ProtoError::BadArgs(
+                        "HPUB: header size larger than total size",
+                    ));
+                }
+                if size > max_payload {
+                    return Err(ProtoError::MaxPayload);
+                }
+                let pending = ClientPending::Hpub {
+                    subject: a.bytes(0),
+                    reply,
+                    hdr,
+                };
+                return Ok(Step::Payload { pending, size });
+            }
+            Verb::Sub => {
+                let a = Args::split(&args, is_arg_sep);
+                let (queue, sid_at) = match a.len {
+                    2 => (None, 1),
+                    3 => (Some(a.bytes(1)), 2),
+                    _ => return Err(ProtoError::BadArgs("SUB: wrong number of arguments")),
+                };
+                ClientOp::Sub {
+                    subject: a.bytes(0),
+                    queue,
+                    sid: a.bytes(sid_at),
+                }
+            }
+            Verb::Unsub => {
+                let a = Args::split(&args, is_arg_sep);
+                let max = match a.len {
+                    1 => None,
+                    2 => Some(a.bytes(1)),
+                    _ => return Err(ProtoError::BadArgs("UNSUB: wrong number of arguments")),
+                };
+                ClientOp::Unsub {
+                    sid: a.bytes(0),
+                    max,
+                }
+            }
+            Verb::Connect => ClientOp::Connect(json_arg(args, "CONNECT: missing JSON")?),
+            Verb::Info => ClientOp::Info(json_arg(args, "INFO: missing JSON")?),
+            Verb::Ping => ClientOp::Ping,
+            Verb::Pong => ClientOp::Pong,
+            Verb::Ok => ClientOp::Ok,
+            Verb::Err => ClientOp::Err(err_text(args)),
+            Verb::Msg | Verb::Hmsg => return Err(ProtoError::UnknownOp),
+        };
+        Ok(Step::Op(op))
+    }
+
+    fn payload(pending: ClientPending, payload: Bytes) -> Result<ClientOp, ProtoError> {
+        Ok(match pending {
+            ClientPending::Pub { subject, reply } => ClientOp::Pub {
+                subject,
+                reply,
+                payload,
+            },
+            ClientPending::Hpub {
+                subject,
+                reply,
+                hdr,
+            } => {
+                let (headers, payload) = split_headers(payload, hdr)?;
+                ClientOp::Hpub {
+                    subject,
+                    reply,
+                    headers,
+                    payload,
+                }
+            }
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server -> proxy
+
+#[derive(Debug)]
+struct ServerDialect;
+
+#[derive(Debug)]
+struct ServerPending {
+    subject: Bytes,
+    sid: Bytes,
+    reply: Option<Bytes>,
+    /// `Some` for `HMSG`.
+    hdr: Option<usize>,
+}
+
+impl Dialect for ServerDialect {
+    type Op = ServerOp;
+    type Pending = ServerPending;
+    const VERBS: &'static [VerbSpec] = SERVER_VERBS;
+    const LINE_LIMIT: usize = MAX_SERVER_CONTROL_LINE;
+
+    fn line(
+        verb: Verb,
+        args: Bytes,
+        max_payload: usize,
+    ) -> Result<Step<ServerOp, ServerPending>, ProtoError> {
+        let op = match verb {
+            Verb::Msg | Verb::Hmsg => {
+                let with_hdr = verb == Verb::Hmsg;
+                let a = Args::split(&args, is_arg_sep);
+                let (base, arity, bad_size) = if with_hdr {
+                    (
+                        4,
+                        "HMSG: wrong number of arguments",
+                        "HMSG: bad or missing total size",
+                    )
+                } else {
+                    (
+                        3,
+                        "MSG: wrong number of arguments",
+                        "MSG: bad or missing size",
+                    )
+                };
+                let reply = if a.len == base {
+                    None
+                } else if a.len == base + 1 {
+                    Some(a.bytes(2))
+                } else {
+                    return Err(ProtoError::BadArgs(arity));
+                };
+                let last = a.len - 1;
+                let size = a.size(last, bad_size)?;
+                let hdr = if with_hdr {
+                    let hdr = a.size(last - 1, "HMSG: bad or missing header size")?;
+                    if hdr > size {
+                        return Err(ProtoError::BadArgs(
+                            "HMSG: header size larger than total size",
+                        ));
+                    }
+                    Some(hdr)
+                } else {
+                    None
+                };
+                if size > max_payload {
+                    return Err(ProtoError::MaxPayload);
+                }
+                let pending = ServerPending {
+                    subject: a.bytes(0),
+                    sid: a.bytes(1),
+                    reply,
+                    hdr,
+                };
+                return Ok(Step::Payload { pending, size });
+            }
+            Verb::Info => ServerOp::Info(json_arg(args, "INFO: missing JSON")?),
+            Verb::Ping => ServerOp::Ping,
+            Verb::Pong => ServerOp::Pong,
+            Verb::Ok => ServerOp::Ok,
+            Verb::Err => ServerOp::Err(err_text(args)),
+            Verb::Connect | Verb::Pub | Verb::Hpub | Verb::Sub | Verb::Unsub => {
+                return Err(ProtoError::UnknownOp)
+            }
+        };
+        Ok(Step::Op(op))
+    }
+
+    fn payload(pending: ServerPending, payload: Bytes) -> Result<ServerOp, ProtoError> {
+        let ServerPending {
+            subject,
+            sid,
+            reply,
+            hdr,
+        } = pending;
+        Ok(match hdr {
+            None => ServerOp::Msg {
+                subject,
+                sid,
+                reply,
+                payload,
+            },
+            Some(hdr) => {
+                let (headers, payload) = split_headers(payload, hdr)?;
+                ServerOp::Hmsg {
+                    subject,
+                    sid,
+                    reply,
+                    headers,
+                    payload,
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::proto::{encode_client_op, encode_server_op};
+
+    const BIG: usize = 1 << 20;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    /// Parses every complete op in `input`; returns the ops and the error that stopped it, if any.
+    fn client_all(input: &[u8], max: usize) -> (Vec<ClientOp>, Option<ProtoError>) {
+        client_chunks(&[input], max)
+    }
+
+    /// Feeds `chunks` one after the other, parsing all it can after each.
+    fn client_chunks(chunks: &[&[u8]], max: usize) -> (Vec<ClientOp>, Option<ProtoError>) {
+        let mut p = ClientParser::new();
+        let mut buf = BytesMut::new();
+        let mut ops = Vec::new();
+        for chunk in chunks {
+            buf.extend_from_slice(chunk);
+            loop {
+                match p.parse(&mut buf, max) {
+                    Ok(Some(op)) => ops.push(op),
+                    Ok(None) => break,
+                    Err(e) => return (ops, Some(e)),
+                }
+            }
+        }
+        (ops, None)
+    }
+
+    fn server_chunks(chunks: &[&[u8]], max: usize) -> (Vec<ServerOp>, Option<ProtoError>) {
+        let mut p = ServerParser::new();
+        let mut buf = BytesMut::new();
+        let mut ops = Vec::new();
+        for chunk in chunks {
+            buf.extend_from_slice(chunk);
+            loop {
+                match p.parse(&mut buf, max) {
+                    Ok(Some(op)) => ops.push(op),
+                    Ok(None) => break,
+                    Err(e) => return (ops, Some(e)),
+                }
+            }
+        }
+        (ops, None)
+    }
+
+    fn server_all(input: &[u8], max: usize) -> (Vec<ServerOp>, Option<ProtoError>) {
+        server_chunks(&[input], max)
+    }
+
+    fn one_client(input: &str) -> ClientOp {
+        let (ops, err) = client_all(input.as_bytes(), BIG);
+        assert_eq!(err, None, "{input:?}");
+        assert_eq!(ops.len(), 1, "{input:?}: {ops:?}");
+        ops.into_iter().next().unwrap()
+    }
+
+    fn one_server(input: &str) -> ServerOp {
+        let (ops, err) = server_all(input.as_bytes(), BIG);
+        assert_eq!(err, None, "{input:?}");
+        assert_eq!(ops.len(), 1, "{input:?}: {ops:?}");
+        ops.into_iter().next().unwrap()
+    }
+
+    fn client_err(input: &[u8], max: usize) -> ProtoError {
+        match client_all(input, max) {
+            (_, Some(e)) => e,
+            (ops, None) => panic!("{:?} parsed to {ops:?}", String::from_utf8_lossy(input)),
+        }
+    }
+
+    fn server_err(input: &[u8], max: usize) -> ProtoError {
+        match server_all(input, max) {
+            (_, Some(e)) => e,
+            (ops, None) => panic!("{:?} parsed to {ops:?}", String::from_utf8_lossy(input)),
+        }
+    }
+
+    fn encode_client(ops: &[ClientOp]) -> BytesMut {
+        let mut out = BytesMut::new();
+        for op in ops {
+            encode_client_op(op, &mut out);
+        }
+        out
+    }
+
+    fn encode_server(ops: &[ServerOp]) -> BytesMut {
+        let mut out = BytesMut::new();
+        for op in ops {
+            encode_server_op(op, &mut out);
+        }
+        out
+    }
+
+    // ---- lenient input forms ----------------------------------------------------------------
+
+    #[test]
+    fn client_lenient_forms_parse_like_canonical() {
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "CONNECT {\"verbose\":false}\r\n",
+                &[
+                    "connect {\"verbose\":false}\r\n",
+                    "CONNECT{\"verbose\":false}\r\n",
+                    "Connect \t {\"verbose\":false} \t\n",
+                ],
+            ),
+            (
+                "PUB foo 5\r\nhello\r\n",
+                &[
+                    "pub foo 5\r\nhello\r\n",
+                    "PUB foo 5\nhello\r\n",
+                    "PuB\tfoo\t5\r\nhello\r\n",
+                    "PUB   foo \t  5  \r\nhello\r\n",
+                ],
+            ),
+            (
+                "PUB foo _INBOX.1 5\r\nhello\r\n",
+                &["pub\t\tfoo  _INBOX.1\t5\nhello\r\n"],
+            ),
+            (
+                "HPUB foo 12 14\r\nNATS/1.0\r\n\r\nhi\r\n",
+                &[
+                    "hpub foo 12 14\nNATS/1.0\r\n\r\nhi\r\n",
+                    "HPUB\t foo\t12   14\t\r\nNATS/1.0\r\n\r\nhi\r\n",
+                ],
+            ),
+            (
+                "HPUB foo r 12 12\r\nNATS/1.0\r\n\r\n\r\n",
+                &["hPuB foo  r 12 12\nNATS/1.0\r\n\r\n\r\n"],
+            ),
+            (
+                "SUB foo 1\r\n",
+                &["sub foo 1\n", "SUB\tfoo\t1\t\r\n", "SUB  foo   1 \n"],
+            ),
+            ("SUB foo q 1\r\n", &["sub foo\tq  1\n"]),
+            ("UNSUB 1\r\n", &["unsub 1\n", "UNSUB\t1  \r\n"]),
+            ("UNSUB 1 10\r\n", &["UnSuB  1\t10\n"]),
+            (
+                "PING\r\n",
+                &["ping\r\n", "PING\n", "pInG\n", "PING junk after\r\n"],
+            ),
+            ("PONG\r\n", &["pong\n", "PONG \r\n"]),
+            ("INFO {} \r\n", &["info {}\n", "INFO{}\r\n", "INFO  {}  \n"]),
+            ("+OK\r\n", &["+ok\n", "+OK\r\n"]),
+            (
+                "-ERR 'Unknown Protocol Operation'\r\n",
+                &[
+                    "-err 'Unknown Protocol Operation'\n",
+                    "-ERR\t 'Unknown Protocol Operation' \r\n",
+                    "-ERR Unknown Protocol Operation\r\n",
+                ],
+            ),
+        ];
+        for (canonical, lenient) in cases {
+            let want = one_client(canonical);
+            // Canonical input re-encodes to itself.
+            assert_eq!(
+                &encode_client(&[want.clone()])[..],
+                canonical.as_bytes(),
+                "{canonical:?}"
+            );
+            for input in *lenient {
+                assert_eq!(one_client(input), want, "{input:?} vs {canonical:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn client_ops_have_expected_fields() {
+        assert_eq!(
+            one_client("PUB foo bar 5\r\nhello\r\n"),
+            ClientOp::Pub {
+                subject: b("foo"),
+                reply: Some(b("bar")),
+                payload: b("hello"),
+            }
+        );
+        assert_eq!(
+            one_client("HPUB foo 18 20\r\nNATS/1.0\r\nA: b\r\n\r\nhi\r\n"),
+            ClientOp::Hpub {
+                subject: b("foo"),
+                reply: None,
+                headers: b("NATS/1.0\r\nA: b\r\n\r\n"),
+                payload: b("hi"),
+            }
+        );
+        assert_eq!(
+            one_client("SUB foo q 7\r\n"),
+            ClientOp::Sub {
+                subject: b("foo"),
+                queue: Some(b("q")),
+                sid: b("7"),
+            }
+        );
+        // UNSUB max is raw: nats-server does not reject a bad one.
+        assert_eq!(
+            one_client("UNSUB 7 x\r\n"),
+            ClientOp::Unsub {
+                sid: b("7"),
+                max: Some(b("x")),
+            }
+        );
+        assert_eq!(one_client("CONNECT {} \r\n"), ClientOp::Connect(b("{}")));
+        assert_eq!(one_client("-ERR 'a b'\r\n"), ClientOp::Err(b("a b")));
+        // A payload may hold anything, CRLFs and verbs included.
+        assert_eq!(
+            one_client("PUB a 11\r\nPING\r\nPUB \r\n\r\n"),
+            ClientOp::Pub {
+                subject: b("a"),
+                reply: None,
+                payload: b("PING\r\nPUB \r\n"),
+            }
+        );
+    }
+
+    #[test]
+    fn server_lenient_forms_parse_like_canonical() {
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "INFO {\"server_id\":\"x\"} \r\n",
+                &[
+                    "info{\"server_id\":\"x\"}\n",
+                    "INFO \t{\"server_id\":\"x\"}\r\n",
+                ],
+            ),
+            (
+                "MSG foo 1 5\r\nhello\r\n",
+                &["msg foo 1 5\nhello\r\n", "MSG\tfoo  1\t 5 \r\nhello\r\n"],
+            ),
+            (
+                "MSG foo 1 _INBOX.a 0\r\n\r\n",
+                &["Msg foo 1 _INBOX.a 0\n\r\n"],
+            ),
+            (
+                "HMSG _INBOX.x 1 38 38\r\nNATS/1.0 503\r\nNats-Subject: nobody\r\n\r\n\r\n",
+                &["hmsg _INBOX.x\t1 38  38\nNATS/1.0 503\r\nNats-Subject: nobody\r\n\r\n\r\n"],
+            ),
+            (
+                "HMSG a 2 r 12 15\r\nNATS/1.0\r\n\r\nabc\r\n",
+                &["HMSG a 2 r 12 15\nNATS/1.0\r\n\r\nabc\r\n"],
+            ),
+            ("PING\r\n", &["ping\n"]),
+            ("PONG\r\n", &["pong\n"]),
+            ("+OK\r\n", &["+ok\n"]),
+            (
+                "-ERR 'Authorization Violation'\r\n",
+                &["-err\t'Authorization Violation'\n"],
+            ),
+        ];
+        for (canonical, lenient) in cases {
+            let want = one_server(canonical);
+            assert_eq!(
+                &encode_server(&[want.clone()])[..],
+                canonical.as_bytes(),
+                "{canonical:?}"
+            );
+            for input in *lenient {
+                assert_eq!(one_server(input), want, "{input:?} vs {canonical:?}");
+            }
+        }
+        assert_eq!(
+            one_server("HMSG _INBOX.x 1 38 38\r\nNATS/1.0 503\r\nNats-Subject: nobody\r\n\r\n\r\n"),
+            ServerOp::Hmsg {
+                subject: b("_INBOX.x"),
+                sid: b("1"),
+                reply: None,
+                headers: b("NATS/1.0 503\r\nNats-Subject: nobody\r\n\r\n"),
+                payload: Bytes::new(),
+            }
+        );
+        assert_eq!(
+            one_server("MSG a 9 r 2\r\nhi\r\n"),
+            ServerOp::Msg {
+                subject: b("a"),
+                sid: b("9"),
+                reply: Some(b("r")),
+                payload: b("hi"),
+            }
+        );
+    }
+
+    // ---- fragmentation -----------------------------------------------------------------------
+
+    const CLIENT_STREAM: &[u8] = b"CONNECT {\"verbose\":false,\"headers\":true}\r\n\
+        PING\r\nsub foo 1\r\nSUB bar q 2\r\n\
+        PUB foo 5\r\nhello\r\npub foo _INBOX.a 0\r\n\r\n\
+        HPUB foo r 22 25\r\nNATS/1.0\r\nK: v\r\nX: y\r\n\r\nabc\r\n\
+        PUB big 40\r\n0123456789\r\n0123456789\r\n0123456789\r\n01234567\r\n\
+        unsub 1 5\nUNSUB 2\r\npong\r\n+OK\r\n-ERR 'x'\r\nINFO {} \r\n";
+
+    const SERVER_STREAM: &[u8] = b"INFO {\"server_id\":\"S\",\"max_payload\":1048576} \r\n\
+        PING\r\n+OK\r\nMSG foo 1 5\r\nhello\r\nMSG foo 2 _INBOX.a 0\r\n\r\n\
+        HMSG _INBOX.x 1 38 38\r\nNATS/1.0 503\r\nNats-Subject: nobody\r\n\r\n\r\n\
+        HMSG a 3 r 22 25\r\nNATS/1.0\r\nK: v\r\nX: y\r\n\r\nabc\r\n\
+        PONG\r\n-ERR 'Stale Connection'\r\n";
+
+    #[test]
+    fn client_stream_split_anywhere_gives_same_ops() {
+        let (whole, err) = client_all(CLIENT_STREAM, BIG);
+        assert_eq!(err, None);
+        assert_eq!(whole.len(), 14);
+        for i in 0..=CLIENT_STREAM.len() {
+            let (a, b) = CLIENT_STREAM.split_at(i);
+            assert_eq!(
+                client_chunks(&[a, b], BIG),
+                (whole.clone(), None),
+                "split at {i}"
+            );
+        }
+        let bytes: Vec<&[u8]> = CLIENT_STREAM.chunks(1).collect();
+        assert_eq!(client_chunks(&bytes, BIG), (whole.clone(), None));
+        let threes: Vec<&[u8]> = CLIENT_STREAM.chunks(3).collect();
+        assert_eq!(client_chunks(&threes, BIG), (whole, None));
+    }
+
+    #[test]
+    fn server_stream_split_anywhere_gives_same_ops() {
+        let (whole, err) = server_all(SERVER_STREAM, BIG);
+        assert_eq!(err, None);
+        assert_eq!(whole.len(), 9);
+        for i in 0..=SERVER_STREAM.len() {
+            let (a, b) = SERVER_STREAM.split_at(i);
+            assert_eq!(
+                server_chunks(&[a, b], BIG),
+                (whole.clone(), None),
+                "split at {i}"
+            );
+        }
+        let bytes: Vec<&[u8]> = SERVER_STREAM.chunks(1).collect();
+        assert_eq!(server_chunks(&bytes, BIG), (whole, None));
+    }
+
+    #[test]
+    fn incomplete_line_leaves_buffer_untouched_and_payload_is_not_rescanned() {
+        let mut p = ClientParser::new();
+        let mut buf = BytesMut::from(&b"PUB foo 1"[..]);
+        assert_eq!(p.parse(&mut buf, BIG), Ok(None));
+        assert_eq!(&buf[..], b"PUB foo 1");
+        assert_eq!(p.needed(), None);
+        buf.extend_from_slice(b"0\r\nabc");
+        assert_eq!(p.parse(&mut buf, BIG), Ok(None));
+        // The line is consumed, 10 payload bytes + CRLF are due, 3 arrived.
+        assert_eq!(&buf[..], b"abc");
+        assert_eq!(p.needed(), Some(9));
+        buf.extend_from_slice(b"defghij\r");
+        assert_eq!(p.parse(&mut buf, BIG), Ok(None));
+        assert_eq!(p.needed(), Some(1));
+        buf.extend_from_slice(b"\nPING\r\n");
+        assert_eq!(
+            p.parse(&mut buf, BIG),
+            Ok(Some(ClientOp::Pub {
+                subject: b("foo"),
+                reply: None,
+                payload: b("abcdefghij"),
+            }))
+        );
+        assert_eq!(p.needed(), None);
+        assert_eq!(p.parse(&mut buf, BIG), Ok(Some(ClientOp::Ping)));
+        assert!(buf.is_empty());
+        assert_eq!(p.parse(&mut buf, BIG), Ok(None));
+    }
+
+    #[test]
+    fn nothing_is_reserved_from_a_declared_size() {
+        let mut p = ServerParser::new();
+        let mut buf = BytesMut::with_capacity(64);
+        buf.extend_from_slice(b"MSG a 1 999999999\r\nxy");
+        let cap = buf.capacity();
+        assert_eq!(p.parse(&mut buf, usize::MAX), Ok(None));
+        assert!(buf.capacity() <= cap);
+        assert_eq!(p.needed(), Some(999_999_999 + 2 - 2));
+    }
+
+    #[test]
+    fn payload_is_a_view_of_the_read_buffer() {
+        let mut p = ClientParser::new();
+        let mut buf = BytesMut::from(&b"PUB foo 5\r\nhello\r\n"[..]);
+        let base = buf.as_ptr() as usize;
+        let Ok(Some(ClientOp::Pub { payload, .. })) = p.parse(&mut buf, BIG) else {
+            panic!("no pub");
+        };
+        assert_eq!(payload.as_ptr() as usize, base + 11);
+    }
+
+    // ---- errors ------------------------------------------------------------------------------
+
+    #[test]
+    fn unknown_ops() {
+        for input in [
+            &b"FOO bar\r\n"[..],
+            b"\r\n",
+            b" PING\r\n",
+            b"PUB\r\n",
+            b"PUBX foo 1\r\n",
+            b"SUBfoo 1\r\n",
+            b"-ERR\r\n",
+            b"+KO\r\n",
+            b"CONNEC {}\r\n",
+            // Routes' and leafnodes' ops are not for clients.
+            b"RS+ foo 1\r\n",
+            b"LMSG foo 1\r\n",
+        ] {
+            let e = client_err(input, BIG);
+            assert_eq!(
+                e,
+                ProtoError::UnknownOp,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+            assert_eq!(e.server_err(), Some("Unknown Protocol Operation"));
+        }
+        // Known as soon as the first wrong byte arrives, before any '\n'.
+        assert_eq!(client_err(b"X", BIG), ProtoError::UnknownOp);
+        assert_eq!(client_err(b"PUX", BIG), ProtoError::UnknownOp);
+        assert_eq!(client_err(b"PUB\r", BIG), ProtoError::UnknownOp);
+        // A prefix of a verb is just incomplete.
+        assert_eq!(client_all(b"UNSU", BIG), (vec![], None));
+        assert_eq!(client_all(b"PUB", BIG), (vec![], None));
+    }
+
+    #[test]
+    fn msg_and_hmsg_from_a_client_are_unknown() {
+        for input in [
+            &b"MSG foo 1 2\r\nhi\r\n"[..],
+            b"msg foo 1 2\r\n",
+            b"HMSG foo 1 12 12\r\nNATS/1.0\r\n\r\n\r\n",
+            b"M",
+        ] {
+            let e = client_err(input, BIG);
+            assert_eq!(e, ProtoError::UnknownOp);
+            assert_eq!(e.server_err(), Some("Unknown Protocol Operation"));
+        }
+        // And client-only ops from the server.
+        for input in [
+            &b"PUB foo 1\r\nx\r\n"[..],
+            b"SUB foo 1\r\n",
+            b"CONNECT {}\r\n",
+        ] {
+            assert_eq!(server_err(input, BIG), ProtoError::UnknownOp);
+        }
+    }
+
+    #[test]
+    fn control_line_limit() {
+        let arg = |n: usize| format!("SUB {} 1", "a".repeat(n - 2));
+        // Exactly at the limit passes; the argument part is what counts, as in nats-server.
+        let at = format!("{}\r\n", arg(MAX_CONTROL_LINE));
+        assert!(matches!(one_client(&at), ClientOp::Sub { .. }));
+        let over = format!("{}\r\n", arg(MAX_CONTROL_LINE + 1));
+        let e = client_err(over.as_bytes(), BIG);
+        assert_eq!(e, ProtoError::MaxControlLine);
+        assert_eq!(e.server_err(), Some("maximum control line exceeded"));
+
+        // Without any '\n': refused as soon as too many bytes are buffered.
+        let partial = arg(MAX_CONTROL_LINE + 1);
+        assert_eq!(
+            client_err(partial.as_bytes(), BIG),
+            ProtoError::MaxControlLine
+        );
+        let partial_ok = arg(MAX_CONTROL_LINE);
+        assert_eq!(client_all(partial_ok.as_bytes(), BIG), (vec![], None));
+        // A trailing '\r' waiting for its '\n' does not count.
+        let partial_cr = format!("{}\r", arg(MAX_CONTROL_LINE));
+        assert_eq!(client_all(partial_cr.as_bytes(), BIG), (vec![], None));
+        // Fed in pieces, the same.
+        let chunks: Vec<&[u8]> = over.as_bytes().chunks(100).collect();
+        assert_eq!(
+            client_chunks(&chunks, BIG).1,
+            Some(ProtoError::MaxControlLine)
+        );
+
+        // Ops without arguments and runs of blanks are bounded too.
+        let junk = format!("PING{}", " ".repeat(MAX_CONTROL_LINE + LINE_SLACK));
+        assert_eq!(client_err(junk.as_bytes(), BIG), ProtoError::MaxControlLine);
+        let blanks = format!("PUB{}", " ".repeat(MAX_CONTROL_LINE + LINE_SLACK));
+        assert_eq!(
+            client_err(blanks.as_bytes(), BIG),
+            ProtoError::MaxControlLine
+        );
+    }
+
+    #[test]
+    fn server_control_line_limit_is_generous_but_bounded() {
+        let long = format!("MSG {} 1 0\r\n\r\n", "s".repeat(100_000));
+        assert_eq!(server_all(long.as_bytes(), BIG).0.len(), 1);
+        let too_long = format!("MSG {}", "s".repeat(MAX_SERVER_CONTROL_LINE + 1));
+        assert_eq!(
+            server_err(too_long.as_bytes(), BIG),
+            ProtoError::MaxControlLine
+        );
+    }
+
+    #[test]
+    fn max_payload_is_checked_from_the_control_line() {
+        // Only the control line has arrived: no payload byte is needed to refuse it.
+        let e = client_err(b"PUB foo 1025\r\n", 1024);
+        assert_eq!(e, ProtoError::MaxPayload);
+        assert_eq!(e.server_err(), Some("Maximum Payload Violation"));
+        // HPUB counts headers + payload.
+        assert_eq!(
+            client_err(b"HPUB foo 12 1025\r\n", 1024),
+            ProtoError::MaxPayload
+        );
+        // At the limit is fine.
+        let (_, err) = client_all(b"PUB foo 1024\r\n", 1024);
+        assert_eq!(err, None);
+        assert_eq!(
+            server_err(b"MSG foo 1 1025\r\n", 1024),
+            ProtoError::MaxPayload
+        );
+        assert_eq!(
+            server_err(b"HMSG foo 1 12 1025\r\n", 1024),
+            ProtoError::MaxPayload
+        );
+        // Bad arguments are reported before the size is compared, as processPub does.
+        assert!(matches!(
+            client_err(b"PUB foo bar baz 99999\r\n", 10),
+            ProtoError::BadArgs(_)
+        ));
+    }
+
+    #[test]
+    fn bad_terminator() {
+        for input in [
+            &b"PUB foo 5\r\nhelloX\r\n"[..],
+            b"PUB foo 5\r\nhello\n",
+            b"PUB foo 5\r\nhello\rX",
+            b"PUB foo 5\r\nhello\n\r",
+            b"PUB foo 4\r\nhello\r\n",
+            // Detected at the first wrong byte, before the rest arrives.
+            b"PUB foo 5\r\nhelloX",
+            b"HPUB foo 12 12\r\nNATS/1.0\r\n\r\nX",
+        ] {
+            let e = client_err(input, BIG);
+            assert_eq!(
+                e,
+                ProtoError::BadTerminator,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+            assert_eq!(e.server_err(), Some("Unknown Protocol Operation"));
+        }
+        assert_eq!(
+            server_err(b"MSG foo 1 5\r\nhello!\r\n", BIG),
+            ProtoError::BadTerminator
+        );
+    }
+
+    #[test]
+    fn bad_arguments_close_silently() {
+        for input in [
+            &b"PUB foo\r\n"[..],
+            b"PUB a b c 5\r\n",
+            b"PUB foo -5\r\n",
+            b"PUB foo +5\r\n",
+            b"PUB foo abc\r\n",
+            b"PUB foo 5x\r\n",
+            b"PUB foo 0x10\r\n",
+            // nats-server's parseSize takes at most 9 digits.
+            b"PUB foo 1234567890\r\n",
+            b"PUB foo 0000000001\r\n",
+            b"HPUB foo 5\r\n",
+            b"HPUB foo -1 5\r\n",
+            b"HPUB foo 5 -1\r\n",
+            b"HPUB foo x 5\r\n",
+            b"HPUB foo 20 10\r\n",
+            b"HPUB a b c 1 2\r\n",
+            b"SUB foo\r\n",
+            b"SUB a b c d\r\n",
+            b"UNSUB \r\n",
+            b"UNSUB 1 2 3\r\n",
+            b"CONNECT\r\n",
+            b"CONNECT \t \r\n",
+            b"INFO \r\n",
+        ] {
+            let e = client_err(input, BIG);
+            assert!(
+                matches!(e, ProtoError::BadArgs(_)),
+                "{:?}: {e:?}",
+                String::from_utf8_lossy(input)
+            );
+            assert_eq!(e.server_err(), None);
+            assert_eq!(e.reason(), "bad_args");
+        }
+        for input in [
+            &b"MSG foo 1\r\n"[..],
+            b"MSG a 1 r x 5\r\n",
+            b"MSG foo 1 -1\r\n",
+            b"HMSG foo 1 5\r\n",
+            b"HMSG foo 1 20 10\r\n",
+            b"HMSG foo 1 r x 1 2\r\n",
+        ] {
+            assert!(matches!(server_err(input, BIG), ProtoError::BadArgs(_)));
+        }
+    }
+
+    #[test]
+    fn bad_header_blocks() {
+        for input in [
+            &b"HPUB foo 5 7\r\nHELLOxy\r\n"[..],
+            b"HPUB foo 0 2\r\nxy\r\n",
+            b"HPUB foo 12 12\r\nNATS/1.0\r\nA:\r\n",
+            b"HPUB foo 12 12\r\nnats/1.0\r\n\r\n\r\n",
+        ] {
+            let e = client_err(input, BIG);
+            assert!(matches!(e, ProtoError::BadHeaders(_)), "{e:?}");
+            assert_eq!(e.server_err(), None);
+        }
+        assert!(matches!(
+            server_err(b"HMSG foo 1 5 5\r\nNATS/\r\n", BIG),
+            ProtoError::BadHeaders(_)
+        ));
+    }
+
+    #[test]
+    fn errors_are_sticky() {
+        let mut p = ClientParser::new();
+        let mut buf = BytesMut::from(&b"XPING\r\n"[..]);
+        assert_eq!(p.parse(&mut buf, BIG), Err(ProtoError::UnknownOp));
+        buf.clear();
+        buf.extend_from_slice(b"PING\r\n");
+        assert_eq!(p.parse(&mut buf, BIG), Err(ProtoError::UnknownOp));
+    }
+
+    #[test]
+    fn a_shrunken_buffer_does_not_panic() {
+        let mut p = ClientParser::new();
+        let mut buf = BytesMut::from(&b"SUB foo"[..]);
+        assert_eq!(p.parse(&mut buf, BIG), Ok(None));
+        buf.clear();
+        buf.extend_from_slice(b"S");
+        let _ = p.parse(&mut buf, BIG);
+        let mut p = ClientParser::new();
+        let mut buf = BytesMut::from(&b"PUB foo 5\r\nhel"[..]);
+        assert_eq!(p.parse(&mut buf, BIG), Ok(None));
+        buf.clear();
+        assert_eq!(p.parse(&mut buf, BIG), Ok(None));
+    }
+
+    // ---- properties --------------------------------------------------------------------------
+
+    fn token() -> impl Strategy<Value = Bytes> {
+        "[A-Za-z0-9_.$*>-]{1,16}".prop_map(|s| Bytes::from(s.into_bytes()))
+    }
+
+    fn payload() -> impl Strategy<Value = Bytes> {
+        prop::collection::vec(any::<u8>(), 0..48).prop_map(Bytes::from)
+    }
+
+    fn header_block() -> impl Strategy<Value = Bytes> {
+        (
+            prop::option::of("[0-9]{3}( [A-Za-z ]{0,12})?"),
+            prop::collection::vec(("[A-Za-z][A-Za-z0-9-]{0,10}", "[ -~]{0,12}"), 0..4),
+        )
+            .prop_map(|(status, fields)| {
+                let mut s = String::from("NATS/1.0");
+                if let Some(status) = status {
+                    s.push(' ');
+                    s.push_str(&status);
+                }
+                s.push_str("\r\n");
+                for (k, v) in fields {
+                    s.push_str(&format!("{k}: {v}\r\n"));
+                }
+                s.push_str("\r\n");
+                Bytes::from(s.into_bytes())
+            })
+    }
+
+    fn json() -> impl Strategy<Value = Bytes> {
+        "\\{[ -~]{0,30}\\}".prop_map(|s| Bytes::from(s.into_bytes()))
+    }
+
+    fn err_text() -> impl Strategy<Value = Bytes> {
+        "[ -~]{0,30}".prop_map(|s| Bytes::from(s.into_bytes()))
+    }
+
+    fn client_op() -> impl Strategy<Value = ClientOp> {
+        prop_oneof![
+            json().prop_map(ClientOp::Connect),
+            (token(), prop::option::of(token()), payload()).prop_map(
+                |(subject, reply, payload)| {
+                    ClientOp::Pub {
+                        subject,
+                        reply,
+                        payload,
+                    }
+                }
+            ),
+            (
+                token(),
+                prop::option::of(token()),
+                header_block(),
+                payload()
+            )
+                .prop_map(|(subject, reply, headers, payload)| ClientOp::Hpub {
+                    subject,
+                    reply,
+                    headers,
+                    payload,
+                }),
+            (token(), prop::option::of(token()), token()).prop_map(|(subject, queue, sid)| {
+                ClientOp::Sub {
+                    subject,
+                    queue,
+                    sid,
+                }
+            }),
+            (token(), prop::option::of("[0-9]{1,5}")).prop_map(|(sid, max)| ClientOp::Unsub {
+                sid,
+                max: max.map(|m| Bytes::from(m.into_bytes())),
+            }),
+            Just(ClientOp::Ping),
+            Just(ClientOp::Pong),
+            json().prop_map(ClientOp::Info),
+            Just(ClientOp::Ok),
+            err_text().prop_map(ClientOp::Err),
+        ]
+    }
+
+    fn server_op() -> impl Strategy<Value = ServerOp> {
+        prop_oneof![
+            json().prop_map(ServerOp::Info),
+            (token(), token(), prop::option::of(token()), payload()).prop_map(
+                |(subject, sid, reply, payload)| ServerOp::Msg {
+                    subject,
+                    sid,
+                    reply,
+                    payload,
+                }
+            ),
+            (
+                token(),
+                token(),
+                prop::option::of(token()),
+                header_block(),
+                payload()
+            )
+                .prop_map(|(subject, sid, reply, headers, payload)| ServerOp::Hmsg {
+                    subject,
+                    sid,
+                    reply,
+                    headers,
+                    payload,
+                }),
+            Just(ServerOp::Ping),
+            Just(ServerOp::Pong),
+            Just(ServerOp::Ok),
+            err_text().prop_map(ServerOp::Err),
+        ]
+    }
+
+    /// Realistic fragments, lenient forms and noise, to be glued together at random.
+    const FRAGMENTS: &[&[u8]] = &[
+        b"PUB foo 5\r\nhello\r\n",
+        b"pub\tfoo  r 0\n\r\n",
+        b"HPUB foo 12 14\r\nNATS/1.0\r\n\r\nhi\r\n",
+        b"hpub x r 22 22\nNATS/1.0 503\r\nA: b\r\n\r\n\r\n",
+        b"SUB foo q 1\r\n",
+        b"sub\tfoo 2\n",
+        b"UNSUB 1 3\r\n",
+        b"PING\r\n",
+        b"pong junk\n",
+        b"CONNECT{\"a\":1} \r\n",
+        b"INFO {}\r\n",
+        b"+OK\r\n",
+        b"-ERR 'x y'\r\n",
+        b"-err z'\n",
+        b"MSG a 1 2\r\nhi\r\n",
+        b"hmsg a 1 r 12 12\nNATS/1.0\r\n\r\n\r\n",
+        b"\r\n",
+        b" ",
+        b"\t",
+        b"'",
+    ];
+
+    fn noisy_stream() -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(
+            prop_oneof![
+                4 => prop::sample::select(FRAGMENTS).prop_map(|f| f.to_vec()),
+                1 => prop::collection::vec(any::<u8>(), 0..6),
+            ],
+            0..10,
+        )
+        .prop_map(|parts| parts.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn client_ops_round_trip(ops in prop::collection::vec(client_op(), 0..12), cut in any::<prop::sample::Index>()) {
+            let wire = encode_client(&ops);
+            let (got, err) = client_all(&wire, BIG);
+            prop_assert_eq!(err, None);
+            prop_assert_eq!(&got, &ops);
+            let (a, b) = wire.split_at(cut.index(wire.len() + 1));
+            prop_assert_eq!(client_chunks(&[a, b], BIG), (ops, None));
+        }
+
+        #[test]
+        fn server_ops_round_trip(ops in prop::collection::vec(server_op(), 0..12), cut in any::<prop::sample::Index>()) {
+            let wire = encode_server(&ops);
+            let (got, err) = server_all(&wire, BIG);
+            prop_assert_eq!(err, None);
+            prop_assert_eq!(&got, &ops);
+            let (a, b) = wire.split_at(cut.index(wire.len() + 1));
+            prop_assert_eq!(server_chunks(&[a, b], BIG), (ops, None));
+        }
+
+        #[test]
+        fn client_reparse_is_stable(input in noisy_stream(), cut in any::<prop::sample::Index>()) {
+            let (ops, err) = client_all(&input, BIG);
+            let wire = encode_client(&ops);
+            let (again, err2) = client_all(&wire, BIG);
+            prop_assert_eq!(err2, None);
+            prop_assert_eq!(&again, &ops);
+            prop_assert_eq!(&encode_client(&again), &wire);
+            // Fragmentation never changes the outcome, errors included.
+            let (a, b) = input.split_at(cut.index(input.len() + 1));
+            prop_assert_eq!(client_chunks(&[a, b], BIG), (ops, err));
+        }
+
+        #[test]
+        fn server_reparse_is_stable(input in noisy_stream(), cut in any::<prop::sample::Index>()) {
+            let (ops, err) = server_all(&input, BIG);
+            let wire = encode_server(&ops);
+            let (again, err2) = server_all(&wire, BIG);
+            prop_assert_eq!(err2, None);
+            prop_assert_eq!(&again, &ops);
+            prop_assert_eq!(&encode_server(&again), &wire);
+            let (a, b) = input.split_at(cut.index(input.len() + 1));
+            prop_assert_eq!(server_chunks(&[a, b], BIG), (ops, err));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(input in prop::collection::vec(any::<u8>(), 0..256), max in 0usize..64) {
+            let _ = client_all(&input, max);
+            let _ = server_all(&input, max);
+        }
+    }
+}

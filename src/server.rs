@@ -1,0 +1,236 @@
+//! The proxy process: the agent listener, the connection cap, the admin endpoint, shutdown.
+//!
+//! This module owns accepting agents and the lifetime of their sessions. It hands each accepted
+//! connection to [`crate::session`] and knows nothing of what flows through it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::envelope::RootKey;
+use crate::keyring::{Keyring, KeyringError};
+use crate::metrics::{Metrics, ReasonLabel};
+use crate::session::{self, Shared};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the keyring: {0}")]
+    Keyring(#[from] KeyringError),
+}
+
+/// A running proxy. Dropping it stops the listener and closes every session.
+#[derive(Debug)]
+pub struct ProxyHandle {
+    pub local_addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub metrics: Arc<Metrics>,
+    pub keyring: Arc<Keyring>,
+    shutdown: Option<watch::Sender<()>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ProxyHandle {
+    /// Stops accepting, closes every session, and waits for the listener tasks to end.
+    pub async fn shutdown(mut self) {
+        self.shutdown.take();
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        self.shutdown.take();
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Opens the keyring and starts a proxy with the given root key.
+pub async fn start(config: Config, root: RootKey) -> Result<ProxyHandle, StartError> {
+    let keyring = Arc::new(Keyring::open(
+        root,
+        config.state_dir.as_deref(),
+        config.retired_cache,
+    )?);
+    start_with_keyring(config, keyring).await
+}
+
+/// Starts a proxy on an existing keyring.
+pub async fn start_with_keyring(
+    config: Config,
+    keyring: Arc<Keyring>,
+) -> Result<ProxyHandle, StartError> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    let metrics = Arc::new(Metrics::new());
+    metrics
+        .active_epoch
+        .set(i64::from(keyring.snapshot().active.epoch));
+    let (shutdown_tx, shutdown_rx) = watch::channel(());
+    let mut tasks = Vec::new();
+
+    let mut admin_addr = None;
+    if let Some(addr) = config.admin {
+        let admin = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Listen { addr, source })?;
+        admin_addr = admin.local_addr().ok();
+        tasks.push(tokio::spawn(crate::admin::serve(
+            admin,
+            metrics.clone(),
+            keyring.clone(),
+            shutdown_rx.clone(),
+        )));
+    }
+
+    let upstreams: Vec<String> = config.upstreams.iter().map(ToString::to_string).collect();
+    tracing::info!(
+        listen = %local_addr,
+        upstream = %upstreams.join(","),
+        active_epoch = keyring.snapshot().active.epoch,
+        "cipherbus proxy listening"
+    );
+    tasks.push(tokio::spawn(probe_upstream(
+        config.clone(),
+        shutdown_rx.clone(),
+    )));
+
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let shared = Arc::new(Shared::new(
+        config,
+        keyring.clone(),
+        metrics.clone(),
+        local_addr,
+    ));
+    tasks.push(tokio::spawn(accept_loop(
+        listener,
+        shared,
+        limit,
+        shutdown_rx,
+    )));
+    Ok(ProxyHandle {
+        local_addr,
+        admin_addr,
+        metrics,
+        keyring,
+        shutdown: Some(shutdown_tx),
+        tasks,
+    })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    limit: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<()>,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            shared
+                .metrics
+                .connections_refused
+                .get_or_create(&ReasonLabel {
+                    reason: "max_connections",
+                })
+                .inc();
+            tokio::spawn(refuse(stream));
+            continue;
+        };
+        shared.metrics.connections_accepted.inc();
+        shared.metrics.connections.inc();
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let metrics = shared.metrics.clone();
+            session::run(shared, stream, peer, shutdown).await;
+            metrics.connections.dec();
+            drop(permit);
+        });
+    }
+}
+
+/// Tells an agent over the cap what the server would say, then closes.
+async fn refuse(mut stream: TcpStream) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream
+            .write_all(b"-ERR 'maximum connections exceeded'\r\n")
+            .await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+/// Logs whether the upstream is reachable, retrying with backoff, so an operator sees a dead
+/// upstream before any agent does. Sessions dial on their own; this never blocks them.
+async fn probe_upstream(config: Config, mut shutdown: watch::Receiver<()>) {
+    let mut backoff = Duration::from_millis(500);
+    let mut failures = 0u32;
+    loop {
+        let mut reached = None;
+        for up in &config.upstreams {
+            let dial = TcpStream::connect((up.host.as_str(), up.port));
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), dial).await {
+                reached = Some(up.to_string());
+                break;
+            }
+        }
+        match reached {
+            Some(up) => {
+                if failures > 0 {
+                    tracing::info!(upstream = %up, after = failures, "upstream reachable again");
+                } else {
+                    tracing::debug!(upstream = %up, "upstream reachable");
+                }
+                return;
+            }
+            None => {
+                failures += 1;
+                tracing::warn!(
+                    retry_in = ?backoff,
+                    attempts = failures,
+                    "no upstream NATS server reachable; agents are turned away until one is"
+                );
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}

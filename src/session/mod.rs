@@ -1,0 +1,490 @@
+//! One agent connection: its upstream connection, the INFO handshake, and the two pumps.
+//!
+//! This module owns the I/O of a session. It dials the upstream (with failover over the
+//! configured servers), waits for the server's INFO before saying anything to the agent (the
+//! nonce is needed), then runs two pumps until either side closes:
+//! - agent → upstream: parse client ops, apply [`transform::Outbound`], write upstream;
+//! - upstream → agent: parse server ops, rewrite INFO, apply [`transform::Inbound`], write to
+//!   the agent.
+//!
+//! Each pump writes what it parsed from one read before it reads again, so memory per
+//! direction is bounded by one read buffer and its output: a slow agent stalls the upstream
+//! read, and the server sees a slow consumer, as it would without the proxy.
+
+pub mod info;
+pub mod transform;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{timeout_at, Instant};
+use tracing::Instrument;
+
+use crate::config::{Config, Upstream};
+use crate::envelope::OVERHEAD;
+use crate::keyring::Keyring;
+use crate::metrics::Metrics;
+use crate::proto::{self, ClientParser, ProtoError, ServerOp, ServerParser};
+use info::{InfoRewrite, ListenerTls};
+use transform::{Inbound, Outbound, Replies};
+
+/// Bytes asked of the kernel per read; the buffer grows only for a larger op.
+const READ_CHUNK: usize = 32 * 1024;
+/// Buffers larger than this are released once empty, so idle connections stay small.
+const KEEP_CAPACITY: usize = 128 * 1024;
+/// Room above the upstream's max_payload for an MSG's headers and envelope from other senders.
+const SERVER_PAYLOAD_SLACK: usize = 64 * 1024;
+/// `-ERR` notices waiting for the agent; a full queue slows the agent's own reads.
+const NOTICE_QUEUE: usize = 64;
+
+/// State shared by every session of one proxy.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Config,
+    pub keyring: Arc<Keyring>,
+    pub metrics: Arc<Metrics>,
+    pub rewrite: InfoRewrite,
+    /// Index of the upstream tried first; moves on when a server fails.
+    preferred: AtomicUsize,
+}
+
+impl Shared {
+    pub fn new(
+        config: Config,
+        keyring: Arc<Keyring>,
+        metrics: Arc<Metrics>,
+        listen: SocketAddr,
+    ) -> Self {
+        let rewrite = InfoRewrite {
+            host: listen.ip().to_string(),
+            port: listen.port(),
+            tls: ListenerTls::default(),
+            overhead: OVERHEAD,
+        };
+        Shared {
+            config,
+            keyring,
+            metrics,
+            rewrite,
+            preferred: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// Why a session ended early; logged once, at debug or warn.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("no upstream server answered within {0:?}")]
+    NoUpstream(Duration),
+    #[error("upstream {upstream} sent no INFO: {why}")]
+    Handshake { upstream: String, why: String },
+    #[error("i/o with {side}: {source}")]
+    Io {
+        side: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs one agent connection to its end.
+pub async fn run(
+    shared: Arc<Shared>,
+    agent: TcpStream,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<()>,
+) {
+    let span = tracing::info_span!("session", %peer, upstream = tracing::field::Empty);
+    async move {
+        match serve(&shared, agent, shutdown).await {
+            Ok(()) => tracing::debug!("session closed"),
+            Err(e @ SessionError::NoUpstream(_)) => {
+                shared
+                    .metrics
+                    .connections_refused
+                    .get_or_create(&crate::metrics::ReasonLabel {
+                        reason: "no_upstream",
+                    })
+                    .inc();
+                tracing::warn!(error = %e, "agent turned away")
+            }
+            Err(e) => tracing::debug!(error = %e, "session ended"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn serve(
+    shared: &Shared,
+    agent: TcpStream,
+    mut shutdown: watch::Receiver<()>,
+) -> Result<(), SessionError> {
+    let _ = agent.set_nodelay(true);
+    let deadline = Instant::now() + shared.config.upstream_connect_timeout;
+    let (upstream, which) = dial(shared, deadline).await?;
+    tracing::Span::current().record("upstream", tracing::field::display(&which));
+    let (mut up_r, mut up_w) = upstream.into_split();
+    let (mut agent_r, mut agent_w) = agent.into_split();
+
+    // The first INFO must reach the agent before anything else, nonce intact.
+    let mut up_buf = BytesMut::with_capacity(4096);
+    let mut server_parser = ServerParser::new();
+    let info = timeout_at(
+        deadline,
+        first_info(&mut up_r, &mut up_buf, &mut server_parser),
+    )
+    .await
+    .map_err(|_| SessionError::Handshake {
+        upstream: which.to_string(),
+        why: "timed out".into(),
+    })??;
+    let rewritten = shared
+        .rewrite
+        .apply(&info)
+        .map_err(|e| SessionError::Handshake {
+            upstream: which.to_string(),
+            why: e.to_string(),
+        })?;
+    let max_payload = AtomicUsize::new(rewritten.max_payload);
+    let mut out = BytesMut::with_capacity(rewritten.json.len() + 8);
+    put_info(&mut out, &rewritten.json);
+    agent_w.write_all(&out).await.map_err(io("agent"))?;
+
+    let replies = Replies::default();
+    let (notice_tx, notice_rx) = mpsc::channel::<Notice>(NOTICE_QUEUE);
+    let fatal = {
+        let c2s = agent_to_upstream(
+            shared,
+            &mut agent_r,
+            &mut up_w,
+            &max_payload,
+            &replies,
+            notice_tx,
+        );
+        let s2c = upstream_to_agent(
+            shared,
+            &mut up_r,
+            &mut agent_w,
+            up_buf,
+            server_parser,
+            &max_payload,
+            &replies,
+            notice_rx,
+        );
+        tokio::pin!(c2s, s2c);
+        tokio::select! {
+            end = &mut s2c => { tracing::debug!(?end, "upstream side ended"); false }
+            end = &mut c2s => {
+                tracing::debug!(?end, "agent side ended");
+                if matches!(end, End::Fatal) {
+                    // The upstream pump writes the -ERR at an op boundary, then stops.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), &mut s2c).await;
+                    true
+                } else {
+                    false
+                }
+            }
+            _ = shutdown.changed() => false,
+        }
+    };
+    let _ = agent_w.shutdown().await;
+    if fatal {
+        // Read what the agent still sends for a moment, so closing with unread data does not
+        // reset the connection before the agent reads our -ERR.
+        let mut sink = [0u8; 4096];
+        let _ = tokio::time::timeout(Duration::from_millis(250), async {
+            while matches!(agent_r.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+    }
+    Ok(())
+}
+
+fn io(side: &'static str) -> impl Fn(std::io::Error) -> SessionError {
+    move |source| SessionError::Io { side, source }
+}
+
+/// Connects to the first upstream that answers, trying the preferred one first, with backoff
+/// between rounds until `deadline`.
+async fn dial(shared: &Shared, deadline: Instant) -> Result<(TcpStream, Upstream), SessionError> {
+    let ups = &shared.config.upstreams;
+    let mut backoff = Duration::from_millis(25);
+    loop {
+        let first = shared.preferred.load(Ordering::Relaxed) % ups.len();
+        for i in (0..ups.len()).map(|k| (first + k) % ups.len()) {
+            let up = &ups[i];
+            match timeout_at(deadline, TcpStream::connect((up.host.as_str(), up.port))).await {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    if i != first {
+                        shared.preferred.store(i, Ordering::Relaxed);
+                    }
+                    return Ok((s, up.clone()));
+                }
+                Ok(Err(e)) => {
+                    shared.metrics.upstream_connect_failures.inc();
+                    tracing::debug!(upstream = %up, error = %e, "upstream connect failed");
+                }
+                Err(_) => {
+                    return Err(SessionError::NoUpstream(
+                        shared.config.upstream_connect_timeout,
+                    ))
+                }
+            }
+        }
+        if Instant::now() + backoff >= deadline {
+            return Err(SessionError::NoUpstream(
+                shared.config.upstream_connect_timeout,
+            ));
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(400));
+    }
+}
+
+async fn first_info<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    parser: &mut ServerParser,
+) -> Result<bytes::Bytes, SessionError> {
+    loop {
+        match parser.parse(buf, 1 << 20) {
+            Ok(Some(ServerOp::Info(json))) => return Ok(json),
+            Ok(Some(_)) => {
+                return Err(SessionError::Handshake {
+                    upstream: String::new(),
+                    why: "the first op was not INFO".into(),
+                })
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return Err(SessionError::Handshake {
+                    upstream: String::new(),
+                    why: e.to_string(),
+                })
+            }
+        }
+        buf.reserve(4096);
+        if r.read_buf(buf).await.map_err(io("upstream"))? == 0 {
+            return Err(SessionError::Handshake {
+                upstream: String::new(),
+                why: "connection closed".into(),
+            });
+        }
+    }
+}
+
+fn put_info(out: &mut BytesMut, json: &[u8]) {
+    out.extend_from_slice(b"INFO ");
+    out.extend_from_slice(json);
+    out.extend_from_slice(b" \r\n");
+}
+
+/// Something the agent pump asks the upstream pump to tell the agent.
+#[derive(Debug)]
+enum Notice {
+    /// A `-ERR` after which the connection goes on (permissions).
+    Err(String),
+    /// A `-ERR` after which the connection closes; `None` closes silently.
+    Fatal(Option<&'static str>),
+}
+
+#[derive(Debug)]
+enum End {
+    /// The peer closed its side.
+    Closed,
+    /// A protocol violation; the agent is told and the session closes.
+    Fatal,
+    /// Reading or writing failed.
+    Io(#[allow(dead_code)] std::io::Error),
+}
+
+/// Reserves room for the next read: the rest of a known op, or a chunk.
+fn prepare_read(buf: &mut BytesMut, needed: Option<usize>) {
+    if buf.is_empty() && buf.capacity() > KEEP_CAPACITY {
+        *buf = BytesMut::new();
+    }
+    let want = needed.map_or(READ_CHUNK, |n| n.max(READ_CHUNK));
+    buf.reserve(want);
+}
+
+fn release(out: &mut BytesMut) {
+    if out.capacity() > KEEP_CAPACITY {
+        *out = BytesMut::new();
+    } else {
+        out.clear();
+    }
+}
+
+async fn agent_to_upstream<R, W>(
+    shared: &Shared,
+    agent_r: &mut R,
+    up_w: &mut W,
+    max_payload: &AtomicUsize,
+    replies: &Replies,
+    notices: mpsc::Sender<Notice>,
+) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut parser = ClientParser::new();
+    let mut buf = BytesMut::new();
+    let mut out = BytesMut::new();
+    let mut outbound = Outbound::new();
+    let policy = &shared.config.policy;
+    let metrics = &shared.metrics;
+    loop {
+        prepare_read(&mut buf, parser.needed());
+        match agent_r.read_buf(&mut buf).await {
+            Ok(0) => return End::Closed,
+            Ok(_) => {}
+            Err(e) => return End::Io(e),
+        }
+        let snap = shared.keyring.snapshot();
+        let limit = max_payload.load(Ordering::Relaxed);
+        let mut failure: Option<ProtoError> = None;
+        loop {
+            match parser.parse(&mut buf, limit) {
+                Ok(Some(op)) => {
+                    if let Err(e) = outbound.handle(op, policy, &snap, replies, metrics, &mut out) {
+                        // Sealing fails only if randomness is unavailable: fail closed.
+                        tracing::error!(error = %e, "cannot seal; closing the session");
+                        return End::Fatal;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(snap);
+        outbound.flush_metrics(metrics);
+        if !out.is_empty() {
+            if let Err(e) = up_w.write_all(&out).await {
+                return End::Io(e);
+            }
+            release(&mut out);
+        }
+        for text in outbound.notices.drain(..) {
+            if notices.send(Notice::Err(text)).await.is_err() {
+                return End::Closed;
+            }
+        }
+        if let Some(e) = failure {
+            metrics.protocol_error(e.reason());
+            tracing::debug!(error = %e, "agent protocol violation");
+            let _ = notices.send(Notice::Fatal(e.server_err())).await;
+            return End::Fatal;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn upstream_to_agent<R, W>(
+    shared: &Shared,
+    up_r: &mut R,
+    agent_w: &mut W,
+    mut buf: BytesMut,
+    mut parser: ServerParser,
+    max_payload: &AtomicUsize,
+    replies: &Replies,
+    mut notices: mpsc::Receiver<Notice>,
+) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut out = BytesMut::new();
+    let mut inbound = Inbound::new();
+    let policy = &shared.config.policy;
+    let metrics = &shared.metrics;
+    let mut notices_open = true;
+    loop {
+        // Ops already buffered (after the first INFO) are handled before reading again.
+        let mut closed = false;
+        let mut failure = false;
+        {
+            let snap = shared.keyring.snapshot();
+            let limit = max_payload.load(Ordering::Relaxed) + OVERHEAD + SERVER_PAYLOAD_SLACK;
+            loop {
+                match parser.parse(&mut buf, limit) {
+                    Ok(Some(ServerOp::Info(json))) => match shared.rewrite.apply(&json) {
+                        Ok(rw) => {
+                            max_payload.store(rw.max_payload, Ordering::Relaxed);
+                            if rw.lame_duck {
+                                tracing::info!("upstream entered lame duck mode");
+                            }
+                            put_info(&mut out, &rw.json);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "upstream sent a bad INFO; closing");
+                            failure = true;
+                            break;
+                        }
+                    },
+                    Ok(Some(op)) => inbound.handle(
+                        op,
+                        policy,
+                        &shared.keyring,
+                        &snap,
+                        replies,
+                        metrics,
+                        &mut out,
+                    ),
+                    Ok(None) => break,
+                    Err(e) => {
+                        metrics.protocol_error(e.reason());
+                        tracing::warn!(error = %e, "upstream protocol violation; closing");
+                        failure = true;
+                        break;
+                    }
+                }
+            }
+        }
+        inbound.flush_metrics(metrics);
+        if !out.is_empty() {
+            if let Err(e) = agent_w.write_all(&out).await {
+                return End::Io(e);
+            }
+            release(&mut out);
+        }
+        if failure {
+            return End::Fatal;
+        }
+        prepare_read(&mut buf, parser.needed());
+        tokio::select! {
+            biased;
+            notice = notices.recv(), if notices_open => match notice {
+                Some(Notice::Err(text)) => {
+                    proto::put_err(&mut out, &text);
+                }
+                Some(Notice::Fatal(text)) => {
+                    if let Some(text) = text {
+                        proto::put_err(&mut out, text);
+                        let _ = agent_w.write_all(&out).await;
+                    }
+                    return End::Fatal;
+                }
+                None => notices_open = false,
+            },
+            read = up_r.read_buf(&mut buf) => match read {
+                Ok(0) => closed = true,
+                Ok(_) => {}
+                Err(e) => return End::Io(e),
+            },
+        }
+        if closed {
+            // Whatever the server said last (a final -ERR) was forwarded above.
+            return End::Closed;
+        }
+    }
+}

@@ -1,0 +1,590 @@
+//! What happens to each op on its way through: policy, sealing, opening, canonical encoding.
+//!
+//! This module owns the per-op decisions of one session, in both directions, and does no I/O:
+//! ops come in, bytes for the other side are appended to an output buffer, and anything the
+//! agent must be told (a permissions `-ERR`) is queued for the caller. The pumps in
+//! [`super`] move the bytes.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::envelope::{self, Header, Opener, Sealer, OVERHEAD};
+use crate::keyring::{Keyring, Snapshot};
+use crate::metrics::Metrics;
+use crate::policy::{Decision, Mode, Policy};
+use crate::proto::{self, ClientOp, ServerOp};
+
+/// Reply subjects remembered per session, to tell server replies from injected plaintext.
+const MAX_TRACKED_REPLIES: usize = 64;
+/// Direct-get and message-get requests remembered per session.
+const MAX_TRACKED_GETS: usize = 256;
+/// Subjects longer than this are not kept in the one-entry policy cache.
+const MAX_CACHED_SUBJECT: usize = 256;
+
+/// Subjects whose replies are stored messages: direct get returns the stored payload with the
+/// original subject in `Nats-Subject`.
+fn is_direct_get(subject: &[u8]) -> bool {
+    api_suffix(subject).is_some_and(|rest| rest.starts_with(b"DIRECT.GET."))
+}
+
+/// `$JS.API.<rest>` or `$JS.<domain>.API.<rest>` → `<rest>`.
+fn api_suffix(subject: &[u8]) -> Option<&[u8]> {
+    let rest = subject.strip_prefix(b"$JS.")?;
+    if let Some(r) = rest.strip_prefix(b"API.") {
+        return Some(r);
+    }
+    let dot = memchr::memchr(b'.', rest)?;
+    rest[dot + 1..].strip_prefix(b"API.")
+}
+
+/// The reply prefix of an inbox subject: everything up to and including its last dot.
+fn reply_prefix(subject: &[u8]) -> &[u8] {
+    match memchr::memrchr(b'.', subject) {
+        Some(i) => &subject[..=i],
+        None => subject,
+    }
+}
+
+/// Replies this agent asked for. Shared by the two pumps of one session.
+#[derive(Debug, Default)]
+pub struct Replies {
+    inner: Mutex<RepliesInner>,
+}
+
+#[derive(Debug, Default)]
+struct RepliesInner {
+    /// Reply prefixes (`_INBOX.abc.`) of the agent's own requests.
+    prefixes: VecDeque<Box<[u8]>>,
+    /// Exact reply subjects of direct-get requests.
+    gets: VecDeque<Box<[u8]>>,
+}
+
+fn remember(queue: &mut VecDeque<Box<[u8]>>, item: &[u8], cap: usize) {
+    if queue.iter().rev().any(|p| **p == *item) {
+        return;
+    }
+    if queue.len() == cap {
+        queue.pop_front();
+    }
+    queue.push_back(item.into());
+}
+
+impl Replies {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RepliesInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn record(&self, request_subject: &[u8], reply: &[u8]) {
+        let mut inner = self.lock();
+        let prefix = reply_prefix(reply);
+        if inner.prefixes.back().is_none_or(|p| **p != *prefix) {
+            remember(&mut inner.prefixes, prefix, MAX_TRACKED_REPLIES);
+        }
+        if is_direct_get(request_subject) {
+            remember(&mut inner.gets, reply, MAX_TRACKED_GETS);
+        }
+    }
+
+    /// Whether `subject` is a reply to one of this agent's requests.
+    pub fn is_reply(&self, subject: &[u8]) -> bool {
+        let prefix = reply_prefix(subject);
+        self.lock().prefixes.iter().any(|p| **p == *prefix)
+    }
+
+    /// Whether `subject` answers one of this agent's direct-get requests.
+    pub fn is_direct_get_reply(&self, subject: &[u8]) -> bool {
+        self.lock().gets.iter().any(|p| **p == *subject)
+    }
+}
+
+/// A one-entry cache in front of the policy: agents tend to repeat subjects.
+#[derive(Debug, Default)]
+struct PolicyCache {
+    subject: Vec<u8>,
+    decision: Option<Decision>,
+}
+
+impl PolicyCache {
+    fn decide(&mut self, policy: &Policy, subject: &[u8]) -> Decision {
+        if let Some(d) = self.decision {
+            if self.subject == subject {
+                return d;
+            }
+        }
+        let d = policy.decide(subject);
+        if subject.len() <= MAX_CACHED_SUBJECT {
+            self.subject.clear();
+            self.subject.extend_from_slice(subject);
+            self.decision = Some(d);
+        }
+        d
+    }
+}
+
+/// Counters kept locally and added to the shared metrics once per batch.
+#[derive(Debug, Default)]
+struct Tally {
+    msgs: u64,
+    bytes: u64,
+}
+
+/// Agent → upstream.
+pub struct Outbound {
+    cache: PolicyCache,
+    sealer: Option<Sealer>,
+    generation: u64,
+    tally: Tally,
+    /// `-ERR` texts for the agent, drained by the caller.
+    pub notices: Vec<String>,
+}
+
+impl Default for Outbound {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Outbound {
+    pub fn new() -> Self {
+        Outbound {
+            cache: PolicyCache::default(),
+            sealer: None,
+            generation: u64::MAX,
+            tally: Tally::default(),
+            notices: Vec::new(),
+        }
+    }
+
+    fn sealer(&mut self, snap: &Snapshot) -> Result<&mut Sealer, envelope::EnvelopeError> {
+        let stale = self.generation != snap.generation
+            && self
+                .sealer
+                .as_ref()
+                .is_none_or(|s| s.epoch() != snap.active.epoch);
+        if stale || self.sealer.is_none() {
+            self.sealer = Some(Sealer::new(snap.active.epoch, &snap.active.key)?);
+        }
+        self.generation = snap.generation;
+        // Just set above when absent.
+        Ok(self.sealer.as_mut().expect("sealer present"))
+    }
+
+    /// Handles one op from the agent, appending what goes upstream to `out`.
+    pub fn handle(
+        &mut self,
+        op: ClientOp,
+        policy: &Policy,
+        snap: &Snapshot,
+        replies: &Replies,
+        metrics: &Metrics,
+        out: &mut BytesMut,
+    ) -> Result<(), envelope::EnvelopeError> {
+        match op {
+            ClientOp::Pub {
+                subject,
+                reply,
+                payload,
+            } => {
+                let Some(d) =
+                    self.admit_publish(policy, &subject, reply.as_deref(), replies, metrics)
+                else {
+                    return Ok(());
+                };
+                if d.mode == Mode::Plaintext || payload.is_empty() {
+                    proto::put_pub_line(out, &subject, reply.as_deref(), payload.len());
+                    out.extend_from_slice(&payload);
+                } else {
+                    proto::put_pub_line(out, &subject, reply.as_deref(), payload.len() + OVERHEAD);
+                    let bind = d.bind_subject.then_some(&subject[..]);
+                    self.sealer(snap)?.seal_into(bind, &payload, out)?;
+                    self.tally.msgs += 1;
+                    self.tally.bytes += payload.len() as u64;
+                }
+                out.put_slice(b"\r\n");
+            }
+            ClientOp::Hpub {
+                subject,
+                reply,
+                headers,
+                payload,
+            } => {
+                let Some(d) =
+                    self.admit_publish(policy, &subject, reply.as_deref(), replies, metrics)
+                else {
+                    return Ok(());
+                };
+                if d.mode == Mode::Plaintext || payload.is_empty() {
+                    let total = headers.len() + payload.len();
+                    proto::put_hpub_line(out, &subject, reply.as_deref(), headers.len(), total);
+                    out.extend_from_slice(&headers);
+                    out.extend_from_slice(&payload);
+                } else {
+                    let total = headers.len() + payload.len() + OVERHEAD;
+                    proto::put_hpub_line(out, &subject, reply.as_deref(), headers.len(), total);
+                    out.extend_from_slice(&headers);
+                    let bind = d.bind_subject.then_some(&subject[..]);
+                    self.sealer(snap)?.seal_into(bind, &payload, out)?;
+                    self.tally.msgs += 1;
+                    self.tally.bytes += payload.len() as u64;
+                }
+                out.put_slice(b"\r\n");
+            }
+            ClientOp::Sub {
+                ref subject,
+                ref queue,
+                ..
+            } if policy.sub_denied(subject) => {
+                metrics.deny("subscribe");
+                let subject = String::from_utf8_lossy(subject);
+                self.notices.push(match queue {
+                    Some(q) => format!(
+                        "Permissions Violation for Subscription to \"{subject}\" using queue \"{}\"",
+                        String::from_utf8_lossy(q)
+                    ),
+                    None => format!("Permissions Violation for Subscription to \"{subject}\""),
+                });
+            }
+            other => proto::encode_client_op(&other, out),
+        }
+        Ok(())
+    }
+
+    fn admit_publish(
+        &mut self,
+        policy: &Policy,
+        subject: &Bytes,
+        reply: Option<&[u8]>,
+        replies: &Replies,
+        metrics: &Metrics,
+    ) -> Option<Decision> {
+        let d = self.cache.decide(policy, subject);
+        if d.mode == Mode::Deny {
+            metrics.deny("publish");
+            self.notices.push(format!(
+                "Permissions Violation for Publish to \"{}\"",
+                String::from_utf8_lossy(subject)
+            ));
+            return None;
+        }
+        if let Some(reply) = reply {
+            replies.record(subject, reply);
+        }
+        Some(d)
+    }
+
+    /// Adds the batch's counts to the shared metrics.
+    pub fn flush_metrics(&mut self, metrics: &Metrics) {
+        if self.tally.msgs > 0 {
+            metrics.messages_sealed.inc_by(self.tally.msgs);
+            metrics.bytes_sealed.inc_by(self.tally.bytes);
+            self.tally = Tally::default();
+        }
+    }
+}
+
+/// Why a delivery was refused; the label of `cipherbus_open_failures_total`.
+pub type Refusal = &'static str;
+
+/// Upstream → agent.
+pub struct Inbound {
+    cache: PolicyCache,
+    opener: Opener,
+    generation: u64,
+    tally: Tally,
+    limiter: RateLimit,
+}
+
+impl Default for Inbound {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Inbound {
+    pub fn new() -> Self {
+        Inbound {
+            cache: PolicyCache::default(),
+            opener: Opener::new(),
+            generation: u64::MAX,
+            tally: Tally::default(),
+            limiter: RateLimit::new(Duration::from_secs(1)),
+        }
+    }
+
+    /// Handles one op from the server, appending what the agent gets to `out`. An INFO is not
+    /// handled here (the caller rewrites it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn handle(
+        &mut self,
+        op: ServerOp,
+        policy: &Policy,
+        keyring: &Keyring,
+        snap: &Snapshot,
+        replies: &Replies,
+        metrics: &Metrics,
+        out: &mut BytesMut,
+    ) {
+        if self.generation != snap.generation {
+            // Subkeys of retired or destroyed keys must not outlive the keyring change.
+            self.opener.clear();
+            self.generation = snap.generation;
+        }
+        match op {
+            ServerOp::Msg {
+                subject,
+                sid,
+                reply,
+                payload,
+            } => {
+                let d = self.cache.decide(policy, &subject);
+                match self.admit(d, &subject, None, &payload, replies, metrics) {
+                    Admit::Pass => {
+                        proto::put_msg_line(out, &subject, &sid, reply.as_deref(), payload.len());
+                        out.extend_from_slice(&payload);
+                        out.put_slice(b"\r\n");
+                    }
+                    Admit::Open { bind_to } => {
+                        let mark = out.len();
+                        proto::put_msg_line(
+                            out,
+                            &subject,
+                            &sid,
+                            reply.as_deref(),
+                            payload.len() - OVERHEAD,
+                        );
+                        let bind = bind_to.unwrap_or(&subject);
+                        match self.open(keyring, snap, d, bind, &payload, out) {
+                            Ok(()) => out.put_slice(b"\r\n"),
+                            Err(reason) => {
+                                out.truncate(mark);
+                                self.refuse(reason, &subject, metrics);
+                            }
+                        }
+                    }
+                    Admit::Refuse(reason) => self.refuse(reason, &subject, metrics),
+                    Admit::Drop => {}
+                }
+            }
+            ServerOp::Hmsg {
+                subject,
+                sid,
+                reply,
+                headers,
+                payload,
+            } => {
+                let d = self.cache.decide(policy, &subject);
+                let status = proto::header_status(&headers).is_some();
+                let nats_subject = if replies.is_direct_get_reply(&subject) {
+                    proto::header_value(&headers, "Nats-Subject")
+                } else {
+                    None
+                };
+                let admit = if status && payload.is_empty() {
+                    // Status messages (503, 100, 404, 408, 409 …) come from the server itself.
+                    if d.mode == Mode::Deny {
+                        Admit::Drop
+                    } else {
+                        Admit::Pass
+                    }
+                } else {
+                    self.admit(d, &subject, nats_subject, &payload, replies, metrics)
+                };
+                match admit {
+                    Admit::Pass => {
+                        let total = headers.len() + payload.len();
+                        proto::put_hmsg_line(
+                            out,
+                            &subject,
+                            &sid,
+                            reply.as_deref(),
+                            headers.len(),
+                            total,
+                        );
+                        out.extend_from_slice(&headers);
+                        out.extend_from_slice(&payload);
+                        out.put_slice(b"\r\n");
+                    }
+                    Admit::Open { bind_to } => {
+                        let mark = out.len();
+                        let total = headers.len() + payload.len() - OVERHEAD;
+                        proto::put_hmsg_line(
+                            out,
+                            &subject,
+                            &sid,
+                            reply.as_deref(),
+                            headers.len(),
+                            total,
+                        );
+                        out.extend_from_slice(&headers);
+                        let bind = bind_to.unwrap_or(&subject);
+                        match self.open(keyring, snap, d, bind, &payload, out) {
+                            Ok(()) => out.put_slice(b"\r\n"),
+                            Err(reason) => {
+                                out.truncate(mark);
+                                self.refuse(reason, &subject, metrics);
+                            }
+                        }
+                    }
+                    Admit::Refuse(reason) => self.refuse(reason, &subject, metrics),
+                    Admit::Drop => {}
+                }
+            }
+            other => proto::encode_server_op(&other, out),
+        }
+    }
+
+    fn admit<'a>(
+        &self,
+        d: Decision,
+        subject: &[u8],
+        nats_subject: Option<&'a [u8]>,
+        payload: &[u8],
+        replies: &Replies,
+        metrics: &Metrics,
+    ) -> Admit<'a> {
+        match d.mode {
+            Mode::Deny => {
+                metrics.deny("deliver");
+                Admit::Drop
+            }
+            Mode::Plaintext => Admit::Pass,
+            Mode::Encrypt if payload.is_empty() => Admit::Pass,
+            Mode::Encrypt if envelope::is_envelope(payload) => {
+                if payload.len() < OVERHEAD {
+                    Admit::Refuse("truncated")
+                } else {
+                    Admit::Open {
+                        bind_to: nats_subject,
+                    }
+                }
+            }
+            // Server answers (PubAck, API responses) land in plaintext on the agent's inboxes.
+            Mode::Encrypt if replies.is_reply(subject) => Admit::Pass,
+            Mode::Encrypt => Admit::Refuse("plaintext"),
+        }
+    }
+
+    fn open(
+        &mut self,
+        keyring: &Keyring,
+        snap: &Snapshot,
+        d: Decision,
+        subject: &[u8],
+        payload: &[u8],
+        out: &mut BytesMut,
+    ) -> Result<(), Refusal> {
+        let header = Header::parse(payload).map_err(|e| e.reason())?;
+        let key = keyring
+            .lookup(snap, header.epoch)
+            .map_err(|miss| miss.reason())?;
+        self.opener
+            .open_into(&key.key, &header, payload, subject, !d.bind_subject, out)
+            .map_err(|e| e.reason())?;
+        self.tally.msgs += 1;
+        self.tally.bytes += (payload.len() - OVERHEAD) as u64;
+        Ok(())
+    }
+
+    fn refuse(&mut self, reason: Refusal, subject: &[u8], metrics: &Metrics) {
+        metrics.open_failure(reason);
+        if let Some(suppressed) = self.limiter.allow(Instant::now()) {
+            // The subject is metadata the bus already sees; the payload is never logged.
+            tracing::warn!(
+                reason,
+                subject = %String::from_utf8_lossy(subject),
+                suppressed,
+                "refused a delivery on an encrypt subject"
+            );
+        }
+    }
+
+    pub fn flush_metrics(&mut self, metrics: &Metrics) {
+        if self.tally.msgs > 0 {
+            metrics.messages_opened.inc_by(self.tally.msgs);
+            metrics.bytes_opened.inc_by(self.tally.bytes);
+            self.tally = Tally::default();
+        }
+    }
+}
+
+enum Admit<'a> {
+    Pass,
+    Open { bind_to: Option<&'a [u8]> },
+    Refuse(Refusal),
+    Drop,
+}
+
+/// At most one event per interval; reports how many were held back since the last one.
+#[derive(Debug)]
+pub struct RateLimit {
+    every: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    pub fn new(every: Duration) -> Self {
+        RateLimit {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(suppressed)` when the event may be logged now.
+    pub fn allow(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(t) if now.duration_since(t) < self.every => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_suffix_and_direct_get() {
+        assert!(is_direct_get(b"$JS.API.DIRECT.GET.KV_cfg.$KV.cfg.k"));
+        assert!(is_direct_get(b"$JS.hub.API.DIRECT.GET.S"));
+        assert!(!is_direct_get(b"$JS.API.STREAM.INFO.S"));
+        assert!(!is_direct_get(b"orders.DIRECT.GET.x"));
+    }
+
+    #[test]
+    fn replies_are_tracked_by_prefix_and_bounded() {
+        let r = Replies::default();
+        r.record(b"svc", b"_INBOX.abc.1");
+        assert!(r.is_reply(b"_INBOX.abc.2"));
+        assert!(!r.is_reply(b"_INBOX.abd.2"));
+        assert!(!r.is_reply(b"orders.new"));
+        for i in 0..1000 {
+            r.record(b"svc", format!("_INBOX.n{i}.1").as_bytes());
+        }
+        assert!(r.lock().prefixes.len() <= MAX_TRACKED_REPLIES);
+        assert!(!r.is_reply(b"_INBOX.abc.2"), "oldest evicted");
+        r.record(b"$JS.API.DIRECT.GET.S", b"_INBOX.x.7");
+        assert!(r.is_direct_get_reply(b"_INBOX.x.7"));
+        assert!(!r.is_direct_get_reply(b"_INBOX.x.8"));
+    }
+
+    #[test]
+    fn rate_limit() {
+        let mut l = RateLimit::new(Duration::from_secs(1));
+        let t = Instant::now();
+        assert_eq!(l.allow(t), Some(0));
+        assert_eq!(l.allow(t), None);
+        assert_eq!(l.allow(t), None);
+        assert_eq!(l.allow(t + Duration::from_secs(2)), Some(2));
+    }
+}

