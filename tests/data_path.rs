@@ -47,8 +47,8 @@ async fn pub_sub_at_every_size_crosses_the_bus_sealed() {
 
     let mut sub = subscriber.subscribe("sizes.test").await.unwrap();
     let mut raw = observer.subscribe("sizes.test").await.unwrap();
-    subscriber.flush().await.unwrap();
-    observer.flush().await.unwrap();
+    sync(&subscriber).await;
+    sync(&observer).await;
 
     for size in [0usize, 1, 1024, 64 * 1024, max] {
         let body = plaintext(size);
@@ -115,9 +115,9 @@ async fn headers_wildcards_and_queue_groups() {
         .await
         .unwrap();
     let mut raw = observer.subscribe("fleet.>").await.unwrap();
-    subscriber.flush().await.unwrap();
-    other.flush().await.unwrap();
-    observer.flush().await.unwrap();
+    sync(&subscriber).await;
+    sync(&other).await;
+    sync(&observer).await;
 
     let mut headers = HeaderMap::new();
     headers.insert("Trace-Id", "abc-123");
@@ -165,14 +165,21 @@ async fn headers_wildcards_and_queue_groups() {
 async fn request_reply_and_no_responders() {
     let server = NatsServer::start();
     let (pa, pb) = (proxy(&server).await, proxy(&server).await);
-    let requester = agent(&pa).await;
+    // The requester's inboxes get their own prefix so the observer can watch them without
+    // also catching other clients' no-responders statuses, which the server hands to any
+    // matching subscription.
+    let requester = async_nats::ConnectOptions::new()
+        .custom_inbox_prefix("_REQ")
+        .connect(proxy_url(&pa))
+        .await
+        .unwrap();
     let responder = agent(&pb).await;
     let observer = observer(&server).await;
-    let mut raw = observer.subscribe("_INBOX.>").await.unwrap();
-    observer.flush().await.unwrap();
+    let mut raw = observer.subscribe("_REQ.>").await.unwrap();
+    sync(&observer).await;
 
     let mut service = responder.subscribe("svc.echo").await.unwrap();
-    responder.flush().await.unwrap();
+    sync(&responder).await;
     let serving = tokio::spawn(async move {
         while let Some(req) = service.next().await {
             let mut answer = b"echo: ".to_vec();
@@ -187,12 +194,14 @@ async fn request_reply_and_no_responders() {
 
     let reply = tokio::time::timeout(WAIT, requester.request("svc.echo", "ping-body".into()))
         .await
-        .unwrap()
-        .unwrap();
+        .expect("answered in time")
+        .expect("the responder answers");
     assert_eq!(&reply.payload[..], b"echo: ping-body");
     let seen = next(&mut raw).await;
     assert_eq!(seen.payload[0], MAGIC, "replies on inboxes are sealed too");
     assert!(!contains(&seen.payload, b"echo: ping-body"));
+    raw.unsubscribe().await.unwrap();
+    sync(&observer).await;
 
     let err = requester
         .request("svc.nobody.home", "hello".into())

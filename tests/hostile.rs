@@ -3,13 +3,13 @@
 
 mod support;
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use bytes::Bytes;
 use cipherbus::envelope::{Header, MAGIC};
 use futures::StreamExt;
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -34,8 +34,8 @@ async fn forged_injected_moved_and_unknown_epoch_payloads_are_refused() {
 
     let mut sub = subscriber.subscribe("acct.*").await.unwrap();
     let mut raw = attacker.subscribe("acct.a").await.unwrap();
-    subscriber.flush().await.unwrap();
-    attacker.flush().await.unwrap();
+    sync(&subscriber).await;
+    sync(&attacker).await;
 
     publisher.publish("acct.a", "legit-1".into()).await.unwrap();
     publisher.flush().await.unwrap();
@@ -72,7 +72,7 @@ async fn forged_injected_moved_and_unknown_epoch_payloads_are_refused() {
         .publish("acct.a", sealed.slice(..20))
         .await
         .unwrap();
-    attacker.flush().await.unwrap();
+    sync(&attacker).await;
 
     publisher.publish("acct.a", "legit-2".into()).await.unwrap();
     publisher.flush().await.unwrap();
@@ -112,7 +112,7 @@ async fn garbage_on_the_listener_is_refused_and_others_carry_on() {
     let a = agent(&p).await;
     let b = agent(&p).await;
     let mut sub = b.subscribe("steady").await.unwrap();
-    b.flush().await.unwrap();
+    sync(&b).await;
 
     for garbage in [
         &b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"[..],
@@ -120,11 +120,13 @@ async fn garbage_on_the_listener_is_refused_and_others_carry_on() {
         b"\x00\x00\x00\x00\xff\xfe\r\n",
         b"PUB x -5\r\n",
     ] {
-        let mut raw = std::net::TcpStream::connect(p.local_addr).unwrap();
-        raw.set_read_timeout(Some(WAIT)).unwrap();
-        raw.write_all(garbage).unwrap();
+        let mut raw = tokio::net::TcpStream::connect(p.local_addr).await.unwrap();
+        raw.write_all(garbage).await.unwrap();
         let mut got = Vec::new();
-        let _ = raw.read_to_end(&mut got);
+        tokio::time::timeout(WAIT, raw.read_to_end(&mut got))
+            .await
+            .expect("the proxy closes the connection")
+            .expect("read");
         let text = String::from_utf8_lossy(&got);
         assert!(text.starts_with("INFO "), "INFO first: {text}");
         // The connection is closed (read_to_end returned), with or without an -ERR, like the server.

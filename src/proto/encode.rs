@@ -3,6 +3,10 @@
 //! Numbers are written with `itoa`; nothing allocates beyond growing `out`. The `put_*_line`
 //! writers emit only a control line, so a caller can write a sealed or opened payload straight
 //! into `out` after it, followed by `\r\n`.
+//!
+//! Fields are written as given: subjects, replies, queues and sids must hold no blank, `\r` or
+//! `\n`, and JSON or `-ERR` text no line end; ops from the parsers always satisfy this. An empty
+//! optional field (`Some("")`) is written as absent.
 
 use bytes::{BufMut, BytesMut};
 
@@ -37,7 +41,8 @@ pub fn encode_client_op(op: &ClientOp, out: &mut BytesMut) {
             queue,
             sid,
         } => {
-            let queue_len = queue.as_ref().map_or(0, |q| q.len() + 1);
+            let queue = queue.as_ref().filter(|q| !q.is_empty());
+            let queue_len = queue.map_or(0, |q| q.len() + 1);
             out.reserve(4 + subject.len() + queue_len + 1 + sid.len() + 2);
             out.put_slice(b"SUB ");
             out.put_slice(subject);
@@ -50,7 +55,8 @@ pub fn encode_client_op(op: &ClientOp, out: &mut BytesMut) {
             out.put_slice(CRLF);
         }
         ClientOp::Unsub { sid, max } => {
-            let max_len = max.as_ref().map_or(0, |m| m.len() + 1);
+            let max = max.as_ref().filter(|m| !m.is_empty());
+            let max_len = max.map_or(0, |m| m.len() + 1);
             out.reserve(6 + sid.len() + max_len + 2);
             out.put_slice(b"UNSUB ");
             out.put_slice(sid);
@@ -191,6 +197,7 @@ fn put_line(
     hdr: Option<usize>,
     size: usize,
 ) {
+    let reply = reply.filter(|r| !r.is_empty());
     let mut hdr_buf = itoa::Buffer::new();
     let hdr = hdr.map(|h| hdr_buf.format(h).as_bytes());
     let mut size_buf = itoa::Buffer::new();
@@ -348,6 +355,34 @@ mod tests {
     }
 
     #[test]
+    fn empty_optional_fields_are_absent() {
+        assert_eq!(
+            client(ClientOp::Sub {
+                subject: b("s"),
+                queue: Some(Bytes::new()),
+                sid: b("1"),
+            }),
+            b"SUB s 1\r\n"
+        );
+        assert_eq!(
+            client(ClientOp::Unsub {
+                sid: b("1"),
+                max: Some(Bytes::new()),
+            }),
+            b"UNSUB 1\r\n"
+        );
+        assert_eq!(
+            server(ServerOp::Msg {
+                subject: b("s"),
+                sid: b("1"),
+                reply: Some(Bytes::new()),
+                payload: Bytes::new(),
+            }),
+            b"MSG s 1 0\r\n\r\n"
+        );
+    }
+
+    #[test]
     fn line_writers_leave_room_for_the_payload() {
         let mut out = BytesMut::new();
         put_pub_line(&mut out, b"s", Some(b"r"), 1_000_000);
@@ -355,10 +390,11 @@ mod tests {
         put_msg_line(&mut out, b"s", b"7", None, 0);
         put_hmsg_line(&mut out, b"s", b"7", Some(b"r"), 12, 40);
         put_err(&mut out, "Unknown Protocol Operation");
+        put_pub_line(&mut out, b"s", Some(b""), 2);
         assert_eq!(
             &out[..],
             &b"PUB s r 1000000\r\nHPUB s 12 999999999\r\nMSG s 7 0\r\nHMSG s 7 r 12 40\r\n\
-               -ERR 'Unknown Protocol Operation'\r\n"[..]
+               -ERR 'Unknown Protocol Operation'\r\nPUB s 2\r\n"[..]
         );
     }
 }

@@ -41,6 +41,3 @@ pub const MAX_CONTROL_LINE: usize = 4096;
 /// Control line limit for lines the server sends. `MSG`/`HMSG` lines carry subjects and replies
 /// of any length the server accepted, so this is generous, but still bounded.
 pub const MAX_SERVER_CONTROL_LINE: usize = 1 << 20;
-
-/// The largest size nats-server accepts in a size argument: it parses at most 9 digits.
-pub const MAX_SIZE_ARG: usize = 999_999_999;

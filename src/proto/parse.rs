@@ -930,7 +930,7 @@ mod tests {
             let want = one_client(canonical);
             // Canonical input re-encodes to itself.
             assert_eq!(
-                &encode_client(&[want.clone()])[..],
+                &encode_client(std::slice::from_ref(&want))[..],
                 canonical.as_bytes(),
                 "{canonical:?}"
             );
@@ -979,11 +979,11 @@ mod tests {
         assert_eq!(one_client("-ERR 'a b'\r\n"), ClientOp::Err(b("a b")));
         // A payload may hold anything, CRLFs and verbs included.
         assert_eq!(
-            one_client("PUB a 11\r\nPING\r\nPUB \r\n\r\n"),
+            one_client("PUB a 11\r\nPING\r\nPUB\r\n\r\n"),
             ClientOp::Pub {
                 subject: b("a"),
                 reply: None,
-                payload: b("PING\r\nPUB \r\n"),
+                payload: b("PING\r\nPUB\r\n"),
             }
         );
     }
@@ -1025,7 +1025,7 @@ mod tests {
         for (canonical, lenient) in cases {
             let want = one_server(canonical);
             assert_eq!(
-                &encode_server(&[want.clone()])[..],
+                &encode_server(std::slice::from_ref(&want))[..],
                 canonical.as_bytes(),
                 "{canonical:?}"
             );
@@ -1059,14 +1059,14 @@ mod tests {
     const CLIENT_STREAM: &[u8] = b"CONNECT {\"verbose\":false,\"headers\":true}\r\n\
         PING\r\nsub foo 1\r\nSUB bar q 2\r\n\
         PUB foo 5\r\nhello\r\npub foo _INBOX.a 0\r\n\r\n\
-        HPUB foo r 22 25\r\nNATS/1.0\r\nK: v\r\nX: y\r\n\r\nabc\r\n\
-        PUB big 40\r\n0123456789\r\n0123456789\r\n0123456789\r\n01234567\r\n\
+        HPUB foo r 24 27\r\nNATS/1.0\r\nK: v\r\nX: y\r\n\r\nabc\r\n\
+        PUB big 44\r\n0123456789\r\n0123456789\r\n0123456789\r\n01234567\r\n\
         unsub 1 5\nUNSUB 2\r\npong\r\n+OK\r\n-ERR 'x'\r\nINFO {} \r\n";
 
     const SERVER_STREAM: &[u8] = b"INFO {\"server_id\":\"S\",\"max_payload\":1048576} \r\n\
         PING\r\n+OK\r\nMSG foo 1 5\r\nhello\r\nMSG foo 2 _INBOX.a 0\r\n\r\n\
         HMSG _INBOX.x 1 38 38\r\nNATS/1.0 503\r\nNats-Subject: nobody\r\n\r\n\r\n\
-        HMSG a 3 r 22 25\r\nNATS/1.0\r\nK: v\r\nX: y\r\n\r\nabc\r\n\
+        HMSG a 3 r 24 27\r\nNATS/1.0\r\nK: v\r\nX: y\r\n\r\nabc\r\n\
         PONG\r\n-ERR 'Stale Connection'\r\n";
 
     #[test]

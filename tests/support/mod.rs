@@ -182,6 +182,16 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     Some(body.to_owned())
 }
 
+/// Proxy logs go to the test output when `CIPHERBUS_LOG` is set (e.g. `CIPHERBUS_LOG=debug`).
+pub fn init_logs() {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("CIPHERBUS_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// The root key every test proxy shares unless a test says otherwise.
 pub const TEST_KEK: [u8; 32] = [0x42; 32];
 
@@ -192,6 +202,7 @@ pub async fn proxy(upstream: &NatsServer) -> ProxyHandle {
 
 /// Starts an in-process proxy with extra config TOML (policy rules and the like).
 pub async fn proxy_with(upstream: &NatsServer, toml: &str, kek: [u8; 32]) -> ProxyHandle {
+    init_logs();
     let file: FileConfig = toml::from_str(toml).expect("test config parses");
     let config = file
         .resolve(Overrides {
@@ -225,14 +236,15 @@ pub async fn observer(server: &NatsServer) -> async_nats::Client {
         .expect("observer connects")
 }
 
-/// Reads the proxy's metrics over its admin endpoint.
+/// Reads the proxy's metrics over its admin endpoint (blocking: not from a test's own runtime).
 pub fn metrics_text(p: &ProxyHandle) -> String {
     http_get(p.admin_addr.expect("admin enabled"), "/metrics").unwrap_or_default()
 }
 
-/// The value of one metric line (`name{labels}`) in Prometheus text, or 0.
+/// The value of one metric line (`name{labels}`) of an in-process proxy, or 0.
 pub fn metric(p: &ProxyHandle, series: &str) -> f64 {
-    metrics_text(p)
+    p.metrics
+        .render()
         .lines()
         .find_map(|l| {
             l.strip_prefix(series)?
@@ -242,6 +254,19 @@ pub fn metric(p: &ProxyHandle, series: &str) -> f64 {
                 .ok()
         })
         .unwrap_or(0.0)
+}
+
+/// A round trip through the server: returns once everything the client sent before it (its
+/// SUBs above all) has been processed. async-nats' `flush` only empties the socket buffer.
+pub async fn sync(client: &async_nats::Client) {
+    let subject = format!("_cbsync.{}", client.new_inbox().replace('.', "_"));
+    let request = async_nats::Request::new()
+        .payload(bytes::Bytes::new())
+        .timeout(Some(Duration::from_secs(5)));
+    match client.send_request(subject, request).await {
+        Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
+        other => panic!("sync round trip expected no responders, got {other:?}"),
+    }
 }
 
 /// Polls `f` until it is true or `timeout` passes.
