@@ -123,10 +123,11 @@ impl NatsServer {
             if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
                 let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
                 let mut line = String::new();
-                if BufReader::new(&mut s).read_line(&mut line).is_ok() && line.starts_with("INFO") {
-                    if self.monitor("healthz?js-enabled-only=true").contains("ok") {
-                        return;
-                    }
+                if BufReader::new(&mut s).read_line(&mut line).is_ok()
+                    && line.starts_with("INFO")
+                    && self.monitor("healthz?js-enabled-only=true").contains("ok")
+                {
+                    return;
                 }
             }
             assert!(
