@@ -53,7 +53,10 @@ fn hex(bytes: &[u8], max: usize) -> String {
     s
 }
 
-async fn start_proxy(server: &support::NatsServer, root: &RootKey) -> cipherbus::server::ProxyHandle {
+async fn start_proxy(
+    server: &support::NatsServer,
+    root: &RootKey,
+) -> cipherbus::server::ProxyHandle {
     let config = FileConfig::default()
         .resolve(Overrides {
             listen: Some("127.0.0.1:0".into()),
@@ -75,8 +78,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proxy_a = start_proxy(&server, &root).await;
     let proxy_b = start_proxy(&server, &root).await;
     println!("nats-server  nats://{}", server.addr());
-    println!("proxy A      nats://{}  (publisher's side)", proxy_a.local_addr);
-    println!("proxy B      nats://{}  (subscriber's side)", proxy_b.local_addr);
+    println!(
+        "proxy A      nats://{}  (publisher's side)",
+        proxy_a.local_addr
+    );
+    println!(
+        "proxy B      nats://{}  (subscriber's side)",
+        proxy_b.local_addr
+    );
     println!("root key     fingerprint {}\n", root.fingerprint());
 
     let publisher = async_nats::connect(format!("nats://{}", proxy_a.local_addr)).await?;
@@ -89,7 +98,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     support::sync(&observer).await;
 
     for text in MESSAGES {
-        publisher.publish("demo.orders", text.as_bytes().to_vec().into()).await?;
+        publisher
+            .publish("demo.orders", text.as_bytes().to_vec().into())
+            .await?;
         publisher.flush().await?;
         let seen = tokio::time::timeout(Duration::from_secs(5), tap.next())
             .await?
@@ -124,7 +135,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..Default::default()
     })
     .await?;
-    js.publish("demo.stored", "kept at rest, sealed".into()).await?.await?;
+    js.publish("demo.stored", "kept at rest, sealed".into())
+        .await?
+        .await?;
     let stored = jetstream::new(observer.clone())
         .get_stream("DEMO")
         .await?

@@ -328,3 +328,55 @@ async fn key_value_put_get_delete_and_watch() {
     assert_eq!(stored.payload[0], MAGIC);
     assert!(!contains(&stored.payload, b"deep blue"));
 }
+
+#[tokio::test]
+async fn status_messages_pass_untouched_idle_heartbeats() {
+    use async_nats::jetstream::{self, consumer::push, stream};
+    let server = NatsServer::start();
+    let p = proxy(&server).await;
+    let client = agent(&p).await;
+    let js = jetstream::new(client.clone());
+    js.create_stream(stream::Config {
+        name: "HB".into(),
+        subjects: vec!["hb.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // A plain core subscription on the deliver subject sees what the server sends as is.
+    let mut deliver = client.subscribe("deliver.hb").await.unwrap();
+    sync(&client).await;
+    js.get_stream("HB")
+        .await
+        .unwrap()
+        .create_consumer(push::Config {
+            deliver_subject: "deliver.hb".into(),
+            idle_heartbeat: Duration::from_millis(200),
+            flow_control: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    js.publish("hb.one", "stored payload".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut saw_payload = false;
+    let mut saw_heartbeat = false;
+    while !(saw_payload && saw_heartbeat) {
+        let m = next(&mut deliver).await;
+        match m.status {
+            Some(s) if s == async_nats::StatusCode::IDLE_HEARTBEAT => {
+                assert!(m.payload.is_empty());
+                saw_heartbeat = true;
+            }
+            None => {
+                assert_eq!(&m.payload[..], b"stored payload");
+                saw_payload = true;
+            }
+            other => panic!("unexpected status {other:?}"),
+        }
+    }
+    assert_eq!(p.metrics.open_failures_for("plaintext"), 0);
+}

@@ -91,13 +91,28 @@ impl NatsServer {
 
     /// A server with JetStream and extra config text (auth blocks, limits).
     pub fn start_with_config(extra: &str) -> Self {
+        Self::start_inner(extra, true)
+    }
+
+    /// A server without JetStream (cluster nodes), with extra config text.
+    pub fn start_core(extra: &str) -> Self {
+        Self::start_inner(extra, false)
+    }
+
+    fn start_inner(extra: &str, jetstream: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let monitor_port = free_port();
-        let conf = format!(
-            "listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor_port}\njetstream {{ store_dir: {:?} }}\n{extra}\n",
-            dir.path().join("js").display().to_string()
-        );
+        let js = if jetstream {
+            format!(
+                "jetstream {{ store_dir: {:?} }}",
+                dir.path().join("js").display().to_string()
+            )
+        } else {
+            String::new()
+        };
+        let conf =
+            format!("listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor_port}\n{js}\n{extra}\n");
         let conf_path = dir.path().join("server.conf");
         std::fs::write(&conf_path, conf).expect("write server.conf");
         let child = Command::new(nats_server_bin())
@@ -125,7 +140,7 @@ impl NatsServer {
                 let mut line = String::new();
                 if BufReader::new(&mut s).read_line(&mut line).is_ok()
                     && line.starts_with("INFO")
-                    && self.monitor("healthz?js-enabled-only=true").contains("ok")
+                    && self.monitor("healthz").contains("ok")
                 {
                     return;
                 }
