@@ -273,6 +273,11 @@ async fn jetstream_publish_pull_consume_and_ack_with_sealed_storage() {
     assert_eq!(stored.payload[0], MAGIC);
     assert!(!contains(&stored.payload, b"order number"));
     assert_eq!(stored.payload.len(), "order number 2".len() + OVERHEAD);
+
+    // Through a proxy, the stored message embedded in the STREAM.MSG.GET answer is opened.
+    let via_proxy = stream.get_raw_message(3).await.unwrap();
+    assert_eq!(&via_proxy.payload[..], b"order number 2");
+    assert_eq!(via_proxy.subject.as_str(), "orders.2");
 }
 
 #[tokio::test]

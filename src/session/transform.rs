@@ -24,10 +24,24 @@ const MAX_TRACKED_GETS: usize = 256;
 /// Subjects longer than this are not kept in the one-entry policy cache.
 const MAX_CACHED_SUBJECT: usize = 256;
 
-/// Subjects whose replies are stored messages: direct get returns the stored payload with the
-/// original subject in `Nats-Subject`.
-fn is_direct_get(subject: &[u8]) -> bool {
-    api_suffix(subject).is_some_and(|rest| rest.starts_with(b"DIRECT.GET."))
+/// Requests whose replies carry stored messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StoredGet {
+    /// Direct get: the stored payload as is, the original subject in `Nats-Subject`.
+    Direct,
+    /// `STREAM.MSG.GET`: JSON with the stored payload in base64 at `message.data`.
+    Json,
+}
+
+fn stored_get(subject: &[u8]) -> Option<StoredGet> {
+    let rest = api_suffix(subject)?;
+    if rest.starts_with(b"DIRECT.GET.") {
+        Some(StoredGet::Direct)
+    } else if rest.starts_with(b"STREAM.MSG.GET.") {
+        Some(StoredGet::Json)
+    } else {
+        None
+    }
 }
 
 /// `$JS.API.<rest>` or `$JS.<domain>.API.<rest>` → `<rest>`.
@@ -60,6 +74,8 @@ struct RepliesInner {
     prefixes: VecDeque<Box<[u8]>>,
     /// Exact reply subjects of direct-get requests.
     gets: VecDeque<Box<[u8]>>,
+    /// Exact reply subjects of `STREAM.MSG.GET` requests.
+    json_gets: VecDeque<Box<[u8]>>,
 }
 
 fn remember(queue: &mut VecDeque<Box<[u8]>>, item: &[u8], cap: usize) {
@@ -83,8 +99,10 @@ impl Replies {
         if inner.prefixes.back().is_none_or(|p| **p != *prefix) {
             remember(&mut inner.prefixes, prefix, MAX_TRACKED_REPLIES);
         }
-        if is_direct_get(request_subject) {
-            remember(&mut inner.gets, reply, MAX_TRACKED_GETS);
+        match stored_get(request_subject) {
+            Some(StoredGet::Direct) => remember(&mut inner.gets, reply, MAX_TRACKED_GETS),
+            Some(StoredGet::Json) => remember(&mut inner.json_gets, reply, MAX_TRACKED_GETS),
+            None => {}
         }
     }
 
@@ -97,6 +115,11 @@ impl Replies {
     /// Whether `subject` answers one of this agent's direct-get requests.
     pub fn is_direct_get_reply(&self, subject: &[u8]) -> bool {
         self.lock().gets.iter().any(|p| **p == *subject)
+    }
+
+    /// Whether `subject` answers one of this agent's `STREAM.MSG.GET` requests.
+    pub fn is_json_get_reply(&self, subject: &[u8]) -> bool {
+        self.lock().json_gets.iter().any(|p| **p == *subject)
     }
 }
 
@@ -364,6 +387,14 @@ impl Inbound {
                             }
                         }
                     }
+                    Admit::Embedded => match self.open_embedded(keyring, snap, policy, &payload) {
+                        Ok(json) => {
+                            proto::put_msg_line(out, &subject, &sid, reply.as_deref(), json.len());
+                            out.extend_from_slice(&json);
+                            out.put_slice(b"\r\n");
+                        }
+                        Err(reason) => self.refuse(reason, &subject, metrics),
+                    },
                     Admit::Refuse(reason) => self.refuse(reason, &subject, metrics),
                     Admit::Drop => {}
                 }
@@ -428,6 +459,23 @@ impl Inbound {
                             }
                         }
                     }
+                    Admit::Embedded => match self.open_embedded(keyring, snap, policy, &payload) {
+                        Ok(json) => {
+                            let total = headers.len() + json.len();
+                            proto::put_hmsg_line(
+                                out,
+                                &subject,
+                                &sid,
+                                reply.as_deref(),
+                                headers.len(),
+                                total,
+                            );
+                            out.extend_from_slice(&headers);
+                            out.extend_from_slice(&json);
+                            out.put_slice(b"\r\n");
+                        }
+                        Err(reason) => self.refuse(reason, &subject, metrics),
+                    },
                     Admit::Refuse(reason) => self.refuse(reason, &subject, metrics),
                     Admit::Drop => {}
                 }
@@ -461,6 +509,7 @@ impl Inbound {
                     }
                 }
             }
+            Mode::Encrypt if replies.is_json_get_reply(subject) => Admit::Embedded,
             // Server answers (PubAck, API responses) land in plaintext on the agent's inboxes.
             Mode::Encrypt if replies.is_reply(subject) => Admit::Pass,
             Mode::Encrypt => Admit::Refuse("plaintext"),
@@ -488,6 +537,56 @@ impl Inbound {
         Ok(())
     }
 
+    /// Opens the stored payload inside a `STREAM.MSG.GET` JSON answer, bound to the subject the
+    /// JSON says it was stored under. Answers without a sealed payload (errors, plaintext
+    /// subjects, empty payloads) pass unchanged.
+    fn open_embedded(
+        &mut self,
+        keyring: &Keyring,
+        snap: &Snapshot,
+        policy: &Policy,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, Refusal> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let Ok(mut doc) = serde_json::from_slice::<serde_json::Value>(payload) else {
+            return Err("embedded");
+        };
+        let Some(message) = doc.get_mut("message").and_then(|m| m.as_object_mut()) else {
+            return Ok(payload.to_vec());
+        };
+        let stored_subject = message
+            .get("subject")
+            .and_then(|s| s.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        let d = policy.decide(stored_subject.as_bytes());
+        let Some(data) = message.get("data").and_then(|d| d.as_str()) else {
+            return Ok(payload.to_vec());
+        };
+        let sealed = b64.decode(data).map_err(|_| "embedded")?;
+        if d.mode != Mode::Encrypt || sealed.is_empty() {
+            return Ok(payload.to_vec());
+        }
+        if !envelope::is_envelope(&sealed) {
+            return Err("plaintext");
+        }
+        if sealed.len() < OVERHEAD {
+            return Err("truncated");
+        }
+        let mut plain = BytesMut::with_capacity(sealed.len() - OVERHEAD);
+        self.open(
+            keyring,
+            snap,
+            d,
+            stored_subject.as_bytes(),
+            &sealed,
+            &mut plain,
+        )?;
+        message.insert("data".into(), serde_json::Value::from(b64.encode(&plain)));
+        serde_json::to_vec(&doc).map_err(|_| "embedded")
+    }
+
     fn refuse(&mut self, reason: Refusal, subject: &[u8], metrics: &Metrics) {
         metrics.open_failure(reason);
         if let Some(suppressed) = self.limiter.allow(Instant::now()) {
@@ -512,7 +611,11 @@ impl Inbound {
 
 enum Admit<'a> {
     Pass,
-    Open { bind_to: Option<&'a [u8]> },
+    /// A `STREAM.MSG.GET` answer: open the envelope inside its JSON.
+    Embedded,
+    Open {
+        bind_to: Option<&'a [u8]>,
+    },
     Refuse(Refusal),
     Drop,
 }
@@ -554,11 +657,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn api_suffix_and_direct_get() {
-        assert!(is_direct_get(b"$JS.API.DIRECT.GET.KV_cfg.$KV.cfg.k"));
-        assert!(is_direct_get(b"$JS.hub.API.DIRECT.GET.S"));
-        assert!(!is_direct_get(b"$JS.API.STREAM.INFO.S"));
-        assert!(!is_direct_get(b"orders.DIRECT.GET.x"));
+    fn api_suffix_and_stored_gets() {
+        let direct = Some(StoredGet::Direct);
+        assert_eq!(stored_get(b"$JS.API.DIRECT.GET.KV_cfg.$KV.cfg.k"), direct);
+        assert_eq!(stored_get(b"$JS.hub.API.DIRECT.GET.S"), direct);
+        assert_eq!(
+            stored_get(b"$JS.API.STREAM.MSG.GET.S"),
+            Some(StoredGet::Json)
+        );
+        assert_eq!(stored_get(b"$JS.API.STREAM.INFO.S"), None);
+        assert_eq!(stored_get(b"orders.DIRECT.GET.x"), None);
     }
 
     #[test]
