@@ -363,41 +363,14 @@ impl Inbound {
                 payload,
             } => {
                 let d = self.cache.decide(policy, &subject);
-                match self.admit(d, &subject, None, &payload, replies, metrics) {
-                    Admit::Pass => {
-                        proto::put_msg_line(out, &subject, &sid, reply.as_deref(), payload.len());
-                        out.extend_from_slice(&payload);
-                        out.put_slice(b"\r\n");
-                    }
-                    Admit::Open { bind_to } => {
-                        let mark = out.len();
-                        proto::put_msg_line(
-                            out,
-                            &subject,
-                            &sid,
-                            reply.as_deref(),
-                            payload.len() - OVERHEAD,
-                        );
-                        let bind = bind_to.unwrap_or(&subject);
-                        match self.open(keyring, snap, d, bind, &payload, out) {
-                            Ok(()) => out.put_slice(b"\r\n"),
-                            Err(reason) => {
-                                out.truncate(mark);
-                                self.refuse(reason, &subject, metrics);
-                            }
-                        }
-                    }
-                    Admit::Embedded => match self.open_embedded(keyring, snap, policy, &payload) {
-                        Ok(json) => {
-                            proto::put_msg_line(out, &subject, &sid, reply.as_deref(), json.len());
-                            out.extend_from_slice(&json);
-                            out.put_slice(b"\r\n");
-                        }
-                        Err(reason) => self.refuse(reason, &subject, metrics),
-                    },
-                    Admit::Refuse(reason) => self.refuse(reason, &subject, metrics),
-                    Admit::Drop => {}
-                }
+                let admit = self.admit(d, &subject, None, &payload, replies, metrics);
+                let msg = Delivery {
+                    subject: &subject,
+                    sid: &sid,
+                    reply: reply.as_deref(),
+                    headers: None,
+                };
+                self.deliver(admit, msg, d, &payload, keyring, snap, policy, metrics, out);
             }
             ServerOp::Hmsg {
                 subject,
@@ -408,11 +381,6 @@ impl Inbound {
             } => {
                 let d = self.cache.decide(policy, &subject);
                 let status = proto::header_status(&headers).is_some();
-                let nats_subject = if replies.is_direct_get_reply(&subject) {
-                    proto::header_value(&headers, "Nats-Subject")
-                } else {
-                    None
-                };
                 let admit = if status && payload.is_empty() {
                     // Status messages (503, 100, 404, 408, 409 …) come from the server itself.
                     if d.mode == Mode::Deny {
@@ -421,66 +389,64 @@ impl Inbound {
                         Admit::Pass
                     }
                 } else {
+                    let nats_subject = if replies.is_direct_get_reply(&subject) {
+                        proto::header_value(&headers, "Nats-Subject")
+                    } else {
+                        None
+                    };
                     self.admit(d, &subject, nats_subject, &payload, replies, metrics)
                 };
-                match admit {
-                    Admit::Pass => {
-                        let total = headers.len() + payload.len();
-                        proto::put_hmsg_line(
-                            out,
-                            &subject,
-                            &sid,
-                            reply.as_deref(),
-                            headers.len(),
-                            total,
-                        );
-                        out.extend_from_slice(&headers);
-                        out.extend_from_slice(&payload);
-                        out.put_slice(b"\r\n");
-                    }
-                    Admit::Open { bind_to } => {
-                        let mark = out.len();
-                        let total = headers.len() + payload.len() - OVERHEAD;
-                        proto::put_hmsg_line(
-                            out,
-                            &subject,
-                            &sid,
-                            reply.as_deref(),
-                            headers.len(),
-                            total,
-                        );
-                        out.extend_from_slice(&headers);
-                        let bind = bind_to.unwrap_or(&subject);
-                        match self.open(keyring, snap, d, bind, &payload, out) {
-                            Ok(()) => out.put_slice(b"\r\n"),
-                            Err(reason) => {
-                                out.truncate(mark);
-                                self.refuse(reason, &subject, metrics);
-                            }
-                        }
-                    }
-                    Admit::Embedded => match self.open_embedded(keyring, snap, policy, &payload) {
-                        Ok(json) => {
-                            let total = headers.len() + json.len();
-                            proto::put_hmsg_line(
-                                out,
-                                &subject,
-                                &sid,
-                                reply.as_deref(),
-                                headers.len(),
-                                total,
-                            );
-                            out.extend_from_slice(&headers);
-                            out.extend_from_slice(&json);
-                            out.put_slice(b"\r\n");
-                        }
-                        Err(reason) => self.refuse(reason, &subject, metrics),
-                    },
-                    Admit::Refuse(reason) => self.refuse(reason, &subject, metrics),
-                    Admit::Drop => {}
-                }
+                let msg = Delivery {
+                    subject: &subject,
+                    sid: &sid,
+                    reply: reply.as_deref(),
+                    headers: Some(&headers),
+                };
+                self.deliver(admit, msg, d, &payload, keyring, snap, policy, metrics, out);
             }
             other => proto::encode_server_op(&other, out),
+        }
+    }
+
+    /// Writes one delivery as admitted: as is, opened, or not at all.
+    #[allow(clippy::too_many_arguments)]
+    fn deliver(
+        &mut self,
+        admit: Admit<'_>,
+        msg: Delivery<'_>,
+        d: Decision,
+        payload: &[u8],
+        keyring: &Keyring,
+        snap: &Snapshot,
+        policy: &Policy,
+        metrics: &Metrics,
+        out: &mut BytesMut,
+    ) {
+        let result = match admit {
+            Admit::Pass => {
+                msg.put_line(out, payload.len());
+                out.extend_from_slice(payload);
+                Ok(())
+            }
+            Admit::Open { bind_to } => {
+                let mark = out.len();
+                msg.put_line(out, payload.len() - OVERHEAD);
+                let bind = bind_to.unwrap_or(msg.subject);
+                self.open(keyring, snap, d, bind, payload, out)
+                    .inspect_err(|_| out.truncate(mark))
+            }
+            Admit::Embedded => self
+                .open_embedded(keyring, snap, policy, payload)
+                .map(|json| {
+                    msg.put_line(out, json.len());
+                    out.extend_from_slice(&json);
+                }),
+            Admit::Refuse(reason) => Err(reason),
+            Admit::Drop => return,
+        };
+        match result {
+            Ok(()) => out.put_slice(b"\r\n"),
+            Err(reason) => self.refuse(reason, msg.subject, metrics),
         }
     }
 
@@ -605,6 +571,29 @@ impl Inbound {
             metrics.messages_opened.inc_by(self.tally.msgs);
             metrics.bytes_opened.inc_by(self.tally.bytes);
             self.tally = Tally::default();
+        }
+    }
+}
+
+/// The parts of a MSG or HMSG that are written back unchanged.
+struct Delivery<'a> {
+    subject: &'a [u8],
+    sid: &'a [u8],
+    reply: Option<&'a [u8]>,
+    /// `Some` for HMSG: the header block, written unchanged.
+    headers: Option<&'a [u8]>,
+}
+
+impl Delivery<'_> {
+    /// Writes the control line and any header block, for a payload of `payload_len` bytes.
+    fn put_line(&self, out: &mut BytesMut, payload_len: usize) {
+        match self.headers {
+            None => proto::put_msg_line(out, self.subject, self.sid, self.reply, payload_len),
+            Some(h) => {
+                let total = h.len() + payload_len;
+                proto::put_hmsg_line(out, self.subject, self.sid, self.reply, h.len(), total);
+                out.extend_from_slice(h);
+            }
         }
     }
 }
