@@ -35,6 +35,20 @@ enum Command {
     },
     /// Run the proxy.
     Run(RunArgs),
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of an audit log; names the first bad line.
+    Verify {
+        /// The audit log (JSON lines).
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -79,6 +93,23 @@ pub fn main() -> ExitCode {
             Err(e) => fail(&e),
         },
         Command::Run(args) => run(args),
+        Command::Audit {
+            command: AuditCommand::Verify { file },
+        } => match crate::audit::verify(&file) {
+            Ok(v) => {
+                println!(
+                    "{}: {} entries, chain intact (last hash {})",
+                    file.display(),
+                    v.entries,
+                    v.last_hash
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("cipherbus: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
