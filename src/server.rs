@@ -198,6 +198,8 @@ async fn refuse(mut stream: TcpStream) {
 /// Logs whether the upstream is reachable, retrying with backoff, so an operator sees a dead
 /// upstream before any agent does. Sessions dial on their own; this never blocks them.
 async fn probe_upstream(config: Config, mut shutdown: watch::Receiver<()>) {
+    let all: Vec<String> = config.upstreams.iter().map(ToString::to_string).collect();
+    let all = all.join(",");
     let mut backoff = Duration::from_millis(500);
     let mut failures = 0u32;
     loop {
@@ -221,6 +223,7 @@ async fn probe_upstream(config: Config, mut shutdown: watch::Receiver<()>) {
             None => {
                 failures += 1;
                 tracing::warn!(
+                    upstream = %all,
                     retry_in = ?backoff,
                     attempts = failures,
                     "no upstream NATS server reachable; agents are turned away until one is"

@@ -42,6 +42,11 @@ async fn round_trip_through_two_proxies(
     let mut raw = observer.subscribe("auth.check").await.unwrap();
     subscriber.flush().await.unwrap();
     observer.flush().await.unwrap();
+    // async-nats' flush writes out the socket but waits for no PONG; ask the server instead.
+    assert!(
+        wait_for_interest(server, "auth.check", 2).await,
+        "both subscriptions reach the server"
+    );
 
     publisher
         .publish("auth.check", "logged-in plaintext".into())
@@ -51,19 +56,7 @@ async fn round_trip_through_two_proxies(
 
     let got = tokio::time::timeout(WAIT, sub.next())
         .await
-        .unwrap_or_else(|_| {
-            let seen = futures::executor::block_on(tokio::time::timeout(
-                Duration::from_secs(1),
-                raw.next(),
-            ));
-            panic!(
-                "DEBUG observer={:?}\nA={}\nB={}\nconnz={}",
-                seen.map(|m| m.map(|m| m.payload.len())),
-                metrics_text(&pa),
-                metrics_text(&pb),
-                server.monitor("connz?subs=1")
-            )
-        })
+        .expect("delivery in time")
         .expect("subscription open");
     assert_eq!(&got.payload[..], b"logged-in plaintext");
     let seen = tokio::time::timeout(WAIT, raw.next())
@@ -73,6 +66,15 @@ async fn round_trip_through_two_proxies(
     assert_eq!(seen.payload[0], MAGIC, "the bus carries the sealed payload");
     assert!(!contains(&seen.payload, b"logged-in plaintext"));
     subscriber.server_info()
+}
+
+/// Waits until the server lists `n` subscriptions on `subject`.
+async fn wait_for_interest(server: &NatsServer, subject: &str, n: usize) -> bool {
+    let quoted = format!("\"{subject}\"");
+    eventually(WAIT, || {
+        server.monitor("connz?subs=1").matches(&quoted).count() >= n
+    })
+    .await
 }
 
 /// Connecting through the proxy with `opts` fails the way a bad login fails at the server.
