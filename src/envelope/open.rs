@@ -104,7 +104,7 @@ impl Opener {
 
         let (prefix, tail) = split_nonce(&header.nonce);
         self.promote(key, header.epoch, &prefix)?;
-        let cipher = &self.cache[0].cipher;
+        let cipher = &mut self.cache[0].cipher;
 
         let tag_at = envelope.len() - TAG_LEN;
         let start = out.len();

@@ -202,6 +202,37 @@ fn every_single_bit_flip_fails_exhaustively() {
     }
 }
 
+/// Both AEAD backends (short and long messages) interoperate with RustCrypto in both
+/// directions, on each side of the size threshold and far past it.
+#[test]
+fn both_backends_match_rustcrypto_across_the_size_threshold() {
+    let key = [0x5a; 32];
+    let dk = DataKey::from_bytes(key);
+    for len in [0usize, 1, 4095, 4096, 4097, 16 * 1024, 200_000] {
+        let pt: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+        let mut s = Sealer::with_prefix(9, &dk, [len as u8; 16], len as u64);
+        let env = seal(&mut s, Some(b"big.subject"), &pt);
+        assert_eq!(
+            rustcrypto_open(&key, &env, Some(b"big.subject")),
+            pt,
+            "len {len}"
+        );
+        let theirs = rustcrypto_seal(&key, 9, [len as u8 ^ 0xff; 24], Some(b"big.subject"), &pt);
+        assert_eq!(
+            open(&dk, &theirs, b"big.subject", false),
+            Ok(pt.clone()),
+            "len {len}"
+        );
+        let mut flipped = theirs.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert!(
+            open(&dk, &flipped, b"big.subject", false).is_err(),
+            "len {len}"
+        );
+    }
+}
+
 #[test]
 fn moved_to_another_subject_fails() {
     let dk = DataKey::from_bytes([0x42; 32]);
