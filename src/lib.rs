@@ -28,6 +28,7 @@ pub mod admin;
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod envelope;
 pub mod keyring;
 pub mod metrics;

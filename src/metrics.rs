@@ -50,6 +50,7 @@ pub struct Metrics {
     pub connections_refused: Family<ReasonLabel, Counter>,
     pub upstream_connect_failures: Counter,
     pub active_epoch: Gauge,
+    pub control_refused: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -74,6 +75,7 @@ impl Metrics {
             connections_refused: Family::default(),
             upstream_connect_failures: Counter::default(),
             active_epoch: Gauge::default(),
+            control_refused: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -138,6 +140,11 @@ impl Metrics {
             "Epoch of the data key that seals new messages",
             m.active_epoch.clone(),
         );
+        registry.register(
+            "control_refused",
+            "Control messages refused: forged, replayed, stale epochs, by reason",
+            m.control_refused.clone(),
+        );
         for reason in OPEN_FAILURE_REASONS {
             let _ = m.open_failures.get_or_create(&ReasonLabel { reason });
         }
@@ -156,6 +163,12 @@ impl Metrics {
     pub fn deny(&self, direction: &'static str) {
         self.denied
             .get_or_create(&DirectionLabel { direction })
+            .inc();
+    }
+
+    pub fn control_refused(&self, reason: &'static str) {
+        self.control_refused
+            .get_or_create(&ReasonLabel { reason })
             .inc();
     }
 

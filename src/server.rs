@@ -117,6 +117,18 @@ pub async fn start_with_keyring(
         config.clone(),
         shutdown_rx.clone(),
     )));
+    tasks.push(tokio::spawn(crate::control::member::run(
+        keyring.clone(),
+        metrics.clone(),
+        config
+            .upstreams
+            .iter()
+            .map(|u| format!("nats://{u}"))
+            .collect(),
+        config.policy.control_prefix().to_owned(),
+        node_id(),
+        shutdown_rx.clone(),
+    )));
 
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let shared = Arc::new(Shared::new(
@@ -182,6 +194,13 @@ async fn accept_loop(
             drop(permit);
         });
     }
+}
+
+/// A random id for this proxy process on the control plane.
+fn node_id() -> String {
+    let mut b = [0u8; 6];
+    let _ = getrandom::getrandom(&mut b);
+    format!("proxy-{}", hex::encode(b))
 }
 
 /// Tells an agent over the cap what the server would say, then closes.

@@ -404,8 +404,11 @@ async fn the_control_prefix_is_closed_to_agents() {
         "MSG mine 3 2\r\nok\r\n",
         "the connection stays usable after a permissions violation"
     );
+    // The proxy's own control connection subscribes under the prefix; the agent's wildcard
+    // must not appear (Go's JSON writes '>' as \u003e).
+    let connz = server.monitor("connz?subs=1");
     assert!(
-        !server.monitor("connz?subs=1").contains("cipherbus.ctl"),
+        !connz.contains("cipherbus.ctl.\\u003e") && !connz.contains("cipherbus.ctl.>"),
         "the denied subscription never reached the server"
     );
 

@@ -1,0 +1,227 @@
+//! The proxy side of the control plane: follow key announcements and apply them live.
+//!
+//! This module owns one proxy's control connection (its own async-nats client to the
+//! upstream, not an agent's) and turns authenticated announcements into keyring changes:
+//! STAGE installs and persists a decrypt-only key and acknowledges it, ACTIVATE swaps the
+//! sealing epoch, DESTROY shreds an epoch. The sessions pick up each change at their next
+//! read batch through the keyring snapshot, so nothing restarts and nothing is dropped.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use super::message::{self, Body, ControlError, ControlSealer, ReplayGuard};
+use crate::envelope::{self, DataKey, Opener};
+use crate::keyring::{KeyState, Keyring};
+use crate::metrics::Metrics;
+
+/// Control subjects under a prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subjects {
+    pub announce: String,
+    pub ack: String,
+    pub heartbeat: String,
+}
+
+impl Subjects {
+    pub fn new(prefix: &str) -> Self {
+        Subjects {
+            announce: format!("{prefix}.announce"),
+            ack: format!("{prefix}.ack"),
+            heartbeat: format!("{prefix}.heartbeat"),
+        }
+    }
+}
+
+/// Why an announcement was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("{0}")]
+    Control(#[from] ControlError),
+    #[error("epoch {epoch}: the wrapped key does not unwrap under this root key")]
+    Unwrap { epoch: u32 },
+    #[error("epoch {epoch}: the key's fingerprint does not match the announcement")]
+    Fingerprint { epoch: u32 },
+    #[error("{0}")]
+    Keyring(#[from] crate::keyring::KeyringError),
+}
+
+impl ApplyError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ApplyError::Control(e) => e.reason(),
+            ApplyError::Unwrap { .. } => "unwrap",
+            ApplyError::Fingerprint { .. } => "fingerprint",
+            ApplyError::Keyring(_) => "stale_epoch",
+        }
+    }
+}
+
+/// Applies control messages to a keyring. I/O-free, so it can be driven from tests.
+pub struct Member {
+    keyring: Arc<Keyring>,
+    control_key: DataKey,
+    opener: Opener,
+    guard: ReplayGuard,
+    subjects: Subjects,
+}
+
+impl std::fmt::Debug for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Member")
+            .field("subjects", &self.subjects)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the caller should publish after applying a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    None,
+    Ack(u32),
+}
+
+impl Member {
+    pub fn new(keyring: Arc<Keyring>, prefix: &str) -> Self {
+        let control_key = envelope::derive_control_key(keyring.root());
+        Member {
+            keyring,
+            control_key,
+            opener: Opener::new(),
+            guard: ReplayGuard::default(),
+            subjects: Subjects::new(prefix),
+        }
+    }
+
+    pub fn control_key(&self) -> &DataKey {
+        &self.control_key
+    }
+
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+
+    /// Opens, checks and applies one announcement.
+    pub fn apply(&mut self, payload: &[u8]) -> Result<Reply, ApplyError> {
+        let msg = message::open(
+            &mut self.opener,
+            &self.control_key,
+            &self.subjects.announce,
+            payload,
+        )?;
+        self.guard.check(&msg)?;
+        let snap = self.keyring.snapshot();
+        match msg.body {
+            Body::Stage {
+                epoch,
+                wrapped,
+                fingerprint,
+            } => {
+                let wrapped = base64::engine::general_purpose::STANDARD
+                    .decode(wrapped)
+                    .map_err(|_| ApplyError::Unwrap { epoch })?;
+                let key = envelope::unwrap_key(self.keyring.root(), epoch, &wrapped)
+                    .map_err(|_| ApplyError::Unwrap { epoch })?;
+                if !bool::from(subtle::ConstantTimeEq::ct_eq(
+                    key.fingerprint().as_bytes(),
+                    fingerprint.as_bytes(),
+                )) {
+                    return Err(ApplyError::Fingerprint { epoch });
+                }
+                // A re-announcement of an epoch already here is acknowledged again.
+                if snap.state(epoch).is_none() {
+                    self.keyring.stage(epoch, key)?;
+                    tracing::info!(epoch, fingerprint = %fingerprint, "staged a new data key");
+                }
+                if snap.state(epoch) == Some(KeyState::Destroyed) {
+                    return Ok(Reply::None);
+                }
+                Ok(Reply::Ack(epoch))
+            }
+            Body::Activate { epoch } => {
+                if snap.active.epoch != epoch {
+                    self.keyring.activate(epoch)?;
+                    tracing::info!(epoch, "activated a new data key");
+                }
+                Ok(Reply::None)
+            }
+            Body::Destroy { epoch, reason } => {
+                if snap.state(epoch) != Some(KeyState::Destroyed) {
+                    self.keyring.destroy(epoch)?;
+                    tracing::warn!(epoch, reason = %reason, "destroyed a data key");
+                }
+                Ok(Reply::None)
+            }
+            Body::Ack { .. } | Body::Heartbeat { .. } => Ok(Reply::None),
+        }
+    }
+}
+
+/// Follows announcements on `upstream` until shutdown, acknowledging staged keys.
+pub async fn run(
+    keyring: Arc<Keyring>,
+    metrics: Arc<Metrics>,
+    upstreams: Vec<String>,
+    prefix: String,
+    node: String,
+    mut shutdown: watch::Receiver<()>,
+) {
+    let mut member = Member::new(keyring, &prefix);
+    let mut sealer = match ControlSealer::new(node, member.control_key()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "control plane disabled");
+            return;
+        }
+    };
+    let client = tokio::select! {
+        c = async_nats::ConnectOptions::new()
+            .name("cipherbus-control")
+            .retry_on_initial_connect()
+            .connect(upstreams.clone()) => c,
+        _ = shutdown.changed() => return,
+    };
+    let client = match client {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "control connection failed; keys stay as they are");
+            return;
+        }
+    };
+    let mut announcements = match client.subscribe(member.subjects().announce.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot follow key announcements");
+            return;
+        }
+    };
+    loop {
+        let msg = tokio::select! {
+            m = announcements.next() => match m {
+                Some(m) => m,
+                None => return,
+            },
+            _ = shutdown.changed() => return,
+        };
+        match member.apply(&msg.payload) {
+            Ok(Reply::Ack(epoch)) => {
+                let ack = sealer.seal(&member.subjects().ack, Body::Ack { epoch });
+                if let Ok(ack) = ack {
+                    let _ = client
+                        .publish(member.subjects().ack.clone(), ack.into())
+                        .await;
+                }
+            }
+            Ok(Reply::None) => {}
+            Err(e) => {
+                metrics.control_refused(e.reason());
+                tracing::warn!(reason = e.reason(), error = %e, "refused a control message");
+            }
+        }
+        metrics
+            .active_epoch
+            .set(i64::from(member.keyring.snapshot().active.epoch));
+    }
+}

@@ -1,0 +1,7 @@
+//! The control plane: key announcements between the key authority and the proxies.
+//!
+//! - [`message`]: the sealed, replay-protected wire format.
+//! - [`member`]: the proxy side, which applies announcements to its keyring live.
+
+pub mod member;
+pub mod message;
