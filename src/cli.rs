@@ -35,6 +35,10 @@ enum Command {
     },
     /// Run the proxy.
     Run(RunArgs),
+    /// Run the key authority alone, without a proxy listener.
+    Controller(ControllerArgs),
+    /// Ask the key authority to rotate now; waits until the new epoch is active.
+    Rotate(RotateArgs),
     /// Audit log tools.
     Audit {
         #[command(subcommand)]
@@ -72,9 +76,50 @@ struct RunArgs {
     /// Serve /metrics and /healthz on this address.
     #[arg(long, value_name = "ADDR")]
     admin: Option<String>,
+    /// Host the key authority in this proxy (needs --state-dir).
+    #[arg(long)]
+    controller: bool,
     /// Check the config and the root key, print a summary, and exit.
     #[arg(long)]
     check_config: bool,
+}
+
+#[derive(Debug, Args)]
+struct ControllerArgs {
+    /// TOML config file; flags override its settings.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Upstream NATS server; repeat it or give a comma list.
+    #[arg(long, value_name = "URL")]
+    upstream: Vec<String>,
+    /// File holding the root key.
+    #[arg(long, value_name = "FILE")]
+    kek_file: Option<PathBuf>,
+    /// Directory for wrapped data keys, keyring state and the audit log.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Serve /metrics and /healthz on this address.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct RotateArgs {
+    /// A NATS server of the bus the authority is on [default: nats://127.0.0.1:4222].
+    #[arg(long, value_name = "URL")]
+    upstream: Vec<String>,
+    /// File holding the root key.
+    #[arg(long, value_name = "FILE")]
+    kek_file: PathBuf,
+    /// Prefix of the control subjects.
+    #[arg(long, value_name = "P", default_value = crate::policy::DEFAULT_CONTROL_PREFIX)]
+    control_prefix: String,
+    /// How long to wait for the authority (examples: 30s, 2m).
+    #[arg(long, value_name = "DUR", default_value = "30s")]
+    timeout: String,
+    /// Why, for the audit log.
+    #[arg(long, default_value = "operator request")]
+    reason: String,
 }
 
 pub fn main() -> ExitCode {
@@ -93,6 +138,8 @@ pub fn main() -> ExitCode {
             Err(e) => fail(&e),
         },
         Command::Run(args) => run(args),
+        Command::Controller(args) => controller(args),
+        Command::Rotate(args) => rotate(args),
         Command::Audit {
             command: AuditCommand::Verify { file },
         } => match crate::audit::verify(&file) {
@@ -120,7 +167,7 @@ fn fail(e: &dyn std::fmt::Display) -> ExitCode {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CIPHERBUS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -141,6 +188,7 @@ fn run(args: RunArgs) -> ExitCode {
         kek_file: args.kek_file,
         state_dir: args.state_dir,
         admin: args.admin,
+        controller: args.controller,
     }) {
         Ok(c) => c,
         Err(e) => return fail(&e),
@@ -176,6 +224,119 @@ fn run(args: RunArgs) -> ExitCode {
         handle.shutdown().await;
         ExitCode::SUCCESS
     })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail(&format!("cannot start the runtime: {e}")))
+}
+
+fn controller(args: ControllerArgs) -> ExitCode {
+    let file = match &args.config {
+        Some(path) => match FileConfig::load(path) {
+            Ok(f) => f,
+            Err(e) => return fail(&e),
+        },
+        None => FileConfig::default(),
+    };
+    let config = match file.resolve(Overrides {
+        listen: None,
+        upstream: args.upstream,
+        kek_file: args.kek_file,
+        state_dir: args.state_dir,
+        admin: args.admin,
+        controller: true,
+    }) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let root = match KekFile(config.kek_file.clone()).load() {
+        Ok(k) => k,
+        Err(e) => return fail(&e),
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async move {
+        let handle = match crate::server::start_controller(config, root).await {
+            Ok(h) => h,
+            Err(e) => return fail(&e),
+        };
+        wait_for_signal().await;
+        handle.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+fn rotate(args: RotateArgs) -> ExitCode {
+    let Some(timeout) = crate::config::parse_duration(&args.timeout) else {
+        return fail(&format!(
+            "--timeout {:?} is not a valid duration (examples: 30s, 2m)",
+            args.timeout
+        ));
+    };
+    let mut upstreams = Vec::new();
+    let raw = if args.upstream.is_empty() {
+        vec![crate::config::DEFAULT_UPSTREAM.to_owned()]
+    } else {
+        args.upstream
+    };
+    for entry in &raw {
+        for url in entry.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match crate::config::parse_upstream(url) {
+                Ok(u) => upstreams.push(format!("nats://{u}")),
+                Err(e) => return fail(&e),
+            }
+        }
+    }
+    let root = match KekFile(args.kek_file).load() {
+        Ok(k) => k,
+        Err(e) => return fail(&e),
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let result = rt.block_on(async {
+        tokio::time::timeout(
+            timeout,
+            crate::control::authority::request_rotation(
+                upstreams,
+                &root,
+                &args.control_prefix,
+                &args.reason,
+            ),
+        )
+        .await
+    });
+    match result {
+        Ok(Ok(r)) => {
+            println!("epoch {} is active", r.epoch);
+            println!(
+                "acknowledged by {} proxies: {}",
+                r.acked.len(),
+                r.acked.join(", ")
+            );
+            if !r.laggards.is_empty() {
+                println!("did not acknowledge in time: {}", r.laggards.join(", "));
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Err(e)) => {
+            eprintln!("cipherbus: rotation failed: {e}");
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!(
+                "cipherbus: no answer from the key authority within {}; is `cipherbus controller` or `run --controller` running on this bus?",
+                args.timeout
+            );
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn wait_for_signal() {

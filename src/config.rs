@@ -36,6 +36,10 @@ pub struct FileConfig {
     #[serde(default)]
     pub keyring: KeyringSection,
     #[serde(default)]
+    pub rotation: RotationSection,
+    /// Where the key authority appends its audit trail [default: STATE_DIR/audit.jsonl].
+    pub audit_log: Option<PathBuf>,
+    #[serde(default)]
     pub policy: Vec<RuleConfig>,
 }
 
@@ -43,6 +47,83 @@ pub struct FileConfig {
 #[serde(deny_unknown_fields)]
 pub struct KeyringSection {
     pub retired_cache: Option<usize>,
+}
+
+/// `[rotation]`: when the key authority rotates, and how proxies report to it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationSection {
+    pub rotate_every: Option<String>,
+    pub max_messages_per_epoch: Option<u64>,
+    pub max_bytes_per_epoch: Option<u64>,
+    pub stage_timeout: Option<String>,
+    pub heartbeat_every: Option<String>,
+}
+
+/// Default interval between proxy heartbeats on the control plane.
+pub const DEFAULT_HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+/// Default time the authority waits for every live proxy to acknowledge a staged key.
+pub const DEFAULT_STAGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Validated rotation settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotation {
+    pub rotate_every: Option<Duration>,
+    pub max_messages_per_epoch: Option<u64>,
+    pub max_bytes_per_epoch: Option<u64>,
+    pub stage_timeout: Duration,
+    pub heartbeat_every: Duration,
+}
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Rotation {
+            rotate_every: None,
+            max_messages_per_epoch: None,
+            max_bytes_per_epoch: None,
+            stage_timeout: DEFAULT_STAGE_TIMEOUT,
+            heartbeat_every: DEFAULT_HEARTBEAT_EVERY,
+        }
+    }
+}
+
+impl RotationSection {
+    fn resolve(self) -> Result<Rotation, ConfigError> {
+        let dur = |what: &'static str, v: Option<String>, default: Option<Duration>| match v {
+            Some(s) => parse_duration(&s)
+                .filter(|d| !d.is_zero())
+                .map(Some)
+                .ok_or(ConfigError::Duration { what, value: s }),
+            None => Ok(default),
+        };
+        let positive = |what: &'static str, v: Option<u64>| match v {
+            Some(0) => Err(ConfigError::TooSmall { what, min: 1 }),
+            other => Ok(other),
+        };
+        Ok(Rotation {
+            rotate_every: dur("rotation.rotate_every", self.rotate_every, None)?,
+            max_messages_per_epoch: positive(
+                "rotation.max_messages_per_epoch",
+                self.max_messages_per_epoch,
+            )?,
+            max_bytes_per_epoch: positive(
+                "rotation.max_bytes_per_epoch",
+                self.max_bytes_per_epoch,
+            )?,
+            stage_timeout: dur(
+                "rotation.stage_timeout",
+                self.stage_timeout,
+                Some(DEFAULT_STAGE_TIMEOUT),
+            )?
+            .unwrap_or(DEFAULT_STAGE_TIMEOUT),
+            heartbeat_every: dur(
+                "rotation.heartbeat_every",
+                self.heartbeat_every,
+                Some(DEFAULT_HEARTBEAT_EVERY),
+            )?
+            .unwrap_or(DEFAULT_HEARTBEAT_EVERY),
+        })
+    }
 }
 
 /// Settings given on the command line; each one present overrides the file.
@@ -53,6 +134,8 @@ pub struct Overrides {
     pub kek_file: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub admin: Option<String>,
+    /// Host the key authority in this process.
+    pub controller: bool,
 }
 
 /// One upstream server, as `host:port`.
@@ -84,6 +167,9 @@ pub struct Config {
     pub max_connections: usize,
     pub upstream_connect_timeout: Duration,
     pub retired_cache: usize,
+    pub rotation: Rotation,
+    pub controller: bool,
+    pub audit_log: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +192,10 @@ pub enum ConfigError {
     Duration { what: &'static str, value: String },
     #[error("{what} must be at least {min}")]
     TooSmall { what: &'static str, min: usize },
+    #[error(
+        "the key authority needs a state directory (--state-dir) to persist the keys it creates"
+    )]
+    ControllerNeedsStateDir,
     #[error("subject policy: {0}")]
     Policy(#[from] PolicyError),
 }
@@ -184,7 +274,17 @@ impl FileConfig {
             });
         }
 
+        let rotation = self.rotation.resolve()?;
+        if flags.controller && state_dir.is_none() {
+            return Err(ConfigError::ControllerNeedsStateDir);
+        }
+        let audit_log = self
+            .audit_log
+            .or_else(|| state_dir.as_ref().map(|d| d.join("audit.jsonl")));
         Ok(Config {
+            rotation,
+            controller: flags.controller,
+            audit_log,
             listen,
             upstreams,
             kek_file,
@@ -359,6 +459,32 @@ mod tests {
             assert!(parse_upstream(url).is_err(), "{url}");
         }
         assert_eq!(parse_upstream("[::1]:5").unwrap().host, "::1");
+    }
+
+    #[test]
+    fn rotation_section() {
+        let file: FileConfig = toml::from_str(
+            "[rotation]\nrotate_every = \"1h\"\nmax_messages_per_epoch = 1000\nstage_timeout = \"3s\"",
+        )
+        .unwrap();
+        let c = file.resolve(flags_with_kek()).unwrap();
+        assert_eq!(c.rotation.rotate_every, Some(Duration::from_secs(3600)));
+        assert_eq!(c.rotation.max_messages_per_epoch, Some(1000));
+        assert_eq!(c.rotation.stage_timeout, Duration::from_secs(3));
+        assert_eq!(c.rotation.heartbeat_every, DEFAULT_HEARTBEAT_EVERY);
+        assert!(toml::from_str::<FileConfig>("[rotation]\nrotate = \"1h\"").is_err());
+        let zero: FileConfig = toml::from_str("[rotation]\nmax_messages_per_epoch = 0").unwrap();
+        assert!(zero.resolve(flags_with_kek()).is_err());
+        let bad: FileConfig = toml::from_str("[rotation]\nrotate_every = \"soon\"").unwrap();
+        assert!(bad.resolve(flags_with_kek()).is_err());
+        let needs_dir = FileConfig::default().resolve(Overrides {
+            controller: true,
+            ..flags_with_kek()
+        });
+        assert!(matches!(
+            needs_dir,
+            Err(ConfigError::ControllerNeedsStateDir)
+        ));
     }
 
     #[test]

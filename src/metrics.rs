@@ -51,6 +51,7 @@ pub struct Metrics {
     pub upstream_connect_failures: Counter,
     pub active_epoch: Gauge,
     pub control_refused: Family<ReasonLabel, Counter>,
+    pub rotations: Counter,
 }
 
 impl Default for Metrics {
@@ -76,6 +77,7 @@ impl Metrics {
             upstream_connect_failures: Counter::default(),
             active_epoch: Gauge::default(),
             control_refused: Family::default(),
+            rotations: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -144,6 +146,11 @@ impl Metrics {
             "control_refused",
             "Control messages refused: forged, replayed, stale epochs, by reason",
             m.control_refused.clone(),
+        );
+        registry.register(
+            "rotations",
+            "Rotations this process carried out as the key authority",
+            m.rotations.clone(),
         );
         for reason in OPEN_FAILURE_REASONS {
             let _ = m.open_failures.get_or_create(&ReasonLabel { reason });

@@ -70,6 +70,51 @@ pub async fn start(config: Config, root: RootKey) -> Result<ProxyHandle, StartEr
     start_with_keyring(config, keyring).await
 }
 
+/// Starts the key authority alone: its keyring, the admin endpoint, no agent listener.
+pub async fn start_controller(config: Config, root: RootKey) -> Result<ProxyHandle, StartError> {
+    let keyring = Arc::new(Keyring::open(
+        root,
+        config.state_dir.as_deref(),
+        config.retired_cache,
+    )?);
+    let metrics = Arc::new(Metrics::new());
+    let (shutdown_tx, shutdown_rx) = watch::channel(());
+    let mut tasks = Vec::new();
+    let mut admin_addr = None;
+    if let Some(addr) = config.admin {
+        let admin = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Listen { addr, source })?;
+        admin_addr = admin.local_addr().ok();
+        tasks.push(tokio::spawn(crate::admin::serve(
+            admin,
+            metrics.clone(),
+            keyring.clone(),
+            shutdown_rx.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(crate::control::authority::run(
+        keyring.clone(),
+        metrics.clone(),
+        upstream_urls(&config),
+        crate::control::authority::AuthorityConfig {
+            prefix: config.policy.control_prefix().to_owned(),
+            rotation: config.rotation.clone(),
+            node: node_id("authority"),
+            audit_log: config.audit_log.clone(),
+        },
+        shutdown_rx,
+    )));
+    Ok(ProxyHandle {
+        local_addr: config.listen,
+        admin_addr,
+        metrics,
+        keyring,
+        shutdown: Some(shutdown_tx),
+        tasks,
+    })
+}
+
 /// Starts a proxy on an existing keyring.
 pub async fn start_with_keyring(
     config: Config,
@@ -120,15 +165,26 @@ pub async fn start_with_keyring(
     tasks.push(tokio::spawn(crate::control::member::run(
         keyring.clone(),
         metrics.clone(),
-        config
-            .upstreams
-            .iter()
-            .map(|u| format!("nats://{u}"))
-            .collect(),
+        upstream_urls(&config),
         config.policy.control_prefix().to_owned(),
-        node_id(),
+        node_id("proxy"),
+        config.rotation.heartbeat_every,
         shutdown_rx.clone(),
     )));
+    if config.controller {
+        tasks.push(tokio::spawn(crate::control::authority::run(
+            keyring.clone(),
+            metrics.clone(),
+            upstream_urls(&config),
+            crate::control::authority::AuthorityConfig {
+                prefix: config.policy.control_prefix().to_owned(),
+                rotation: config.rotation.clone(),
+                node: node_id("authority"),
+                audit_log: config.audit_log.clone(),
+            },
+            shutdown_rx.clone(),
+        )));
+    }
 
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let shared = Arc::new(Shared::new(
@@ -196,11 +252,19 @@ async fn accept_loop(
     }
 }
 
-/// A random id for this proxy process on the control plane.
-fn node_id() -> String {
+/// A random id for this process on the control plane.
+pub fn node_id(role: &str) -> String {
     let mut b = [0u8; 6];
     let _ = getrandom::getrandom(&mut b);
-    format!("proxy-{}", hex::encode(b))
+    format!("{role}-{}", hex::encode(b))
+}
+
+pub fn upstream_urls(config: &Config) -> Vec<String> {
+    config
+        .upstreams
+        .iter()
+        .map(|u| format!("nats://{u}"))
+        .collect()
 }
 
 /// Tells an agent over the cap what the server would say, then closes.

@@ -209,3 +209,171 @@ async fn forged_replayed_and_backwards_announcements_are_refused() {
         "nothing moved the active epoch"
     );
 }
+
+/// Fast heartbeats, so membership and re-announcements settle within a test.
+const FAST: &str = "[rotation]\nheartbeat_every = \"200ms\"\nstage_timeout = \"5s\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_command_runs_two_phase_rotations_under_load() {
+    let server = NatsServer::start();
+    let state_a = tempfile::tempdir().unwrap();
+    let pa = proxy_full(&server, FAST, TEST_KEK, Some(state_a.path()), true).await;
+    let pb = proxy_with(&server, FAST, TEST_KEK).await;
+    let pc = proxy_with(&server, FAST, TEST_KEK).await;
+    let publisher = agent(&pa).await;
+    let (sub_b, sub_c) = (agent(&pb).await, agent(&pc).await);
+    let mut in_b = sub_b.subscribe("load.>").await.unwrap();
+    let mut in_c = sub_c.subscribe("load.>").await.unwrap();
+    let observer = observer(&server).await;
+    let mut tap = observer.subscribe("load.>").await.unwrap();
+    sync(&sub_b).await;
+    sync(&sub_c).await;
+    sync(&observer).await;
+    // Let every proxy's heartbeat reach the authority, so all three are expected to ack.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    const TOTAL: u32 = 20_000;
+    let sending = tokio::spawn(async move {
+        for i in 0..TOTAL {
+            publisher
+                .publish("load.x", i.to_be_bytes().to_vec().into())
+                .await
+                .unwrap();
+            if i % 500 == 499 {
+                publisher.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        publisher.flush().await.unwrap();
+    });
+    let root = RootKey::from_bytes(TEST_KEK);
+    for want in 2..=6u32 {
+        let r = cipherbus::control::authority::request_rotation(
+            vec![server.url()],
+            &root,
+            PREFIX,
+            "test",
+        )
+        .await
+        .expect("rotation succeeds");
+        assert_eq!(r.epoch, want);
+        assert_eq!(r.acked.len(), 3, "all three proxies acknowledged: {r:?}");
+        assert!(r.laggards.is_empty());
+    }
+    sending.await.unwrap();
+    for inbox in [&mut in_b, &mut in_c] {
+        for want in 0..TOTAL {
+            let m = tokio::time::timeout(Duration::from_secs(10), inbox.next())
+                .await
+                .unwrap_or_else(|_| panic!("message {want} lost"))
+                .unwrap();
+            assert_eq!(m.payload[..], want.to_be_bytes(), "in order, nothing lost");
+        }
+    }
+    let mut epochs = BTreeSet::new();
+    for _ in 0..TOTAL {
+        let m = tokio::time::timeout(Duration::from_secs(10), tap.next())
+            .await
+            .unwrap()
+            .unwrap();
+        epochs.insert(Header::parse(&m.payload).unwrap().epoch);
+    }
+    assert!(
+        epochs.len() >= 3,
+        "the observer sees the epoch advance: {epochs:?}"
+    );
+    for p in [&pa, &pb, &pc] {
+        assert!(active_epoch(p, 6).await);
+        assert_eq!(p.metrics.open_failures_for("unknown_epoch"), 0);
+        assert_eq!(p.metrics.open_failures_for("auth"), 0);
+    }
+    assert_eq!(pa.metrics.rotations.get(), 5);
+    let audit = state_a.path().join("audit.jsonl");
+    let verified = cipherbus::audit::verify(&audit).unwrap();
+    assert!(
+        verified.entries >= 5 * 4,
+        "generated, staged, activated, retired per rotation"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedule_and_usage_trigger_rotations_by_themselves() {
+    let server = NatsServer::start();
+    let state = tempfile::tempdir().unwrap();
+    let timed = proxy_full(
+        &server,
+        &format!("{FAST}rotate_every = \"1s\"\n"),
+        TEST_KEK,
+        Some(state.path()),
+        true,
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(10), || timed
+            .keyring
+            .snapshot()
+            .active
+            .epoch
+            >= 3)
+        .await,
+        "rotate_every rotates on its own"
+    );
+    drop(timed);
+
+    let server = NatsServer::start();
+    let state = tempfile::tempdir().unwrap();
+    let counted = proxy_full(
+        &server,
+        &format!("{FAST}max_messages_per_epoch = 100\n"),
+        TEST_KEK,
+        Some(state.path()),
+        true,
+    )
+    .await;
+    let client = agent(&counted).await;
+    for i in 0..250u32 {
+        client
+            .publish("usage.x", i.to_be_bytes().to_vec().into())
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || counted
+            .keyring
+            .snapshot()
+            .active
+            .epoch
+            >= 2)
+        .await,
+        "max_messages_per_epoch rotates on its own"
+    );
+}
+
+#[tokio::test]
+async fn rotate_without_an_authority_fails_with_a_sentence() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kek = dir.path().join("kek");
+    std::fs::write(&kek, format!("{}\n", "42".repeat(32))).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cipherbus"));
+    cmd.args([
+        "rotate",
+        "--timeout",
+        "3s",
+        "--upstream",
+        &server.url(),
+        "--kek-file",
+    ])
+    .arg(&kek);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no key authority"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}

@@ -154,7 +154,10 @@ impl Member {
                 }
                 Ok(Reply::None)
             }
-            Body::Ack { .. } | Body::Heartbeat { .. } => Ok(Reply::None),
+            Body::Ack { .. }
+            | Body::Heartbeat { .. }
+            | Body::RotateRequest { .. }
+            | Body::RotateReply { .. } => Ok(Reply::None),
         }
     }
 }
@@ -166,6 +169,7 @@ pub async fn run(
     upstreams: Vec<String>,
     prefix: String,
     node: String,
+    heartbeat_every: std::time::Duration,
     mut shutdown: watch::Receiver<()>,
 ) {
     let mut member = Member::new(keyring, &prefix);
@@ -197,12 +201,35 @@ pub async fn run(
             return;
         }
     };
+    // Counts at the moment this proxy started sealing under its current epoch, so heartbeats
+    // report usage per epoch.
+    let mut epoch_seen = 0u32;
+    let mut base = (0u64, 0u64);
+    let mut heartbeat = tokio::time::interval(heartbeat_every);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let msg = tokio::select! {
             m = announcements.next() => match m {
                 Some(m) => m,
                 None => return,
             },
+            _ = heartbeat.tick() => {
+                let active = member.keyring.snapshot().active.epoch;
+                let totals = (metrics.messages_sealed.get(), metrics.bytes_sealed.get());
+                if active != epoch_seen {
+                    epoch_seen = active;
+                    base = totals;
+                }
+                let body = Body::Heartbeat {
+                    active,
+                    sealed_messages: totals.0 - base.0,
+                    sealed_bytes: totals.1 - base.1,
+                };
+                if let Ok(sealed) = sealer.seal(&member.subjects().heartbeat, body) {
+                    let _ = client.publish(member.subjects().heartbeat.clone(), sealed.into()).await;
+                }
+                continue;
+            }
             _ = shutdown.changed() => return,
         };
         match member.apply(&msg.payload) {
@@ -220,8 +247,11 @@ pub async fn run(
                 tracing::warn!(reason = e.reason(), error = %e, "refused a control message");
             }
         }
-        metrics
-            .active_epoch
-            .set(i64::from(member.keyring.snapshot().active.epoch));
+        let active = member.keyring.snapshot().active.epoch;
+        if active != epoch_seen {
+            epoch_seen = active;
+            base = (metrics.messages_sealed.get(), metrics.bytes_sealed.get());
+        }
+        metrics.active_epoch.set(i64::from(active));
     }
 }

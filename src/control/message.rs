@@ -38,11 +38,20 @@ pub enum Body {
     Activate { epoch: u32 },
     /// Destroy this epoch everywhere.
     Destroy { epoch: u32, reason: String },
-    /// A proxy's periodic report.
+    /// A proxy's periodic report: its active epoch and what it has sealed under it.
     Heartbeat {
         active: u32,
         sealed_messages: u64,
         sealed_bytes: u64,
+    },
+    /// An operator asks the authority to rotate now.
+    RotateRequest { reason: String },
+    /// The authority's answer: the new active epoch and who acknowledged it, or why not.
+    RotateReply {
+        epoch: u32,
+        acked: Vec<String>,
+        laggards: Vec<String>,
+        error: Option<String>,
     },
 }
 

@@ -2,6 +2,8 @@
 //!
 //! - [`message`]: the sealed, replay-protected wire format.
 //! - [`member`]: the proxy side, which applies announcements to its keyring live.
+//! - [`authority`]: the key authority, the single writer of epochs.
 
+pub mod authority;
 pub mod member;
 pub mod message;

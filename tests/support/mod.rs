@@ -218,6 +218,18 @@ pub async fn proxy(upstream: &NatsServer) -> ProxyHandle {
 
 /// Starts an in-process proxy with extra config TOML (policy rules and the like).
 pub async fn proxy_with(upstream: &NatsServer, toml: &str, kek: [u8; 32]) -> ProxyHandle {
+    proxy_full(upstream, toml, kek, None, false).await
+}
+
+/// Starts an in-process proxy with every knob: config TOML, root key, a state directory, and
+/// whether it hosts the key authority.
+pub async fn proxy_full(
+    upstream: &NatsServer,
+    toml: &str,
+    kek: [u8; 32],
+    state_dir: Option<&Path>,
+    controller: bool,
+) -> ProxyHandle {
     init_logs();
     let file: FileConfig = toml::from_str(toml).expect("test config parses");
     let config = file
@@ -226,7 +238,8 @@ pub async fn proxy_with(upstream: &NatsServer, toml: &str, kek: [u8; 32]) -> Pro
             upstream: vec![upstream.url()],
             kek_file: Some("unused-in-process".into()),
             admin: Some("127.0.0.1:0".into()),
-            ..Default::default()
+            state_dir: state_dir.map(Path::to_path_buf),
+            controller,
         })
         .expect("test config is valid");
     cipherbus::server::start(config, RootKey::from_bytes(kek))

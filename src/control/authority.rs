@@ -1,0 +1,505 @@
+//! The key authority: the single writer of epochs.
+//!
+//! This module owns deciding when to rotate and carrying a rotation out across the proxies:
+//! it tracks live proxies from their heartbeats, rotates on a schedule, on usage (messages or
+//! bytes sealed under the active epoch, summed over heartbeats) and on command, and runs each
+//! rotation in two phases: STAGE the wrapped key until every live proxy acknowledges it (or
+//! the stage timeout passes, and the silent ones are recorded as laggards), then ACTIVATE.
+//! It re-announces the active epoch on every heartbeat interval so a proxy that missed an
+//! announcement catches up, and writes every key event to the audit log.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use super::member::Subjects;
+use super::message::{self, Body, ControlError, ControlSealer, ReplayGuard};
+use crate::audit::{AuditLog, Event, EventKind};
+use crate::config::Rotation;
+use crate::envelope::{self, DataKey, Opener};
+use crate::keyring::{KeyState, Keyring};
+use crate::metrics::Metrics;
+
+/// A proxy is live while its last heartbeat is younger than this many intervals.
+const LIVE_INTERVALS: u32 = 3;
+/// How often a staged key is announced again while acknowledgements are missing.
+const RESTAGE_EVERY: Duration = Duration::from_millis(250);
+
+/// The subject operators send rotation requests to.
+pub fn rotate_subject(prefix: &str) -> String {
+    format!("{prefix}.cmd.rotate")
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthorityConfig {
+    pub prefix: String,
+    pub rotation: Rotation,
+    pub node: String,
+    pub audit_log: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+struct Proxy {
+    last_seen: Instant,
+    /// The epoch the proxy seals with, and what it has sealed under it.
+    active: u32,
+    sealed_messages: u64,
+    sealed_bytes: u64,
+}
+
+/// What a finished rotation reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotated {
+    pub epoch: u32,
+    pub acked: Vec<String>,
+    pub laggards: Vec<String>,
+}
+
+struct Authority {
+    keyring: Arc<Keyring>,
+    metrics: Arc<Metrics>,
+    client: async_nats::Client,
+    cfg: AuthorityConfig,
+    subjects: Subjects,
+    control_key: DataKey,
+    sealer: ControlSealer,
+    opener: Opener,
+    guard: ReplayGuard,
+    audit: Option<AuditLog>,
+    proxies: HashMap<String, Proxy>,
+    activated: Instant,
+}
+
+/// Runs the authority until shutdown.
+pub async fn run(
+    keyring: Arc<Keyring>,
+    metrics: Arc<Metrics>,
+    upstreams: Vec<String>,
+    cfg: AuthorityConfig,
+    mut shutdown: watch::Receiver<()>,
+) {
+    let audit = match cfg.audit_log.as_deref().map(AuditLog::open).transpose() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "key authority not started: its audit log is unusable");
+            return;
+        }
+    };
+    let control_key = envelope::derive_control_key(keyring.root());
+    let sealer = match ControlSealer::new(cfg.node.clone(), &control_key) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "key authority not started");
+            return;
+        }
+    };
+    let client = tokio::select! {
+        c = async_nats::ConnectOptions::new()
+            .name("cipherbus-authority")
+            .retry_on_initial_connect()
+            .connect(upstreams) => c,
+        _ = shutdown.changed() => return,
+    };
+    let client = match client {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "key authority cannot reach the bus");
+            return;
+        }
+    };
+    let subjects = Subjects::new(&cfg.prefix);
+    let mut authority = Authority {
+        keyring,
+        metrics,
+        client,
+        subjects,
+        control_key,
+        sealer,
+        opener: Opener::new(),
+        guard: ReplayGuard::default(),
+        audit,
+        proxies: HashMap::new(),
+        activated: Instant::now(),
+        cfg,
+    };
+    if let Err(e) = authority.serve(&mut shutdown).await {
+        tracing::error!(error = %e, "key authority stopped");
+    }
+}
+
+impl Authority {
+    async fn serve(
+        &mut self,
+        shutdown: &mut watch::Receiver<()>,
+    ) -> Result<(), async_nats::SubscribeError> {
+        let mut heartbeats = self
+            .client
+            .subscribe(self.subjects.heartbeat.clone())
+            .await?;
+        let mut commands = self
+            .client
+            .subscribe(rotate_subject(&self.cfg.prefix))
+            .await?;
+        let mut acks = self.client.subscribe(self.subjects.ack.clone()).await?;
+        let mut tick = tokio::time::interval(self.cfg.rotation.heartbeat_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tracing::info!(
+            node = %self.cfg.node,
+            active_epoch = self.keyring.snapshot().active.epoch,
+            "key authority running"
+        );
+        loop {
+            tokio::select! {
+                Some(m) = heartbeats.next() => {
+                    self.on_heartbeat(&m.payload);
+                    if self.usage_exceeded() {
+                        if let Err(e) = self.rotate("usage limit reached", &mut acks).await {
+                            tracing::error!(error = %e, "usage-triggered rotation failed");
+                        }
+                    }
+                }
+                Some(m) = commands.next() => {
+                    let reply = m.reply.clone();
+                    let subject = rotate_subject(&self.cfg.prefix);
+                    let result = match self.open(&subject, &m.payload) {
+                        Ok(Body::RotateRequest { reason }) => self.rotate(&format!("requested: {reason}"), &mut acks).await,
+                        Ok(_) => Err("not a rotate request".to_owned()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if let Some(reply) = reply {
+                        let body = match result {
+                            Ok(r) => Body::RotateReply { epoch: r.epoch, acked: r.acked, laggards: r.laggards, error: None },
+                            Err(e) => Body::RotateReply { epoch: 0, acked: vec![], laggards: vec![], error: Some(e) },
+                        };
+                        if let Ok(sealed) = self.sealer.seal(reply.as_str(), body) {
+                            let _ = self.client.publish(reply, sealed.into()).await;
+                        }
+                    }
+                }
+                Some(_) = acks.next() => {} // Late acks outside a rotation carry no news.
+                _ = tick.tick() => {
+                    self.reannounce().await;
+                    if self.cfg.rotation.rotate_every.is_some_and(|every| self.activated.elapsed() >= every) {
+                        if let Err(e) = self.rotate("scheduled", &mut acks).await {
+                            tracing::error!(error = %e, "scheduled rotation failed");
+                        }
+                    }
+                }
+                _ = shutdown.changed() => return Ok(()),
+            }
+        }
+    }
+
+    fn open(&mut self, subject: &str, payload: &[u8]) -> Result<Body, ControlError> {
+        self.open_msg(subject, payload).map(|m| m.body)
+    }
+
+    /// Opens and replay-checks a control message; refusals are counted and audited.
+    fn open_msg(
+        &mut self,
+        subject: &str,
+        payload: &[u8],
+    ) -> Result<message::ControlMessage, ControlError> {
+        let msg = message::open(&mut self.opener, &self.control_key, subject, payload)
+            .and_then(|m| self.guard.check(&m).map(|()| m));
+        match msg {
+            Ok(m) => Ok(m),
+            Err(e) => {
+                self.metrics.control_refused(e.reason());
+                self.audit(Event {
+                    kind: EventKind::Refused,
+                    epoch: None,
+                    fingerprint: None,
+                    actor: self.cfg.node.clone(),
+                    reason: format!("control message on {subject}: {e}"),
+                });
+                Err(e)
+            }
+        }
+    }
+
+    fn on_heartbeat(&mut self, payload: &[u8]) {
+        let subject = self.subjects.heartbeat.clone();
+        let Ok(msg) = self.open_msg(&subject, payload) else {
+            return;
+        };
+        let Body::Heartbeat {
+            active,
+            sealed_messages,
+            sealed_bytes,
+        } = msg.body
+        else {
+            return;
+        };
+        self.proxies.insert(
+            msg.from,
+            Proxy {
+                last_seen: Instant::now(),
+                active,
+                sealed_messages,
+                sealed_bytes,
+            },
+        );
+    }
+
+    fn live(&self) -> Vec<String> {
+        let horizon = self.cfg.rotation.heartbeat_every * LIVE_INTERVALS;
+        let mut live: Vec<String> = self
+            .proxies
+            .iter()
+            .filter(|(_, p)| p.last_seen.elapsed() <= horizon)
+            .map(|(n, _)| n.clone())
+            .collect();
+        live.sort();
+        live
+    }
+
+    /// Whether the messages or bytes sealed under the active epoch, summed over the proxies'
+    /// latest heartbeats, reached a configured limit.
+    fn usage_exceeded(&self) -> bool {
+        let active = self.keyring.snapshot().active.epoch;
+        let (msgs, bytes) = self
+            .proxies
+            .values()
+            .filter(|p| p.active == active)
+            .fold((0u64, 0u64), |(m, b), p| {
+                (m + p.sealed_messages, b + p.sealed_bytes)
+            });
+        self.cfg
+            .rotation
+            .max_messages_per_epoch
+            .is_some_and(|max| msgs >= max)
+            || self
+                .cfg
+                .rotation
+                .max_bytes_per_epoch
+                .is_some_and(|max| bytes >= max)
+    }
+
+    fn audit(&self, event: Event) {
+        if let Some(log) = &self.audit {
+            if let Err(e) = log.append(event) {
+                tracing::error!(error = %e, "cannot write the audit log");
+            }
+        }
+    }
+
+    fn event(
+        &self,
+        kind: EventKind,
+        epoch: u32,
+        fingerprint: Option<String>,
+        reason: &str,
+    ) -> Event {
+        Event {
+            kind,
+            epoch: Some(epoch),
+            fingerprint,
+            actor: self.cfg.node.clone(),
+            reason: reason.to_owned(),
+        }
+    }
+
+    async fn announce(&mut self, body: Body) {
+        match self.sealer.seal(&self.subjects.announce, body) {
+            Ok(sealed) => {
+                let _ = self
+                    .client
+                    .publish(self.subjects.announce.clone(), sealed.into())
+                    .await;
+            }
+            Err(e) => tracing::error!(error = %e, "cannot seal an announcement"),
+        }
+    }
+
+    fn stage_body(&self, epoch: u32) -> Option<Body> {
+        let snap = self.keyring.snapshot();
+        let key = self.keyring.lookup(&snap, epoch).ok()?;
+        let wrapped = envelope::wrap_key(self.keyring.root(), epoch, &key.key).ok()?;
+        Some(Body::Stage {
+            epoch,
+            wrapped: base64::engine::general_purpose::STANDARD.encode(wrapped),
+            fingerprint: key.key.fingerprint(),
+        })
+    }
+
+    /// Announces the staged and active epochs again, for proxies that missed them.
+    async fn reannounce(&mut self) {
+        let snap = self.keyring.snapshot();
+        let epochs: Vec<(u32, KeyState)> = snap
+            .epochs()
+            .filter(|(_, s)| matches!(s, KeyState::Staged | KeyState::Active))
+            .collect();
+        let active = snap.active.epoch;
+        drop(snap);
+        for (epoch, _) in epochs {
+            if epoch == 1 {
+                continue; // Derived from the root key: every proxy has it.
+            }
+            if let Some(stage) = self.stage_body(epoch) {
+                self.announce(stage).await;
+            }
+        }
+        self.announce(Body::Activate { epoch: active }).await;
+    }
+
+    /// Stages a new epoch, waits for the live proxies, activates it.
+    async fn rotate(
+        &mut self,
+        reason: &str,
+        acks: &mut async_nats::Subscriber,
+    ) -> Result<Rotated, String> {
+        let epoch = self
+            .keyring
+            .records()
+            .iter()
+            .map(|r| r.epoch)
+            .max()
+            .unwrap_or(1)
+            .checked_add(1)
+            .ok_or("no epochs left")?;
+        let key = DataKey::generate().map_err(|e| e.to_string())?;
+        let fingerprint = key.fingerprint();
+        self.audit(self.event(
+            EventKind::Generated,
+            epoch,
+            Some(fingerprint.clone()),
+            reason,
+        ));
+        // Persisted before anyone is told, so the authority never announces a key it could lose.
+        self.keyring.stage(epoch, key).map_err(|e| e.to_string())?;
+        self.audit(self.event(EventKind::Staged, epoch, Some(fingerprint.clone()), reason));
+        let stage = self
+            .stage_body(epoch)
+            .ok_or("the staged key cannot be wrapped")?;
+
+        let expected = self.live();
+        let mut acked: Vec<String> = Vec::new();
+        let deadline = Instant::now() + self.cfg.rotation.stage_timeout;
+        'stage: while expected.iter().any(|n| !acked.contains(n)) && Instant::now() < deadline {
+            self.announce(stage.clone()).await;
+            let until = tokio::time::Instant::now() + RESTAGE_EVERY;
+            loop {
+                let m = match tokio::time::timeout_at(until, acks.next()).await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break 'stage,
+                    Err(_) => break,
+                };
+                let subject = self.subjects.ack.clone();
+                if let Ok(msg) = self.open_msg(&subject, &m.payload) {
+                    if msg.body == (Body::Ack { epoch }) && !acked.contains(&msg.from) {
+                        acked.push(msg.from);
+                    }
+                }
+                if expected.iter().all(|n| acked.contains(n)) {
+                    break 'stage;
+                }
+            }
+        }
+        let laggards: Vec<String> = expected
+            .iter()
+            .filter(|n| !acked.contains(n))
+            .cloned()
+            .collect();
+        for node in &laggards {
+            self.audit(self.event(
+                EventKind::Laggard,
+                epoch,
+                Some(fingerprint.clone()),
+                &format!("{node} did not acknowledge within the stage timeout"),
+            ));
+        }
+
+        let old = self.keyring.snapshot().active.epoch;
+        self.keyring.activate(epoch).map_err(|e| e.to_string())?;
+        // Heard once by everyone in the common case; the periodic re-announcement covers loss.
+        self.announce(Body::Activate { epoch }).await;
+        self.activated = Instant::now();
+        self.metrics.rotations.inc();
+        self.audit(self.event(EventKind::Activated, epoch, Some(fingerprint), reason));
+        self.audit(self.event(
+            EventKind::Retired,
+            old,
+            None,
+            &format!("superseded by epoch {epoch}"),
+        ));
+        tracing::info!(
+            epoch,
+            acked = acked.len(),
+            laggards = laggards.len(),
+            reason,
+            "rotated"
+        );
+        acked.sort();
+        Ok(Rotated {
+            epoch,
+            acked,
+            laggards,
+        })
+    }
+}
+
+/// Asks the authority on the bus to rotate and waits for its answer (the CLI's `rotate`).
+pub async fn request_rotation(
+    upstreams: Vec<String>,
+    root: &crate::envelope::RootKey,
+    prefix: &str,
+    reason: &str,
+) -> Result<Rotated, String> {
+    let client = async_nats::ConnectOptions::new()
+        .name("cipherbus-rotate")
+        .connect(upstreams)
+        .await
+        .map_err(|e| format!("cannot reach the bus: {e}"))?;
+    let control_key = envelope::derive_control_key(root);
+    let mut sealer = ControlSealer::new(crate::server::node_id("cli"), &control_key)
+        .map_err(|e| e.to_string())?;
+    let subject = rotate_subject(prefix);
+    let request = sealer
+        .seal(
+            &subject,
+            Body::RotateRequest {
+                reason: reason.to_owned(),
+            },
+        )
+        .map_err(|e| e.to_string())?;
+    // The rotation waits for acknowledgements, so the reply may take a while.
+    let request = async_nats::Request::new()
+        .payload(request.into())
+        .timeout(None);
+    let reply = client
+        .send_request(subject, request)
+        .await
+        .map_err(|e| match e.kind() {
+            async_nats::RequestErrorKind::NoResponders => {
+                "no key authority is running on this bus".to_owned()
+            }
+            _ => format!("the request failed: {e}"),
+        })?;
+    let msg = message::open(
+        &mut Opener::new(),
+        &control_key,
+        reply.subject.as_str(),
+        &reply.payload,
+    )
+    .map_err(|e| format!("the answer was refused: {e}"))?;
+    match msg.body {
+        Body::RotateReply { error: Some(e), .. } => Err(e),
+        Body::RotateReply {
+            epoch,
+            acked,
+            laggards,
+            error: None,
+        } => Ok(Rotated {
+            epoch,
+            acked,
+            laggards,
+        }),
+        _ => Err("the authority answered with something else".to_owned()),
+    }
+}
