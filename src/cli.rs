@@ -39,6 +39,18 @@ enum Command {
     Controller(ControllerArgs),
     /// Ask the key authority to rotate now; waits until the new epoch is active.
     Rotate(RotateArgs),
+    /// List the epochs the key authority knows and their states.
+    Keys(AuthorityArgs),
+    /// Destroy a compromised epoch everywhere now (the active one is replaced first).
+    Revoke {
+        /// The epoch to destroy.
+        epoch: u32,
+        #[command(flatten)]
+        authority: AuthorityArgs,
+        /// Why, for the audit log.
+        #[arg(long, default_value = "operator request")]
+        reason: String,
+    },
     /// Audit log tools.
     Audit {
         #[command(subcommand)]
@@ -103,8 +115,9 @@ struct ControllerArgs {
     admin: Option<String>,
 }
 
+/// How to reach the key authority.
 #[derive(Debug, Args)]
-struct RotateArgs {
+struct AuthorityArgs {
     /// A NATS server of the bus the authority is on [default: nats://127.0.0.1:4222].
     #[arg(long, value_name = "URL")]
     upstream: Vec<String>,
@@ -114,9 +127,15 @@ struct RotateArgs {
     /// Prefix of the control subjects.
     #[arg(long, value_name = "P", default_value = crate::policy::DEFAULT_CONTROL_PREFIX)]
     control_prefix: String,
-    /// How long to wait for the authority (examples: 30s, 2m).
+    /// How long to wait for the authority (examples: 10s, 2m).
     #[arg(long, value_name = "DUR", default_value = "30s")]
     timeout: String,
+}
+
+#[derive(Debug, Args)]
+struct RotateArgs {
+    #[command(flatten)]
+    authority: AuthorityArgs,
     /// Why, for the audit log.
     #[arg(long, default_value = "operator request")]
     reason: String,
@@ -140,6 +159,12 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Controller(args) => controller(args),
         Command::Rotate(args) => rotate(args),
+        Command::Keys(args) => keys(args),
+        Command::Revoke {
+            epoch,
+            authority,
+            reason,
+        } => revoke(epoch, authority, reason),
         Command::Audit {
             command: AuditCommand::Verify { file },
         } => match crate::audit::verify(&file) {
@@ -272,12 +297,58 @@ fn controller(args: ControllerArgs) -> ExitCode {
 }
 
 fn rotate(args: RotateArgs) -> ExitCode {
-    let Some(timeout) = crate::config::parse_duration(&args.timeout) else {
-        return fail(&format!(
+    use crate::control::message::Body;
+    let body = match ask_authority(
+        args.authority,
+        crate::control::authority::rotate_subject,
+        Body::RotateRequest {
+            reason: args.reason,
+        },
+    ) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    match body {
+        Body::RotateReply {
+            epoch,
+            acked,
+            laggards,
+            error: None,
+        } => {
+            println!("epoch {epoch} is active");
+            println!(
+                "acknowledged by {} proxies: {}",
+                acked.len(),
+                acked.join(", ")
+            );
+            if !laggards.is_empty() {
+                println!("did not acknowledge in time: {}", laggards.join(", "));
+            }
+            ExitCode::SUCCESS
+        }
+        Body::RotateReply { error: Some(e), .. } => {
+            eprintln!("cipherbus: rotation failed: {e}");
+            ExitCode::FAILURE
+        }
+        _ => {
+            eprintln!("cipherbus: the authority answered with something else");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves `AuthorityArgs` and runs one request against the authority within the timeout.
+fn ask_authority(
+    args: AuthorityArgs,
+    subject: impl FnOnce(&str) -> String,
+    body: crate::control::message::Body,
+) -> Result<crate::control::message::Body, ExitCode> {
+    let timeout = crate::config::parse_duration(&args.timeout).ok_or_else(|| {
+        fail(&format!(
             "--timeout {:?} is not a valid duration (examples: 30s, 2m)",
             args.timeout
-        ));
-    };
+        ))
+    })?;
     let mut upstreams = Vec::new();
     let raw = if args.upstream.is_empty() {
         vec![crate::config::DEFAULT_UPSTREAM.to_owned()]
@@ -286,54 +357,100 @@ fn rotate(args: RotateArgs) -> ExitCode {
     };
     for entry in &raw {
         for url in entry.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            match crate::config::parse_upstream(url) {
-                Ok(u) => upstreams.push(format!("nats://{u}")),
-                Err(e) => return fail(&e),
-            }
+            let u = crate::config::parse_upstream(url).map_err(|e| fail(&e))?;
+            upstreams.push(format!("nats://{u}"));
         }
     }
-    let root = match KekFile(args.kek_file).load() {
-        Ok(k) => k,
-        Err(e) => return fail(&e),
-    };
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
-    let result = rt.block_on(async {
+    let root = KekFile(args.kek_file).load().map_err(|e| fail(&e))?;
+    let rt = runtime()?;
+    let subject = subject(&args.control_prefix);
+    let answer = rt.block_on(async {
         tokio::time::timeout(
             timeout,
-            crate::control::authority::request_rotation(
-                upstreams,
-                &root,
-                &args.control_prefix,
-                &args.reason,
-            ),
+            crate::control::authority::request(upstreams, &root, subject, body),
         )
         .await
     });
-    match result {
-        Ok(Ok(r)) => {
-            println!("epoch {} is active", r.epoch);
-            println!(
-                "acknowledged by {} proxies: {}",
-                r.acked.len(),
-                r.acked.join(", ")
-            );
-            if !r.laggards.is_empty() {
-                println!("did not acknowledge in time: {}", r.laggards.join(", "));
-            }
-            ExitCode::SUCCESS
-        }
+    match answer {
+        Ok(Ok(body)) => Ok(body),
         Ok(Err(e)) => {
-            eprintln!("cipherbus: rotation failed: {e}");
-            ExitCode::FAILURE
+            eprintln!("cipherbus: {e}");
+            Err(ExitCode::FAILURE)
         }
         Err(_) => {
             eprintln!(
                 "cipherbus: no answer from the key authority within {}; is `cipherbus controller` or `run --controller` running on this bus?",
                 args.timeout
             );
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn keys(args: AuthorityArgs) -> ExitCode {
+    use crate::control::message::Body;
+    let body = match ask_authority(
+        args,
+        crate::control::authority::keys_subject,
+        Body::KeysRequest {},
+    ) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    let Body::KeysReply { epochs } = body else {
+        eprintln!("cipherbus: the authority answered with something else");
+        return ExitCode::FAILURE;
+    };
+    println!(
+        "{:>6}  {:<9}  {:<16}  {:<24}  {:<24}  {:>10}",
+        "EPOCH", "STATE", "FINGERPRINT", "CREATED", "ACTIVATED", "SEALED"
+    );
+    for e in epochs {
+        let state = serde_json::to_value(e.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        println!(
+            "{:>6}  {:<9}  {:<16}  {:<24}  {:<24}  {:>10}",
+            e.epoch,
+            state,
+            e.fingerprint,
+            crate::audit::rfc3339(e.created, 0),
+            e.activated
+                .map(|t| crate::audit::rfc3339(t, 0))
+                .unwrap_or_else(|| "-".into()),
+            e.sealed_messages
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn revoke(epoch: u32, args: AuthorityArgs, reason: String) -> ExitCode {
+    use crate::control::message::Body;
+    let body = match ask_authority(
+        args,
+        crate::control::authority::revoke_subject,
+        Body::RevokeRequest { epoch, reason },
+    ) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    match body {
+        Body::RevokeReply {
+            active,
+            error: None,
+        } => {
+            println!("epoch {epoch} is destroyed everywhere; epoch {active} is active");
+            ExitCode::SUCCESS
+        }
+        Body::RevokeReply { error: Some(e), .. } => {
+            eprintln!("cipherbus: revoke failed: {e}");
+            ExitCode::FAILURE
+        }
+        _ => {
+            eprintln!("cipherbus: the authority answered with something else");
             ExitCode::FAILURE
         }
     }

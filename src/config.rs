@@ -58,6 +58,8 @@ pub struct RotationSection {
     pub max_bytes_per_epoch: Option<u64>,
     pub stage_timeout: Option<String>,
     pub heartbeat_every: Option<String>,
+    /// How long a retired epoch still opens: a duration, or "forever".
+    pub retain_retired: Option<String>,
 }
 
 /// Default interval between proxy heartbeats on the control plane.
@@ -73,6 +75,8 @@ pub struct Rotation {
     pub max_bytes_per_epoch: Option<u64>,
     pub stage_timeout: Duration,
     pub heartbeat_every: Duration,
+    /// `None`: retired epochs are kept forever.
+    pub retain_retired: Option<Duration>,
 }
 
 impl Default for Rotation {
@@ -83,6 +87,7 @@ impl Default for Rotation {
             max_bytes_per_epoch: None,
             stage_timeout: DEFAULT_STAGE_TIMEOUT,
             heartbeat_every: DEFAULT_HEARTBEAT_EVERY,
+            retain_retired: None,
         }
     }
 }
@@ -100,7 +105,12 @@ impl RotationSection {
             Some(0) => Err(ConfigError::TooSmall { what, min: 1 }),
             other => Ok(other),
         };
+        let retain_retired = match self.retain_retired.as_deref() {
+            None | Some("forever") => None,
+            Some(_) => dur("rotation.retain_retired", self.retain_retired, None)?,
+        };
         Ok(Rotation {
+            retain_retired,
             rotate_every: dur("rotation.rotate_every", self.rotate_every, None)?,
             max_messages_per_epoch: positive(
                 "rotation.max_messages_per_epoch",
@@ -472,6 +482,13 @@ mod tests {
         assert_eq!(c.rotation.max_messages_per_epoch, Some(1000));
         assert_eq!(c.rotation.stage_timeout, Duration::from_secs(3));
         assert_eq!(c.rotation.heartbeat_every, DEFAULT_HEARTBEAT_EVERY);
+        assert_eq!(c.rotation.retain_retired, None, "forever by default");
+        let kept: FileConfig = toml::from_str("[rotation]\nretain_retired = \"7d\"").unwrap();
+        let kept = kept.resolve(flags_with_kek()).unwrap();
+        assert_eq!(
+            kept.rotation.retain_retired,
+            Some(Duration::from_secs(7 * 86_400))
+        );
         assert!(toml::from_str::<FileConfig>("[rotation]\nrotate = \"1h\"").is_err());
         let zero: FileConfig = toml::from_str("[rotation]\nmax_messages_per_epoch = 0").unwrap();
         assert!(zero.resolve(flags_with_kek()).is_err());

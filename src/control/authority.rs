@@ -35,6 +35,27 @@ pub fn rotate_subject(prefix: &str) -> String {
     format!("{prefix}.cmd.rotate")
 }
 
+pub fn keys_subject(prefix: &str) -> String {
+    format!("{prefix}.cmd.keys")
+}
+
+pub fn revoke_subject(prefix: &str) -> String {
+    format!("{prefix}.cmd.revoke")
+}
+
+/// Where proxies ask for the whole keyring.
+pub fn sync_subject(prefix: &str) -> String {
+    format!("{prefix}.sync")
+}
+
+/// Where authorities announce themselves.
+pub fn hello_subject(prefix: &str) -> String {
+    format!("{prefix}.authority")
+}
+
+/// Destroyed epochs announced again with each re-announcement, for proxies that missed one.
+const REANNOUNCE_DESTROYED: usize = 16;
+
 #[derive(Debug, Clone)]
 pub struct AuthorityConfig {
     pub prefix: String,
@@ -73,6 +94,9 @@ struct Authority {
     audit: Option<AuditLog>,
     proxies: HashMap<String, Proxy>,
     activated: Instant,
+    since_ms: u64,
+    /// Another authority that holds the role: its node id and when it was last heard.
+    standing_by_for: Option<(String, Instant)>,
 }
 
 /// Runs the authority until shutdown.
@@ -125,6 +149,10 @@ pub async fn run(
         audit,
         proxies: HashMap::new(),
         activated: Instant::now(),
+        since_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        standing_by_for: None,
         cfg,
     };
     if let Err(e) = authority.serve(&mut shutdown).await {
@@ -146,6 +174,17 @@ impl Authority {
             .subscribe(rotate_subject(&self.cfg.prefix))
             .await?;
         let mut acks = self.client.subscribe(self.subjects.ack.clone()).await?;
+        let prefix = self.cfg.prefix.clone();
+        let mut keys_cmds = self.client.subscribe(keys_subject(&prefix)).await?;
+        let mut revoke_cmds = self.client.subscribe(revoke_subject(&prefix)).await?;
+        let mut syncs = self.client.subscribe(sync_subject(&prefix)).await?;
+        let mut hellos = self.client.subscribe(hello_subject(&prefix)).await?;
+        // Listen before acting, so a running authority is heard before this one writes.
+        self.say_hello().await;
+        let listen_until = tokio::time::Instant::now() + self.cfg.rotation.heartbeat_every * 2;
+        while let Ok(Some(m)) = tokio::time::timeout_at(listen_until, hellos.next()).await {
+            self.on_hello(&m.payload);
+        }
         let mut tick = tokio::time::interval(self.cfg.rotation.heartbeat_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!(
@@ -155,15 +194,44 @@ impl Authority {
         );
         loop {
             tokio::select! {
+                Some(m) = hellos.next() => self.on_hello(&m.payload),
                 Some(m) = heartbeats.next() => {
                     self.on_heartbeat(&m.payload);
-                    if self.usage_exceeded() {
+                    if !self.standing_by() && self.usage_exceeded() {
                         if let Err(e) = self.rotate("usage limit reached", &mut acks).await {
                             tracing::error!(error = %e, "usage-triggered rotation failed");
                         }
                     }
                 }
-                Some(m) = commands.next() => {
+                Some(m) = syncs.next(), if !self.standing_by() => {
+                    let subject = sync_subject(&self.cfg.prefix);
+                    if let (Ok(Body::SyncRequest {}), Some(reply)) = (self.open(&subject, &m.payload), m.reply) {
+                        let body = Body::SyncReply { epochs: self.epochs(true) };
+                        self.reply(reply, body).await;
+                    }
+                }
+                Some(m) = keys_cmds.next(), if !self.standing_by() => {
+                    let subject = keys_subject(&self.cfg.prefix);
+                    if let (Ok(Body::KeysRequest {}), Some(reply)) = (self.open(&subject, &m.payload), m.reply) {
+                        let body = Body::KeysReply { epochs: self.epochs(false) };
+                        self.reply(reply, body).await;
+                    }
+                }
+                Some(m) = revoke_cmds.next(), if !self.standing_by() => {
+                    let subject = revoke_subject(&self.cfg.prefix);
+                    let body = match self.open(&subject, &m.payload) {
+                        Ok(Body::RevokeRequest { epoch, reason }) => match self.revoke(epoch, &reason, &mut acks).await {
+                            Ok(active) => Body::RevokeReply { active, error: None },
+                            Err(e) => Body::RevokeReply { active: 0, error: Some(e) },
+                        },
+                        Ok(_) => Body::RevokeReply { active: 0, error: Some("not a revoke request".into()) },
+                        Err(e) => Body::RevokeReply { active: 0, error: Some(e.to_string()) },
+                    };
+                    if let Some(reply) = m.reply {
+                        self.reply(reply, body).await;
+                    }
+                }
+                Some(m) = commands.next(), if !self.standing_by() => {
                     let reply = m.reply.clone();
                     let subject = rotate_subject(&self.cfg.prefix);
                     let result = match self.open(&subject, &m.payload) {
@@ -176,13 +244,16 @@ impl Authority {
                             Ok(r) => Body::RotateReply { epoch: r.epoch, acked: r.acked, laggards: r.laggards, error: None },
                             Err(e) => Body::RotateReply { epoch: 0, acked: vec![], laggards: vec![], error: Some(e) },
                         };
-                        if let Ok(sealed) = self.sealer.seal(reply.as_str(), body) {
-                            let _ = self.client.publish(reply, sealed.into()).await;
-                        }
+                        self.reply(reply, body).await;
                     }
                 }
                 Some(_) = acks.next() => {} // Late acks outside a rotation carry no news.
                 _ = tick.tick() => {
+                    self.say_hello().await;
+                    if self.standing_by() {
+                        continue;
+                    }
+                    self.enforce_retention().await;
                     self.reannounce().await;
                     if self.cfg.rotation.rotate_every.is_some_and(|every| self.activated.elapsed() >= every) {
                         if let Err(e) = self.rotate("scheduled", &mut acks).await {
@@ -191,6 +262,154 @@ impl Authority {
                     }
                 }
                 _ = shutdown.changed() => return Ok(()),
+            }
+        }
+    }
+
+    async fn reply(&mut self, reply: async_nats::Subject, body: Body) {
+        if let Ok(sealed) = self.sealer.seal(reply.as_str(), body) {
+            let _ = self.client.publish(reply, sealed.into()).await;
+        }
+    }
+
+    async fn say_hello(&mut self) {
+        let body = Body::AuthorityHello {
+            active: self.keyring.snapshot().active.epoch,
+            since_ms: self.since_ms,
+        };
+        let subject = hello_subject(&self.cfg.prefix);
+        if let Ok(sealed) = self.sealer.seal(&subject, body) {
+            let _ = self.client.publish(subject, sealed.into()).await;
+        }
+    }
+
+    /// Another authority that started earlier (ties: the smaller node id) keeps the role.
+    fn on_hello(&mut self, payload: &[u8]) {
+        let subject = hello_subject(&self.cfg.prefix);
+        let Ok(msg) = self.open_msg(&subject, payload) else {
+            return;
+        };
+        let Body::AuthorityHello { since_ms, .. } = msg.body else {
+            return;
+        };
+        if msg.from == self.cfg.node {
+            return;
+        }
+        let theirs_first = (since_ms, msg.from.as_str()) < (self.since_ms, self.cfg.node.as_str());
+        if theirs_first {
+            if self.standing_by_for.is_none() {
+                tracing::warn!(other = %msg.from, "another key authority is running; standing by");
+                self.audit(Event {
+                    kind: EventKind::Refused,
+                    epoch: None,
+                    fingerprint: None,
+                    actor: self.cfg.node.clone(),
+                    reason: format!("standing by: authority {} holds the role", msg.from),
+                });
+            }
+            self.standing_by_for = Some((msg.from, Instant::now()));
+        }
+    }
+
+    /// Standing by while the authority holding the role has been heard recently.
+    fn standing_by(&self) -> bool {
+        let horizon = self.cfg.rotation.heartbeat_every * LIVE_INTERVALS;
+        self.standing_by_for
+            .as_ref()
+            .is_some_and(|(_, seen)| seen.elapsed() <= horizon)
+    }
+
+    /// The keyring as the authority describes it; with `wrapped`, for proxies to install.
+    fn epochs(&self, wrapped: bool) -> Vec<message::EpochInfo> {
+        let snap = self.keyring.snapshot();
+        let active_usage: u64 = self
+            .proxies
+            .values()
+            .filter(|p| p.active == snap.active.epoch)
+            .map(|p| p.sealed_messages)
+            .sum();
+        self.keyring
+            .records()
+            .into_iter()
+            .map(|r| {
+                let wrapped = (wrapped && r.state != KeyState::Destroyed)
+                    .then(|| self.keyring.lookup(&snap, r.epoch).ok())
+                    .flatten()
+                    .and_then(|k| envelope::wrap_key(self.keyring.root(), r.epoch, &k.key).ok())
+                    .map(|w| base64::engine::general_purpose::STANDARD.encode(w));
+                message::EpochInfo {
+                    epoch: r.epoch,
+                    state: r.state,
+                    sealed_messages: (r.state == KeyState::Active).then_some(active_usage),
+                    fingerprint: r.fingerprint,
+                    created: r.created,
+                    activated: r.activated,
+                    wrapped,
+                }
+            })
+            .collect()
+    }
+
+    /// Destroys an epoch everywhere; the active one is first replaced by a new epoch.
+    async fn revoke(
+        &mut self,
+        epoch: u32,
+        reason: &str,
+        acks: &mut async_nats::Subscriber,
+    ) -> Result<u32, String> {
+        let state = self.keyring.snapshot().state(epoch);
+        match state {
+            None => return Err(format!("epoch {epoch} is unknown")),
+            Some(KeyState::Destroyed) => return Ok(self.keyring.snapshot().active.epoch),
+            Some(KeyState::Active) => {
+                self.rotate(&format!("epoch {epoch} revoked: {reason}"), acks)
+                    .await?;
+            }
+            Some(_) => {}
+        }
+        self.audit(self.event(EventKind::Revoked, epoch, None, reason));
+        self.destroy(epoch, &format!("revoked: {reason}")).await?;
+        Ok(self.keyring.snapshot().active.epoch)
+    }
+
+    async fn destroy(&mut self, epoch: u32, reason: &str) -> Result<(), String> {
+        self.keyring.destroy(epoch).map_err(|e| e.to_string())?;
+        self.audit(self.event(EventKind::Destroyed, epoch, None, reason));
+        self.announce(Body::Destroy {
+            epoch,
+            reason: reason.to_owned(),
+        })
+        .await;
+        tracing::warn!(epoch, reason, "destroyed a data key");
+        Ok(())
+    }
+
+    /// Destroys retired epochs whose retention has run out. An epoch retires when the next
+    /// one is activated.
+    async fn enforce_retention(&mut self) {
+        let Some(retain) = self.cfg.rotation.retain_retired else {
+            return;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let records = self.keyring.records();
+        let expired: Vec<u32> = records
+            .iter()
+            .filter(|r| r.state == KeyState::Retired)
+            .filter(|r| {
+                let retired_at = records
+                    .iter()
+                    .filter(|n| n.epoch > r.epoch)
+                    .filter_map(|n| n.activated)
+                    .min();
+                retired_at.is_some_and(|t| now.saturating_sub(t) >= retain.as_secs())
+            })
+            .map(|r| r.epoch)
+            .collect();
+        for epoch in expired {
+            if let Err(e) = self.destroy(epoch, "retention ended").await {
+                tracing::error!(epoch, error = %e, "cannot destroy an expired epoch");
             }
         }
     }
@@ -335,8 +554,20 @@ impl Authority {
             .epochs()
             .filter(|(_, s)| matches!(s, KeyState::Staged | KeyState::Active))
             .collect();
+        let destroyed: Vec<u32> = snap
+            .epochs()
+            .filter(|(_, s)| *s == KeyState::Destroyed)
+            .map(|(e, _)| e)
+            .collect();
         let active = snap.active.epoch;
         drop(snap);
+        for epoch in destroyed.iter().rev().take(REANNOUNCE_DESTROYED) {
+            self.announce(Body::Destroy {
+                epoch: *epoch,
+                reason: "destroyed".into(),
+            })
+            .await;
+        }
         for (epoch, _) in epochs {
             if epoch == 1 {
                 continue; // Derived from the root key: every proxy has it.
@@ -444,33 +675,26 @@ impl Authority {
     }
 }
 
-/// Asks the authority on the bus to rotate and waits for its answer (the CLI's `rotate`).
-pub async fn request_rotation(
+/// Sends one sealed request to the authority and opens its sealed answer (the CLI's
+/// `rotate`, `keys` and `revoke`).
+pub async fn request(
     upstreams: Vec<String>,
     root: &crate::envelope::RootKey,
-    prefix: &str,
-    reason: &str,
-) -> Result<Rotated, String> {
+    subject: String,
+    body: Body,
+) -> Result<Body, String> {
     let client = async_nats::ConnectOptions::new()
-        .name("cipherbus-rotate")
+        .name("cipherbus-cli")
         .connect(upstreams)
         .await
         .map_err(|e| format!("cannot reach the bus: {e}"))?;
     let control_key = envelope::derive_control_key(root);
     let mut sealer = ControlSealer::new(crate::server::node_id("cli"), &control_key)
         .map_err(|e| e.to_string())?;
-    let subject = rotate_subject(prefix);
-    let request = sealer
-        .seal(
-            &subject,
-            Body::RotateRequest {
-                reason: reason.to_owned(),
-            },
-        )
-        .map_err(|e| e.to_string())?;
-    // The rotation waits for acknowledgements, so the reply may take a while.
+    let sealed = sealer.seal(&subject, body).map_err(|e| e.to_string())?;
+    // A rotation waits for acknowledgements, so the caller bounds the wait instead.
     let request = async_nats::Request::new()
-        .payload(request.into())
+        .payload(sealed.into())
         .timeout(None);
     let reply = client
         .send_request(subject, request)
@@ -481,14 +705,27 @@ pub async fn request_rotation(
             }
             _ => format!("the request failed: {e}"),
         })?;
-    let msg = message::open(
+    message::open(
         &mut Opener::new(),
         &control_key,
         reply.subject.as_str(),
         &reply.payload,
     )
-    .map_err(|e| format!("the answer was refused: {e}"))?;
-    match msg.body {
+    .map(|m| m.body)
+    .map_err(|e| format!("the answer was refused: {e}"))
+}
+
+/// Asks the authority on the bus to rotate and waits for its answer.
+pub async fn request_rotation(
+    upstreams: Vec<String>,
+    root: &crate::envelope::RootKey,
+    prefix: &str,
+    reason: &str,
+) -> Result<Rotated, String> {
+    let body = Body::RotateRequest {
+        reason: reason.to_owned(),
+    };
+    match request(upstreams, root, rotate_subject(prefix), body).await? {
         Body::RotateReply { error: Some(e), .. } => Err(e),
         Body::RotateReply {
             epoch,

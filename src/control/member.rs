@@ -154,15 +154,107 @@ impl Member {
                 }
                 Ok(Reply::None)
             }
-            Body::Ack { .. }
-            | Body::Heartbeat { .. }
-            | Body::RotateRequest { .. }
-            | Body::RotateReply { .. } => Ok(Reply::None),
+            _ => Ok(Reply::None),
         }
     }
 }
 
-/// Follows announcements on `upstream` until shutdown, acknowledging staged keys.
+impl Member {
+    /// Brings the keyring in line with the authority's: installs the epochs it lacks (as staged
+    /// or retired), destroys what the authority destroyed, and activates the authority's active
+    /// epoch if it is newer.
+    pub fn apply_sync(&mut self, epochs: &[message::EpochInfo]) -> Result<(), ApplyError> {
+        let snap = self.keyring.snapshot();
+        for info in epochs {
+            let local = snap.state(info.epoch);
+            match info.state {
+                KeyState::Destroyed
+                    if local.is_some_and(|s| s != KeyState::Destroyed)
+                        && snap.active.epoch != info.epoch =>
+                {
+                    self.keyring.destroy(info.epoch)?;
+                }
+                KeyState::Destroyed => {}
+                state if local.is_none() => {
+                    let epoch = info.epoch;
+                    let wrapped = base64::engine::general_purpose::STANDARD
+                        .decode(info.wrapped.as_deref().unwrap_or_default())
+                        .map_err(|_| ApplyError::Unwrap { epoch })?;
+                    let key = envelope::unwrap_key(self.keyring.root(), epoch, &wrapped)
+                        .map_err(|_| ApplyError::Unwrap { epoch })?;
+                    if key.fingerprint() != info.fingerprint {
+                        return Err(ApplyError::Fingerprint { epoch });
+                    }
+                    let as_state = if state == KeyState::Retired {
+                        KeyState::Retired
+                    } else {
+                        KeyState::Staged
+                    };
+                    self.keyring.adopt(epoch, key, as_state)?;
+                }
+                _ => {}
+            }
+        }
+        drop(snap);
+        if let Some(active) = epochs.iter().find(|i| i.state == KeyState::Active) {
+            if active.epoch > self.keyring.snapshot().active.epoch {
+                self.keyring.activate(active.epoch)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Asks the authority for its keyring and applies it. No authority yet is not an error.
+async fn sync(
+    client: &async_nats::Client,
+    member: &mut Member,
+    sealer: &mut ControlSealer,
+    prefix: &str,
+    metrics: &Metrics,
+) {
+    let subject = super::authority::sync_subject(prefix);
+    let Ok(sealed) = sealer.seal(&subject, Body::SyncRequest {}) else {
+        return;
+    };
+    let request = async_nats::Request::new()
+        .payload(sealed.into())
+        .timeout(Some(std::time::Duration::from_secs(5)));
+    let reply = match client.send_request(subject, request).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(error = %e, "no keyring sync (no authority answered)");
+            return;
+        }
+    };
+    let control_key = member.control_key().clone();
+    let opened = message::open(
+        &mut Opener::new(),
+        &control_key,
+        reply.subject.as_str(),
+        &reply.payload,
+    );
+    match opened {
+        Ok(message::ControlMessage {
+            body: Body::SyncReply { epochs },
+            ..
+        }) => match member.apply_sync(&epochs) {
+            Ok(()) => tracing::info!(
+                active_epoch = member.keyring.snapshot().active.epoch,
+                "keyring synced from the key authority"
+            ),
+            Err(e) => {
+                metrics.control_refused(e.reason());
+                tracing::warn!(error = %e, "keyring sync refused");
+            }
+        },
+        Ok(_) => metrics.control_refused("malformed"),
+        Err(e) => metrics.control_refused(e.reason()),
+    }
+}
+
+/// Follows announcements on `upstream` until shutdown, acknowledging staged keys. Syncs the
+/// whole keyring from the authority on start and after every reconnect.
 pub async fn run(
     keyring: Arc<Keyring>,
     metrics: Arc<Metrics>,
@@ -180,10 +272,19 @@ pub async fn run(
             return;
         }
     };
+    let (reconnected_tx, mut reconnected) = tokio::sync::mpsc::channel::<()>(1);
     let client = tokio::select! {
         c = async_nats::ConnectOptions::new()
             .name("cipherbus-control")
             .retry_on_initial_connect()
+            .event_callback(move |event| {
+                let tx = reconnected_tx.clone();
+                async move {
+                    if matches!(event, async_nats::Event::Connected) {
+                        let _ = tx.try_send(());
+                    }
+                }
+            })
             .connect(upstreams.clone()) => c,
         _ = shutdown.changed() => return,
     };
@@ -202,9 +303,10 @@ pub async fn run(
         }
     };
     // Counts at the moment this proxy started sealing under its current epoch, so heartbeats
-    // report usage per epoch.
-    let mut epoch_seen = 0u32;
+    // report usage per epoch. Until the first change, everything sealed since start counts.
+    let mut epoch_seen = member.keyring.snapshot().active.epoch;
     let mut base = (0u64, 0u64);
+    sync(&client, &mut member, &mut sealer, &prefix, &metrics).await;
     let mut heartbeat = tokio::time::interval(heartbeat_every);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -213,6 +315,10 @@ pub async fn run(
                 Some(m) => m,
                 None => return,
             },
+            Some(()) = reconnected.recv() => {
+                sync(&client, &mut member, &mut sealer, &prefix, &metrics).await;
+                continue;
+            }
             _ = heartbeat.tick() => {
                 let active = member.keyring.snapshot().active.epoch;
                 let totals = (metrics.messages_sealed.get(), metrics.bytes_sealed.get());

@@ -33,19 +33,55 @@ pub enum Body {
         fingerprint: String,
     },
     /// A proxy installed and persisted a staged epoch.
-    Ack { epoch: u32 },
+    Ack {
+        epoch: u32,
+    },
     /// Seal with this epoch from now on; the previous active epoch is retired.
-    Activate { epoch: u32 },
+    Activate {
+        epoch: u32,
+    },
     /// Destroy this epoch everywhere.
-    Destroy { epoch: u32, reason: String },
+    Destroy {
+        epoch: u32,
+        reason: String,
+    },
     /// A proxy's periodic report: its active epoch and what it has sealed under it.
     Heartbeat {
         active: u32,
         sealed_messages: u64,
         sealed_bytes: u64,
     },
+    /// A proxy asks the authority for the whole keyring (on start and on reconnect).
+    SyncRequest {},
+    /// The authority's keyring: every epoch, with the wrapped key of those that still open.
+    SyncReply {
+        epochs: Vec<EpochInfo>,
+    },
+    /// An operator asks for the epochs and their states.
+    KeysRequest {},
+    KeysReply {
+        epochs: Vec<EpochInfo>,
+    },
+    /// An operator asks to destroy an epoch everywhere now.
+    RevokeRequest {
+        epoch: u32,
+        reason: String,
+    },
+    RevokeReply {
+        /// The epoch that seals after the revocation.
+        active: u32,
+        error: Option<String>,
+    },
+    /// An authority announcing itself, so a second one stands by.
+    AuthorityHello {
+        active: u32,
+        /// When this authority started (Unix ms): the earliest one keeps the role.
+        since_ms: u64,
+    },
     /// An operator asks the authority to rotate now.
-    RotateRequest { reason: String },
+    RotateRequest {
+        reason: String,
+    },
     /// The authority's answer: the new active epoch and who acknowledged it, or why not.
     RotateReply {
         epoch: u32,
@@ -53,6 +89,24 @@ pub enum Body {
         laggards: Vec<String>,
         error: Option<String>,
     },
+}
+
+/// One epoch as the authority describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EpochInfo {
+    pub epoch: u32,
+    pub state: crate::keyring::KeyState,
+    pub fingerprint: String,
+    /// Unix seconds.
+    pub created: u64,
+    pub activated: Option<u64>,
+    /// Base64 of the wrapped key, for epochs that still open (sync only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wrapped: Option<String>,
+    /// Messages sealed under it, summed over the proxies' latest heartbeats (active epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_messages: Option<u64>,
 }
 
 /// A control message with its sender and sequence number.

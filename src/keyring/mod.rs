@@ -393,12 +393,41 @@ impl Keyring {
 
     /// Installs a new epoch as decrypt-only and persists it (wrapped) first.
     pub fn stage(&self, epoch: u32, key: DataKey) -> Result<(), KeyringError> {
+        self.insert(epoch, key, KeyState::Staged, true)
+    }
+
+    /// Installs an epoch learned from the key authority's sync (a proxy that joined late or
+    /// missed announcements): unknown epochs only, as `staged` or `retired`, persisted first.
+    /// Older epochs are allowed here, because the authority is the one writer of epochs.
+    pub fn adopt(&self, epoch: u32, key: DataKey, state: KeyState) -> Result<(), KeyringError> {
+        if !matches!(state, KeyState::Staged | KeyState::Retired) {
+            return Err(KeyringError::Refused {
+                epoch,
+                why: "only staged or retired epochs can be adopted",
+            });
+        }
+        self.insert(epoch, key, state, false)
+    }
+
+    fn insert(
+        &self,
+        epoch: u32,
+        key: DataKey,
+        state: KeyState,
+        forward_only: bool,
+    ) -> Result<(), KeyringError> {
         let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
         let newest = records.epochs.iter().map(|r| r.epoch).max().unwrap_or(0);
-        if epoch <= newest {
+        if epoch == 0 || (forward_only && epoch <= newest) {
             return Err(KeyringError::Refused {
                 epoch,
                 why: "epochs only move forward",
+            });
+        }
+        if records.epochs.iter().any(|r| r.epoch == epoch) {
+            return Err(KeyringError::Refused {
+                epoch,
+                why: "already known here",
             });
         }
         if let Some(s) = &self.store {
@@ -407,17 +436,23 @@ impl Keyring {
         let mut next = records.clone();
         next.epochs.push(EpochRecord {
             epoch,
-            state: KeyState::Staged,
+            state,
             fingerprint: key.fingerprint(),
             created: now_secs(),
             activated: None,
         });
-        // The new key is handed to the snapshot directly, not re-read from disk.
+        next.epochs.sort_by_key(|r| r.epoch);
+        // The new key is handed over directly, not re-read from disk.
         let prev = self.current.load();
         let mut staged = prev.staged.clone();
-        staged.push(Arc::new(EpochKey { epoch, key }));
+        let key = Arc::new(EpochKey { epoch, key });
+        if state == KeyState::Staged {
+            staged.push(key);
+        } else {
+            self.cache_retired(key, self.clock.fetch_add(1, Ordering::Relaxed));
+        }
         let mut states = (*prev.states).clone();
-        states.insert(epoch, KeyState::Staged);
+        states.insert(epoch, state);
         if let Some(s) = &self.store {
             s.save_state(&next)?;
         }

@@ -1,0 +1,269 @@
+//! Keys over time: late joiners and restarted proxies open stored history, retention and
+//! revocation crypto-shred epochs everywhere, and a second authority stands by.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::push, stream};
+use cipherbus::envelope::RootKey;
+use cipherbus::server::ProxyHandle;
+use futures::StreamExt;
+use support::*;
+
+const PREFIX: &str = "cipherbus.ctl";
+const FAST: &str = "[rotation]\nheartbeat_every = \"200ms\"\nstage_timeout = \"3s\"\n";
+
+async fn rotate(server: &NatsServer) -> u32 {
+    let root = RootKey::from_bytes(TEST_KEK);
+    cipherbus::control::authority::request_rotation(vec![server.url()], &root, PREFIX, "test")
+        .await
+        .expect("rotation succeeds")
+        .epoch
+}
+
+async fn create_history_stream(p: &ProxyHandle) {
+    jetstream::new(agent(p).await)
+        .create_stream(stream::Config {
+            name: "HIST".into(),
+            subjects: vec!["hist.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+/// Stores one message under the active epoch of `p`.
+async fn store(p: &ProxyHandle, text: &str) {
+    jetstream::new(agent(p).await)
+        .publish(format!("hist.{text}"), text.to_owned().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// Replays the whole stream through `p` and returns the payloads it delivered.
+async fn history(p: &ProxyHandle) -> Vec<String> {
+    let client = agent(p).await;
+    let deliver = client.new_inbox();
+    let mut sub = client.subscribe(deliver.clone()).await.unwrap();
+    sync(&client).await;
+    jetstream::new(client.clone())
+        .get_stream("HIST")
+        .await
+        .unwrap()
+        .create_consumer(push::Config {
+            deliver_subject: deliver,
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(1500), sub.next()).await {
+        got.push(String::from_utf8_lossy(&m.payload).into_owned());
+    }
+    got
+}
+
+fn key_files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("keys"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_joiners_and_restarted_proxies_open_stored_history() {
+    let server = NatsServer::start();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let pa = proxy_full(&server, FAST, TEST_KEK, Some(dir_a.path()), true).await;
+    let pb = proxy_full(&server, FAST, TEST_KEK, Some(dir_b.path()), false).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    create_history_stream(&pa).await;
+    store(&pa, "e1").await;
+    for epoch in 2..=4 {
+        assert_eq!(rotate(&server).await, epoch);
+        store(&pa, &format!("e{epoch}")).await;
+    }
+    let want: Vec<String> = (1..=4).map(|e| format!("e{e}")).collect();
+    assert_eq!(
+        history(&pb).await,
+        want,
+        "a proxy that followed the rotations"
+    );
+
+    // A proxy that joins after three rotations syncs the keyring from the authority.
+    let late_dir = tempfile::tempdir().unwrap();
+    let late = proxy_full(&server, FAST, TEST_KEK, Some(late_dir.path()), false).await;
+    assert!(
+        eventually(Duration::from_secs(10), || late
+            .keyring
+            .snapshot()
+            .active
+            .epoch
+            == 4)
+        .await
+    );
+    assert_eq!(
+        history(&late).await,
+        want,
+        "the late joiner opens all of history"
+    );
+    assert_eq!(
+        key_files(late_dir.path()).len(),
+        3,
+        "epochs 2..4 persisted wrapped"
+    );
+
+    // A restarted proxy, with a retired-key cache smaller than the number of epochs,
+    // opens history from its state directory alone.
+    drop(pb);
+    let restarted = proxy_full(
+        &server,
+        &format!("{FAST}[keyring]\nretired_cache = 1\n"),
+        TEST_KEK,
+        Some(dir_b.path()),
+        false,
+    )
+    .await;
+    assert_eq!(
+        restarted.keyring.snapshot().active.epoch,
+        4,
+        "state recovered at once"
+    );
+    assert_eq!(history(&restarted).await, want);
+    assert!(restarted.keyring.retired_cached() <= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_the_active_epoch_keeps_traffic_flowing_and_shreds_it_everywhere() {
+    let server = NatsServer::start();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let pa = proxy_full(&server, FAST, TEST_KEK, Some(dir_a.path()), true).await;
+    let pb = proxy_full(&server, FAST, TEST_KEK, Some(dir_b.path()), false).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    create_history_stream(&pa).await;
+    assert_eq!(rotate(&server).await, 2);
+    store(&pa, "under2").await;
+    assert!(key_files(dir_b.path()).contains(&"epoch-0000000002.key".to_owned()));
+
+    let dir = tempfile::tempdir().unwrap();
+    let kek = dir.path().join("kek");
+    std::fs::write(&kek, format!("{}\n", hex_kek())).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cipherbus"));
+    cmd.args([
+        "revoke",
+        "2",
+        "--timeout",
+        "20s",
+        "--upstream",
+        &server.url(),
+        "--kek-file",
+    ])
+    .arg(&kek);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("epoch 3 is active"));
+
+    for p in [&pa, &pb] {
+        assert!(
+            eventually(Duration::from_secs(10), || p.keyring.snapshot().state(2)
+                == Some(cipherbus::keyring::KeyState::Destroyed))
+            .await
+        );
+        assert_eq!(p.keyring.snapshot().active.epoch, 3);
+    }
+    for dir in [dir_a.path(), dir_b.path()] {
+        assert!(
+            !key_files(dir).contains(&"epoch-0000000002.key".to_owned()),
+            "the wrapped key is gone from {}",
+            dir.display()
+        );
+    }
+    store(&pa, "under3").await;
+    assert_eq!(history(&pb).await, vec!["under3".to_owned()]);
+    assert_eq!(
+        pb.metrics.open_failures_for("destroyed"),
+        1,
+        "counted, never delivered"
+    );
+    let audit = std::fs::read_to_string(dir_a.path().join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"event\":\"revoked\""));
+    assert!(audit.contains("\"event\":\"destroyed\""));
+}
+
+fn hex_kek() -> String {
+    TEST_KEK.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_destroys_retired_epochs_on_every_proxy() {
+    let server = NatsServer::start();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let conf = format!("{FAST}retain_retired = \"1s\"\n");
+    let pa = proxy_full(&server, &conf, TEST_KEK, Some(dir_a.path()), true).await;
+    let pb = proxy_full(&server, FAST, TEST_KEK, Some(dir_b.path()), false).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    create_history_stream(&pa).await;
+    assert_eq!(rotate(&server).await, 2);
+    store(&pa, "old").await;
+    assert_eq!(rotate(&server).await, 3);
+    store(&pa, "new").await;
+    for p in [&pa, &pb] {
+        assert!(
+            eventually(Duration::from_secs(10), || p.keyring.snapshot().state(2)
+                == Some(cipherbus::keyring::KeyState::Destroyed))
+            .await,
+            "retention ended for epoch 2"
+        );
+    }
+    assert!(!key_files(dir_b.path()).contains(&"epoch-0000000002.key".to_owned()));
+    assert_eq!(history(&pb).await, vec!["new".to_owned()]);
+    assert_eq!(pb.metrics.open_failures_for("destroyed"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_authority_stands_by() {
+    let server = NatsServer::start();
+    let dir_a = tempfile::tempdir().unwrap();
+    let pa = proxy_full(&server, FAST, TEST_KEK, Some(dir_a.path()), true).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dir_c = tempfile::tempdir().unwrap();
+    let second = proxy_full(&server, FAST, TEST_KEK, Some(dir_c.path()), true).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(rotate(&server).await, 2);
+    assert_eq!(rotate(&server).await, 3);
+    assert_eq!(pa.metrics.rotations.get(), 2);
+    assert_eq!(
+        second.metrics.rotations.get(),
+        0,
+        "the second authority never wrote an epoch"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || second
+            .keyring
+            .snapshot()
+            .active
+            .epoch
+            == 3)
+        .await,
+        "it follows the first as a proxy"
+    );
+    let audit = std::fs::read_to_string(dir_c.path().join("audit.jsonl")).unwrap();
+    assert!(audit.contains("standing by"), "{audit}");
+}
