@@ -232,46 +232,78 @@ async fn rotate_command_runs_two_phase_rotations_under_load() {
     // Let every proxy's heartbeat reach the authority, so all three are expected to ack.
     tokio::time::sleep(Duration::from_millis(700)).await;
 
-    const TOTAL: u32 = 20_000;
+    // A sustained stream at a fixed rate of 25k msgs/s, running until the rotations are done.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopper = stop.clone();
     let sending = tokio::spawn(async move {
-        for i in 0..TOTAL {
-            publisher
-                .publish("load.x", i.to_be_bytes().to_vec().into())
-                .await
-                .unwrap();
-            if i % 500 == 499 {
-                publisher.flush().await.unwrap();
-                tokio::time::sleep(Duration::from_millis(10)).await;
+        let started = std::time::Instant::now();
+        let mut sent = 0u32;
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        while !stopper.load(std::sync::atomic::Ordering::Relaxed) {
+            tick.tick().await;
+            for _ in 0..250 {
+                publisher
+                    .publish("load.x", sent.to_be_bytes().to_vec().into())
+                    .await
+                    .unwrap();
+                sent += 1;
             }
+            publisher.flush().await.unwrap();
         }
-        publisher.flush().await.unwrap();
+        (sent, started.elapsed())
     });
-    let root = RootKey::from_bytes(TEST_KEK);
+    let dir = tempfile::tempdir().unwrap();
+    let kek = dir.path().join("kek");
+    std::fs::write(
+        &kek,
+        TEST_KEK
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>(),
+    )
+    .unwrap();
     for want in 2..=6u32 {
-        let r = cipherbus::control::authority::request_rotation(
-            vec![server.url()],
-            &root,
-            PREFIX,
-            "test",
-        )
-        .await
-        .expect("rotation succeeds");
-        assert_eq!(r.epoch, want);
-        assert_eq!(r.acked.len(), 3, "all three proxies acknowledged: {r:?}");
-        assert!(r.laggards.is_empty());
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cipherbus"));
+        cmd.args([
+            "rotate",
+            "--timeout",
+            "20s",
+            "--upstream",
+            &server.url(),
+            "--kek-file",
+        ])
+        .arg(&kek);
+        let out = tokio::task::spawn_blocking(move || cmd.output())
+            .await
+            .unwrap()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains(&format!("epoch {want} is active")),
+            "{stdout}"
+        );
+        assert!(stdout.contains("acknowledged by 3 proxies"), "{stdout}");
     }
-    sending.await.unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (total, elapsed) = sending.await.unwrap();
+    let rate = f64::from(total) / elapsed.as_secs_f64();
+    assert!(rate >= 20_000.0, "the stream ran at {rate:.0} msgs/s");
     for inbox in [&mut in_b, &mut in_c] {
-        for want in 0..TOTAL {
+        for want in 0..total {
             let m = tokio::time::timeout(Duration::from_secs(10), inbox.next())
                 .await
-                .unwrap_or_else(|_| panic!("message {want} lost"))
+                .unwrap_or_else(|_| panic!("message {want} of {total} lost"))
                 .unwrap();
             assert_eq!(m.payload[..], want.to_be_bytes(), "in order, nothing lost");
         }
     }
     let mut epochs = BTreeSet::new();
-    for _ in 0..TOTAL {
+    for _ in 0..total {
         let m = tokio::time::timeout(Duration::from_secs(10), tap.next())
             .await
             .unwrap()
@@ -376,4 +408,116 @@ async fn rotate_without_an_authority_fails_with_a_sentence() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no key authority"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_missed_the_announcements_fetches_the_key_and_delivers() {
+    let server = NatsServer::start();
+    let (pa, pb) = (proxy(&server).await, proxy(&server).await);
+    let subscriber = agent(&pb).await;
+    let mut inbox = subscriber.subscribe("late.news").await.unwrap();
+    sync(&subscriber).await;
+
+    // Epoch 2 exists on proxy A only, as if B had missed both announcements.
+    let root = RootKey::from_bytes(TEST_KEK);
+    let key = DataKey::generate().unwrap();
+    let info = |epoch: u32, state, key: &DataKey| message::EpochInfo {
+        epoch,
+        state,
+        fingerprint: key.fingerprint(),
+        created: 0,
+        activated: None,
+        wrapped: Some(
+            base64::engine::general_purpose::STANDARD
+                .encode(envelope::wrap_key(&root, epoch, key).unwrap()),
+        ),
+        sealed_messages: None,
+    };
+    let epochs = vec![
+        info(
+            1,
+            cipherbus::keyring::KeyState::Retired,
+            &envelope::derive_epoch1(&root),
+        ),
+        info(2, cipherbus::keyring::KeyState::Active, &key),
+    ];
+    pa.keyring.stage(2, key.clone()).unwrap();
+    pa.keyring.activate(2).unwrap();
+
+    // A stand-in authority that only answers keyring syncs.
+    let mut authority = Authority::new(&server, TEST_KEK, "sync-only").await;
+    let mut syncs = authority
+        .client
+        .subscribe(cipherbus::control::authority::sync_subject(PREFIX))
+        .await
+        .unwrap();
+    sync(&authority.client).await;
+    let answering = tokio::spawn(async move {
+        let mut answered = 0;
+        while let Some(m) = syncs.next().await {
+            let reply = m.reply.unwrap();
+            let body = Body::SyncReply {
+                epochs: epochs.clone(),
+            };
+            let sealed = authority.sealer.seal(reply.as_str(), body).unwrap();
+            authority
+                .client
+                .publish(reply, sealed.into())
+                .await
+                .unwrap();
+            authority.client.flush().await.unwrap();
+            answered += 1;
+        }
+        answered
+    });
+
+    let publisher = agent(&pa).await;
+    publisher
+        .publish("late.news", "sealed under epoch 2".into())
+        .await
+        .unwrap();
+    publisher.flush().await.unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(10), inbox.next())
+        .await
+        .expect("held and delivered, not dropped")
+        .unwrap();
+    assert_eq!(&m.payload[..], b"sealed under epoch 2");
+    assert_eq!(
+        pb.keyring.snapshot().active.epoch,
+        2,
+        "B synced and activated epoch 2"
+    );
+    assert_eq!(pb.metrics.open_failures_for("unknown_epoch"), 0);
+
+    // An implausible epoch is refused at once instead of stalling the connection.
+    let raw = observer(&server).await;
+    let mut sealed = Vec::new();
+    {
+        let mut tap = raw.subscribe("late.news").await.unwrap();
+        sync(&raw).await;
+        publisher.publish("late.news", "x".into()).await.unwrap();
+        publisher.flush().await.unwrap();
+        sealed.extend_from_slice(&tap.next().await.unwrap().payload);
+        let _ = inbox.next().await;
+    }
+    sealed[4..8].copy_from_slice(&1000u32.to_be_bytes());
+    raw.publish("late.news", sealed.into()).await.unwrap();
+    raw.flush().await.unwrap();
+    publisher
+        .publish("late.news", "after".into())
+        .await
+        .unwrap();
+    publisher.flush().await.unwrap();
+    let started = std::time::Instant::now();
+    let m = tokio::time::timeout(Duration::from_secs(10), inbox.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&m.payload[..], b"after");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "no hold for epoch 1000"
+    );
+    assert_eq!(pb.metrics.open_failures_for("unknown_epoch"), 1);
+    answering.abort();
 }

@@ -315,6 +315,10 @@ pub async fn run(
                 Some(m) => m,
                 None => return,
             },
+            () = member.keyring.sync_wanted() => {
+                sync(&client, &mut member, &mut sealer, &prefix, &metrics).await;
+                continue;
+            }
             Some(()) = reconnected.recv() => {
                 sync(&client, &mut member, &mut sealer, &prefix, &metrics).await;
                 continue;

@@ -74,6 +74,15 @@ impl Snapshot {
         self.states.get(&epoch).copied()
     }
 
+    /// The highest epoch known here, in any state.
+    pub fn newest(&self) -> u32 {
+        self.states
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(self.active.epoch)
+    }
+
     pub fn epochs(&self) -> impl Iterator<Item = (u32, KeyState)> + '_ {
         self.states.iter().map(|(e, s)| (*e, *s))
     }
@@ -147,6 +156,9 @@ pub struct Keyring {
     store: Option<Store>,
     /// Serializes changes; the hot path never takes it.
     records: Mutex<StateFile>,
+    /// Raised by sessions that saw an epoch newer than any known; the control plane answers
+    /// with one sync, however many sessions asked.
+    sync_wanted: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -212,6 +224,7 @@ impl Keyring {
             clock: AtomicU64::new(0),
             store,
             records: Mutex::new(records),
+            sync_wanted: tokio::sync::Notify::new(),
         };
         {
             let records = ring.records.lock().unwrap_or_else(|p| p.into_inner());
@@ -253,6 +266,16 @@ impl Keyring {
 
     pub fn state_dir(&self) -> Option<&Path> {
         self.store.as_ref().map(Store::dir)
+    }
+
+    /// Asks the control plane to sync the keyring from the authority (coalesced).
+    pub fn want_sync(&self) {
+        self.sync_wanted.notify_one();
+    }
+
+    /// Resolves when a sync was asked for.
+    pub async fn sync_wanted(&self) {
+        self.sync_wanted.notified().await;
     }
 
     /// The current snapshot. Cheap; take it once per batch of messages.

@@ -305,6 +305,25 @@ enum End {
     Io(#[allow(dead_code)] std::io::Error),
 }
 
+/// How long one connection's delivery is held for a newer epoch's key.
+const EPOCH_HOLD: Duration = Duration::from_secs(2);
+
+/// Asks for a keyring sync and waits until `epoch` is known here, or [`EPOCH_HOLD`] passes.
+async fn wait_for_epoch(keyring: &Keyring, epoch: u32) -> bool {
+    keyring.want_sync();
+    let deadline = Instant::now() + EPOCH_HOLD;
+    loop {
+        if keyring.snapshot().state(epoch).is_some() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(epoch, "no key arrived for a newer epoch");
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Reserves room for the next read: the rest of a known op, or a chunk.
 fn prepare_read(buf: &mut BytesMut, needed: Option<usize>) {
     if buf.is_empty() && buf.capacity() > KEEP_CAPACITY {
@@ -413,10 +432,28 @@ where
         let mut closed = false;
         let mut failure = false;
         {
-            let snap = shared.keyring.snapshot();
+            let mut snap = shared.keyring.snapshot();
             let limit = max_payload.load(Ordering::Relaxed) + OVERHEAD + SERVER_PAYLOAD_SLACK;
             loop {
-                match parser.parse(&mut buf, limit) {
+                let op = parser.parse(&mut buf, limit);
+                if let Ok(Some(op)) = &op {
+                    if let Some(epoch) = inbound.pending_epoch(op, policy, &snap) {
+                        // A newer epoch than any known: its announcement may still be on its
+                        // way. Hold this connection's delivery briefly instead of dropping.
+                        drop(snap);
+                        if !out.is_empty() {
+                            if let Err(e) = agent_w.write_all(&out).await {
+                                return End::Io(e);
+                            }
+                            release(&mut out);
+                        }
+                        if !wait_for_epoch(&shared.keyring, epoch).await {
+                            inbound.epoch_unavailable(epoch);
+                        }
+                        snap = shared.keyring.snapshot();
+                    }
+                }
+                match op {
                     Ok(Some(ServerOp::Info(json))) => match shared.rewrite.apply(&json) {
                         Ok(rw) => {
                             max_payload.store(rw.max_payload, Ordering::Relaxed);

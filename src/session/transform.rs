@@ -21,6 +21,13 @@ use crate::proto::{self, ClientOp, ServerOp};
 const MAX_TRACKED_REPLIES: usize = 64;
 /// Direct-get and message-get requests remembered per session.
 const MAX_TRACKED_GETS: usize = 256;
+/// An epoch this far beyond the newest known is not waited for: epochs grow by one per
+/// rotation, so a larger jump is a forged header, and holding delivery for it would let
+/// anyone on the bus stall agents.
+const MAX_EPOCH_LEAD: u32 = 16;
+/// After a wait for an epoch came to nothing, it is refused at once for this long.
+const UNAVAILABLE_FOR: Duration = Duration::from_secs(30);
+
 /// Subjects longer than this are not kept in the one-entry policy cache.
 const MAX_CACHED_SUBJECT: usize = 256;
 
@@ -318,6 +325,8 @@ pub struct Inbound {
     generation: u64,
     tally: Tally,
     limiter: RateLimit,
+    /// The last epoch waited for in vain, and when.
+    unavailable: Option<(u32, Instant)>,
 }
 
 impl Default for Inbound {
@@ -334,7 +343,55 @@ impl Inbound {
             generation: u64::MAX,
             tally: Tally::default(),
             limiter: RateLimit::new(Duration::from_secs(1)),
+            unavailable: None,
         }
+    }
+
+    /// The epoch to wait for before handling `op`: a sealed delivery on an encrypt subject
+    /// under an epoch newer than any known here, not implausibly far ahead, and not one
+    /// already waited for in vain. The caller asks for a keyring sync, waits briefly, then
+    /// hands the op to [`Inbound::handle`] as usual.
+    pub fn pending_epoch(
+        &mut self,
+        op: &ServerOp,
+        policy: &Policy,
+        snap: &Snapshot,
+    ) -> Option<u32> {
+        let (subject, payload) = match op {
+            ServerOp::Msg {
+                subject, payload, ..
+            }
+            | ServerOp::Hmsg {
+                subject, payload, ..
+            } => (subject, payload),
+            _ => return None,
+        };
+        if !envelope::is_envelope(payload) || payload.len() < OVERHEAD {
+            return None;
+        }
+        let epoch = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+        if epoch == snap.active.epoch {
+            return None;
+        }
+        let newest = snap.newest();
+        if epoch <= newest || epoch > newest.saturating_add(MAX_EPOCH_LEAD) {
+            return None;
+        }
+        if self
+            .unavailable
+            .is_some_and(|(e, at)| e == epoch && at.elapsed() < UNAVAILABLE_FOR)
+        {
+            return None;
+        }
+        if self.cache.decide(policy, subject).mode != Mode::Encrypt {
+            return None;
+        }
+        Some(epoch)
+    }
+
+    /// Records that waiting for `epoch` did not bring its key.
+    pub fn epoch_unavailable(&mut self, epoch: u32) {
+        self.unavailable = Some((epoch, Instant::now()));
     }
 
     /// Handles one op from the server, appending what the agent gets to `out`. An INFO is not
