@@ -66,9 +66,7 @@ async fn respond(
     let path = path.split(|&b| b == b'?').next().unwrap_or_default();
     let (status, ctype, body) = match (method, path) {
         (b"GET", b"/metrics") => {
-            metrics
-                .active_epoch
-                .set(i64::from(keyring.snapshot().active.epoch));
+            metrics.refresh_keys(keyring);
             (
                 "200 OK",
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -30,6 +30,16 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EpochLabel {
+    pub epoch: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabel {
     pub direction: &'static str,
 }
@@ -52,6 +62,9 @@ pub struct Metrics {
     pub active_epoch: Gauge,
     pub control_refused: Family<ReasonLabel, Counter>,
     pub rotations: Counter,
+    pub epoch_sealed: Family<EpochLabel, Counter>,
+    pub epochs: Family<StateLabel, Gauge>,
+    pub key_age: Gauge,
 }
 
 impl Default for Metrics {
@@ -78,6 +91,9 @@ impl Metrics {
             active_epoch: Gauge::default(),
             control_refused: Family::default(),
             rotations: Counter::default(),
+            epoch_sealed: Family::default(),
+            epochs: Family::default(),
+            key_age: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -152,6 +168,22 @@ impl Metrics {
             "Rotations this process carried out as the key authority",
             m.rotations.clone(),
         );
+        registry.register(
+            "epoch_sealed_messages",
+            "Payloads this proxy sealed, by epoch (destroyed epochs are dropped)",
+            m.epoch_sealed.clone(),
+        );
+        registry.register(
+            "epochs",
+            "Epochs known to this proxy's keyring, by state",
+            m.epochs.clone(),
+        );
+        registry.register_with_unit(
+            "key_age",
+            "Time since the active epoch was activated",
+            Unit::Seconds,
+            m.key_age.clone(),
+        );
         for reason in OPEN_FAILURE_REASONS {
             let _ = m.open_failures.get_or_create(&ReasonLabel { reason });
         }
@@ -190,6 +222,42 @@ impl Metrics {
         self.open_failures
             .get_or_create(&ReasonLabel { reason })
             .get()
+    }
+
+    /// Brings the keyring gauges up to date; called when metrics are scraped.
+    pub fn refresh_keys(&self, keyring: &crate::keyring::Keyring) {
+        use crate::keyring::KeyState;
+        let snap = keyring.snapshot();
+        self.active_epoch.set(i64::from(snap.active.epoch));
+        let mut counts = [0i64; 4];
+        for (epoch, state) in snap.epochs() {
+            let i = match state {
+                KeyState::Staged => 0,
+                KeyState::Active => 1,
+                KeyState::Retired => 2,
+                KeyState::Destroyed => {
+                    self.epoch_sealed.remove(&EpochLabel { epoch });
+                    3
+                }
+            };
+            counts[i] += 1;
+        }
+        for (state, n) in ["staged", "active", "retired", "destroyed"]
+            .into_iter()
+            .zip(counts)
+        {
+            self.epochs.get_or_create(&StateLabel { state }).set(n);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let activated = keyring
+            .records()
+            .iter()
+            .find(|r| r.epoch == snap.active.epoch)
+            .and_then(|r| r.activated);
+        self.key_age
+            .set(activated.map_or(0, |t| now.saturating_sub(t)) as i64);
     }
 
     /// Renders the registry in the Prometheus/OpenMetrics text format.

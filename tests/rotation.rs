@@ -160,6 +160,24 @@ async fn rotations_under_traffic_lose_nothing_and_the_bus_sees_epochs_advance() 
     );
     assert_eq!(pb.metrics.open_failures_for("unknown_epoch"), 0);
     assert_eq!(pb.metrics.open_failures_for("auth"), 0);
+    // Per-epoch counts on the sealing side add up to the total, over several epochs.
+    let per_epoch: Vec<u64> = (1..=4)
+        .map(|epoch| {
+            pa.metrics
+                .epoch_sealed
+                .get_or_create(&cipherbus::metrics::EpochLabel { epoch })
+                .get()
+        })
+        .collect();
+    assert_eq!(
+        per_epoch.iter().sum::<u64>(),
+        u64::from(TOTAL),
+        "{per_epoch:?}"
+    );
+    assert!(
+        per_epoch.iter().filter(|n| **n > 0).count() >= 2,
+        "{per_epoch:?}"
+    );
 }
 
 #[tokio::test]

@@ -310,6 +310,13 @@ impl Outbound {
         if self.tally.msgs > 0 {
             metrics.messages_sealed.inc_by(self.tally.msgs);
             metrics.bytes_sealed.inc_by(self.tally.bytes);
+            if let Some(s) = &self.sealer {
+                // One batch is sealed under one epoch: the sealer is only replaced between batches.
+                metrics
+                    .epoch_sealed
+                    .get_or_create(&crate::metrics::EpochLabel { epoch: s.epoch() })
+                    .inc_by(self.tally.msgs);
+            }
             self.tally = Tally::default();
         }
     }
