@@ -28,6 +28,17 @@ pub enum StartError {
     },
     #[error("cannot open the keyring: {0}")]
     Keyring(#[from] KeyringError),
+    #[error("cannot open the audit log: {0}")]
+    Audit(#[from] crate::audit::AuditError),
+}
+
+fn open_audit(config: &Config) -> Result<Option<Arc<crate::audit::AuditLog>>, StartError> {
+    Ok(config
+        .audit_log
+        .as_deref()
+        .map(crate::audit::AuditLog::open)
+        .transpose()?
+        .map(Arc::new))
 }
 
 /// A running proxy. Dropping it stops the listener and closes every session.
@@ -101,8 +112,8 @@ pub async fn start_controller(config: Config, root: RootKey) -> Result<ProxyHand
             prefix: config.policy.control_prefix().to_owned(),
             rotation: config.rotation.clone(),
             node: node_id("authority"),
-            audit_log: config.audit_log.clone(),
         },
+        open_audit(&config)?,
         shutdown_rx,
     )));
     Ok(ProxyHandle {
@@ -130,6 +141,7 @@ pub async fn start_with_keyring(
         addr: config.listen,
         source,
     })?;
+    let audit = open_audit(&config)?;
     let metrics = Arc::new(Metrics::new());
     metrics
         .active_epoch
@@ -169,6 +181,7 @@ pub async fn start_with_keyring(
         config.policy.control_prefix().to_owned(),
         node_id("proxy"),
         config.rotation.heartbeat_every,
+        audit.clone(),
         shutdown_rx.clone(),
     )));
     if config.controller {
@@ -180,8 +193,8 @@ pub async fn start_with_keyring(
                 prefix: config.policy.control_prefix().to_owned(),
                 rotation: config.rotation.clone(),
                 node: node_id("authority"),
-                audit_log: config.audit_log.clone(),
             },
+            audit.clone(),
             shutdown_rx.clone(),
         )));
     }

@@ -151,6 +151,12 @@ async fn revoking_the_active_epoch_keeps_traffic_flowing_and_shreds_it_everywher
     let pb = proxy_full(&server, FAST, TEST_KEK, Some(dir_b.path()), false).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     create_history_stream(&pa).await;
+    let collector = observer(&server).await;
+    let mut events = collector
+        .subscribe(cipherbus::control::authority::audit_subject(PREFIX))
+        .await
+        .unwrap();
+    sync(&collector).await;
     assert_eq!(rotate(&server).await, 2);
     store(&pa, "under2").await;
     assert!(key_files(dir_b.path()).contains(&"epoch-0000000002.key".to_owned()));
@@ -205,6 +211,28 @@ async fn revoking_the_active_epoch_keeps_traffic_flowing_and_shreds_it_everywher
     let audit = std::fs::read_to_string(dir_a.path().join("audit.jsonl")).unwrap();
     assert!(audit.contains("\"event\":\"revoked\""));
     assert!(audit.contains("\"event\":\"destroyed\""));
+
+    // Collectors on the control prefix get the same events, sealed.
+    let control_key = cipherbus::envelope::derive_control_key(&RootKey::from_bytes(TEST_KEK));
+    let mut opener = cipherbus::envelope::Opener::new();
+    let subject = cipherbus::control::authority::audit_subject(PREFIX);
+    let mut seen = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), events.next()).await {
+        let msg =
+            cipherbus::control::message::open(&mut opener, &control_key, &subject, &m.payload)
+                .expect("audit events are sealed under the control key");
+        if let cipherbus::control::message::Body::AuditEvent { entry } = msg.body {
+            seen.push(entry);
+        }
+    }
+    assert!(
+        seen.iter().any(|e| e.contains("\"event\":\"revoked\"")),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(|e| e.contains("\"event\":\"activated\"")),
+        "{seen:?}"
+    );
 }
 
 fn hex_kek() -> String {

@@ -183,7 +183,8 @@ async fn rotations_under_traffic_lose_nothing_and_the_bus_sees_epochs_advance() 
 #[tokio::test]
 async fn forged_replayed_and_backwards_announcements_are_refused() {
     let server = NatsServer::start();
-    let p = proxy(&server).await;
+    let state = tempfile::tempdir().unwrap();
+    let p = proxy_full(&server, "", TEST_KEK, Some(state.path()), false).await;
     let mut authority = Authority::new(&server, TEST_KEK, "test-authority").await;
     authority.rotate(2, 1).await;
     assert!(active_epoch(&p, 2).await);

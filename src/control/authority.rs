@@ -9,7 +9,6 @@
 //! announcement catches up, and writes every key event to the audit log.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,6 +47,11 @@ pub fn sync_subject(prefix: &str) -> String {
     format!("{prefix}.sync")
 }
 
+/// Where audit events are published for collectors.
+pub fn audit_subject(prefix: &str) -> String {
+    format!("{prefix}.audit")
+}
+
 /// Where authorities announce themselves.
 pub fn hello_subject(prefix: &str) -> String {
     format!("{prefix}.authority")
@@ -61,7 +65,6 @@ pub struct AuthorityConfig {
     pub prefix: String,
     pub rotation: Rotation,
     pub node: String,
-    pub audit_log: Option<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -91,7 +94,9 @@ struct Authority {
     sealer: ControlSealer,
     opener: Opener,
     guard: ReplayGuard,
-    audit: Option<AuditLog>,
+    audit: Option<Arc<AuditLog>>,
+    /// Audit entries written but not yet published for collectors.
+    unpublished: Vec<crate::audit::Entry>,
     proxies: HashMap<String, Proxy>,
     activated: Instant,
     since_ms: u64,
@@ -105,15 +110,9 @@ pub async fn run(
     metrics: Arc<Metrics>,
     upstreams: Vec<String>,
     cfg: AuthorityConfig,
+    audit: Option<Arc<AuditLog>>,
     mut shutdown: watch::Receiver<()>,
 ) {
-    let audit = match cfg.audit_log.as_deref().map(AuditLog::open).transpose() {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!(error = %e, "key authority not started: its audit log is unusable");
-            return;
-        }
-    };
     let control_key = envelope::derive_control_key(keyring.root());
     let sealer = match ControlSealer::new(cfg.node.clone(), &control_key) {
         Ok(s) => s,
@@ -147,6 +146,7 @@ pub async fn run(
         opener: Opener::new(),
         guard: ReplayGuard::default(),
         audit,
+        unpublished: Vec::new(),
         proxies: HashMap::new(),
         activated: Instant::now(),
         since_ms: std::time::SystemTime::now()
@@ -262,6 +262,9 @@ impl Authority {
                     }
                 }
                 _ = shutdown.changed() => return Ok(()),
+            }
+            if !self.unpublished.is_empty() {
+                self.publish_audit().await;
             }
         }
     }
@@ -500,10 +503,24 @@ impl Authority {
                 .is_some_and(|max| bytes >= max)
     }
 
-    fn audit(&self, event: Event) {
+    fn audit(&mut self, event: Event) {
         if let Some(log) = &self.audit {
-            if let Err(e) = log.append(event) {
-                tracing::error!(error = %e, "cannot write the audit log");
+            match log.append(event) {
+                Ok(entry) => self.unpublished.push(entry),
+                Err(e) => tracing::error!(error = %e, "cannot write the audit log"),
+            }
+        }
+    }
+
+    /// Publishes audit entries, sealed, on `<prefix>.audit` for collectors.
+    async fn publish_audit(&mut self) {
+        let subject = audit_subject(&self.cfg.prefix);
+        for entry in std::mem::take(&mut self.unpublished) {
+            let Ok(json) = serde_json::to_string(&entry) else {
+                continue;
+            };
+            if let Ok(sealed) = self.sealer.seal(&subject, Body::AuditEvent { entry: json }) {
+                let _ = self.client.publish(subject.clone(), sealed.into()).await;
             }
         }
     }

@@ -262,10 +262,25 @@ pub async fn run(
     prefix: String,
     node: String,
     heartbeat_every: std::time::Duration,
+    audit: Option<Arc<crate::audit::AuditLog>>,
     mut shutdown: watch::Receiver<()>,
 ) {
+    let record = |kind, epoch: Option<u32>, reason: String| {
+        if let Some(log) = &audit {
+            let event = crate::audit::Event {
+                kind,
+                epoch,
+                fingerprint: None,
+                actor: node.clone(),
+                reason,
+            };
+            if let Err(e) = log.append(event) {
+                tracing::error!(error = %e, "cannot write the audit log");
+            }
+        }
+    };
     let mut member = Member::new(keyring, &prefix);
-    let mut sealer = match ControlSealer::new(node, member.control_key()) {
+    let mut sealer = match ControlSealer::new(node.clone(), member.control_key()) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "control plane disabled");
@@ -342,6 +357,7 @@ pub async fn run(
             }
             _ = shutdown.changed() => return,
         };
+        let before = member.keyring.snapshot().active.epoch;
         match member.apply(&msg.payload) {
             Ok(Reply::Ack(epoch)) => {
                 let ack = sealer.seal(&member.subjects().ack, Body::Ack { epoch });
@@ -355,7 +371,20 @@ pub async fn run(
             Err(e) => {
                 metrics.control_refused(e.reason());
                 tracing::warn!(reason = e.reason(), error = %e, "refused a control message");
+                record(
+                    crate::audit::EventKind::Refused,
+                    None,
+                    format!("control message refused ({}): {e}", e.reason()),
+                );
             }
+        }
+        let after = member.keyring.snapshot().active.epoch;
+        if after != before {
+            record(
+                crate::audit::EventKind::Activated,
+                Some(after),
+                format!("announced by the key authority; epoch {before} retired"),
+            );
         }
         let active = member.keyring.snapshot().active.epoch;
         if active != epoch_seen {

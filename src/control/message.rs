@@ -78,6 +78,10 @@ pub enum Body {
         /// When this authority started (Unix ms): the earliest one keeps the role.
         since_ms: u64,
     },
+    /// One audit log entry (its JSON line, without the hash), for collectors.
+    AuditEvent {
+        entry: String,
+    },
     /// An operator asks the authority to rotate now.
     RotateRequest {
         reason: String,
