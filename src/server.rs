@@ -177,10 +177,12 @@ pub async fn start_with_keyring(
     tasks.push(tokio::spawn(crate::control::member::run(
         keyring.clone(),
         metrics.clone(),
-        upstream_urls(&config),
-        config.policy.control_prefix().to_owned(),
-        node_id("proxy"),
-        config.rotation.heartbeat_every,
+        crate::control::member::MemberConfig {
+            upstreams: upstream_urls(&config),
+            prefix: config.policy.control_prefix().to_owned(),
+            node: node_id("proxy"),
+            heartbeat_every: config.rotation.heartbeat_every,
+        },
         audit.clone(),
         shutdown_rx.clone(),
     )));

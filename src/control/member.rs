@@ -205,6 +205,16 @@ impl Member {
     }
 }
 
+/// How a proxy's control connection is set up.
+#[derive(Debug, Clone)]
+pub struct MemberConfig {
+    pub upstreams: Vec<String>,
+    pub prefix: String,
+    /// This proxy's id on the control plane.
+    pub node: String,
+    pub heartbeat_every: std::time::Duration,
+}
+
 /// Asks the authority for its keyring and applies it. No authority yet is not an error.
 async fn sync(
     client: &async_nats::Client,
@@ -258,13 +268,16 @@ async fn sync(
 pub async fn run(
     keyring: Arc<Keyring>,
     metrics: Arc<Metrics>,
-    upstreams: Vec<String>,
-    prefix: String,
-    node: String,
-    heartbeat_every: std::time::Duration,
+    cfg: MemberConfig,
     audit: Option<Arc<crate::audit::AuditLog>>,
     mut shutdown: watch::Receiver<()>,
 ) {
+    let MemberConfig {
+        upstreams,
+        prefix,
+        node,
+        heartbeat_every,
+    } = cfg;
     let record = |kind, epoch: Option<u32>, reason: String| {
         if let Some(log) = &audit {
             let event = crate::audit::Event {
