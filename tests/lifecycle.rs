@@ -123,9 +123,13 @@ async fn late_joiners_and_restarted_proxies_open_stored_history() {
         "epochs 2..4 persisted wrapped"
     );
 
-    // A restarted proxy, with a retired-key cache smaller than the number of epochs,
-    // opens history from its state directory alone.
+    // Every proxy restarts, the authority's too; one with a retired-key cache smaller than the
+    // number of epochs opens history from its state directory alone.
+    drop(pa);
     drop(pb);
+    let pa = proxy_full(&server, FAST, TEST_KEK, Some(dir_a.path()), true).await;
+    assert_eq!(pa.keyring.snapshot().active.epoch, 4);
+    assert_eq!(history(&pa).await, want, "the restarted authority's proxy");
     let restarted = proxy_full(
         &server,
         &format!("{FAST}[keyring]\nretired_cache = 1\n"),
@@ -294,4 +298,152 @@ async fn a_second_authority_stands_by() {
     );
     let audit = std::fs::read_to_string(dir_c.path().join("audit.jsonl")).unwrap();
     assert!(audit.contains("standing by"), "{audit}");
+}
+
+/// A TCP relay in front of the server that can be cut and restored, to cut one proxy off.
+struct Relay {
+    port: u16,
+    task: Option<tokio::task::JoinHandle<()>>,
+    target: std::net::SocketAddr,
+}
+
+impl Relay {
+    fn start(target: std::net::SocketAddr) -> Self {
+        let mut relay = Relay {
+            port: free_port(),
+            task: None,
+            target,
+        };
+        relay.restore();
+        relay
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Drops every relayed connection and stops listening.
+    fn cut(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
+    fn restore(&mut self) {
+        let std_listener = std::net::TcpListener::bind(("127.0.0.1", self.port)).unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let target = self.target;
+        self.task = Some(tokio::spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+            let mut pipes = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                pipes.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        }));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_cut_off_during_rotations_catches_up_when_it_returns() {
+    let server = NatsServer::start();
+    let dir_a = tempfile::tempdir().unwrap();
+    let pa = proxy_full(&server, FAST, TEST_KEK, Some(dir_a.path()), true).await;
+    let mut relay = Relay::start(server.addr());
+    let dir_c = tempfile::tempdir().unwrap();
+    let file: cipherbus::config::FileConfig = toml::from_str(FAST).unwrap();
+    let config = file
+        .resolve(cipherbus::config::Overrides {
+            listen: Some("127.0.0.1:0".into()),
+            upstream: vec![relay.url()],
+            kek_file: Some("unused".into()),
+            state_dir: Some(dir_c.path().to_path_buf()),
+            ..Default::default()
+        })
+        .unwrap();
+    let pc = cipherbus::server::start(config, RootKey::from_bytes(TEST_KEK))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    create_history_stream(&pa).await;
+    store(&pa, "e1").await;
+
+    relay.cut();
+    for epoch in 2..=3 {
+        assert_eq!(
+            rotate(&server).await,
+            epoch,
+            "rotations go on without the cut-off proxy"
+        );
+        store(&pa, &format!("e{epoch}")).await;
+    }
+    assert_eq!(
+        pc.keyring.snapshot().active.epoch,
+        1,
+        "it really missed them"
+    );
+
+    relay.restore();
+    assert!(
+        eventually(Duration::from_secs(15), || pc
+            .keyring
+            .snapshot()
+            .active
+            .epoch
+            == 3)
+        .await,
+        "it syncs when its control connection comes back"
+    );
+    let want: Vec<String> = (1..=3).map(|e| format!("e{e}")).collect();
+    assert_eq!(history(&pc).await, want, "stored history opens");
+    let publisher = agent(&pa).await;
+    let subscriber = agent(&pc).await;
+    let mut inbox = subscriber.subscribe("after.cut").await.unwrap();
+    sync(&subscriber).await;
+    publisher
+        .publish("after.cut", "new traffic".into())
+        .await
+        .unwrap();
+    publisher.flush().await.unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(10), inbox.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&m.payload[..], b"new traffic");
+}
+
+#[test]
+fn audit_verify_names_the_first_bad_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let log = cipherbus::audit::AuditLog::open(&path).unwrap();
+    for epoch in 1..=3 {
+        log.append(cipherbus::audit::Event {
+            kind: cipherbus::audit::EventKind::Activated,
+            epoch: Some(epoch),
+            fingerprint: None,
+            actor: "test".into(),
+            reason: "test".into(),
+        })
+        .unwrap();
+    }
+    let verify = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cipherbus"))
+            .args(["audit", "verify"])
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    let ok = verify();
+    assert!(ok.status.success());
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("3 entries, chain intact"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replacen("\"epoch\":2", "\"epoch\":7", 1)).unwrap();
+    let bad = verify();
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("line 2"), "{stderr}");
 }

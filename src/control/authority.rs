@@ -98,6 +98,8 @@ struct Authority {
     /// Audit entries written but not yet published for collectors.
     unpublished: Vec<crate::audit::Entry>,
     proxies: HashMap<String, Proxy>,
+    /// Messages sealed under each retired epoch, as last reported (kept in memory only).
+    retired_usage: HashMap<u32, u64>,
     activated: Instant,
     since_ms: u64,
     /// Another authority that holds the role: its node id and when it was last heard.
@@ -148,6 +150,7 @@ pub async fn run(
         audit,
         unpublished: Vec::new(),
         proxies: HashMap::new(),
+        retired_usage: HashMap::new(),
         activated: Instant::now(),
         since_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -343,7 +346,10 @@ impl Authority {
                 message::EpochInfo {
                     epoch: r.epoch,
                     state: r.state,
-                    sealed_messages: (r.state == KeyState::Active).then_some(active_usage),
+                    sealed_messages: match r.state {
+                        KeyState::Active => Some(active_usage),
+                        _ => self.retired_usage.get(&r.epoch).copied(),
+                    },
                     fingerprint: r.fingerprint,
                     created: r.created,
                     activated: r.activated,
@@ -377,6 +383,7 @@ impl Authority {
 
     async fn destroy(&mut self, epoch: u32, reason: &str) -> Result<(), String> {
         self.keyring.destroy(epoch).map_err(|e| e.to_string())?;
+        self.retired_usage.remove(&epoch);
         self.audit(self.event(EventKind::Destroyed, epoch, None, reason));
         self.announce(Body::Destroy {
             epoch,
@@ -664,7 +671,14 @@ impl Authority {
         }
 
         let old = self.keyring.snapshot().active.epoch;
+        let old_usage: u64 = self
+            .proxies
+            .values()
+            .filter(|p| p.active == old)
+            .map(|p| p.sealed_messages)
+            .sum();
         self.keyring.activate(epoch).map_err(|e| e.to_string())?;
+        self.retired_usage.insert(old, old_usage);
         // Heard once by everyone in the common case; the periodic re-announcement covers loss.
         self.announce(Body::Activate { epoch }).await;
         self.activated = Instant::now();
