@@ -104,6 +104,21 @@ pub async fn start_controller(config: Config, root: RootKey) -> Result<ProxyHand
             shutdown_rx.clone(),
         )));
     }
+    let audit = open_audit(&config)?;
+    // It follows the announcements like a proxy, so that if it is standing by it holds the
+    // current keyring when it takes the role over.
+    tasks.push(tokio::spawn(crate::control::member::run(
+        keyring.clone(),
+        metrics.clone(),
+        crate::control::member::MemberConfig {
+            upstreams: upstream_urls(&config),
+            prefix: config.policy.control_prefix().to_owned(),
+            node: node_id("authority-follower"),
+            heartbeat_every: config.rotation.heartbeat_every,
+        },
+        audit.clone(),
+        shutdown_rx.clone(),
+    )));
     tasks.push(tokio::spawn(crate::control::authority::run(
         keyring.clone(),
         metrics.clone(),
@@ -113,7 +128,7 @@ pub async fn start_controller(config: Config, root: RootKey) -> Result<ProxyHand
             rotation: config.rotation.clone(),
             node: node_id("authority"),
         },
-        open_audit(&config)?,
+        audit,
         shutdown_rx,
     )));
     Ok(ProxyHandle {

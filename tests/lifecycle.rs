@@ -298,6 +298,12 @@ async fn a_second_authority_stands_by() {
     );
     let audit = std::fs::read_to_string(dir_c.path().join("audit.jsonl")).unwrap();
     assert!(audit.contains("standing by"), "{audit}");
+
+    // When the first one goes away, the second takes the role over from the current keyring.
+    drop(pa);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(rotate(&server).await, 4);
+    assert_eq!(second.metrics.rotations.get(), 1);
 }
 
 /// A TCP relay in front of the server that can be cut and restored, to cut one proxy off.
