@@ -206,21 +206,33 @@ impl Authority {
                         }
                     }
                 }
-                Some(m) = syncs.next(), if !self.standing_by() => {
+                Some(m) = syncs.next() => {
+                    // A standing-by authority drops requests; they are not kept for later.
+                    if self.standing_by() {
+                        continue;
+                    }
                     let subject = sync_subject(&self.cfg.prefix);
                     if let (Ok(Body::SyncRequest {}), Some(reply)) = (self.open(&subject, &m.payload), m.reply) {
                         let body = Body::SyncReply { epochs: self.epochs(true) };
                         self.reply(reply, body).await;
                     }
                 }
-                Some(m) = keys_cmds.next(), if !self.standing_by() => {
+                Some(m) = keys_cmds.next() => {
+                    // A standing-by authority drops requests; they are not kept for later.
+                    if self.standing_by() {
+                        continue;
+                    }
                     let subject = keys_subject(&self.cfg.prefix);
                     if let (Ok(Body::KeysRequest {}), Some(reply)) = (self.open(&subject, &m.payload), m.reply) {
                         let body = Body::KeysReply { epochs: self.epochs(false) };
                         self.reply(reply, body).await;
                     }
                 }
-                Some(m) = revoke_cmds.next(), if !self.standing_by() => {
+                Some(m) = revoke_cmds.next() => {
+                    // A standing-by authority drops requests; they are not kept for later.
+                    if self.standing_by() {
+                        continue;
+                    }
                     let subject = revoke_subject(&self.cfg.prefix);
                     let body = match self.open(&subject, &m.payload) {
                         Ok(Body::RevokeRequest { epoch, reason }) => match self.revoke(epoch, &reason, &mut acks).await {
@@ -234,7 +246,11 @@ impl Authority {
                         self.reply(reply, body).await;
                     }
                 }
-                Some(m) = commands.next(), if !self.standing_by() => {
+                Some(m) = commands.next() => {
+                    // A standing-by authority drops requests; they are not kept for later.
+                    if self.standing_by() {
+                        continue;
+                    }
                     let reply = m.reply.clone();
                     let subject = rotate_subject(&self.cfg.prefix);
                     let result = match self.open(&subject, &m.payload) {
