@@ -3,12 +3,13 @@
 //! This module owns argument parsing, logging setup and exit codes. Startup errors (bad config,
 //! bad key file, bad address) print one sentence and exit with code 2.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{FileConfig, Overrides};
+use crate::config::{Config, FileConfig, Overrides};
+use crate::envelope::RootKey;
 use crate::keyring::source::{write_new_kek, KekFile, RootKeySource};
 
 /// Exit code for anything wrong with how cipherbus was started.
@@ -199,28 +200,31 @@ fn init_logging() {
         .try_init();
 }
 
-fn run(args: RunArgs) -> ExitCode {
-    let file = match &args.config {
-        Some(path) => match FileConfig::load(path) {
-            Ok(f) => f,
-            Err(e) => return fail(&e),
-        },
+/// Reads the config file, applies the flags, validates, and loads the root key.
+fn load(config: Option<&Path>, flags: Overrides) -> Result<(Config, RootKey), ExitCode> {
+    let file = match config {
+        Some(path) => FileConfig::load(path).map_err(|e| fail(&e))?,
         None => FileConfig::default(),
     };
-    let config = match file.resolve(Overrides {
+    let config = file.resolve(flags).map_err(|e| fail(&e))?;
+    let root = KekFile(config.kek_file.clone())
+        .load()
+        .map_err(|e| fail(&e))?;
+    Ok((config, root))
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let flags = Overrides {
         listen: args.listen,
         upstream: args.upstream,
         kek_file: args.kek_file,
         state_dir: args.state_dir,
         admin: args.admin,
         controller: args.controller,
-    }) {
-        Ok(c) => c,
-        Err(e) => return fail(&e),
     };
-    let root = match KekFile(config.kek_file.clone()).load() {
-        Ok(k) => k,
-        Err(e) => return fail(&e),
+    let (config, root) = match load(args.config.as_deref(), flags) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     if args.check_config {
         let ups: Vec<String> = config.upstreams.iter().map(ToString::to_string).collect();
@@ -259,27 +263,17 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 }
 
 fn controller(args: ControllerArgs) -> ExitCode {
-    let file = match &args.config {
-        Some(path) => match FileConfig::load(path) {
-            Ok(f) => f,
-            Err(e) => return fail(&e),
-        },
-        None => FileConfig::default(),
-    };
-    let config = match file.resolve(Overrides {
+    let flags = Overrides {
         listen: None,
         upstream: args.upstream,
         kek_file: args.kek_file,
         state_dir: args.state_dir,
         admin: args.admin,
         controller: true,
-    }) {
-        Ok(c) => c,
-        Err(e) => return fail(&e),
     };
-    let root = match KekFile(config.kek_file.clone()).load() {
-        Ok(k) => k,
-        Err(e) => return fail(&e),
+    let (config, root) = match load(args.config.as_deref(), flags) {
+        Ok(x) => x,
+        Err(code) => return code,
     };
     let rt = match runtime() {
         Ok(rt) => rt,

@@ -88,57 +88,95 @@ pub async fn start_controller(config: Config, root: RootKey) -> Result<ProxyHand
         config.state_dir.as_deref(),
         config.retired_cache,
     )?);
-    let metrics = Arc::new(Metrics::new());
-    let (shutdown_tx, shutdown_rx) = watch::channel(());
-    let mut tasks = Vec::new();
-    let mut admin_addr = None;
-    if let Some(addr) = config.admin {
-        let admin = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Listen { addr, source })?;
-        admin_addr = admin.local_addr().ok();
-        tasks.push(tokio::spawn(crate::admin::serve(
-            admin,
-            metrics.clone(),
-            keyring.clone(),
-            shutdown_rx.clone(),
-        )));
-    }
-    let audit = open_audit(&config)?;
     // It follows the announcements like a proxy, so that if it is standing by it holds the
     // current keyring when it takes the role over.
-    tasks.push(tokio::spawn(crate::control::member::run(
-        keyring.clone(),
-        metrics.clone(),
-        crate::control::member::MemberConfig {
-            upstreams: upstream_urls(&config),
-            prefix: config.policy.control_prefix().to_owned(),
-            node: node_id("authority-follower"),
-            heartbeat_every: config.rotation.heartbeat_every,
-        },
-        audit.clone(),
-        shutdown_rx.clone(),
-    )));
-    tasks.push(tokio::spawn(crate::control::authority::run(
-        keyring.clone(),
-        metrics.clone(),
-        upstream_urls(&config),
-        crate::control::authority::AuthorityConfig {
-            prefix: config.policy.control_prefix().to_owned(),
-            rotation: config.rotation.clone(),
-            node: node_id("authority"),
-        },
-        audit,
-        shutdown_rx,
-    )));
-    Ok(ProxyHandle {
-        local_addr: config.listen,
-        admin_addr,
-        metrics,
-        keyring,
-        shutdown: Some(shutdown_tx),
-        tasks,
-    })
+    let base = Base::start(&config, &keyring, "authority-follower", true).await?;
+    Ok(base.into_handle(config.listen, keyring))
+}
+
+/// What every process runs: metrics, the admin endpoint, the control connection that follows
+/// announcements, and the key authority where configured.
+struct Base {
+    metrics: Arc<Metrics>,
+    admin_addr: Option<SocketAddr>,
+    shutdown_tx: watch::Sender<()>,
+    shutdown_rx: watch::Receiver<()>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Base {
+    async fn start(
+        config: &Config,
+        keyring: &Arc<Keyring>,
+        role: &str,
+        controller: bool,
+    ) -> Result<Self, StartError> {
+        let audit = open_audit(config)?;
+        let metrics = Arc::new(Metrics::new());
+        metrics
+            .active_epoch
+            .set(i64::from(keyring.snapshot().active.epoch));
+        let (shutdown_tx, shutdown_rx) = watch::channel(());
+        let mut tasks = Vec::new();
+        let mut admin_addr = None;
+        if let Some(addr) = config.admin {
+            let admin = TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Listen { addr, source })?;
+            admin_addr = admin.local_addr().ok();
+            tasks.push(tokio::spawn(crate::admin::serve(
+                admin,
+                metrics.clone(),
+                keyring.clone(),
+                shutdown_rx.clone(),
+            )));
+        }
+        let prefix = config.policy.control_prefix().to_owned();
+        tasks.push(tokio::spawn(crate::control::member::run(
+            keyring.clone(),
+            metrics.clone(),
+            crate::control::member::MemberConfig {
+                upstreams: upstream_urls(config),
+                prefix: prefix.clone(),
+                node: node_id(role),
+                heartbeat_every: config.rotation.heartbeat_every,
+            },
+            audit.clone(),
+            shutdown_rx.clone(),
+        )));
+        if controller {
+            tasks.push(tokio::spawn(crate::control::authority::run(
+                keyring.clone(),
+                metrics.clone(),
+                upstream_urls(config),
+                crate::control::authority::AuthorityConfig {
+                    prefix,
+                    rotation: config.rotation.clone(),
+                    node: node_id("authority"),
+                },
+                audit,
+                shutdown_rx.clone(),
+            )));
+        }
+        Ok(Base {
+            metrics,
+            admin_addr,
+            shutdown_tx,
+            shutdown_rx,
+            tasks,
+        })
+    }
+
+    fn into_handle(self, local_addr: SocketAddr, keyring: Arc<Keyring>) -> ProxyHandle {
+        ProxyHandle {
+            local_addr,
+            admin_addr: self.admin_addr,
+            metrics: self.metrics,
+            keyring,
+            shutdown: Some(self.shutdown_tx),
+            tasks: self.tasks,
+        }
+    }
 }
 
 /// Starts a proxy on an existing keyring.
@@ -156,27 +194,9 @@ pub async fn start_with_keyring(
         addr: config.listen,
         source,
     })?;
-    let audit = open_audit(&config)?;
-    let metrics = Arc::new(Metrics::new());
-    metrics
-        .active_epoch
-        .set(i64::from(keyring.snapshot().active.epoch));
-    let (shutdown_tx, shutdown_rx) = watch::channel(());
-    let mut tasks = Vec::new();
-
-    let mut admin_addr = None;
-    if let Some(addr) = config.admin {
-        let admin = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Listen { addr, source })?;
-        admin_addr = admin.local_addr().ok();
-        tasks.push(tokio::spawn(crate::admin::serve(
-            admin,
-            metrics.clone(),
-            keyring.clone(),
-            shutdown_rx.clone(),
-        )));
-    }
+    let mut base = Base::start(&config, &keyring, "proxy", config.controller).await?;
+    let shutdown_rx = base.shutdown_rx.clone();
+    let metrics = base.metrics.clone();
 
     let upstreams: Vec<String> = config.upstreams.iter().map(ToString::to_string).collect();
     tracing::info!(
@@ -185,58 +205,19 @@ pub async fn start_with_keyring(
         active_epoch = keyring.snapshot().active.epoch,
         "cipherbus proxy listening"
     );
-    tasks.push(tokio::spawn(probe_upstream(
+    base.tasks.push(tokio::spawn(probe_upstream(
         config.clone(),
         shutdown_rx.clone(),
     )));
-    tasks.push(tokio::spawn(crate::control::member::run(
-        keyring.clone(),
-        metrics.clone(),
-        crate::control::member::MemberConfig {
-            upstreams: upstream_urls(&config),
-            prefix: config.policy.control_prefix().to_owned(),
-            node: node_id("proxy"),
-            heartbeat_every: config.rotation.heartbeat_every,
-        },
-        audit.clone(),
-        shutdown_rx.clone(),
-    )));
-    if config.controller {
-        tasks.push(tokio::spawn(crate::control::authority::run(
-            keyring.clone(),
-            metrics.clone(),
-            upstream_urls(&config),
-            crate::control::authority::AuthorityConfig {
-                prefix: config.policy.control_prefix().to_owned(),
-                rotation: config.rotation.clone(),
-                node: node_id("authority"),
-            },
-            audit.clone(),
-            shutdown_rx.clone(),
-        )));
-    }
-
     let limit = Arc::new(Semaphore::new(config.max_connections));
-    let shared = Arc::new(Shared::new(
-        config,
-        keyring.clone(),
-        metrics.clone(),
-        local_addr,
-    ));
-    tasks.push(tokio::spawn(accept_loop(
+    let shared = Arc::new(Shared::new(config, keyring.clone(), metrics, local_addr));
+    base.tasks.push(tokio::spawn(accept_loop(
         listener,
         shared,
         limit,
         shutdown_rx,
     )));
-    Ok(ProxyHandle {
-        local_addr,
-        admin_addr,
-        metrics,
-        keyring,
-        shutdown: Some(shutdown_tx),
-        tasks,
-    })
+    Ok(base.into_handle(local_addr, keyring))
 }
 
 async fn accept_loop(

@@ -166,10 +166,8 @@ async fn revoking_the_active_epoch_keeps_traffic_flowing_and_shreds_it_everywher
     assert!(key_files(dir_b.path()).contains(&"epoch-0000000002.key".to_owned()));
 
     let dir = tempfile::tempdir().unwrap();
-    let kek = dir.path().join("kek");
-    std::fs::write(&kek, format!("{}\n", hex_kek())).unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cipherbus"));
-    cmd.args([
+    let kek = write_kek(dir.path(), TEST_KEK);
+    let args = [
         "revoke",
         "2",
         "--timeout",
@@ -177,12 +175,10 @@ async fn revoking_the_active_epoch_keeps_traffic_flowing_and_shreds_it_everywher
         "--upstream",
         &server.url(),
         "--kek-file",
-    ])
-    .arg(&kek);
-    let out = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .unwrap()
-        .unwrap();
+    ];
+    let mut args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+    args.push(kek.into());
+    let out = cipherbus_cli(env!("CARGO_BIN_EXE_cipherbus"), args).await;
     assert!(
         out.status.success(),
         "{}",
@@ -237,10 +233,6 @@ async fn revoking_the_active_epoch_keeps_traffic_flowing_and_shreds_it_everywher
         seen.iter().any(|e| e.contains("\"event\":\"activated\"")),
         "{seen:?}"
     );
-}
-
-fn hex_kek() -> String {
-    TEST_KEK.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

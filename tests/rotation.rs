@@ -272,30 +272,19 @@ async fn rotate_command_runs_two_phase_rotations_under_load() {
         (sent, started.elapsed())
     });
     let dir = tempfile::tempdir().unwrap();
-    let kek = dir.path().join("kek");
-    std::fs::write(
-        &kek,
-        TEST_KEK
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>(),
-    )
-    .unwrap();
+    let kek = write_kek(dir.path(), TEST_KEK);
     for want in 2..=6u32 {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cipherbus"));
-        cmd.args([
+        let args = [
             "rotate",
             "--timeout",
             "20s",
             "--upstream",
             &server.url(),
             "--kek-file",
-        ])
-        .arg(&kek);
-        let out = tokio::task::spawn_blocking(move || cmd.output())
-            .await
-            .unwrap()
-            .unwrap();
+        ];
+        let mut args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+        args.push(kek.clone().into());
+        let out = cipherbus_cli(env!("CARGO_BIN_EXE_cipherbus"), args).await;
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -405,24 +394,18 @@ async fn schedule_and_usage_trigger_rotations_by_themselves() {
 async fn rotate_without_an_authority_fails_with_a_sentence() {
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let kek = dir.path().join("kek");
-    std::fs::write(&kek, format!("{}\n", "42".repeat(32))).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cipherbus"));
-    cmd.args([
+    let kek = write_kek(dir.path(), TEST_KEK);
+    let args = [
         "rotate",
         "--timeout",
         "3s",
         "--upstream",
         &server.url(),
         "--kek-file",
-    ])
-    .arg(&kek);
-    let out = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .unwrap()
-        .unwrap();
+    ];
+    let mut args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+    args.push(kek.into());
+    let out = cipherbus_cli(env!("CARGO_BIN_EXE_cipherbus"), args).await;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no key authority"), "{stderr}");

@@ -314,3 +314,27 @@ pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
+
+/// Writes `kek` as a root key file (mode 0600) in `dir`, as `cipherbus keygen` would.
+pub fn write_kek(dir: &Path, kek: [u8; 32]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("kek");
+    let hex: String = kek.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&path, hex + "\n").expect("write the key file");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    path
+}
+
+/// Runs the binary `bin` (a test's `env!("CARGO_BIN_EXE_cipherbus")`) with `args` off the
+/// test's runtime and returns its output.
+pub async fn cipherbus_cli(bin: &str, args: Vec<std::ffi::OsString>) -> std::process::Output {
+    let bin = bin.to_owned();
+    tokio::task::spawn_blocking(move || {
+        Command::new(bin)
+            .args(args)
+            .output()
+            .expect("run cipherbus")
+    })
+    .await
+    .expect("join")
+}
