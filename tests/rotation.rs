@@ -325,7 +325,11 @@ async fn rotate_command_runs_two_phase_rotations_under_load() {
     for p in [&pa, &pb, &pc] {
         assert!(active_epoch(p, 6).await);
         for reason in cipherbus::metrics::OPEN_FAILURE_REASONS {
-            assert_eq!(p.metrics.open_failures_for(reason), 0, "open failures: {reason}");
+            assert_eq!(
+                p.metrics.open_failures_for(reason),
+                0,
+                "open failures: {reason}"
+            );
         }
     }
     assert_eq!(pa.metrics.rotations.get(), 5);
