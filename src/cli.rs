@@ -92,9 +92,50 @@ struct RunArgs {
     /// Host the key authority in this proxy (needs --state-dir).
     #[arg(long)]
     controller: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
+    #[command(flatten)]
+    upstream_tls: UpstreamTlsArgs,
     /// Check the config and the root key, print a summary, and exit.
     #[arg(long)]
     check_config: bool,
+}
+
+/// TLS for agents connecting to the proxy.
+#[derive(Debug, Args)]
+struct TlsArgs {
+    /// PEM certificate chain the listener presents.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Require agents to present a certificate signed by this CA (mTLS).
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
+    /// required | optional | first | auto [default: required].
+    #[arg(long, value_name = "MODE")]
+    tls_mode: Option<crate::tls::AgentTlsMode>,
+}
+
+/// TLS towards the upstream servers.
+#[derive(Debug, Args)]
+struct UpstreamTlsArgs {
+    /// CA that signs the upstream servers' certificates.
+    #[arg(long, value_name = "FILE")]
+    upstream_ca: Option<PathBuf>,
+    /// Client certificate for servers with `verify`.
+    #[arg(long, value_name = "FILE")]
+    upstream_cert: Option<PathBuf>,
+    /// Key of the client certificate.
+    #[arg(long, value_name = "FILE")]
+    upstream_key: Option<PathBuf>,
+    /// Handshake before the server's INFO (servers with `handshake_first`).
+    #[arg(long)]
+    upstream_tls_first: bool,
+    /// The name to verify in the server's certificate [default: the upstream URL's host].
+    #[arg(long, value_name = "NAME")]
+    upstream_server_name: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -114,6 +155,8 @@ struct ControllerArgs {
     /// Serve /metrics and /healthz on this address.
     #[arg(long, value_name = "ADDR")]
     admin: Option<String>,
+    #[command(flatten)]
+    upstream_tls: UpstreamTlsArgs,
 }
 
 /// How to reach the key authority.
@@ -202,6 +245,17 @@ fn init_logging() {
         .try_init();
 }
 
+fn upstream_overrides(a: UpstreamTlsArgs) -> Overrides {
+    Overrides {
+        upstream_ca: a.upstream_ca,
+        upstream_cert: a.upstream_cert,
+        upstream_key: a.upstream_key,
+        upstream_tls_first: a.upstream_tls_first,
+        upstream_server_name: a.upstream_server_name,
+        ..Overrides::default()
+    }
+}
+
 /// Reads the config file, applies the flags, validates, and loads the root key.
 fn load(config: Option<&Path>, flags: Overrides) -> Result<(Config, RootKey), ExitCode> {
     let file = match config {
@@ -223,6 +277,11 @@ fn run(args: RunArgs) -> ExitCode {
         state_dir: args.state_dir,
         admin: args.admin,
         controller: args.controller,
+        tls_cert: args.tls.tls_cert,
+        tls_key: args.tls.tls_key,
+        tls_client_ca: args.tls.tls_client_ca,
+        tls_mode: args.tls.tls_mode,
+        ..upstream_overrides(args.upstream_tls)
     };
     let (config, root) = match load(args.config.as_deref(), flags) {
         Ok(x) => x,
@@ -272,6 +331,7 @@ fn controller(args: ControllerArgs) -> ExitCode {
         state_dir: args.state_dir,
         admin: args.admin,
         controller: true,
+        ..upstream_overrides(args.upstream_tls)
     };
     let (config, root) = match load(args.config.as_deref(), flags) {
         Ok(x) => x,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::policy::{Policy, PolicyError, RuleConfig, DEFAULT_CONTROL_PREFIX};
+use crate::tls::{AgentTlsMode, ServerFiles, UpstreamFiles};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4333";
 pub const DEFAULT_UPSTREAM: &str = "nats://127.0.0.1:4222";
@@ -26,13 +27,15 @@ pub const DEFAULT_RETIRED_CACHE: usize = 64;
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub listen: Option<String>,
-    pub upstream: Option<Vec<String>>,
+    pub upstream: Option<UpstreamSection>,
     pub kek_file: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub admin: Option<String>,
     pub control_prefix: Option<String>,
     pub max_connections: Option<usize>,
     pub upstream_connect_timeout: Option<String>,
+    #[serde(default)]
+    pub tls: TlsSection,
     #[serde(default)]
     pub keyring: KeyringSection,
     #[serde(default)]
@@ -41,6 +44,45 @@ pub struct FileConfig {
     pub audit_log: Option<PathBuf>,
     #[serde(default)]
     pub policy: Vec<RuleConfig>,
+}
+
+/// `upstream`: a list of URLs, or a table with the list and `[upstream.tls]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum UpstreamSection {
+    Urls(Vec<String>),
+    Table(UpstreamTable),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTable {
+    #[serde(default)]
+    pub servers: Vec<String>,
+    #[serde(default)]
+    pub tls: UpstreamTlsSection,
+}
+
+/// `[upstream.tls]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsSection {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    #[serde(default)]
+    pub handshake_first: bool,
+    pub server_name: Option<String>,
+}
+
+/// `[tls]`: the agent listener.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
+    pub mode: Option<AgentTlsMode>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -146,6 +188,15 @@ pub struct Overrides {
     pub admin: Option<String>,
     /// Host the key authority in this process.
     pub controller: bool,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+    pub tls_mode: Option<AgentTlsMode>,
+    pub upstream_ca: Option<PathBuf>,
+    pub upstream_cert: Option<PathBuf>,
+    pub upstream_key: Option<PathBuf>,
+    pub upstream_tls_first: bool,
+    pub upstream_server_name: Option<String>,
 }
 
 /// One upstream server, as `host:port`.
@@ -153,6 +204,8 @@ pub struct Overrides {
 pub struct Upstream {
     pub host: String,
     pub port: u16,
+    /// Given as `tls://`: TLS is required to this server.
+    pub tls: bool,
 }
 
 impl std::fmt::Display for Upstream {
@@ -180,6 +233,9 @@ pub struct Config {
     pub rotation: Rotation,
     pub controller: bool,
     pub audit_log: Option<PathBuf>,
+    /// TLS on the agent listener, if any.
+    pub agent_tls: Option<(AgentTlsMode, ServerFiles)>,
+    pub upstream_tls: UpstreamFiles,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +262,8 @@ pub enum ConfigError {
         "the key authority needs a state directory (--state-dir) to persist the keys it creates"
     )]
     ControllerNeedsStateDir,
+    #[error("TLS: {0}")]
+    Tls(&'static str),
     #[error("subject policy: {0}")]
     Policy(#[from] PolicyError),
 }
@@ -236,11 +294,17 @@ impl FileConfig {
             .map(|a| parse_addr("admin address", &a))
             .transpose()?;
 
+        let (file_urls, file_up_tls) = match self.upstream {
+            Some(UpstreamSection::Urls(urls)) => (urls, UpstreamTlsSection::default()),
+            Some(UpstreamSection::Table(t)) => (t.servers, t.tls),
+            None => (Vec::new(), UpstreamTlsSection::default()),
+        };
         let raw_upstreams = if !flags.upstream.is_empty() {
             flags.upstream
+        } else if !file_urls.is_empty() {
+            file_urls
         } else {
-            self.upstream
-                .unwrap_or_else(|| vec![DEFAULT_UPSTREAM.to_owned()])
+            vec![DEFAULT_UPSTREAM.to_owned()]
         };
         let mut upstreams = Vec::new();
         for entry in &raw_upstreams {
@@ -284,6 +348,39 @@ impl FileConfig {
             });
         }
 
+        let upstream_tls = UpstreamFiles {
+            ca: flags.upstream_ca.or(file_up_tls.ca),
+            cert: flags.upstream_cert.or(file_up_tls.cert),
+            key: flags.upstream_key.or(file_up_tls.key),
+            first: flags.upstream_tls_first || file_up_tls.handshake_first,
+            server_name: flags.upstream_server_name.or(file_up_tls.server_name),
+        };
+        if upstream_tls.cert.is_some() != upstream_tls.key.is_some() {
+            return Err(ConfigError::Tls(
+                "an upstream client certificate needs its key, and a key its certificate",
+            ));
+        }
+        let cert = flags.tls_cert.or(self.tls.cert);
+        let key = flags.tls_key.or(self.tls.key);
+        let client_ca = flags.tls_client_ca.or(self.tls.client_ca);
+        let mode = flags.tls_mode.or(self.tls.mode);
+        let agent_tls = match (cert, key) {
+            (Some(cert), Some(key)) => Some((
+                mode.unwrap_or(AgentTlsMode::Required),
+                ServerFiles {
+                    cert,
+                    key,
+                    client_ca,
+                },
+            )),
+            (None, None) if mode.is_none() && client_ca.is_none() => None,
+            (None, None) => {
+                return Err(ConfigError::Tls(
+                    "a TLS mode or client CA needs --tls-cert and --tls-key",
+                ))
+            }
+            _ => return Err(ConfigError::Tls("--tls-cert and --tls-key go together")),
+        };
         let rotation = self.rotation.resolve()?;
         if flags.controller && state_dir.is_none() {
             return Err(ConfigError::ControllerNeedsStateDir);
@@ -292,6 +389,8 @@ impl FileConfig {
             .audit_log
             .or_else(|| state_dir.as_ref().map(|d| d.join("audit.jsonl")));
         Ok(Config {
+            agent_tls,
+            upstream_tls,
             rotation,
             controller: flags.controller,
             audit_log,
@@ -330,11 +429,11 @@ pub fn parse_upstream(url: &str) -> Result<Upstream, ConfigError> {
         value: url.to_owned(),
         why,
     };
-    let rest = match url.split_once("://") {
-        Some(("nats", rest)) => rest,
-        Some(("tls", _)) => return Err(bad("TLS to the upstream is not supported yet")),
-        Some(_) => return Err(bad("the scheme must be nats://")),
-        None => url,
+    let (tls, rest) = match url.split_once("://") {
+        Some(("nats", rest)) => (false, rest),
+        Some(("tls", rest)) => (true, rest),
+        Some(_) => return Err(bad("the scheme must be nats:// or tls://")),
+        None => (false, url),
     };
     let rest = rest.trim_end_matches('/');
     if rest.contains('@') {
@@ -363,6 +462,7 @@ pub fn parse_upstream(url: &str) -> Result<Upstream, ConfigError> {
     Ok(Upstream {
         host: host.to_owned(),
         port,
+        tls,
     })
 }
 
@@ -402,7 +502,8 @@ mod tests {
             c.upstreams,
             vec![Upstream {
                 host: "127.0.0.1".into(),
-                port: 4222
+                port: 4222,
+                tls: false,
             }]
         );
         assert_eq!(c.max_connections, DEFAULT_MAX_CONNECTIONS);
@@ -463,11 +564,11 @@ mod tests {
             "nats://u:p@x:1",
             "x:99999",
             "x:",
-            "tls://x:1",
             "a:b:c",
         ] {
             assert!(parse_upstream(url).is_err(), "{url}");
         }
+        assert!(parse_upstream("tls://x:1").unwrap().tls);
         assert_eq!(parse_upstream("[::1]:5").unwrap().host, "::1");
     }
 

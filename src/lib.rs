@@ -36,3 +36,4 @@ pub mod policy;
 pub mod proto;
 pub mod server;
 pub mod session;
+pub mod tls;

@@ -30,6 +30,8 @@ pub enum StartError {
     Keyring(#[from] KeyringError),
     #[error("cannot open the audit log: {0}")]
     Audit(#[from] crate::audit::AuditError),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 fn open_audit(config: &Config) -> Result<Option<Arc<crate::audit::AuditLog>>, StartError> {
@@ -140,6 +142,7 @@ impl Base {
                 prefix: prefix.clone(),
                 node: node_id(role),
                 heartbeat_every: config.rotation.heartbeat_every,
+                tls: config.upstream_tls.clone(),
             },
             audit.clone(),
             shutdown_rx.clone(),
@@ -153,6 +156,7 @@ impl Base {
                     prefix,
                     rotation: config.rotation.clone(),
                     node: node_id("authority"),
+                    tls: config.upstream_tls.clone(),
                 },
                 audit,
                 shutdown_rx.clone(),
@@ -184,6 +188,12 @@ pub async fn start_with_keyring(
     config: Config,
     keyring: Arc<Keyring>,
 ) -> Result<ProxyHandle, StartError> {
+    // Certificates are checked before anything listens, so a bad file fails the start.
+    let agent_tls = match &config.agent_tls {
+        Some((mode, files)) => Some(Arc::new(crate::tls::AgentTls::new(*mode, files.clone())?)),
+        None => None,
+    };
+    let upstream_tls = config.upstream_tls.load()?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Listen {
@@ -209,8 +219,19 @@ pub async fn start_with_keyring(
         config.clone(),
         shutdown_rx.clone(),
     )));
+    if let Some(t) = &agent_tls {
+        base.tasks
+            .push(tokio::spawn(t.clone().watch(shutdown_rx.clone())));
+    }
     let limit = Arc::new(Semaphore::new(config.max_connections));
-    let shared = Arc::new(Shared::new(config, keyring.clone(), metrics, local_addr));
+    let shared = Arc::new(Shared::new(
+        config,
+        keyring.clone(),
+        metrics,
+        local_addr,
+        agent_tls,
+        upstream_tls,
+    ));
     base.tasks.push(tokio::spawn(accept_loop(
         listener,
         shared,
@@ -274,7 +295,10 @@ pub fn upstream_urls(config: &Config) -> Vec<String> {
     config
         .upstreams
         .iter()
-        .map(|u| format!("nats://{u}"))
+        .map(|u| {
+            let scheme = if u.tls { "tls" } else { "nats" };
+            format!("{scheme}://{u}")
+        })
         .collect()
 }
 

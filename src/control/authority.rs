@@ -65,6 +65,7 @@ pub struct AuthorityConfig {
     pub prefix: String,
     pub rotation: Rotation,
     pub node: String,
+    pub tls: crate::tls::UpstreamFiles,
 }
 
 #[derive(Debug)]
@@ -124,7 +125,7 @@ pub async fn run(
         }
     };
     let client = tokio::select! {
-        c = async_nats::ConnectOptions::new()
+        c = cfg.tls.apply(async_nats::ConnectOptions::new())
             .name("cipherbus-authority")
             .retry_on_initial_connect()
             .connect(upstreams) => c,

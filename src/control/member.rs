@@ -213,6 +213,8 @@ pub struct MemberConfig {
     /// This proxy's id on the control plane.
     pub node: String,
     pub heartbeat_every: std::time::Duration,
+    /// TLS towards the upstream, as for agent sessions.
+    pub tls: crate::tls::UpstreamFiles,
 }
 
 /// Asks the authority for its keyring and applies it. No authority yet is not an error.
@@ -277,6 +279,7 @@ pub async fn run(
         prefix,
         node,
         heartbeat_every,
+        tls,
     } = cfg;
     let record = |kind, epoch: Option<u32>, reason: String| {
         if let Some(log) = &audit {
@@ -302,7 +305,7 @@ pub async fn run(
     };
     let (reconnected_tx, mut reconnected) = tokio::sync::mpsc::channel::<()>(1);
     let client = tokio::select! {
-        c = async_nats::ConnectOptions::new()
+        c = tls.apply(async_nats::ConnectOptions::new())
             .name("cipherbus-control")
             .retry_on_initial_connect()
             .event_callback(move |event| {

@@ -31,6 +31,7 @@ use crate::envelope::OVERHEAD;
 use crate::keyring::Keyring;
 use crate::metrics::Metrics;
 use crate::proto::{self, ClientParser, ProtoError, ServerOp, ServerParser};
+use crate::tls::{AgentTls, AgentTlsMode, UpstreamTls, AUTO_WAIT};
 use info::{InfoRewrite, ListenerTls};
 use transform::{Inbound, Outbound, Replies};
 
@@ -50,6 +51,10 @@ pub struct Shared {
     pub keyring: Arc<Keyring>,
     pub metrics: Arc<Metrics>,
     pub rewrite: InfoRewrite,
+    /// TLS on the agent listener.
+    pub agent_tls: Option<Arc<AgentTls>>,
+    /// TLS towards the upstream, when configured or asked for by a server's INFO.
+    pub upstream_tls: UpstreamTls,
     /// Index of the upstream tried first; moves on when a server fails.
     preferred: AtomicUsize,
 }
@@ -60,11 +65,21 @@ impl Shared {
         keyring: Arc<Keyring>,
         metrics: Arc<Metrics>,
         listen: SocketAddr,
+        agent_tls: Option<Arc<AgentTls>>,
+        upstream_tls: UpstreamTls,
     ) -> Self {
+        let tls = match agent_tls.as_deref() {
+            None => ListenerTls::default(),
+            Some(t) => ListenerTls {
+                required: t.mode != AgentTlsMode::Optional,
+                available: t.mode == AgentTlsMode::Optional,
+                verify: t.verify_clients,
+            },
+        };
         let rewrite = InfoRewrite {
             host: listen.ip().to_string(),
             port: listen.port(),
-            tls: ListenerTls::default(),
+            tls,
             overhead: OVERHEAD,
         };
         Shared {
@@ -72,9 +87,36 @@ impl Shared {
             keyring,
             metrics,
             rewrite,
+            agent_tls,
+            upstream_tls,
             preferred: AtomicUsize::new(0),
         }
     }
+}
+
+type Reader = Box<dyn AsyncRead + Unpin + Send>;
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+
+fn split_tcp(s: TcpStream) -> (Reader, Writer) {
+    let (r, w) = s.into_split();
+    (Box::new(r), Box::new(w))
+}
+
+fn split_any<S: AsyncRead + AsyncWrite + Send + 'static>(s: S) -> (Reader, Writer) {
+    let (r, w) = tokio::io::split(s);
+    (Box::new(r), Box::new(w))
+}
+
+/// The first byte of a TLS ClientHello record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Waits up to `wait` for the agent's first byte and tells whether it starts a TLS handshake.
+async fn sniff_tls(tcp: &TcpStream, wait: Duration) -> bool {
+    let mut b = [0u8; 1];
+    matches!(
+        tokio::time::timeout(wait, tcp.peek(&mut b)).await,
+        Ok(Ok(1)) if b[0] == TLS_HANDSHAKE
+    )
 }
 
 /// Why a session ended early; logged once, at debug or warn.
@@ -84,6 +126,12 @@ pub enum SessionError {
     NoUpstream(Duration),
     #[error("upstream {upstream} sent no INFO: {why}")]
     Handshake { upstream: String, why: String },
+    #[error("TLS handshake with {side}: {source}")]
+    Tls {
+        side: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("i/o with {side}: {source}")]
     Io {
         side: &'static str,
@@ -127,23 +175,42 @@ async fn serve(
 ) -> Result<(), SessionError> {
     let _ = agent.set_nodelay(true);
     let deadline = Instant::now() + shared.config.upstream_connect_timeout;
+    let tls = shared.agent_tls.as_deref();
+    let tls_err = |source| SessionError::Tls {
+        side: "agent",
+        source,
+    };
+
+    // TLS before INFO: always in `first` mode, and in `auto` mode when a ClientHello comes.
+    let mut agent = Some(agent);
+    let mut agent_halves: Option<(Reader, Writer)> = None;
+    if let Some(t) = tls {
+        let early = match t.mode {
+            AgentTlsMode::First => true,
+            AgentTlsMode::Auto => {
+                sniff_tls(agent.as_ref().expect("not taken yet"), AUTO_WAIT).await
+            }
+            _ => false,
+        };
+        if early {
+            let tcp = agent.take().expect("not taken yet");
+            let stream = timeout_at(deadline, t.acceptor().accept(tcp))
+                .await
+                .map_err(|_| tls_err(std::io::ErrorKind::TimedOut.into()))?
+                .map_err(tls_err)?;
+            agent_halves = Some(split_any(stream));
+        }
+    }
+
     let (upstream, which) = dial(shared, deadline).await?;
     tracing::Span::current().record("upstream", tracing::field::display(&which));
-    let (mut up_r, mut up_w) = upstream.into_split();
-    let (mut agent_r, mut agent_w) = agent.into_split();
-
-    // The first INFO must reach the agent before anything else, nonce intact.
-    let mut up_buf = BytesMut::with_capacity(4096);
-    let mut server_parser = ServerParser::new();
-    let info = timeout_at(
-        deadline,
-        first_info(&mut up_r, &mut up_buf, &mut server_parser),
-    )
-    .await
-    .map_err(|_| SessionError::Handshake {
-        upstream: which.to_string(),
-        why: "timed out".into(),
-    })??;
+    let (info, up_buf, server_parser, (mut up_r, mut up_w)) =
+        timeout_at(deadline, upstream_handshake(shared, upstream, &which))
+            .await
+            .map_err(|_| SessionError::Handshake {
+                upstream: which.to_string(),
+                why: "timed out".into(),
+            })??;
     let rewritten = shared
         .rewrite
         .apply(&info)
@@ -154,7 +221,34 @@ async fn serve(
     let max_payload = AtomicUsize::new(rewritten.max_payload);
     let mut out = BytesMut::with_capacity(rewritten.json.len() + 8);
     put_info(&mut out, &rewritten.json);
-    agent_w.write_all(&out).await.map_err(io("agent"))?;
+
+    // The first INFO must reach the agent before anything else, nonce intact.
+    let (mut agent_r, mut agent_w) = match (agent_halves, agent) {
+        (Some((r, mut w)), _) => {
+            w.write_all(&out).await.map_err(io("agent"))?;
+            (r, w)
+        }
+        (None, Some(mut tcp)) => {
+            tcp.write_all(&out).await.map_err(io("agent"))?;
+            let upgrade = match tls.map(|t| t.mode) {
+                None => false,
+                // `auto` without an early ClientHello falls back to the classic upgrade.
+                Some(AgentTlsMode::Required | AgentTlsMode::Auto | AgentTlsMode::First) => true,
+                Some(AgentTlsMode::Optional) => sniff_tls(&tcp, OPTIONAL_SNIFF).await,
+            };
+            match (upgrade, tls) {
+                (true, Some(t)) => {
+                    let stream = tokio::time::timeout(TLS_UPGRADE, t.acceptor().accept(tcp))
+                        .await
+                        .map_err(|_| tls_err(std::io::ErrorKind::TimedOut.into()))?
+                        .map_err(tls_err)?;
+                    split_any(stream)
+                }
+                _ => split_tcp(tcp),
+            }
+        }
+        (None, None) => unreachable!("the agent stream is either upgraded or still here"),
+    };
 
     let replies = Replies::default();
     let (notice_tx, notice_rx) = mpsc::channel::<Notice>(NOTICE_QUEUE);
@@ -246,6 +340,49 @@ async fn dial(shared: &Shared, deadline: Instant) -> Result<(TcpStream, Upstream
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_millis(400));
     }
+}
+
+/// How long `optional` mode waits for the agent's first byte before going on in plaintext.
+const OPTIONAL_SNIFF: Duration = Duration::from_secs(2);
+/// How long an agent has for the TLS handshake after INFO.
+const TLS_UPGRADE: Duration = Duration::from_secs(5);
+
+/// Reads the server's INFO, with TLS first, after INFO, or not at all: as configured, as the
+/// URL says (`tls://`), or as the server's INFO demands (`tls_required`).
+async fn upstream_handshake(
+    shared: &Shared,
+    tcp: TcpStream,
+    which: &Upstream,
+) -> Result<(bytes::Bytes, BytesMut, ServerParser, (Reader, Writer)), SessionError> {
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut parser = ServerParser::new();
+    let tls = &shared.upstream_tls;
+    let tls_err = |source| SessionError::Tls {
+        side: "upstream",
+        source,
+    };
+    if tls.first {
+        let mut stream = tls.connect(&which.host, tcp).await.map_err(tls_err)?;
+        let info = first_info(&mut stream, &mut buf, &mut parser).await?;
+        return Ok((info, buf, parser, split_any(stream)));
+    }
+    let mut tcp = tcp;
+    let info = first_info(&mut tcp, &mut buf, &mut parser).await?;
+    let required = serde_json::from_slice::<serde_json::Value>(&info)
+        .ok()
+        .and_then(|v| v.get("tls_required").and_then(serde_json::Value::as_bool))
+        .unwrap_or(false);
+    if required || which.tls || shared.config.upstream_tls.configured() {
+        if !buf.is_empty() {
+            return Err(SessionError::Handshake {
+                upstream: which.to_string(),
+                why: "data after INFO before the TLS upgrade".into(),
+            });
+        }
+        let stream = tls.connect(&which.host, tcp).await.map_err(tls_err)?;
+        return Ok((info, buf, parser, split_any(stream)));
+    }
+    Ok((info, buf, parser, split_tcp(tcp)))
 }
 
 async fn first_info<R: AsyncRead + Unpin>(

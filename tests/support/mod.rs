@@ -240,6 +240,7 @@ pub async fn proxy_full(
             admin: Some("127.0.0.1:0".into()),
             state_dir: state_dir.map(Path::to_path_buf),
             controller,
+            ..Default::default()
         })
         .expect("test config is valid");
     cipherbus::server::start(config, RootKey::from_bytes(kek))
