@@ -559,13 +559,7 @@ mod tests {
             FileConfig::default().resolve(Overrides::default()),
             Err(ConfigError::NoKek)
         ));
-        for url in [
-            "http://x:1",
-            "nats://u:p@x:1",
-            "x:99999",
-            "x:",
-            "a:b:c",
-        ] {
+        for url in ["http://x:1", "nats://u:p@x:1", "x:99999", "x:", "a:b:c"] {
             assert!(parse_upstream(url).is_err(), "{url}");
         }
         assert!(parse_upstream("tls://x:1").unwrap().tls);

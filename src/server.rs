@@ -75,6 +75,7 @@ impl Drop for ProxyHandle {
 
 /// Opens the keyring and starts a proxy with the given root key.
 pub async fn start(config: Config, root: RootKey) -> Result<ProxyHandle, StartError> {
+    crate::tls::install_default_provider();
     let keyring = Arc::new(Keyring::open(
         root,
         config.state_dir.as_deref(),
@@ -85,6 +86,7 @@ pub async fn start(config: Config, root: RootKey) -> Result<ProxyHandle, StartEr
 
 /// Starts the key authority alone: its keyring, the admin endpoint, no agent listener.
 pub async fn start_controller(config: Config, root: RootKey) -> Result<ProxyHandle, StartError> {
+    crate::tls::install_default_provider();
     let keyring = Arc::new(Keyring::open(
         root,
         config.state_dir.as_deref(),
@@ -188,6 +190,7 @@ pub async fn start_with_keyring(
     config: Config,
     keyring: Arc<Keyring>,
 ) -> Result<ProxyHandle, StartError> {
+    crate::tls::install_default_provider();
     // Certificates are checked before anything listens, so a bad file fails the start.
     let agent_tls = match &config.agent_tls {
         Some((mode, files)) => Some(Arc::new(crate::tls::AgentTls::new(*mode, files.clone())?)),

@@ -149,6 +149,13 @@ fn roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(store))
 }
 
+/// Makes aws-lc-rs the process-wide rustls provider. Libraries that build their own rustls
+/// configurations (the NATS client of the control plane) need one, and two are compiled in.
+pub fn install_default_provider() {
+    // Already installed (by an earlier call) is fine.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }

@@ -731,6 +731,7 @@ pub async fn request(
     subject: String,
     body: Body,
 ) -> Result<Body, String> {
+    crate::tls::install_default_provider();
     let client = async_nats::ConnectOptions::new()
         .name("cipherbus-cli")
         .connect(upstreams)

@@ -1,0 +1,489 @@
+//! TLS on both sides: every agent mode against every upstream mode, with certificates made at
+//! test time, plus mTLS, exact INFO flags, hot reload and startup errors.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cipherbus::config::{FileConfig, Overrides};
+use cipherbus::envelope::{RootKey, MAGIC};
+use cipherbus::server::ProxyHandle;
+use cipherbus::tls::AgentTlsMode;
+use futures::StreamExt;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    SerialNumber,
+};
+use support::*;
+
+/// A CA and the files it signed, in a temporary directory.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: rcgen::Certificate,
+    ca_key: KeyPair,
+}
+
+impl Pki {
+    fn new() -> Self {
+        cipherbus::tls::install_default_provider();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "cipherbus test CA");
+        let ca = params.self_signed(&ca_key).unwrap();
+        let pki = Pki {
+            dir: tempfile::tempdir().unwrap(),
+            ca,
+            ca_key,
+        };
+        std::fs::write(pki.path("ca.pem"), pki.ca.pem()).unwrap();
+        pki
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.path("ca.pem")
+    }
+
+    /// Issues a certificate; returns (cert file, key file).
+    fn issue(&self, name: &str, serial: u64, client: bool, expired: bool) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.serial_number = Some(SerialNumber::from(serial));
+        params.extended_key_usages = vec![if client {
+            ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2001, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2002, 1, 1);
+        }
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        let (c, k) = (
+            self.path(&format!("{name}.pem")),
+            self.path(&format!("{name}-key.pem")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upstream {
+    Plain,
+    Tls,
+    Verify,
+    First,
+}
+
+fn server_tls_block(pki: &Pki, mode: Upstream) -> String {
+    if mode == Upstream::Plain {
+        return String::new();
+    }
+    let (cert, key) = pki.issue("nats", 100, false, false);
+    let mut block = format!(
+        "tls {{\n cert_file: {:?}\n key_file: {:?}\n ca_file: {:?}\n",
+        cert.display().to_string(),
+        key.display().to_string(),
+        pki.ca_file().display().to_string()
+    );
+    if mode == Upstream::Verify {
+        block.push_str(" verify: true\n");
+    }
+    if mode == Upstream::First {
+        block.push_str(" handshake_first: true\n");
+    }
+    block.push_str("}\n");
+    block
+}
+
+async fn tls_proxy(
+    server: &NatsServer,
+    pki: &Pki,
+    mode: AgentTlsMode,
+    upstream: Upstream,
+    client_ca: bool,
+) -> ProxyHandle {
+    init_logs();
+    let (cert, key) = pki.issue("proxy", 7, false, false);
+    let (up_cert, up_key) = pki.issue("proxy-client", 8, true, false);
+    let file = FileConfig::default();
+    let config = file
+        .resolve(Overrides {
+            listen: Some("127.0.0.1:0".into()),
+            upstream: vec![format!("nats://localhost:{}", server.port)],
+            kek_file: Some("unused".into()),
+            admin: Some("127.0.0.1:0".into()),
+            tls_cert: Some(cert),
+            tls_key: Some(key),
+            tls_client_ca: client_ca.then(|| pki.ca_file()),
+            tls_mode: Some(mode),
+            upstream_ca: (upstream != Upstream::Plain).then(|| pki.ca_file()),
+            upstream_cert: (upstream == Upstream::Verify).then_some(up_cert),
+            upstream_key: (upstream == Upstream::Verify).then_some(up_key),
+            upstream_tls_first: upstream == Upstream::First,
+            ..Default::default()
+        })
+        .unwrap();
+    cipherbus::server::start(config, RootKey::from_bytes(TEST_KEK))
+        .await
+        .expect("TLS proxy starts")
+}
+
+/// How a test agent speaks TLS to the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Agent {
+    Plain,
+    Classic,
+    First,
+}
+
+async fn tls_agent(
+    p: &ProxyHandle,
+    pki: &Pki,
+    how: Agent,
+    cert: Option<(PathBuf, PathBuf)>,
+) -> Result<async_nats::Client, async_nats::ConnectError> {
+    let mut opts = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(5));
+    if how != Agent::Plain {
+        opts = opts.add_root_certificates(pki.ca_file()).require_tls(true);
+    }
+    if how == Agent::First {
+        opts = opts.tls_first();
+    }
+    if let Some((c, k)) = cert {
+        opts = opts.add_client_certificate(c, k);
+    }
+    opts.connect(format!("nats://127.0.0.1:{}", p.local_addr.port()))
+        .await
+}
+
+/// Pub/sub and request/reply through the proxy; the bus sees only envelopes.
+async fn exercise(
+    p: &ProxyHandle,
+    pki: &Pki,
+    how: Agent,
+    server: &NatsServer,
+    upstream: Upstream,
+    label: &str,
+) {
+    let a = tls_agent(p, pki, how, None)
+        .await
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let b = tls_agent(p, pki, how, None).await.unwrap();
+    let mut sub = b.subscribe("tls.data").await.unwrap();
+    let mut svc = b.subscribe("tls.svc").await.unwrap();
+    sync(&b).await;
+    let observer = raw_observer(server, pki, upstream).await;
+    let mut tap = observer.subscribe("tls.data").await.unwrap();
+    sync(&observer).await;
+    let responder = tokio::spawn(async move {
+        if let Some(m) = svc.next().await {
+            b.publish(m.reply.unwrap(), "pong".into()).await.unwrap();
+            b.flush().await.unwrap();
+        }
+    });
+    a.publish("tls.data", "secret over tls".into())
+        .await
+        .unwrap();
+    a.flush().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got.payload[..], b"secret over tls", "{label}");
+    let seen = tokio::time::timeout(Duration::from_secs(5), tap.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen.payload[0], MAGIC, "{label}: sealed on the bus");
+    let reply = tokio::time::timeout(Duration::from_secs(5), a.request("tls.svc", "ping".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&reply.payload[..], b"pong", "{label}");
+    responder.await.unwrap();
+}
+
+async fn raw_observer(server: &NatsServer, pki: &Pki, upstream: Upstream) -> async_nats::Client {
+    let mut opts = async_nats::ConnectOptions::new();
+    if upstream != Upstream::Plain {
+        opts = opts.add_root_certificates(pki.ca_file()).require_tls(true);
+    }
+    if upstream == Upstream::Verify {
+        let (c, k) = pki.issue("observer", 9, true, false);
+        opts = opts.add_client_certificate(c, k);
+    }
+    if upstream == Upstream::First {
+        opts = opts.tls_first();
+    }
+    opts.connect(format!("nats://localhost:{}", server.port))
+        .await
+        .unwrap()
+}
+
+async fn matrix(upstream: Upstream) {
+    let pki = Pki::new();
+    let server = NatsServer::start_core(&server_tls_block(&pki, upstream));
+    for (mode, agents) in [
+        (AgentTlsMode::Required, vec![Agent::Classic]),
+        (AgentTlsMode::Optional, vec![Agent::Plain, Agent::Classic]),
+        (AgentTlsMode::First, vec![Agent::First]),
+        (AgentTlsMode::Auto, vec![Agent::First, Agent::Classic]),
+    ] {
+        let p = tls_proxy(&server, &pki, mode, upstream, false).await;
+        for how in agents {
+            let label = format!("agent {mode:?}/{how:?}, upstream {upstream:?}");
+            exercise(&p, &pki, how, &server, upstream, &label).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_agent_mode_with_a_plain_upstream() {
+    matrix(Upstream::Plain).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_agent_mode_with_a_tls_upstream() {
+    matrix(Upstream::Tls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_agent_mode_with_a_verifying_upstream() {
+    matrix(Upstream::Verify).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_agent_mode_with_a_tls_first_upstream() {
+    matrix(Upstream::First).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_advertises_exactly_what_the_listener_serves() {
+    let pki = Pki::new();
+    let server = NatsServer::start_core("");
+    let required = tls_proxy(
+        &server,
+        &pki,
+        AgentTlsMode::Required,
+        Upstream::Plain,
+        false,
+    )
+    .await;
+    let optional = tls_proxy(&server, &pki, AgentTlsMode::Optional, Upstream::Plain, true).await;
+    let plain = proxy(&server).await;
+    let (r, o, n) = (
+        tokio::task::spawn_blocking({
+            let p = required.local_addr;
+            move || info_at(p)
+        }),
+        tokio::task::spawn_blocking({
+            let p = optional.local_addr;
+            move || info_at(p)
+        }),
+        tokio::task::spawn_blocking({
+            let p = plain.local_addr;
+            move || info_at(p)
+        }),
+    );
+    let (r, o, n) = (r.await.unwrap(), o.await.unwrap(), n.await.unwrap());
+    assert_eq!(r.get("tls_required"), Some(&serde_json::Value::Bool(true)));
+    assert_eq!(r.get("tls_available"), None);
+    assert_eq!(o.get("tls_available"), Some(&serde_json::Value::Bool(true)));
+    assert_eq!(o.get("tls_required"), None);
+    assert_eq!(o.get("tls_verify"), Some(&serde_json::Value::Bool(true)));
+    for key in ["tls_required", "tls_available", "tls_verify"] {
+        assert_eq!(n.get(key), None, "plain listener advertises no {key}");
+    }
+}
+
+fn info_at(addr: std::net::SocketAddr) -> serde_json::Value {
+    use std::io::{BufRead, BufReader};
+    let s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    serde_json::from_str(line.strip_prefix("INFO ").expect("plaintext INFO").trim()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_refuses_agents_without_a_good_certificate() {
+    let pki = Pki::new();
+    let other = Pki::new();
+    let server = NatsServer::start_core("");
+    let p = tls_proxy(&server, &pki, AgentTlsMode::Required, Upstream::Plain, true).await;
+    assert!(
+        tls_agent(&p, &pki, Agent::Classic, None).await.is_err(),
+        "no certificate"
+    );
+    let wrong = other.issue("stranger", 3, true, false);
+    assert!(
+        tls_agent(&p, &pki, Agent::Classic, Some(wrong))
+            .await
+            .is_err(),
+        "wrong CA"
+    );
+    let good = pki.issue("agent", 4, true, false);
+    let client = tls_agent(&p, &pki, Agent::Classic, Some(good))
+        .await
+        .expect("good certificate");
+    sync(&client).await;
+}
+
+fn peer_serial(addr: std::net::SocketAddr, ca: &Path) -> Vec<u8> {
+    // A raw rustls client: read INFO, upgrade, and report the server certificate's serial.
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca).unwrap();
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut line = String::new();
+    BufReader::new(&mut tcp).read_line(&mut line).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut stream = rustls::Stream::new(&mut conn, &mut tcp);
+    stream.write_all(b"PING\r\n").unwrap();
+    let mut buf = [0u8; 64];
+    let _ = stream.read(&mut buf);
+    let cert = conn.peer_certificates().unwrap()[0].clone();
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).unwrap();
+    parsed.raw_serial().to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_reload_without_a_restart() {
+    let pki = Pki::new();
+    let server = NatsServer::start_core("");
+    let p = tls_proxy(
+        &server,
+        &pki,
+        AgentTlsMode::Required,
+        Upstream::Plain,
+        false,
+    )
+    .await;
+    let old = tls_agent(&p, &pki, Agent::Classic, None).await.unwrap();
+    let addr = p.local_addr;
+    let ca = pki.ca_file();
+    let before = tokio::task::spawn_blocking({
+        let ca = ca.clone();
+        move || peer_serial(addr, &ca)
+    })
+    .await
+    .unwrap();
+    assert_eq!(before, vec![7]);
+
+    // Swap the files for a certificate with serial 42 (same paths the proxy was given).
+    let (cert, key) = pki.issue("next", 42, false, false);
+    std::fs::copy(&cert, pki.path("proxy.pem")).unwrap();
+    std::fs::copy(&key, pki.path("proxy-key.pem")).unwrap();
+    let swapped = eventually(Duration::from_secs(10), || {
+        peer_serial(addr, &ca) == vec![42]
+    })
+    .await;
+    assert!(swapped, "new handshakes use the new certificate");
+    sync(&old).await;
+
+    // A broken file is refused and the last good certificate stays in use.
+    std::fs::write(pki.path("proxy.pem"), "not a certificate").unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = tokio::task::spawn_blocking(move || peer_serial(addr, &ca))
+        .await
+        .unwrap();
+    assert_eq!(after, vec![42]);
+}
+
+fn run_with(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cipherbus"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn bad_certificates_fail_at_startup_with_one_sentence() {
+    let pki = Pki::new();
+    let other = Pki::new();
+    let kek = write_kek(pki.dir.path(), TEST_KEK);
+    let (cert, key) = pki.issue("good", 1, false, false);
+    let (expired, expired_key) = pki.issue("old", 2, false, true);
+    let (_, other_key) = other.issue("x", 3, false, false);
+    let garbage = pki.path("garbage.pem");
+    std::fs::write(&garbage, "hello").unwrap();
+    let s = |p: &Path| p.display().to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "--tls-cert".into(),
+                s(&garbage),
+                "--tls-key".into(),
+                s(&key),
+            ],
+            "no valid PEM",
+        ),
+        (
+            vec![
+                "--tls-cert".into(),
+                s(&cert),
+                "--tls-key".into(),
+                s(&other_key),
+            ],
+            "does not match",
+        ),
+        (
+            vec![
+                "--tls-cert".into(),
+                s(&expired),
+                "--tls-key".into(),
+                s(&expired_key),
+            ],
+            "expired",
+        ),
+        (
+            vec![
+                "--tls-cert".into(),
+                s(&cert),
+                "--tls-key".into(),
+                s(&key),
+                "--tls-client-ca".into(),
+                s(&garbage),
+            ],
+            "no valid PEM",
+        ),
+        (vec!["--upstream-ca".into(), s(&garbage)], "no valid PEM"),
+    ];
+    for (args, needle) in cases {
+        let mut full: Vec<String> = vec!["run".into(), "--listen".into(), "127.0.0.1:0".into()];
+        full.push("--kek-file".into());
+        full.push(s(&kek));
+        full.extend(args.iter().cloned());
+        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+        let out = run_with(&refs);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    }
+}
