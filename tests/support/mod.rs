@@ -48,6 +48,8 @@ fn pip_install(dir_name: &str, package: &str, version: &str, ready: &str) -> Pat
             "install",
             "--quiet",
             "--disable-pip-version-check",
+            "--root-user-action",
+            "ignore",
             "--target",
         ])
         .arg(&dir)
