@@ -283,6 +283,8 @@ async fn info_advertises_exactly_what_the_listener_serves() {
     .await;
     let optional = tls_proxy(&server, &pki, AgentTlsMode::Optional, Upstream::Plain, true).await;
     let plain = proxy(&server).await;
+    let auto = tls_proxy(&server, &pki, AgentTlsMode::Auto, Upstream::Plain, false).await;
+    let first = tls_proxy(&server, &pki, AgentTlsMode::First, Upstream::Plain, false).await;
     let (r, o, n) = (
         tokio::task::spawn_blocking({
             let p = required.local_addr;
@@ -298,6 +300,23 @@ async fn info_advertises_exactly_what_the_listener_serves() {
         }),
     );
     let (r, o, n) = (r.await.unwrap(), o.await.unwrap(), n.await.unwrap());
+    // `auto` without a ClientHello falls back to plaintext INFO that requires the upgrade.
+    let a = tokio::task::spawn_blocking({
+        let p = auto.local_addr;
+        move || info_at(p)
+    });
+    let a = a.await.unwrap();
+    assert_eq!(a.get("tls_required"), Some(&serde_json::Value::Bool(true)));
+    assert_eq!(a.get("tls_available"), None);
+    // `first` sends INFO only inside TLS.
+    let f = tokio::task::spawn_blocking({
+        let p = first.local_addr;
+        let ca = pki.ca_file();
+        move || info_over_tls_first(p, &ca)
+    });
+    let f = f.await.unwrap();
+    assert_eq!(f.get("tls_required"), Some(&serde_json::Value::Bool(true)));
+    assert_eq!(f.get("tls_available"), None);
     assert_eq!(r.get("tls_required"), Some(&serde_json::Value::Bool(true)));
     assert_eq!(r.get("tls_available"), None);
     assert_eq!(o.get("tls_available"), Some(&serde_json::Value::Bool(true)));
@@ -306,6 +325,36 @@ async fn info_advertises_exactly_what_the_listener_serves() {
     for key in ["tls_required", "tls_available", "tls_verify"] {
         assert_eq!(n.get(key), None, "plain listener advertises no {key}");
     }
+}
+
+fn tls_client_config(ca: &Path) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca).unwrap();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
+
+fn info_over_tls_first(addr: std::net::SocketAddr, ca: &Path) -> serde_json::Value {
+    use std::io::{BufRead, BufReader};
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut conn = rustls::ClientConnection::new(tls_client_config(ca), name).unwrap();
+    let stream = rustls::Stream::new(&mut conn, &mut tcp);
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).unwrap();
+    serde_json::from_str(line.strip_prefix("INFO ").expect("INFO over TLS").trim()).unwrap()
 }
 
 fn info_at(addr: std::net::SocketAddr) -> serde_json::Value {
@@ -344,25 +393,13 @@ async fn mutual_tls_refuses_agents_without_a_good_certificate() {
 fn peer_serial(addr: std::net::SocketAddr, ca: &Path) -> Vec<u8> {
     // A raw rustls client: read INFO, upgrade, and report the server certificate's serial.
     use std::io::{BufRead, BufReader, Read, Write};
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(ca).unwrap();
-    use rustls::pki_types::pem::PemObject;
-    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config = tls_client_config(ca);
     let mut tcp = std::net::TcpStream::connect(addr).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut line = String::new();
     BufReader::new(&mut tcp).read_line(&mut line).unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut conn = rustls::ClientConnection::new(config, name).unwrap();
     let mut stream = rustls::Stream::new(&mut conn, &mut tcp);
     stream.write_all(b"PING\r\n").unwrap();
     let mut buf = [0u8; 64];
