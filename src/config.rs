@@ -567,6 +567,39 @@ mod tests {
     }
 
     #[test]
+    fn upstream_table_with_tls_and_agent_tls() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            [upstream]
+            servers = ["nats://a:1", "tls://b:2"]
+            [upstream.tls]
+            ca = "ca.pem"
+            handshake_first = true
+            server_name = "nats.internal"
+            [tls]
+            cert = "c.pem"
+            key = "k.pem"
+            mode = "optional"
+            "#,
+        )
+        .unwrap();
+        let c = file.resolve(flags_with_kek()).unwrap();
+        assert_eq!(c.upstreams.len(), 2);
+        assert!(c.upstreams[1].tls && !c.upstreams[0].tls);
+        assert_eq!(c.upstream_tls.ca, Some(PathBuf::from("ca.pem")));
+        assert!(c.upstream_tls.first);
+        assert_eq!(c.upstream_tls.server_name.as_deref(), Some("nats.internal"));
+        assert_eq!(c.agent_tls.unwrap().0, AgentTlsMode::Optional);
+        assert!(toml::from_str::<FileConfig>("[tls]\nmode = \"sometimes\"").is_err());
+        assert!(toml::from_str::<FileConfig>("[upstream.tls]\ncafile = \"x\"").is_err());
+        let half: FileConfig = toml::from_str("[tls]\ncert = \"c.pem\"").unwrap();
+        assert!(matches!(
+            half.resolve(flags_with_kek()),
+            Err(ConfigError::Tls(_))
+        ));
+    }
+
+    #[test]
     fn rotation_section() {
         let file: FileConfig = toml::from_str(
             "[rotation]\nrotate_every = \"1h\"\nmax_messages_per_epoch = 1000\nstage_timeout = \"3s\"",
