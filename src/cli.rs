@@ -174,6 +174,8 @@ struct AuthorityArgs {
     /// How long to wait for the authority (examples: 10s, 2m).
     #[arg(long, value_name = "DUR", default_value = "30s")]
     timeout: String,
+    #[command(flatten)]
+    tls: UpstreamTlsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -418,12 +420,20 @@ fn ask_authority(
         }
     }
     let root = KekFile(args.kek_file).load().map_err(|e| fail(&e))?;
+    let t = args.tls;
+    let tls = crate::tls::UpstreamFiles {
+        ca: t.upstream_ca,
+        cert: t.upstream_cert,
+        key: t.upstream_key,
+        first: t.upstream_tls_first,
+        server_name: t.upstream_server_name,
+    };
     let rt = runtime()?;
     let subject = subject(&args.control_prefix);
     let answer = rt.block_on(async {
         tokio::time::timeout(
             timeout,
-            crate::control::authority::request(upstreams, &root, subject, body),
+            crate::control::authority::request(upstreams, &root, &tls, subject, body),
         )
         .await
     });

@@ -633,28 +633,31 @@ async fn rotation_works_with_tls_on_both_sides() {
 
     // The operator's CLI reaches the authority through the TLS-only server.
     let observer = raw_observer(&server, &pki, Upstream::Verify).await;
-    let root = RootKey::from_bytes(TEST_KEK);
-    let subject = cipherbus::control::authority::rotate_subject("cipherbus.ctl");
-    let sealed = cipherbus::control::message::ControlSealer::new(
-        "tls-test",
-        &cipherbus::envelope::derive_control_key(&root),
-    )
-    .unwrap()
-    .seal(
-        &subject,
-        cipherbus::control::message::Body::RotateRequest {
-            reason: "tls".into(),
-        },
-    )
-    .unwrap();
-    let reply = tokio::time::timeout(
-        Duration::from_secs(15),
-        observer.request(subject, sealed.into()),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(!reply.payload.is_empty());
+    let kek = write_kek(state.path(), TEST_KEK);
+    let (cli_cert, cli_key) = pki.issue("operator", 13, true, false);
+    let url = format!("nats://localhost:{}", server.port);
+    let args: Vec<std::ffi::OsString> = vec![
+        "rotate".into(),
+        "--timeout".into(),
+        "20s".into(),
+        "--upstream".into(),
+        url.into(),
+        "--kek-file".into(),
+        kek.into(),
+        "--upstream-ca".into(),
+        pki.ca_file().into(),
+        "--upstream-cert".into(),
+        cli_cert.into(),
+        "--upstream-key".into(),
+        cli_key.into(),
+    ];
+    let out = cipherbus_cli(env!("CARGO_BIN_EXE_cipherbus"), args).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("epoch 2 is active"));
     assert!(
         eventually(Duration::from_secs(10), || pa
             .keyring

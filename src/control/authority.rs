@@ -728,11 +728,13 @@ impl Authority {
 pub async fn request(
     upstreams: Vec<String>,
     root: &crate::envelope::RootKey,
+    tls: &crate::tls::UpstreamFiles,
     subject: String,
     body: Body,
 ) -> Result<Body, String> {
     crate::tls::install_default_provider();
-    let client = async_nats::ConnectOptions::new()
+    let client = tls
+        .apply(async_nats::ConnectOptions::new())
         .name("cipherbus-cli")
         .connect(upstreams)
         .await
@@ -774,7 +776,8 @@ pub async fn request_rotation(
     let body = Body::RotateRequest {
         reason: reason.to_owned(),
     };
-    match request(upstreams, root, rotate_subject(prefix), body).await? {
+    let plain = crate::tls::UpstreamFiles::default();
+    match request(upstreams, root, &plain, rotate_subject(prefix), body).await? {
         Body::RotateReply { error: Some(e), .. } => Err(e),
         Body::RotateReply {
             epoch,
