@@ -174,11 +174,8 @@ async fn revoking_the_active_epoch_keeps_traffic_flowing_and_shreds_it_everywher
         "20s",
         "--upstream",
         &server.url(),
-        "--kek-file",
     ];
-    let mut args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
-    args.push(kek.into());
-    let out = cipherbus_cli(env!("CARGO_BIN_EXE_cipherbus"), args).await;
+    let out = operator_cli(env!("CARGO_BIN_EXE_cipherbus"), &args, &kek).await;
     assert!(
         out.status.success(),
         "{}",

@@ -274,17 +274,8 @@ async fn rotate_command_runs_two_phase_rotations_under_load() {
     let dir = tempfile::tempdir().unwrap();
     let kek = write_kek(dir.path(), TEST_KEK);
     for want in 2..=6u32 {
-        let args = [
-            "rotate",
-            "--timeout",
-            "20s",
-            "--upstream",
-            &server.url(),
-            "--kek-file",
-        ];
-        let mut args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
-        args.push(kek.clone().into());
-        let out = cipherbus_cli(env!("CARGO_BIN_EXE_cipherbus"), args).await;
+        let args = ["rotate", "--timeout", "20s", "--upstream", &server.url()];
+        let out = operator_cli(env!("CARGO_BIN_EXE_cipherbus"), &args, &kek).await;
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -400,17 +391,8 @@ async fn rotate_without_an_authority_fails_with_a_sentence() {
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let kek = write_kek(dir.path(), TEST_KEK);
-    let args = [
-        "rotate",
-        "--timeout",
-        "3s",
-        "--upstream",
-        &server.url(),
-        "--kek-file",
-    ];
-    let mut args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
-    args.push(kek.into());
-    let out = cipherbus_cli(env!("CARGO_BIN_EXE_cipherbus"), args).await;
+    let args = ["rotate", "--timeout", "3s", "--upstream", &server.url()];
+    let out = operator_cli(env!("CARGO_BIN_EXE_cipherbus"), &args, &kek).await;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no key authority"), "{stderr}");

@@ -358,6 +358,14 @@ pub fn write_kek(dir: &Path, kek: [u8; 32]) -> PathBuf {
     path
 }
 
+/// Runs `bin` with `args` and `--kek-file kek`, the shape of every operator command.
+pub async fn operator_cli(bin: &str, args: &[&str], kek: &Path) -> std::process::Output {
+    let mut all: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+    all.push("--kek-file".into());
+    all.push(kek.into());
+    cipherbus_cli(bin, all).await
+}
+
 /// Runs the binary `bin` (a test's `env!("CARGO_BIN_EXE_cipherbus")`) with `args` off the
 /// test's runtime and returns its output.
 pub async fn cipherbus_cli(bin: &str, args: Vec<std::ffi::OsString>) -> std::process::Output {
