@@ -22,6 +22,8 @@ const WAIT: Duration = Duration::from_secs(10);
 struct Proc {
     child: Child,
     stderr: Arc<Mutex<String>>,
+    /// Drains stderr; joined once the process exits, so everything it wrote is collected.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Proc {
@@ -37,7 +39,7 @@ impl Proc {
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut pipe = child.stderr.take().expect("stderr piped");
         let sink = stderr.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut chunk = [0u8; 4096];
             while let Ok(n) = pipe.read(&mut chunk) {
                 if n == 0 {
@@ -48,7 +50,11 @@ impl Proc {
                     .push_str(&String::from_utf8_lossy(&chunk[..n]));
             }
         });
-        Proc { child, stderr }
+        Proc {
+            child,
+            stderr,
+            reader: Some(reader),
+        }
     }
 
     fn stderr(&self) -> String {
@@ -60,6 +66,10 @@ impl Proc {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // The pipe closed with the process: wait until its last bytes are read.
+                if let Some(reader) = self.reader.take() {
+                    let _ = reader.join();
+                }
                 return Some(status);
             }
             if start.elapsed() > timeout {
