@@ -57,6 +57,64 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Measure direct NATS, a plain TCP forwarder and cipherbus side by side.
+    Bench(BenchArgs),
+    /// A plain TCP forwarder, the baseline `bench` compares against.
+    #[command(hide = true)]
+    Forward {
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        #[arg(long, value_name = "ADDR")]
+        upstream: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Payload sizes (examples: 128, 1KiB, 16KiB).
+    #[arg(long, value_delimiter = ',', default_value = "128,1KiB,16KiB,256KiB")]
+    sizes: Vec<String>,
+    /// Publishing agents (all behind the publisher-side proxy).
+    #[arg(long, default_value_t = 1)]
+    pubs: usize,
+    /// Subscribing agents (all behind the subscriber-side proxy); each gets every message.
+    #[arg(long, default_value_t = 1)]
+    subs: usize,
+    /// Messages per throughput run, instead of --duration.
+    #[arg(long)]
+    count: Option<u64>,
+    /// How long each throughput run publishes.
+    #[arg(long, value_name = "DUR", default_value = "3s")]
+    duration: String,
+    /// Throughput runs per path and size; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Messages per second in the latency runs (capped at half the slowest path's
+    /// throughput); 0 skips them.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u64,
+    /// How long each latency run lasts.
+    #[arg(long, value_name = "DUR", default_value = "3s")]
+    latency_duration: String,
+    /// Which paths to measure.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,forwarder,cipherbus"
+    )]
+    paths: Vec<crate::bench::PathKind>,
+    /// Also measure the proxy's memory with this many idle agent connections.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    idle_connections: usize,
+    /// Also measure cipherbus while its key authority rotates at this interval (example: 1s).
+    #[arg(long, value_name = "DUR")]
+    rotate_every: Option<String>,
+    /// The nats-server binary [default: $CIPHERBUS_NATS_SERVER, PATH, or target/tools].
+    #[arg(long, value_name = "FILE")]
+    nats_server: Option<PathBuf>,
+    /// Print one JSON document instead of tables.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -228,6 +286,72 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Bench(args) => bench(args),
+        Command::Forward { listen, upstream } => match crate::bench::forward(&listen, &upstream) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        },
+    }
+}
+
+fn bench(a: BenchArgs) -> ExitCode {
+    let dur = |flag: &str, v: &str| {
+        crate::config::parse_duration(v)
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                fail(&format!(
+                    "{flag} {v:?} is not a valid duration (examples: 3s, 500ms)"
+                ))
+            })
+    };
+    let mut sizes = Vec::new();
+    for s in &a.sizes {
+        match crate::bench::parse_size(s) {
+            Some(n) if (16..=64 << 20).contains(&n) => sizes.push(n),
+            _ => {
+                return fail(&format!(
+                    "--sizes: {s:?} is not a size from 16 B to 64 MiB (examples: 128, 1KiB)"
+                ))
+            }
+        }
+    }
+    if a.pubs == 0 || a.subs == 0 || a.rounds == 0 || a.count == Some(0) {
+        return fail(&"--pubs, --subs, --rounds and --count must be at least 1");
+    }
+    let parsed = (|| {
+        Ok::<_, ExitCode>((
+            dur("--duration", &a.duration)?,
+            dur("--latency-duration", &a.latency_duration)?,
+            a.rotate_every
+                .as_deref()
+                .map(|v| dur("--rotate-every", v))
+                .transpose()?,
+            crate::bench::find_nats_server(a.nats_server).map_err(|e| fail(&e))?,
+        ))
+    })();
+    let (duration, latency_duration, rotate_every, nats_server) = match parsed {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    raise_fd_limit();
+    let params = crate::bench::Params {
+        sizes,
+        pubs: a.pubs,
+        subs: a.subs,
+        count: a.count,
+        duration,
+        rounds: a.rounds,
+        rate: a.rate,
+        latency_duration,
+        paths: a.paths,
+        idle_connections: a.idle_connections,
+        rotate_every,
+        nats_server,
+        json: a.json,
+    };
+    match crate::bench::run(params) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => crate::bench::report(&e),
     }
 }
 
@@ -299,6 +423,7 @@ fn run(args: RunArgs) -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -316,6 +441,15 @@ fn run(args: RunArgs) -> ExitCode {
         handle.shutdown().await;
         ExitCode::SUCCESS
     })
+}
+
+/// Raises the soft open-file limit to the hard one: each agent costs two descriptors, and the
+/// common soft default of 1024 would turn agents away long before `max_connections`.
+fn raise_fd_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {

@@ -26,6 +26,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod control;
