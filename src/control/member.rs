@@ -44,8 +44,27 @@ pub enum ApplyError {
     Unwrap { epoch: u32 },
     #[error("epoch {epoch}: the key's fingerprint does not match the announcement")]
     Fingerprint { epoch: u32 },
+    #[error(
+        "epoch {epoch}: the change could not be persisted, so it is not applied here: {source}"
+    )]
+    Persist {
+        epoch: u32,
+        #[source]
+        source: crate::keyring::KeyringError,
+    },
     #[error("{0}")]
     Keyring(#[from] crate::keyring::KeyringError),
+}
+
+/// Tells a state directory that cannot be written from a refused change.
+fn persisting(epoch: u32) -> impl Fn(crate::keyring::KeyringError) -> ApplyError {
+    use crate::keyring::KeyringError;
+    move |e| match e {
+        KeyringError::Io { .. } | KeyringError::Corrupt { .. } => {
+            ApplyError::Persist { epoch, source: e }
+        }
+        e => ApplyError::Keyring(e),
+    }
 }
 
 impl ApplyError {
@@ -54,6 +73,7 @@ impl ApplyError {
             ApplyError::Control(e) => e.reason(),
             ApplyError::Unwrap { .. } => "unwrap",
             ApplyError::Fingerprint { .. } => "fingerprint",
+            ApplyError::Persist { .. } => "persist",
             ApplyError::Keyring(_) => "stale_epoch",
         }
     }
@@ -132,7 +152,7 @@ impl Member {
                 }
                 // A re-announcement of an epoch already here is acknowledged again.
                 if snap.state(epoch).is_none() {
-                    self.keyring.stage(epoch, key)?;
+                    self.keyring.stage(epoch, key).map_err(persisting(epoch))?;
                     tracing::info!(epoch, fingerprint = %fingerprint, "staged a new data key");
                 }
                 if snap.state(epoch) == Some(KeyState::Destroyed) {
@@ -142,14 +162,14 @@ impl Member {
             }
             Body::Activate { epoch } => {
                 if snap.active.epoch != epoch {
-                    self.keyring.activate(epoch)?;
+                    self.keyring.activate(epoch).map_err(persisting(epoch))?;
                     tracing::info!(epoch, "activated a new data key");
                 }
                 Ok(Reply::None)
             }
             Body::Destroy { epoch, reason } => {
                 if snap.state(epoch) != Some(KeyState::Destroyed) {
-                    self.keyring.destroy(epoch)?;
+                    self.keyring.destroy(epoch).map_err(persisting(epoch))?;
                     tracing::warn!(epoch, reason = %reason, "destroyed a data key");
                 }
                 Ok(Reply::None)
@@ -172,7 +192,9 @@ impl Member {
                     if local.is_some_and(|s| s != KeyState::Destroyed)
                         && snap.active.epoch != info.epoch =>
                 {
-                    self.keyring.destroy(info.epoch)?;
+                    self.keyring
+                        .destroy(info.epoch)
+                        .map_err(persisting(info.epoch))?;
                 }
                 KeyState::Destroyed => {}
                 state if local.is_none() => {
@@ -190,7 +212,9 @@ impl Member {
                     } else {
                         KeyState::Staged
                     };
-                    self.keyring.adopt(epoch, key, as_state)?;
+                    self.keyring
+                        .adopt(epoch, key, as_state)
+                        .map_err(persisting(epoch))?;
                 }
                 _ => {}
             }
@@ -198,7 +222,9 @@ impl Member {
         drop(snap);
         if let Some(active) = epochs.iter().find(|i| i.state == KeyState::Active) {
             if active.epoch > self.keyring.snapshot().active.epoch {
-                self.keyring.activate(active.epoch)?;
+                self.keyring
+                    .activate(active.epoch)
+                    .map_err(persisting(active.epoch))?;
             }
         }
         Ok(())
