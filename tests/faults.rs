@@ -115,7 +115,7 @@ async fn upstream_death_mid_stream_reconnects_agents_loses_no_acked_message_and_
     let mut server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let kek = write_kek(dir.path(), TEST_KEK);
-    let proxy = ProxyProcess::start(run_command(&kek, &[server.url()], None), local_addr());
+    let proxy = ProxyProcess::start(run_command(BIN, &kek, &[server.url()], None), local_addr());
     // The baseline: the proxy idle with its control connection up and no agent.
     let (probe, _) = watched_agent(&proxy.url(), "probe").await;
     sync(&probe).await;
@@ -174,7 +174,8 @@ async fn upstream_death_mid_stream_reconnects_agents_loses_no_acked_message_and_
 
     server.kill();
     assert!(
-        eventually(Duration::from_secs(10), || pub_events.count("disconnected") >= 1
+        eventually(Duration::from_secs(10), || pub_events.count("disconnected")
+            >= 1
             && sub_events.count("disconnected") >= 1)
         .await,
         "agents see a normal disconnect"
@@ -239,7 +240,7 @@ async fn a_crashed_proxy_comes_back_with_its_keys_and_takes_its_agents_back() {
     let state = dir.path().join("state");
     let listen = local_addr();
     let command = || {
-        let mut cmd = run_command(&kek, &[server.url()], Some(&state));
+        let mut cmd = run_command(BIN, &kek, &[server.url()], Some(&state));
         cmd.arg("--controller");
         cmd
     };
@@ -281,7 +282,11 @@ async fn a_crashed_proxy_comes_back_with_its_keys_and_takes_its_agents_back() {
     }
 
     proxy.kill();
-    assert!(eventually(Duration::from_secs(10), || events.count("disconnected") >= 1).await);
+    assert!(
+        eventually(Duration::from_secs(10), || events.count("disconnected")
+            >= 1)
+        .await
+    );
     let proxy = ProxyProcess::start(command(), listen);
     assert_eq!(
         metric_of(&proxy, "cipherbus_active_epoch").await,
@@ -376,7 +381,12 @@ async fn a_damaged_state_directory_stops_the_start_naming_the_file_and_is_audite
         three_epochs(state.path());
         let damaged = damage(state.path());
         let files = snapshot_files(state.path());
-        let mut cmd = run_command(&kek, std::slice::from_ref(&nowhere), Some(state.path()));
+        let mut cmd = run_command(
+            BIN,
+            &kek,
+            std::slice::from_ref(&nowhere),
+            Some(state.path()),
+        );
         cmd.args(["--listen", &local_addr().to_string()]);
         let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
             .await
@@ -397,8 +407,7 @@ async fn a_damaged_state_directory_stops_the_start_naming_the_file_and_is_audite
         let log = std::fs::read_to_string(&audit).unwrap_or_default();
         let line = log.lines().last().unwrap_or_default();
         assert!(
-            line.contains("\"event\":\"refused\"")
-                && line.contains(&damaged.display().to_string()),
+            line.contains("\"event\":\"refused\"") && line.contains(&damaged.display().to_string()),
             "{case}: audited: {log}"
         );
         cipherbus::audit::verify(&audit).unwrap();
@@ -443,11 +452,22 @@ async fn a_rotation_the_full_disk_cannot_hold_is_not_activated_and_says_why() {
         (1, 1),
         "{rotated:?}"
     );
-    assert!(eventually(Duration::from_secs(5), || pa.keyring.snapshot().active.epoch == 2).await);
+    assert!(
+        eventually(Duration::from_secs(5), || pa
+            .keyring
+            .snapshot()
+            .active
+            .epoch
+            == 2)
+        .await
+    );
     let refused = r#"cipherbus_control_refused_total{reason="persist"}"#;
     assert!(eventually(Duration::from_secs(5), || metric(&pb, refused) >= 2.0).await);
     let snap = pb.keyring.snapshot();
-    assert_eq!(snap.active.epoch, 1, "not activated without its key on disk");
+    assert_eq!(
+        snap.active.epoch, 1,
+        "not activated without its key on disk"
+    );
     assert_eq!(snap.state(2), None, "not even staged");
     drop(snap);
     assert_eq!(persisted_epochs(dir_b.path()), [1]);
@@ -465,7 +485,15 @@ async fn a_rotation_the_full_disk_cannot_hold_is_not_activated_and_says_why() {
 
     // Space comes back: the next re-announcement stages and activates the epoch.
     std::fs::remove_file(&tmp).unwrap();
-    assert!(eventually(Duration::from_secs(10), || pb.keyring.snapshot().active.epoch == 2).await);
+    assert!(
+        eventually(Duration::from_secs(10), || pb
+            .keyring
+            .snapshot()
+            .active
+            .epoch
+            == 2)
+        .await
+    );
     assert_eq!(persisted_epochs(dir_b.path()), [1, 2]);
     assert!(key_path(dir_b.path(), 2).exists());
     cipherbus::audit::verify(&dir_b.path().join("audit.jsonl")).unwrap();
@@ -497,7 +525,7 @@ async fn a_rotation_into_a_read_only_state_directory_is_not_activated_and_says_w
     let kek = write_kek(dir.path(), TEST_KEK);
     let state = dir.path().join("state");
     std::fs::write(dir.path().join("proxy.toml"), FAST).unwrap();
-    let mut cmd = run_command(&kek, &[server.url()], Some(&state));
+    let mut cmd = run_command(BIN, &kek, &[server.url()], Some(&state));
     cmd.arg("--config").arg(dir.path().join("proxy.toml"));
     // Permissions do not stop root: run the proxy as an unprivileged user then, owning its
     // files as a deployment would.
@@ -523,7 +551,11 @@ async fn a_rotation_into_a_read_only_state_directory_is_not_activated_and_says_w
     )
     .await
     .expect("the rotation completes without the read-only proxy");
-    assert_eq!((rotated.epoch, rotated.laggards.len()), (2, 1), "{rotated:?}");
+    assert_eq!(
+        (rotated.epoch, rotated.laggards.len()),
+        (2, 1),
+        "{rotated:?}"
+    );
     let refused = r#"cipherbus_control_refused_total{reason="persist"}"#;
     assert!(
         eventually(Duration::from_secs(5), || proxy
@@ -570,7 +602,7 @@ const PER_AGENT: usize = 50;
 /// Resident memory allowed to the proxy with the whole crowd connected and talking. A debug
 /// build idles at 10-20 MiB; each session holds a read buffer per direction (32 KiB asked of
 /// the allocator, touched only as far as reads fill it) and its small state, so a thousand
-/// sessions fit in well under 100 MiB. The traffic itself must not grow it.
+/// sessions fit in about 50 MiB. The traffic itself must not grow it.
 const CROWD_RSS: u64 = 96 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -584,7 +616,7 @@ async fn a_thousand_agents_through_one_proxy_each_publish_and_subscribe() {
     let server = NatsServer::start_core("");
     let dir = tempfile::tempdir().unwrap();
     let kek = write_kek(dir.path(), TEST_KEK);
-    let proxy = ProxyProcess::start(run_command(&kek, &[server.url()], None), local_addr());
+    let proxy = ProxyProcess::start(run_command(BIN, &kek, &[server.url()], None), local_addr());
     let url = proxy.url();
 
     let started = Instant::now();

@@ -223,7 +223,11 @@ impl NatsServer {
         let start = Instant::now();
         // The port may linger for a moment after the kill.
         while TcpListener::bind(("127.0.0.1", self.port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(10), "port {} stays busy", self.port);
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "port {} stays busy",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         self.child = spawn_nats(self.dir.path());
@@ -326,13 +330,14 @@ impl Drop for NatsServer {
     }
 }
 
-/// A tiny blocking HTTP GET, for monitoring and admin endpoints.
+/// A tiny blocking HTTP GET, for monitoring and admin endpoints. HTTP/1.0, so the body comes
+/// whole rather than in chunks.
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.0\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut body = String::new();
@@ -642,9 +647,15 @@ impl Drop for ProxyProcess {
     }
 }
 
-/// A `cipherbus run` command with the root key file, upstreams and optional state directory.
-pub fn run_command(kek: &Path, upstreams: &[String], state_dir: Option<&Path>) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cipherbus"));
+/// A `cipherbus run` command of the binary `bin` (a test's `env!("CARGO_BIN_EXE_cipherbus")`)
+/// with the root key file, upstreams and optional state directory.
+pub fn run_command(
+    bin: &str,
+    kek: &Path,
+    upstreams: &[String],
+    state_dir: Option<&Path>,
+) -> Command {
+    let mut cmd = Command::new(bin);
     cmd.arg("run")
         .arg("--kek-file")
         .arg(kek)
