@@ -49,25 +49,32 @@ fn node_of(cluster: &NatsCluster, name: &str) -> Option<usize> {
         .position(|n| n.client_names().iter().any(|c| c == name))
 }
 
-/// Publishes on `subject` until `inbox` gets a message (interest crosses routes
-/// asynchronously), and checks it arrives opened.
+/// Publishes a fresh token on `subject` until `inbox` gets it, opened (interest crosses
+/// routes asynchronously). Earlier leftovers on `inbox` are skipped.
 async fn delivered(
     publisher: &async_nats::Client,
     subject: &str,
     inbox: &mut async_nats::Subscriber,
 ) -> bool {
+    static TOKENS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let token = format!(
+        "token-{}",
+        TOKENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while std::time::Instant::now() < deadline {
         if publisher
-            .publish(subject.to_owned(), "across".into())
+            .publish(subject.to_owned(), token.clone().into())
             .await
             .is_ok()
         {
             let _ = publisher.flush().await;
         }
-        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), inbox.next()).await {
-            assert_eq!(&m.payload[..], b"across");
-            return true;
+        let until = tokio::time::Instant::now() + Duration::from_millis(300);
+        while let Ok(Some(m)) = tokio::time::timeout_at(until, inbox.next()).await {
+            if m.payload == token.as_bytes() {
+                return true;
+            }
         }
     }
     false

@@ -81,25 +81,33 @@ async fn replay(client: &async_nats::Client, name: &str) -> Vec<String> {
     got
 }
 
-/// Publishes on `subject` until one message comes back on `inbox`: the first delivery after a
-/// reconnect, whenever the resubscription has reached the server.
+/// Publishes a fresh token on `subject` until it comes back on `inbox`, opened: the first
+/// delivery after a reconnect, whenever the resubscription has reached the server. Earlier
+/// leftovers on `inbox` are skipped, so they cannot stand in for a new round trip.
 async fn round_trip(
     publisher: &async_nats::Client,
     subject: &str,
     inbox: &mut async_nats::Subscriber,
 ) -> bool {
+    static TOKENS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let token = format!(
+        "token-{}",
+        TOKENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if publisher
-            .publish(subject.to_owned(), "ping".into())
+            .publish(subject.to_owned(), token.clone().into())
             .await
             .is_ok()
         {
             let _ = publisher.flush().await;
         }
-        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), inbox.next()).await {
-            assert_eq!(&m.payload[..], b"ping", "opened on the way back");
-            return true;
+        let until = tokio::time::Instant::now() + Duration::from_millis(300);
+        while let Ok(Some(m)) = tokio::time::timeout_at(until, inbox.next()).await {
+            if m.payload == token.as_bytes() {
+                return true;
+            }
         }
     }
     false
@@ -462,7 +470,7 @@ async fn a_rotation_the_full_disk_cannot_hold_is_not_activated_and_says_why() {
         .await
     );
     let refused = r#"cipherbus_control_refused_total{reason="persist"}"#;
-    assert!(eventually(Duration::from_secs(5), || metric(&pb, refused) >= 2.0).await);
+    assert!(eventually(Duration::from_secs(5), || metric(&pb, refused) >= 4.0).await);
     let snap = pb.keyring.snapshot();
     assert_eq!(
         snap.active.epoch, 1,
@@ -475,6 +483,11 @@ async fn a_rotation_the_full_disk_cannot_hold_is_not_activated_and_says_why() {
     assert!(
         audit.contains("No space left on device") && audit.contains("not applied"),
         "{audit}"
+    );
+    let refusals = audit.lines().filter(|l| l.contains("\"refused\"")).count();
+    assert!(
+        (1..=2).contains(&refusals),
+        "the stage and the activation refused once each, not every re-announcement: {audit}"
     );
 
     // Traffic goes on meanwhile: B seals under epoch 1, which A still opens.
@@ -497,6 +510,34 @@ async fn a_rotation_the_full_disk_cannot_hold_is_not_activated_and_says_why() {
     assert_eq!(persisted_epochs(dir_b.path()), [1, 2]);
     assert!(key_path(dir_b.path(), 2).exists());
     cipherbus::audit::verify(&dir_b.path().join("audit.jsonl")).unwrap();
+
+    // The authority's own disk is full: it refuses to rotate rather than announce a key it
+    // could lose, and says so to the operator and in its audit log.
+    std::os::unix::fs::symlink("/dev/full", key_path(dir_a.path(), 3).with_extension("tmp"))
+        .unwrap();
+    let err = cipherbus::control::authority::request_rotation(
+        vec![server.url()],
+        &root,
+        "cipherbus.ctl",
+        "disk full test",
+    )
+    .await
+    .expect_err("no rotation onto a full disk");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_eq!(pa.keyring.snapshot().active.epoch, 2);
+    assert_eq!(
+        pb.keyring.snapshot().state(3),
+        None,
+        "nothing was announced"
+    );
+    assert_eq!(persisted_epochs(dir_a.path()), [1, 2]);
+    let audit = std::fs::read_to_string(dir_a.path().join("audit.jsonl")).unwrap();
+    let last = audit.lines().last().unwrap();
+    assert!(
+        last.contains("\"event\":\"refused\"") && last.contains("No space left on device"),
+        "{last}"
+    );
+    cipherbus::audit::verify(&dir_a.path().join("audit.jsonl")).unwrap();
 }
 
 /// The uid of this process, from /proc (no libc call needed).

@@ -231,6 +231,9 @@ impl Member {
     }
 }
 
+/// Distinct keyring refusals audited per active epoch; beyond it they are only logged.
+const MAX_AUDITED_REPEATS: usize = 64;
+
 /// How a proxy's control connection is set up.
 #[derive(Debug, Clone)]
 pub struct MemberConfig {
@@ -321,6 +324,9 @@ pub async fn run(
             }
         }
     };
+    // A fault that lasts (a state directory that cannot be written) refuses every
+    // re-announcement: each such refusal is audited once per active epoch, not every heartbeat.
+    let mut keyring_refusals = std::collections::HashSet::new();
     let mut member = Member::new(keyring, &prefix);
     let mut sealer = match ControlSealer::new(node.clone(), member.control_key()) {
         Ok(s) => s,
@@ -413,15 +419,19 @@ pub async fn run(
             Err(e) => {
                 metrics.control_refused(e.reason());
                 tracing::warn!(reason = e.reason(), error = %e, "refused a control message");
-                record(
-                    crate::audit::EventKind::Refused,
-                    None,
-                    format!("control message refused ({}): {e}", e.reason()),
-                );
+                let text = format!("control message refused ({}): {e}", e.reason());
+                let repeats = matches!(e, ApplyError::Persist { .. } | ApplyError::Keyring(_));
+                if !repeats
+                    || (keyring_refusals.len() < MAX_AUDITED_REPEATS
+                        && keyring_refusals.insert(text.clone()))
+                {
+                    record(crate::audit::EventKind::Refused, None, text);
+                }
             }
         }
         let after = member.keyring.snapshot().active.epoch;
         if after != before {
+            keyring_refusals.clear();
             record(
                 crate::audit::EventKind::Activated,
                 Some(after),
