@@ -566,16 +566,27 @@ async fn a_rotation_into_a_read_only_state_directory_is_not_activated_and_says_w
     let kek = write_kek(dir.path(), TEST_KEK);
     let state = dir.path().join("state");
     std::fs::write(dir.path().join("proxy.toml"), FAST).unwrap();
-    let mut cmd = run_command(BIN, &kek, &[server.url()], Some(&state));
-    cmd.arg("--config").arg(dir.path().join("proxy.toml"));
     // Permissions do not stop root: run the proxy as an unprivileged user then, owning its
-    // files as a deployment would.
-    if euid() == 0 {
-        const NOBODY: u32 = 65534;
+    // files as a deployment would. Its binary is linked (or copied) next to them, since the
+    // build directory may not be open to that user.
+    let as_root = euid() == 0;
+    const NOBODY: u32 = 65534;
+    let bin = if as_root {
+        let bin = dir.path().join("cipherbus");
+        std::fs::hard_link(BIN, &bin)
+            .or_else(|_| std::fs::copy(BIN, &bin).map(drop))
+            .unwrap();
         std::fs::create_dir(&state).unwrap();
         for p in [dir.path(), &kek, &state, &dir.path().join("proxy.toml")] {
             std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
         }
+        bin
+    } else {
+        PathBuf::from(BIN)
+    };
+    let mut cmd = run_command(bin.to_str().unwrap(), &kek, &[server.url()], Some(&state));
+    cmd.arg("--config").arg(dir.path().join("proxy.toml"));
+    if as_root {
         cmd.uid(NOBODY).gid(NOBODY);
     }
     let proxy = ProxyProcess::start(cmd, local_addr());
