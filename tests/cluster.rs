@@ -49,37 +49,6 @@ fn node_of(cluster: &NatsCluster, name: &str) -> Option<usize> {
         .position(|n| n.client_names().iter().any(|c| c == name))
 }
 
-/// Publishes a fresh token on `subject` until `inbox` gets it, opened (interest crosses
-/// routes asynchronously). Earlier leftovers on `inbox` are skipped.
-async fn delivered(
-    publisher: &async_nats::Client,
-    subject: &str,
-    inbox: &mut async_nats::Subscriber,
-) -> bool {
-    static TOKENS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let token = format!(
-        "token-{}",
-        TOKENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    );
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while std::time::Instant::now() < deadline {
-        if publisher
-            .publish(subject.to_owned(), token.clone().into())
-            .await
-            .is_ok()
-        {
-            let _ = publisher.flush().await;
-        }
-        let until = tokio::time::Instant::now() + Duration::from_millis(300);
-        while let Ok(Some(m)) = tokio::time::timeout_at(until, inbox.next()).await {
-            if m.payload == token.as_bytes() {
-                return true;
-            }
-        }
-    }
-    false
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_node_a_proxy_uses_moves_its_agents_to_another_node() {
     let mut cluster = tokio::task::block_in_place(|| NatsCluster::start(3));
@@ -94,7 +63,7 @@ async fn killing_the_node_a_proxy_uses_moves_its_agents_to_another_node() {
     let mut at_b = b.subscribe("cluster.to-b").await.unwrap();
     let mut at_a = a.subscribe("cluster.to-a").await.unwrap();
     sync(&b).await;
-    assert!(delivered(&a, "cluster.to-b", &mut at_b).await);
+    assert!(round_trip(&a, "cluster.to-b", &mut at_b).await);
 
     cluster.nodes[0].kill();
     assert!(
@@ -106,9 +75,9 @@ async fn killing_the_node_a_proxy_uses_moves_its_agents_to_another_node() {
         "agent A reconnects through its proxy to a surviving node"
     );
     assert_ne!(node_of(&cluster, "agent-a"), Some(0));
-    assert!(delivered(&a, "cluster.to-b", &mut at_b).await, "A → B");
+    assert!(round_trip(&a, "cluster.to-b", &mut at_b).await, "A → B");
     assert!(
-        delivered(&b, "cluster.to-a", &mut at_a).await,
+        round_trip(&b, "cluster.to-a", &mut at_a).await,
         "B → A: A's subscription came back"
     );
 }
@@ -145,7 +114,7 @@ async fn lame_duck_moves_new_upstream_connections_away_and_tells_the_agents() {
     );
     let mut inbox = second.subscribe("ldm.x").await.unwrap();
     sync(&second).await;
-    assert!(delivered(&second, "ldm.x", &mut inbox).await);
+    assert!(round_trip(&second, "ldm.x", &mut inbox).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,7 +168,7 @@ async fn rotations_reach_proxies_attached_to_different_nodes() {
         );
     }
     for inbox in &mut inboxes {
-        assert!(delivered(&agents[0], "spread.x", inbox).await);
+        assert!(round_trip(&agents[0], "spread.x", inbox).await);
     }
     // Drain what the retries left, then one more: sealed under epoch 3 on the wire.
     while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), tap.next()).await {}

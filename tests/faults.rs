@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer::push, stream};
+use async_nats::jetstream::{self, stream};
 use cipherbus::envelope::{DataKey, RootKey};
 use cipherbus::keyring::Keyring;
 use futures::StreamExt;
@@ -56,61 +56,6 @@ async fn watched_agent(url: &str, name: &str) -> (async_nats::Client, Events) {
         .await
         .expect("agent connects through the proxy");
     (client, events)
-}
-
-/// Replays stream `name` through `client` and returns the payloads delivered, in order.
-async fn replay(client: &async_nats::Client, name: &str) -> Vec<String> {
-    let deliver = client.new_inbox();
-    let mut sub = client.subscribe(deliver.clone()).await.unwrap();
-    sync(client).await;
-    jetstream::new(client.clone())
-        .get_stream(name)
-        .await
-        .unwrap()
-        .create_consumer(push::Config {
-            deliver_subject: deliver,
-            ack_policy: jetstream::consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(1500), sub.next()).await {
-        got.push(String::from_utf8_lossy(&m.payload).into_owned());
-    }
-    got
-}
-
-/// Publishes a fresh token on `subject` until it comes back on `inbox`, opened: the first
-/// delivery after a reconnect, whenever the resubscription has reached the server. Earlier
-/// leftovers on `inbox` are skipped, so they cannot stand in for a new round trip.
-async fn round_trip(
-    publisher: &async_nats::Client,
-    subject: &str,
-    inbox: &mut async_nats::Subscriber,
-) -> bool {
-    static TOKENS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let token = format!(
-        "token-{}",
-        TOKENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if publisher
-            .publish(subject.to_owned(), token.clone().into())
-            .await
-            .is_ok()
-        {
-            let _ = publisher.flush().await;
-        }
-        let until = tokio::time::Instant::now() + Duration::from_millis(300);
-        while let Ok(Some(m)) = tokio::time::timeout_at(until, inbox.next()).await {
-            if m.payload == token.as_bytes() {
-                return true;
-            }
-        }
-    }
-    false
 }
 
 /// Reads a metric of a proxy process off the test's runtime.
@@ -205,7 +150,10 @@ async fn upstream_death_mid_stream_reconnects_agents_loses_no_acked_message_and_
     );
 
     // Every acknowledged message is in the stream, and opens.
-    let stored: BTreeSet<String> = replay(&subscriber, "FAULTS").await.into_iter().collect();
+    let stored: BTreeSet<String> = replay_stream(&subscriber, "FAULTS")
+        .await
+        .into_iter()
+        .collect();
     let lost: Vec<u32> = acked
         .lock()
         .unwrap()
@@ -306,7 +254,7 @@ async fn a_crashed_proxy_comes_back_with_its_keys_and_takes_its_agents_back() {
         "the same agent reconnects to the restarted proxy"
     );
     assert_eq!(
-        replay(&agent, "HIST").await,
+        replay_stream(&agent, "HIST").await,
         ["e1", "e2", "e3"],
         "history sealed under every epoch opens after the restart"
     );

@@ -458,6 +458,65 @@ pub async fn sync(client: &async_nats::Client) {
     }
 }
 
+/// Publishes a fresh token on `subject` until it comes back on `inbox`, opened: the first
+/// delivery after a reconnect or across routes, whenever the (re)subscription has reached the
+/// server. Earlier leftovers on `inbox` are skipped, so they cannot stand in for it.
+pub async fn round_trip(
+    publisher: &async_nats::Client,
+    subject: &str,
+    inbox: &mut async_nats::Subscriber,
+) -> bool {
+    use futures::StreamExt;
+    static TOKENS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let token = format!(
+        "token-{}",
+        TOKENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if publisher
+            .publish(subject.to_owned(), token.clone().into())
+            .await
+            .is_ok()
+        {
+            let _ = publisher.flush().await;
+        }
+        let until = tokio::time::Instant::now() + Duration::from_millis(300);
+        while let Ok(Some(m)) = tokio::time::timeout_at(until, inbox.next()).await {
+            if m.payload == token.as_bytes() {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// Replays JetStream stream `name` through `client` with a push consumer and returns the
+/// payloads delivered, in order (until 1.5 s pass without one).
+pub async fn replay_stream(client: &async_nats::Client, name: &str) -> Vec<String> {
+    use async_nats::jetstream::{self, consumer::push};
+    use futures::StreamExt;
+    let deliver = client.new_inbox();
+    let mut sub = client.subscribe(deliver.clone()).await.unwrap();
+    sync(client).await;
+    jetstream::new(client.clone())
+        .get_stream(name)
+        .await
+        .unwrap()
+        .create_consumer(push::Config {
+            deliver_subject: deliver,
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(1500), sub.next()).await {
+        got.push(String::from_utf8_lossy(&m.payload).into_owned());
+    }
+    got
+}
+
 /// Polls `f` until it is true or `timeout` passes.
 pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
