@@ -1,6 +1,7 @@
 //! A three-node NATS cluster on loopback, with proxies that know every node: a killed node's
-//! agents recover through another one, a node in lame duck gets no new upstream connections
-//! and its agents are told, and rotations reach proxies attached to different nodes.
+//! agents recover through another one; a node in lame duck gets no new upstream connections,
+//! its agents are told and recover elsewhere when it evicts them; and rotations reach proxies
+//! attached to different nodes.
 
 mod support;
 
@@ -112,9 +113,25 @@ async fn lame_duck_moves_new_upstream_connections_away_and_tells_the_agents() {
         failures,
         "no dial went to the draining node"
     );
+
+    // After its 1 s grace the draining node closes its clients; the first agent reconnects
+    // through the proxy and lands on a live node too, and the two still talk.
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            events.lock().unwrap().iter().any(|e| e == "disconnected")
+                && node_of(&cluster, "before-ldm") == Some(1)
+        })
+        .await,
+        "the evicted agent comes back through another node: {:?}",
+        events.lock().unwrap()
+    );
+    assert_eq!(
+        metric(&p, "cipherbus_upstream_connect_failures_total"),
+        failures
+    );
     let mut inbox = second.subscribe("ldm.x").await.unwrap();
     sync(&second).await;
-    assert!(round_trip(&second, "ldm.x", &mut inbox).await);
+    assert!(round_trip(&first, "ldm.x", &mut inbox).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
