@@ -432,6 +432,10 @@ async fn a_rotation_the_full_disk_cannot_hold_is_not_activated_and_says_why() {
         audit.contains("No space left on device") && audit.contains("not applied"),
         "{audit}"
     );
+    assert!(
+        audit.contains("\"event\":\"refused\",\"epoch\":2"),
+        "{audit}"
+    );
     let refusals = audit.lines().filter(|l| l.contains("\"refused\"")).count();
     assert!(
         (1..=2).contains(&refusals),

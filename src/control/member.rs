@@ -68,6 +68,16 @@ fn persisting(epoch: u32) -> impl Fn(crate::keyring::KeyringError) -> ApplyError
 }
 
 impl ApplyError {
+    /// The epoch the refused change was about, where known.
+    pub fn epoch(&self) -> Option<u32> {
+        match self {
+            ApplyError::Unwrap { epoch }
+            | ApplyError::Fingerprint { epoch }
+            | ApplyError::Persist { epoch, .. } => Some(*epoch),
+            ApplyError::Control(_) | ApplyError::Keyring(_) => None,
+        }
+    }
+
     pub fn reason(&self) -> &'static str {
         match self {
             ApplyError::Control(e) => e.reason(),
@@ -425,7 +435,7 @@ pub async fn run(
                     || (keyring_refusals.len() < MAX_AUDITED_REPEATS
                         && keyring_refusals.insert(text.clone()))
                 {
-                    record(crate::audit::EventKind::Refused, None, text);
+                    record(crate::audit::EventKind::Refused, e.epoch(), text);
                 }
             }
         }
