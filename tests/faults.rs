@@ -11,8 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
-use cipherbus::envelope::{DataKey, RootKey};
-use cipherbus::keyring::Keyring;
+use base64::Engine;
+use cipherbus::control::member::Subjects;
+use cipherbus::control::message::{Body, ControlSealer};
+use cipherbus::envelope::{DataKey, Header, RootKey};
+use cipherbus::keyring::{KeyState, Keyring};
 use futures::StreamExt;
 use support::*;
 
@@ -166,6 +169,7 @@ async fn upstream_death_mid_stream_reconnects_agents_loses_no_acked_message_and_
     // Nothing crashed, and once the agents leave, nothing of them remains.
     let mut proxy = proxy;
     assert!(proxy.wait_exit(Duration::ZERO).is_none(), "the proxy runs");
+    assert!(!proxy.stderr().contains("panicked"), "{}", proxy.stderr());
     drop((publisher, subscriber, inbox));
     assert!(
         eventually(Duration::from_secs(10), || proxy
@@ -490,6 +494,99 @@ async fn a_rotation_the_full_disk_cannot_hold_is_not_activated_and_says_why() {
         "{last}"
     );
     cipherbus::audit::verify(&dir_a.path().join("audit.jsonl")).unwrap();
+}
+
+/// Seals `body` as a key authority would and publishes it on the announce subject.
+async fn announce(client: &async_nats::Client, sealer: &mut ControlSealer, body: Body) {
+    let subject = Subjects::new("cipherbus.ctl").announce;
+    let sealed = sealer.seal(&subject, body).unwrap();
+    client.publish(subject, sealed.into()).await.unwrap();
+    client.flush().await.unwrap();
+}
+
+/// The state `state.json` records for `epoch`.
+fn persisted_state(state: &Path, epoch: u64) -> Option<String> {
+    let text = std::fs::read_to_string(state.join("state.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["epochs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["epoch"] == epoch)
+        .map(|e| e["state"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_key_whose_activation_cannot_be_persisted_is_not_activated() {
+    let server = NatsServer::start_core("");
+    let dir = tempfile::tempdir().unwrap();
+    let p = proxy_full(&server, "", TEST_KEK, Some(dir.path()), false).await;
+    // A stand-in key authority on the bus.
+    let root = RootKey::from_bytes(TEST_KEK);
+    let bus = observer(&server).await;
+    let mut sealer =
+        ControlSealer::new("stand-in", &cipherbus::envelope::derive_control_key(&root)).unwrap();
+    let key = DataKey::generate().unwrap();
+    let wrapped = cipherbus::envelope::wrap_key(&root, 2, &key).unwrap();
+    let stage = Body::Stage {
+        epoch: 2,
+        wrapped: base64::engine::general_purpose::STANDARD.encode(wrapped),
+        fingerprint: key.fingerprint(),
+    };
+    let staged = || p.keyring.snapshot().state(2) == Some(KeyState::Staged);
+    for _ in 0..50 {
+        announce(&bus, &mut sealer, stage.clone()).await;
+        if eventually(Duration::from_millis(200), staged).await {
+            break;
+        }
+    }
+    assert!(staged());
+    assert_eq!(persisted_state(dir.path(), 2).as_deref(), Some("staged"));
+
+    // The disk fills before the activation: state.json cannot be rewritten.
+    let tmp = dir.path().join("state.tmp");
+    std::os::unix::fs::symlink("/dev/full", &tmp).unwrap();
+    let refused = r#"cipherbus_control_refused_total{reason="persist"}"#;
+    for _ in 0..50 {
+        announce(&bus, &mut sealer, Body::Activate { epoch: 2 }).await;
+        if eventually(Duration::from_millis(200), || metric(&p, refused) >= 1.0).await {
+            break;
+        }
+    }
+    assert!(metric(&p, refused) >= 1.0);
+    assert_eq!(
+        p.keyring.snapshot().active.epoch,
+        1,
+        "not activated in memory"
+    );
+    assert!(staged(), "still staged: it opens, it does not seal");
+    assert_eq!(persisted_state(dir.path(), 1).as_deref(), Some("active"));
+    assert_eq!(persisted_state(dir.path(), 2).as_deref(), Some("staged"));
+    // What the agent publishes meanwhile is sealed under the persisted active epoch.
+    let mut tap = bus.subscribe("still.one").await.unwrap();
+    sync(&bus).await;
+    let agent = agent(&p).await;
+    agent.publish("still.one", "m".into()).await.unwrap();
+    agent.flush().await.unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(5), tap.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(Header::parse(&m.payload).unwrap().epoch, 1);
+
+    std::fs::remove_file(&tmp).unwrap();
+    for _ in 0..50 {
+        announce(&bus, &mut sealer, Body::Activate { epoch: 2 }).await;
+        if eventually(Duration::from_millis(200), || {
+            p.keyring.snapshot().active.epoch == 2
+        })
+        .await
+        {
+            break;
+        }
+    }
+    assert_eq!(p.keyring.snapshot().active.epoch, 2);
+    assert_eq!(persisted_state(dir.path(), 2).as_deref(), Some("active"));
 }
 
 /// The uid of this process, from /proc (no libc call needed).
