@@ -234,11 +234,6 @@ impl NatsServer {
         self.wait_ready();
     }
 
-    /// Whether the server process is still running.
-    pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
     /// Puts the server in lame-duck mode, as an operator does (`--signal ldm=PID`).
     pub fn lame_duck(&self) {
         let status = Command::new(nats_server_bin())
