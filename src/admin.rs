@@ -67,6 +67,7 @@ async fn respond(
     let (status, ctype, body) = match (method, path) {
         (b"GET", b"/metrics") => {
             metrics.refresh_keys(keyring);
+            metrics.refresh_runtime();
             (
                 "200 OK",
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -65,6 +65,7 @@ pub struct Metrics {
     pub epoch_sealed: Family<EpochLabel, Counter>,
     pub epochs: Family<StateLabel, Gauge>,
     pub key_age: Gauge,
+    pub runtime_tasks: Gauge,
 }
 
 impl Default for Metrics {
@@ -94,6 +95,7 @@ impl Metrics {
             epoch_sealed: Family::default(),
             epochs: Family::default(),
             key_age: Gauge::default(),
+            runtime_tasks: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -184,6 +186,11 @@ impl Metrics {
             Unit::Seconds,
             m.key_age.clone(),
         );
+        registry.register(
+            "runtime_tasks",
+            "Tasks alive in the proxy's async runtime (sessions, control plane, admin), for leak checks",
+            m.runtime_tasks.clone(),
+        );
         for reason in OPEN_FAILURE_REASONS {
             let _ = m.open_failures.get_or_create(&ReasonLabel { reason });
         }
@@ -258,6 +265,14 @@ impl Metrics {
             .and_then(|r| r.activated);
         self.key_age
             .set(activated.map_or(0, |t| now.saturating_sub(t)) as i64);
+    }
+
+    /// Counts the runtime's live tasks; called when metrics are scraped.
+    pub fn refresh_runtime(&self) {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            self.runtime_tasks
+                .set(rt.metrics().num_alive_tasks() as i64);
+        }
     }
 
     /// Renders the registry in the Prometheus/OpenMetrics text format.

@@ -73,25 +73,40 @@ impl Drop for ProxyHandle {
     }
 }
 
+/// Opens the keyring from the state directory. A damaged one stops the start, and the refusal
+/// goes to the audit log beside the key events (best effort: the log may be on the same disk).
+fn open_keyring(config: &Config, root: RootKey, role: &str) -> Result<Keyring, StartError> {
+    Keyring::open(root, config.state_dir.as_deref(), config.retired_cache).map_err(|e| {
+        if let Some(path) = config.audit_log.as_deref() {
+            let event = crate::audit::Event {
+                kind: crate::audit::EventKind::Refused,
+                epoch: None,
+                fingerprint: None,
+                actor: node_id(role),
+                reason: format!("keyring not opened, not starting: {e}"),
+            };
+            let logged = crate::audit::AuditLog::open(path)
+                .map_err(|e| e.to_string())
+                .and_then(|log| log.append(event).map_err(|e| e.to_string()));
+            if let Err(why) = logged {
+                tracing::error!(error = %why, "cannot audit the refusal");
+            }
+        }
+        StartError::Keyring(e)
+    })
+}
+
 /// Opens the keyring and starts a proxy with the given root key.
 pub async fn start(config: Config, root: RootKey) -> Result<ProxyHandle, StartError> {
     crate::tls::install_default_provider();
-    let keyring = Arc::new(Keyring::open(
-        root,
-        config.state_dir.as_deref(),
-        config.retired_cache,
-    )?);
+    let keyring = Arc::new(open_keyring(&config, root, "proxy")?);
     start_with_keyring(config, keyring).await
 }
 
 /// Starts the key authority alone: its keyring, the admin endpoint, no agent listener.
 pub async fn start_controller(config: Config, root: RootKey) -> Result<ProxyHandle, StartError> {
     crate::tls::install_default_provider();
-    let keyring = Arc::new(Keyring::open(
-        root,
-        config.state_dir.as_deref(),
-        config.retired_cache,
-    )?);
+    let keyring = Arc::new(open_keyring(&config, root, "authority")?);
     // It follows the announcements like a proxy, so that if it is standing by it holds the
     // current keyring when it takes the role over.
     let base = Base::start(&config, &keyring, "authority-follower", true).await?;

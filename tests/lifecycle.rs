@@ -6,7 +6,7 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::push, stream};
+use async_nats::jetstream::{self, stream};
 use cipherbus::envelope::RootKey;
 use cipherbus::server::ProxyHandle;
 use futures::StreamExt;
@@ -46,26 +46,7 @@ async fn store(p: &ProxyHandle, text: &str) {
 
 /// Replays the whole stream through `p` and returns the payloads it delivered.
 async fn history(p: &ProxyHandle) -> Vec<String> {
-    let client = agent(p).await;
-    let deliver = client.new_inbox();
-    let mut sub = client.subscribe(deliver.clone()).await.unwrap();
-    sync(&client).await;
-    jetstream::new(client.clone())
-        .get_stream("HIST")
-        .await
-        .unwrap()
-        .create_consumer(push::Config {
-            deliver_subject: deliver,
-            ack_policy: jetstream::consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(1500), sub.next()).await {
-        got.push(String::from_utf8_lossy(&m.payload).into_owned());
-    }
-    got
+    replay_stream(&agent(p).await, "HIST").await
 }
 
 fn key_files(dir: &Path) -> Vec<String> {

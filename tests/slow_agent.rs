@@ -154,8 +154,7 @@ fn kek_file(dir: &std::path::Path) -> std::path::PathBuf {
     path
 }
 
-/// The server's `slow_consumers` total from `varz`. Read as text: the body of a response this
-/// large may come chunked, which the tiny HTTP client in `support` does not decode.
+/// The server's `slow_consumers` total from `varz`, read as text.
 fn slow_consumers(server: &NatsServer) -> u64 {
     let varz = server.monitor("varz");
     varz.split("\"slow_consumers\":")

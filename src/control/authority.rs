@@ -644,7 +644,11 @@ impl Authority {
             reason,
         ));
         // Persisted before anyone is told, so the authority never announces a key it could lose.
-        self.keyring.stage(epoch, key).map_err(|e| e.to_string())?;
+        if let Err(e) = self.keyring.stage(epoch, key) {
+            let why = format!("not staged, so not announced: {e}");
+            self.audit(self.event(EventKind::Refused, epoch, Some(fingerprint), &why));
+            return Err(why);
+        }
         self.audit(self.event(EventKind::Staged, epoch, Some(fingerprint.clone()), reason));
         let stage = self
             .stage_body(epoch)
@@ -694,7 +698,11 @@ impl Authority {
             .filter(|p| p.active == old)
             .map(|p| p.sealed_messages)
             .sum();
-        self.keyring.activate(epoch).map_err(|e| e.to_string())?;
+        if let Err(e) = self.keyring.activate(epoch) {
+            let why = format!("staged but not activated: {e}");
+            self.audit(self.event(EventKind::Refused, epoch, Some(fingerprint), &why));
+            return Err(why);
+        }
         self.retired_usage.insert(old, old_usage);
         // Heard once by everyone in the common case; the periodic re-announcement covers loss.
         self.announce(Body::Activate { epoch }).await;

@@ -44,16 +44,46 @@ pub enum ApplyError {
     Unwrap { epoch: u32 },
     #[error("epoch {epoch}: the key's fingerprint does not match the announcement")]
     Fingerprint { epoch: u32 },
+    #[error(
+        "epoch {epoch}: the change could not be persisted, so it is not applied here: {source}"
+    )]
+    Persist {
+        epoch: u32,
+        #[source]
+        source: crate::keyring::KeyringError,
+    },
     #[error("{0}")]
     Keyring(#[from] crate::keyring::KeyringError),
 }
 
+/// Tells a state directory that cannot be written from a refused change.
+fn persisting(epoch: u32) -> impl Fn(crate::keyring::KeyringError) -> ApplyError {
+    use crate::keyring::KeyringError;
+    move |e| match e {
+        KeyringError::Io { .. } | KeyringError::Corrupt { .. } => {
+            ApplyError::Persist { epoch, source: e }
+        }
+        e => ApplyError::Keyring(e),
+    }
+}
+
 impl ApplyError {
+    /// The epoch the refused change was about, where known.
+    pub fn epoch(&self) -> Option<u32> {
+        match self {
+            ApplyError::Unwrap { epoch }
+            | ApplyError::Fingerprint { epoch }
+            | ApplyError::Persist { epoch, .. } => Some(*epoch),
+            ApplyError::Control(_) | ApplyError::Keyring(_) => None,
+        }
+    }
+
     pub fn reason(&self) -> &'static str {
         match self {
             ApplyError::Control(e) => e.reason(),
             ApplyError::Unwrap { .. } => "unwrap",
             ApplyError::Fingerprint { .. } => "fingerprint",
+            ApplyError::Persist { .. } => "persist",
             ApplyError::Keyring(_) => "stale_epoch",
         }
     }
@@ -132,7 +162,7 @@ impl Member {
                 }
                 // A re-announcement of an epoch already here is acknowledged again.
                 if snap.state(epoch).is_none() {
-                    self.keyring.stage(epoch, key)?;
+                    self.keyring.stage(epoch, key).map_err(persisting(epoch))?;
                     tracing::info!(epoch, fingerprint = %fingerprint, "staged a new data key");
                 }
                 if snap.state(epoch) == Some(KeyState::Destroyed) {
@@ -142,14 +172,14 @@ impl Member {
             }
             Body::Activate { epoch } => {
                 if snap.active.epoch != epoch {
-                    self.keyring.activate(epoch)?;
+                    self.keyring.activate(epoch).map_err(persisting(epoch))?;
                     tracing::info!(epoch, "activated a new data key");
                 }
                 Ok(Reply::None)
             }
             Body::Destroy { epoch, reason } => {
                 if snap.state(epoch) != Some(KeyState::Destroyed) {
-                    self.keyring.destroy(epoch)?;
+                    self.keyring.destroy(epoch).map_err(persisting(epoch))?;
                     tracing::warn!(epoch, reason = %reason, "destroyed a data key");
                 }
                 Ok(Reply::None)
@@ -172,7 +202,9 @@ impl Member {
                     if local.is_some_and(|s| s != KeyState::Destroyed)
                         && snap.active.epoch != info.epoch =>
                 {
-                    self.keyring.destroy(info.epoch)?;
+                    self.keyring
+                        .destroy(info.epoch)
+                        .map_err(persisting(info.epoch))?;
                 }
                 KeyState::Destroyed => {}
                 state if local.is_none() => {
@@ -190,7 +222,9 @@ impl Member {
                     } else {
                         KeyState::Staged
                     };
-                    self.keyring.adopt(epoch, key, as_state)?;
+                    self.keyring
+                        .adopt(epoch, key, as_state)
+                        .map_err(persisting(epoch))?;
                 }
                 _ => {}
             }
@@ -198,12 +232,17 @@ impl Member {
         drop(snap);
         if let Some(active) = epochs.iter().find(|i| i.state == KeyState::Active) {
             if active.epoch > self.keyring.snapshot().active.epoch {
-                self.keyring.activate(active.epoch)?;
+                self.keyring
+                    .activate(active.epoch)
+                    .map_err(persisting(active.epoch))?;
             }
         }
         Ok(())
     }
 }
+
+/// Distinct keyring refusals audited per active epoch; beyond it they are only logged.
+const MAX_AUDITED_REPEATS: usize = 64;
 
 /// How a proxy's control connection is set up.
 #[derive(Debug, Clone)]
@@ -295,6 +334,9 @@ pub async fn run(
             }
         }
     };
+    // A fault that lasts (a state directory that cannot be written) refuses every
+    // re-announcement: each such refusal is audited once per active epoch, not every heartbeat.
+    let mut keyring_refusals = std::collections::HashSet::new();
     let mut member = Member::new(keyring, &prefix);
     let mut sealer = match ControlSealer::new(node.clone(), member.control_key()) {
         Ok(s) => s,
@@ -387,15 +429,19 @@ pub async fn run(
             Err(e) => {
                 metrics.control_refused(e.reason());
                 tracing::warn!(reason = e.reason(), error = %e, "refused a control message");
-                record(
-                    crate::audit::EventKind::Refused,
-                    None,
-                    format!("control message refused ({}): {e}", e.reason()),
-                );
+                let text = format!("control message refused ({}): {e}", e.reason());
+                let repeats = matches!(e, ApplyError::Persist { .. } | ApplyError::Keyring(_));
+                if !repeats
+                    || (keyring_refusals.len() < MAX_AUDITED_REPEATS
+                        && keyring_refusals.insert(text.clone()))
+                {
+                    record(crate::audit::EventKind::Refused, e.epoch(), text);
+                }
             }
         }
         let after = member.keyring.snapshot().active.epoch;
         if after != before {
+            keyring_refusals.clear();
             record(
                 crate::audit::EventKind::Activated,
                 Some(after),

@@ -229,9 +229,42 @@ impl Keyring {
         {
             let records = ring.records.lock().unwrap_or_else(|p| p.into_inner());
             ring.check_root(&records)?;
+            ring.check_key_files(&records)?;
             ring.rebuild(&records, 1)?;
         }
         Ok(ring)
+    }
+
+    /// Unwraps every wrapped key the state names and compares its fingerprint, so a truncated
+    /// or corrupted key file fails the start, naming the file, instead of the first delivery
+    /// that needs it. A retired epoch's missing file is only a warning: `destroy` shreds the
+    /// file before it records the state, and a crash between the two leaves exactly that.
+    fn check_key_files(&self, records: &StateFile) -> Result<(), KeyringError> {
+        use subtle::ConstantTimeEq;
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        for r in records.epochs.iter().filter(|r| r.epoch != 1) {
+            let path = store.key_path(r.epoch);
+            let key = match (r.state, store.load_wrapped(r.epoch)?) {
+                (KeyState::Destroyed, _) => continue,
+                (KeyState::Retired, None) => {
+                    tracing::warn!(epoch = r.epoch, path = %path.display(), "the wrapped key of a retired epoch is missing; it can no longer open");
+                    continue;
+                }
+                _ => self.load_key(r.epoch)?,
+            };
+            if !bool::from(key.fingerprint().as_bytes().ct_eq(r.fingerprint.as_bytes())) {
+                return Err(KeyringError::Corrupt {
+                    path,
+                    why: format!(
+                        "its key does not match the fingerprint state.json records for epoch {}",
+                        r.epoch
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Refuses a root key that is not the one this state directory was written with. Epoch 1
@@ -346,10 +379,12 @@ impl Keyring {
             epoch,
             why: "no state directory holds its wrapped key",
         })?;
-        let wrapped = store.load_wrapped(epoch)?.ok_or(KeyringError::Refused {
-            epoch,
-            why: "its wrapped key file is missing",
-        })?;
+        let wrapped = store
+            .load_wrapped(epoch)?
+            .ok_or_else(|| KeyringError::Corrupt {
+                path: store.key_path(epoch),
+                why: format!("the wrapped key of epoch {epoch} is missing"),
+            })?;
         envelope::unwrap_key(&self.root, epoch, &wrapped).map_err(|e| KeyringError::Corrupt {
             path: store.key_path(epoch),
             why: format!("cannot unwrap: {e}"),

@@ -71,7 +71,20 @@ impl Store {
         let path = self.state_path();
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(StateFile::default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Starting over at epoch 1 beside wrapped keys of later epochs would seal with
+                // a key the others may have retired or destroyed.
+                if let Some(key) = self.any_key_file() {
+                    return Err(KeyringError::Corrupt {
+                        path,
+                        why: format!(
+                            "it is missing, but {} is there; refusing to start over at epoch 1",
+                            key.display()
+                        ),
+                    });
+                }
+                return Ok(StateFile::default());
+            }
             Err(source) => return Err(KeyringError::Io { path, source }),
         };
         let state: StateFile = serde_json::from_str(&text).map_err(|e| KeyringError::Corrupt {
@@ -85,6 +98,14 @@ impl Store {
             });
         }
         Ok(state)
+    }
+
+    fn any_key_file(&self) -> Option<PathBuf> {
+        fs::read_dir(self.dir.join("keys"))
+            .ok()?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "key"))
     }
 
     pub fn save_state(&self, state: &StateFile) -> Result<(), KeyringError> {

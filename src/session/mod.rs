@@ -15,7 +15,7 @@ pub mod info;
 pub mod transform;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +43,9 @@ const KEEP_CAPACITY: usize = 128 * 1024;
 const SERVER_PAYLOAD_SLACK: usize = 64 * 1024;
 /// `-ERR` notices waiting for the agent; a full queue slows the agent's own reads.
 const NOTICE_QUEUE: usize = 64;
+/// How long a server in lame-duck mode is tried last for new upstream connections: the
+/// server's default lame-duck duration, after which it has shut down or come back.
+const LAME_DUCK_AVOID: Duration = Duration::from_secs(120);
 
 /// State shared by every session of one proxy.
 #[derive(Debug)]
@@ -57,6 +60,9 @@ pub struct Shared {
     pub upstream_tls: UpstreamTls,
     /// Index of the upstream tried first; moves on when a server fails.
     preferred: AtomicUsize,
+    /// Per upstream: until when (milliseconds since `born`) it is draining in lame-duck mode.
+    draining: Vec<AtomicU64>,
+    born: Instant,
 }
 
 impl Shared {
@@ -76,6 +82,7 @@ impl Shared {
                 verify: t.verify_clients,
             },
         };
+        let config_upstreams = config.upstreams.len();
         let rewrite = InfoRewrite {
             host: listen.ip().to_string(),
             port: listen.port(),
@@ -90,7 +97,28 @@ impl Shared {
             agent_tls,
             upstream_tls,
             preferred: AtomicUsize::new(0),
+            draining: (0..config_upstreams).map(|_| AtomicU64::new(0)).collect(),
+            born: Instant::now(),
         }
+    }
+
+    /// Upstream `i` announced lame-duck mode: new connections try it last for a while.
+    fn lame_duck(&self, i: usize) {
+        let until = (self.born.elapsed() + LAME_DUCK_AVOID).as_millis() as u64;
+        if let Some(d) = self.draining.get(i) {
+            d.store(until, Ordering::Relaxed);
+        }
+        let n = self.draining.len().max(1);
+        let _ =
+            self.preferred
+                .compare_exchange(i, (i + 1) % n, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    fn is_draining(&self, i: usize) -> bool {
+        let now = self.born.elapsed().as_millis() as u64;
+        self.draining
+            .get(i)
+            .is_some_and(|d| now < d.load(Ordering::Relaxed))
     }
 }
 
@@ -202,7 +230,7 @@ async fn serve(
         }
     }
 
-    let (upstream, which) = dial(shared, deadline).await?;
+    let (upstream, index, which) = dial(shared, deadline).await?;
     tracing::Span::current().record("upstream", tracing::field::display(&which));
     let (info, up_buf, server_parser, (mut up_r, mut up_w)) =
         timeout_at(deadline, upstream_handshake(shared, upstream, &which))
@@ -267,6 +295,7 @@ async fn serve(
             &mut agent_w,
             up_buf,
             server_parser,
+            index,
             &max_payload,
             &replies,
             notice_rx,
@@ -304,22 +333,28 @@ fn io(side: &'static str) -> impl Fn(std::io::Error) -> SessionError {
     move |source| SessionError::Io { side, source }
 }
 
-/// Connects to the first upstream that answers, trying the preferred one first, with backoff
-/// between rounds until `deadline`.
-async fn dial(shared: &Shared, deadline: Instant) -> Result<(TcpStream, Upstream), SessionError> {
+/// Connects to the first upstream that answers, trying the preferred one first and servers in
+/// lame-duck mode last, with backoff between rounds until `deadline`. Returns the server's index.
+async fn dial(
+    shared: &Shared,
+    deadline: Instant,
+) -> Result<(TcpStream, usize, Upstream), SessionError> {
     let ups = &shared.config.upstreams;
     let mut backoff = Duration::from_millis(25);
     loop {
         let first = shared.preferred.load(Ordering::Relaxed) % ups.len();
-        for i in (0..ups.len()).map(|k| (first + k) % ups.len()) {
+        let mut order: Vec<usize> = (0..ups.len()).map(|k| (first + k) % ups.len()).collect();
+        // A stable sort: the rotation order stays, draining servers move to the end.
+        order.sort_by_key(|&i| shared.is_draining(i));
+        for i in order {
             let up = &ups[i];
             match timeout_at(deadline, TcpStream::connect((up.host.as_str(), up.port))).await {
                 Ok(Ok(s)) => {
                     let _ = s.set_nodelay(true);
-                    if i != first {
+                    if i != first && !shared.is_draining(i) {
                         shared.preferred.store(i, Ordering::Relaxed);
                     }
-                    return Ok((s, up.clone()));
+                    return Ok((s, i, up.clone()));
                 }
                 Ok(Err(e)) => {
                     shared.metrics.upstream_connect_failures.inc();
@@ -551,6 +586,7 @@ async fn upstream_to_agent<R, W>(
     agent_w: &mut W,
     mut buf: BytesMut,
     mut parser: ServerParser,
+    upstream: usize,
     max_payload: &AtomicUsize,
     replies: &Replies,
     mut notices: mpsc::Receiver<Notice>,
@@ -591,20 +627,24 @@ where
                     }
                 }
                 match op {
-                    Ok(Some(ServerOp::Info(json))) => match shared.rewrite.apply(&json) {
-                        Ok(rw) => {
-                            max_payload.store(rw.max_payload, Ordering::Relaxed);
-                            if rw.lame_duck {
-                                tracing::info!("upstream entered lame duck mode");
+                    Ok(Some(ServerOp::Info(json))) => {
+                        match shared.rewrite.apply(&json) {
+                            Ok(rw) => {
+                                max_payload.store(rw.max_payload, Ordering::Relaxed);
+                                if rw.lame_duck {
+                                    // Passed on to the agent (`ldm` is kept), as the server does.
+                                    tracing::info!("upstream entered lame duck mode; new connections go elsewhere");
+                                    shared.lame_duck(upstream);
+                                }
+                                put_info(&mut out, &rw.json);
                             }
-                            put_info(&mut out, &rw.json);
+                            Err(e) => {
+                                tracing::warn!(error = %e, "upstream sent a bad INFO; closing");
+                                failure = true;
+                                break;
+                            }
                         }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "upstream sent a bad INFO; closing");
-                            failure = true;
-                            break;
-                        }
-                    },
+                    }
                     Ok(Some(op)) => inbound.handle(
                         op,
                         policy,

@@ -119,6 +119,17 @@ pub struct NatsServer {
     pub dir: tempfile::TempDir,
 }
 
+/// Starts nats-server with the config file in `dir`.
+fn spawn_nats(dir: &Path) -> Child {
+    Command::new(nats_server_bin())
+        .arg("-c")
+        .arg(dir.join("server.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nats-server")
+}
+
 impl NatsServer {
     /// A server with JetStream.
     pub fn start() -> Self {
@@ -149,15 +160,8 @@ impl NatsServer {
         };
         let conf =
             format!("listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor_port}\n{js}\n{extra}\n");
-        let conf_path = dir.path().join("server.conf");
-        std::fs::write(&conf_path, conf).expect("write server.conf");
-        let child = Command::new(nats_server_bin())
-            .arg("-c")
-            .arg(&conf_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server");
+        std::fs::write(dir.path().join("server.conf"), conf).expect("write server.conf");
+        let child = spawn_nats(dir.path());
         let server = NatsServer {
             child,
             port,
@@ -206,6 +210,112 @@ impl NatsServer {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Kills the server process (SIGKILL) and reaps it: a crash, not a shutdown.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port, config and JetStream store.
+    pub fn restart(&mut self) {
+        self.kill();
+        let start = Instant::now();
+        // The port may linger for a moment after the kill.
+        while TcpListener::bind(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "port {} stays busy",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.child = spawn_nats(self.dir.path());
+        self.wait_ready();
+    }
+
+    /// Puts the server in lame-duck mode, as an operator does (`--signal ldm=PID`).
+    pub fn lame_duck(&self) {
+        let status = Command::new(nats_server_bin())
+            .arg("--signal")
+            .arg(format!("ldm={}", self.pid()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run nats-server --signal");
+        assert!(status.success(), "nats-server --signal ldm failed");
+    }
+
+    /// Client connections open on the server now, with their names, from `connz`.
+    pub fn client_names(&self) -> Vec<String> {
+        let body = self.monitor("connz?limit=100000");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        v["connections"]
+            .as_array()
+            .map(|cs| {
+                cs.iter()
+                    .map(|c| c["name"].as_str().unwrap_or_default().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// A cluster of core nats-servers on loopback, fully routed, each with a `server_name`.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes named `n1`…`nN` and waits until every node has a route to every other.
+    /// Lame duck here grants 1 s of grace, then evicts clients over 30 s (the server's minimum).
+    pub fn start(n: usize) -> Self {
+        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes: Vec<String> = cluster_ports
+            .iter()
+            .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
+            .collect();
+        let nodes: Vec<NatsServer> = (0..n)
+            .map(|i| {
+                NatsServer::start_core(&format!(
+                    "server_name: n{}\nlame_duck_grace_period: \"1s\"\nlame_duck_duration: \"30s\"\n\
+                     cluster {{\n  name: cb\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                    i + 1,
+                    cluster_ports[i],
+                    routes.join(", ")
+                ))
+            })
+            .collect();
+        let start = Instant::now();
+        for node in &nodes {
+            loop {
+                let body = node.monitor("routez");
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                let peers: std::collections::BTreeSet<String> = v["routes"]
+                    .as_array()
+                    .map(|rs| {
+                        rs.iter()
+                            .filter_map(|r| r["remote_id"].as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if peers.len() == n - 1 {
+                    break;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "the cluster did not form: {body}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        NatsCluster { nodes }
+    }
+
+    /// Every node's client URL, comma-separated, in node order.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(NatsServer::url).collect()
+    }
 }
 
 impl Drop for NatsServer {
@@ -215,13 +325,14 @@ impl Drop for NatsServer {
     }
 }
 
-/// A tiny blocking HTTP GET, for monitoring and admin endpoints.
+/// A tiny blocking HTTP GET, for monitoring and admin endpoints. HTTP/1.0, so the body comes
+/// whole rather than in chunks.
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.0\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut body = String::new();
@@ -262,12 +373,23 @@ pub async fn proxy_full(
     state_dir: Option<&Path>,
     controller: bool,
 ) -> ProxyHandle {
+    proxy_upstreams(vec![upstream.url()], toml, kek, state_dir, controller).await
+}
+
+/// Starts an in-process proxy in front of a list of servers, tried in this order.
+pub async fn proxy_upstreams(
+    upstreams: Vec<String>,
+    toml: &str,
+    kek: [u8; 32],
+    state_dir: Option<&Path>,
+    controller: bool,
+) -> ProxyHandle {
     init_logs();
     let file: FileConfig = toml::from_str(toml).expect("test config parses");
     let config = file
         .resolve(Overrides {
             listen: Some("127.0.0.1:0".into()),
-            upstream: vec![upstream.url()],
+            upstream: upstreams,
             kek_file: Some("unused-in-process".into()),
             admin: Some("127.0.0.1:0".into()),
             state_dir: state_dir.map(Path::to_path_buf),
@@ -331,6 +453,65 @@ pub async fn sync(client: &async_nats::Client) {
     }
 }
 
+/// Publishes a fresh token on `subject` until it comes back on `inbox`, opened: the first
+/// delivery after a reconnect or across routes, whenever the (re)subscription has reached the
+/// server. Earlier leftovers on `inbox` are skipped, so they cannot stand in for it.
+pub async fn round_trip(
+    publisher: &async_nats::Client,
+    subject: &str,
+    inbox: &mut async_nats::Subscriber,
+) -> bool {
+    use futures::StreamExt;
+    static TOKENS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let token = format!(
+        "token-{}",
+        TOKENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if publisher
+            .publish(subject.to_owned(), token.clone().into())
+            .await
+            .is_ok()
+        {
+            let _ = publisher.flush().await;
+        }
+        let until = tokio::time::Instant::now() + Duration::from_millis(300);
+        while let Ok(Some(m)) = tokio::time::timeout_at(until, inbox.next()).await {
+            if m.payload == token.as_bytes() {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// Replays JetStream stream `name` through `client` with a push consumer and returns the
+/// payloads delivered, in order (until 1.5 s pass without one).
+pub async fn replay_stream(client: &async_nats::Client, name: &str) -> Vec<String> {
+    use async_nats::jetstream::{self, consumer::push};
+    use futures::StreamExt;
+    let deliver = client.new_inbox();
+    let mut sub = client.subscribe(deliver.clone()).await.unwrap();
+    sync(client).await;
+    jetstream::new(client.clone())
+        .get_stream(name)
+        .await
+        .unwrap()
+        .create_consumer(push::Config {
+            deliver_subject: deliver,
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(1500), sub.next()).await {
+        got.push(String::from_utf8_lossy(&m.payload).into_owned());
+    }
+    got
+}
+
 /// Polls `f` until it is true or `timeout` passes.
 pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
@@ -378,4 +559,195 @@ pub async fn cipherbus_cli(bin: &str, args: Vec<std::ffi::OsString>) -> std::pro
     })
     .await
     .expect("join")
+}
+
+/// `cipherbus run` as a child process, for what only a process shows: its file descriptors,
+/// its memory, its exit code. Killed on drop; its stderr is collected as it comes.
+pub struct ProxyProcess {
+    child: Child,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ProxyProcess {
+    /// Spawns `cmd` (a `cipherbus run` command without `--listen` and `--admin`) on `listen`,
+    /// with the admin endpoint on a free port. Does not wait for it to listen.
+    pub fn spawn(mut cmd: Command, listen: SocketAddr) -> Self {
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut child = cmd
+            .arg("--listen")
+            .arg(listen.to_string())
+            .arg("--admin")
+            .arg(admin.to_string())
+            .env("NO_COLOR", "1")
+            .env(
+                "CIPHERBUS_LOG",
+                std::env::var("CIPHERBUS_LOG").unwrap_or_else(|_| "info,async_nats=warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cipherbus");
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().expect("stderr piped");
+        let sink = stderr.clone();
+        let reader = std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                let text = String::from_utf8_lossy(&chunk[..n]).into_owned();
+                if std::env::var_os("CIPHERBUS_LOG").is_some() {
+                    eprint!("{text}");
+                }
+                sink.lock().unwrap().push_str(&text);
+            }
+        });
+        ProxyProcess {
+            child,
+            listen,
+            admin,
+            stderr,
+            reader: Some(reader),
+        }
+    }
+
+    /// Spawns the proxy and waits until its admin endpoint answers.
+    pub fn start(cmd: Command, listen: SocketAddr) -> Self {
+        let p = Self::spawn(cmd, listen);
+        let start = Instant::now();
+        while http_get(p.admin, "/healthz").is_none_or(|b| !b.contains("ok")) {
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "the proxy did not start: {}",
+                p.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://{}", self.listen)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// The value of one metric series (`name{labels}`) from `/metrics`, or `None`.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        http_get(self.admin, "/metrics")?.lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+
+    /// Open file descriptors of the proxy process.
+    pub fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Resident memory of the proxy process in bytes.
+    pub fn rss(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// Waits for the process to exit on its own; `None` if it still runs after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                if let Some(reader) = self.reader.take() {
+                    let _ = reader.join();
+                }
+                return Some(status);
+            }
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the proxy (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `cipherbus run` command of the binary `bin` (a test's `env!("CARGO_BIN_EXE_cipherbus")`)
+/// with the root key file, upstreams and optional state directory.
+pub fn run_command(
+    bin: &str,
+    kek: &Path,
+    upstreams: &[String],
+    state_dir: Option<&Path>,
+) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.arg("run")
+        .arg("--kek-file")
+        .arg(kek)
+        .arg("--upstream")
+        .arg(upstreams.join(","));
+    if let Some(dir) = state_dir {
+        cmd.arg("--state-dir").arg(dir);
+    }
+    cmd
+}
+
+/// Raises this process's soft open-files limit to `want` (or its hard limit, if lower) with
+/// util-linux `prlimit`, and returns the soft limit in force afterwards.
+pub fn raise_fd_limit(want: u64) -> u64 {
+    let read = || -> (u64, u64) {
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap_or_default();
+        let nums: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok().or((w == "unlimited").then_some(u64::MAX)))
+            .collect();
+        (
+            nums.first().copied().unwrap_or(0),
+            nums.get(1).copied().unwrap_or(0),
+        )
+    };
+    let (soft, hard) = read();
+    if soft >= want {
+        return soft;
+    }
+    let target = want.min(hard);
+    let _ = Command::new("prlimit")
+        .arg("--pid")
+        .arg(std::process::id().to_string())
+        .arg(format!("--nofile={target}:{hard}"))
+        .status();
+    read().0
 }

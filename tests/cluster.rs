@@ -1,0 +1,210 @@
+//! A three-node NATS cluster on loopback, with proxies that know every node: a killed node's
+//! agents recover through another one; a node in lame duck gets no new upstream connections,
+//! its agents are told and recover elsewhere when it evicts them; and rotations reach proxies
+//! attached to different nodes.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cipherbus::envelope::{Header, RootKey};
+use cipherbus::server::ProxyHandle;
+use futures::StreamExt;
+use support::*;
+
+const FAST: &str = "[rotation]\nheartbeat_every = \"200ms\"\nstage_timeout = \"3s\"\n";
+
+/// The cluster's URLs starting with node `first`: the order a proxy tries them in.
+fn from_node(cluster: &NatsCluster, first: usize) -> Vec<String> {
+    let urls = cluster.urls();
+    (0..urls.len())
+        .map(|k| urls[(first + k) % urls.len()].clone())
+        .collect()
+}
+
+/// An agent named `name` through `p` that records the connection events it sees.
+async fn named_agent(p: &ProxyHandle, name: &str) -> (async_nats::Client, Arc<Mutex<Vec<String>>>) {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let client = async_nats::ConnectOptions::new()
+        .name(name)
+        .reconnect_delay_callback(|_| Duration::from_millis(100))
+        .event_callback(move |e| {
+            let sink = sink.clone();
+            async move {
+                sink.lock().unwrap().push(e.to_string());
+            }
+        })
+        .connect(proxy_url(p))
+        .await
+        .expect("agent connects through the proxy");
+    (client, events)
+}
+
+/// Which node holds the upstream connection of the agent called `name`.
+fn node_of(cluster: &NatsCluster, name: &str) -> Option<usize> {
+    cluster
+        .nodes
+        .iter()
+        .position(|n| n.client_names().iter().any(|c| c == name))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_node_a_proxy_uses_moves_its_agents_to_another_node() {
+    let mut cluster = tokio::task::block_in_place(|| NatsCluster::start(3));
+    let pa = proxy_upstreams(from_node(&cluster, 0), "", TEST_KEK, None, false).await;
+    let pb = proxy_upstreams(from_node(&cluster, 1), "", TEST_KEK, None, false).await;
+    let (a, a_events) = named_agent(&pa, "agent-a").await;
+    let (b, _) = named_agent(&pb, "agent-b").await;
+    sync(&a).await;
+    sync(&b).await;
+    assert_eq!(node_of(&cluster, "agent-a"), Some(0));
+    assert_eq!(node_of(&cluster, "agent-b"), Some(1));
+    let mut at_b = b.subscribe("cluster.to-b").await.unwrap();
+    let mut at_a = a.subscribe("cluster.to-a").await.unwrap();
+    sync(&b).await;
+    assert!(round_trip(&a, "cluster.to-b", &mut at_b).await);
+
+    cluster.nodes[0].kill();
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            a_events.lock().unwrap().iter().any(|e| e == "disconnected")
+                && node_of(&cluster, "agent-a").is_some()
+        })
+        .await,
+        "agent A reconnects through its proxy to a surviving node"
+    );
+    assert_ne!(node_of(&cluster, "agent-a"), Some(0));
+    assert!(round_trip(&a, "cluster.to-b", &mut at_b).await, "A → B");
+    assert!(
+        round_trip(&b, "cluster.to-a", &mut at_a).await,
+        "B → A: A's subscription came back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lame_duck_moves_new_upstream_connections_away_and_tells_the_agents() {
+    let cluster = tokio::task::block_in_place(|| NatsCluster::start(3));
+    let p = proxy_upstreams(from_node(&cluster, 0), "", TEST_KEK, None, false).await;
+    let (first, events) = named_agent(&p, "before-ldm").await;
+    sync(&first).await;
+    assert_eq!(node_of(&cluster, "before-ldm"), Some(0));
+
+    tokio::task::block_in_place(|| cluster.nodes[0].lame_duck());
+    assert!(
+        eventually(Duration::from_secs(10), || events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.contains("lame duck")))
+        .await,
+        "the agent hears of lame duck mode through the proxy: {:?}",
+        events.lock().unwrap()
+    );
+
+    // New agents go to another node at once: the draining one is not even tried.
+    let failures = metric(&p, "cipherbus_upstream_connect_failures_total");
+    let (second, _) = named_agent(&p, "after-ldm").await;
+    sync(&second).await;
+    assert_eq!(node_of(&cluster, "after-ldm"), Some(1));
+    assert_eq!(
+        metric(&p, "cipherbus_upstream_connect_failures_total"),
+        failures,
+        "no dial went to the draining node"
+    );
+
+    // After its 1 s grace the draining node closes its clients; the first agent reconnects
+    // through the proxy and lands on a live node too, and the two still talk.
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            events.lock().unwrap().iter().any(|e| e == "disconnected")
+                && node_of(&cluster, "before-ldm") == Some(1)
+        })
+        .await,
+        "the evicted agent comes back through another node: {:?}",
+        events.lock().unwrap()
+    );
+    assert_eq!(
+        metric(&p, "cipherbus_upstream_connect_failures_total"),
+        failures
+    );
+    let mut inbox = second.subscribe("ldm.x").await.unwrap();
+    sync(&second).await;
+    assert!(round_trip(&first, "ldm.x", &mut inbox).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotations_reach_proxies_attached_to_different_nodes() {
+    let cluster = tokio::task::block_in_place(|| NatsCluster::start(3));
+    let state = tempfile::tempdir().unwrap();
+    let mut proxies = Vec::new();
+    for i in 0..3 {
+        let dir = (i == 0).then(|| state.path());
+        proxies.push(proxy_upstreams(from_node(&cluster, i), FAST, TEST_KEK, dir, i == 0).await);
+    }
+    let mut agents = Vec::new();
+    for (i, p) in proxies.iter().enumerate() {
+        let (client, _) = named_agent(p, &format!("agent-{i}")).await;
+        sync(&client).await;
+        assert_eq!(node_of(&cluster, &format!("agent-{i}")), Some(i));
+        agents.push(client);
+    }
+    let observer = async_nats::connect(cluster.nodes[2].url()).await.unwrap();
+    let mut tap = observer.subscribe("spread.>").await.unwrap();
+    let mut inboxes = Vec::new();
+    for a in &agents[1..] {
+        inboxes.push(a.subscribe("spread.x").await.unwrap());
+        sync(a).await;
+    }
+    sync(&observer).await;
+    tokio::time::sleep(Duration::from_millis(700)).await; // heartbeats reach the authority
+
+    let root = RootKey::from_bytes(TEST_KEK);
+    for want in 2..=3u32 {
+        let rotated = cipherbus::control::authority::request_rotation(
+            vec![cluster.nodes[1].url()],
+            &root,
+            "cipherbus.ctl",
+            "cluster test",
+        )
+        .await
+        .expect("rotation succeeds");
+        assert_eq!(rotated.epoch, want);
+        assert_eq!(
+            rotated.acked.len(),
+            3,
+            "every proxy acknowledged: {rotated:?}"
+        );
+    }
+    for p in &proxies {
+        assert!(
+            eventually(Duration::from_secs(5), || p.keyring.snapshot().active.epoch
+                == 3)
+            .await
+        );
+    }
+    for inbox in &mut inboxes {
+        assert!(round_trip(&agents[0], "spread.x", inbox).await);
+    }
+    // Drain what the retries left, then one more: sealed under epoch 3 on the wire.
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), tap.next()).await {}
+    agents[0].publish("spread.x", "last".into()).await.unwrap();
+    agents[0].flush().await.unwrap();
+    let sealed = tokio::time::timeout(Duration::from_secs(5), tap.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(Header::parse(&sealed.payload).unwrap().epoch, 3);
+    for inbox in &mut inboxes {
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(5), inbox.next())
+                .await
+                .unwrap()
+                .unwrap();
+            if &m.payload[..] == b"last" {
+                break;
+            }
+        }
+    }
+}
