@@ -681,3 +681,25 @@ fn secret_derived_values_are_compared_in_constant_time() {
     ));
     assert!(!cipherbus::ct::eq(b"abc", b"abcd"));
 }
+
+/// Every `path::test` that docs/SECURITY.md names exists, so the review cannot point at a test
+/// that was renamed or removed.
+#[test]
+fn every_test_named_in_the_security_review_exists() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/SECURITY.md")).unwrap();
+    let mut named = 0;
+    for quoted in doc.split('`').skip(1).step_by(2) {
+        let Some((file, name)) = quoted.split_once(".rs::") else {
+            continue;
+        };
+        let text = std::fs::read_to_string(root.join(format!("{file}.rs")))
+            .unwrap_or_else(|_| panic!("docs/SECURITY.md names {file}.rs, which does not exist"));
+        assert!(
+            text.contains(&format!("fn {name}(")),
+            "docs/SECURITY.md names {quoted}, which does not exist"
+        );
+        named += 1;
+    }
+    assert!(named >= 15, "the review names its tests ({named} found)");
+}
