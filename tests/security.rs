@@ -351,6 +351,33 @@ async fn no_key_or_plaintext_in_any_log_line_at_the_most_verbose_level() {
         seen_epochs.len() >= 2,
         "traffic was sealed under more than one epoch: {seen_epochs:?}"
     );
+    // Hostile input is refused and logged without its payload: plaintext injected on the bus,
+    // and an agent whose PUB payload is not followed by CRLF.
+    let injected = format!("injected-canary-{token}");
+    plaintexts.push(injected.clone());
+    watcher
+        .publish("ledger.injected", injected.into())
+        .await
+        .unwrap();
+    watcher.flush().await.unwrap();
+    let malformed = format!("malformed-canary-{token}");
+    plaintexts.push(malformed.clone());
+    let port = ports[0];
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let pub_line = format!("PUB ledger.bad {}\r\n{malformed}XY", malformed.len());
+        s.write_all(format!("CONNECT {{}}\r\n{pub_line}").as_bytes())
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        assert!(contains(&answer, b"-ERR 'Unknown Protocol Operation'"));
+    })
+    .await
+    .unwrap();
+    let b_log = &proxies[1];
+    b_log.wait_log("subject=ledger.injected");
     drop((a, b, watcher));
 
     let mut logs = vec![("cli output".to_owned(), cli_output)];
