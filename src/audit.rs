@@ -9,7 +9,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -92,8 +92,8 @@ struct Tail {
 }
 
 impl AuditLog {
-    /// Opens (or creates, mode 0600) the log and verifies the chain so far, so a damaged log
-    /// is reported instead of extended.
+    /// Opens (or creates) the log, sets it to mode 0600, and verifies the chain so far, so a
+    /// damaged log is reported instead of extended.
     pub fn open(path: &Path) -> Result<Self, AuditError> {
         let io = |source| AuditError::Io {
             path: path.to_owned(),
@@ -105,6 +105,9 @@ impl AuditLog {
             .read(true)
             .mode(0o600)
             .open(path)
+            .map_err(io)?;
+        // Set explicitly: `mode` is masked by the umask and ignored for an existing file.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
             .map_err(io)?;
         let (seq, hash) = match verify(path)? {
             Verified { entries: 0, .. } => (0, GENESIS.to_owned()),
@@ -194,12 +197,12 @@ pub fn verify(path: &Path) -> Result<Verified, AuditError> {
         let mut body = head.to_vec();
         body.push(b'}');
         let actual = hex::encode(Sha256::digest(&body));
-        if !bool::from(subtle::ConstantTimeEq::ct_eq(actual.as_bytes(), stated)) {
+        if !crate::ct::eq(actual.as_bytes(), stated) {
             return Err(broken("hash does not match the line's contents"));
         }
         let entry: Entry =
             serde_json::from_slice(&body).map_err(|_| broken("not an audit entry"))?;
-        if entry.prev != prev {
+        if !crate::ct::eq_str(&entry.prev, &prev) {
             return Err(broken(
                 "does not follow the line before it (prev hash differs)",
             ));
@@ -276,6 +279,18 @@ mod tests {
         assert_eq!(e.seq, 4);
         assert_eq!(verify(&path).unwrap().entries, 4);
         use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn an_existing_log_readable_by_others_is_tightened() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        std::fs::write(&path, b"").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        AuditLog::open(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
     }

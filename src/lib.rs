@@ -19,6 +19,7 @@
 //! - [`policy`]: ordered subject rules (`encrypt`, `plaintext`, `deny`).
 //! - [`session`]: one agent connection: upstream dial, INFO rewrite, the two pumps.
 //! - [`server`]: the listener, connection cap and shutdown.
+//! - [`ct`]: constant-time comparison of fingerprints and hashes.
 //! - [`config`], [`cli`], [`metrics`], [`admin`]: configuration, the command line, Prometheus
 //!   metrics and the admin HTTP endpoint.
 
@@ -30,6 +31,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod ct;
 pub mod envelope;
 pub mod keyring;
 pub mod metrics;

@@ -241,7 +241,13 @@ pub async fn start_with_keyring(
         base.tasks
             .push(tokio::spawn(t.clone().watch(shutdown_rx.clone())));
     }
-    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let limit = Arc::new(Semaphore::new(connection_cap(
+        config.max_connections,
+        std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .as_deref()
+            .and_then(open_files_limit),
+    )));
     let shared = Arc::new(Shared::new(
         config,
         keyring.clone(),
@@ -300,6 +306,43 @@ async fn accept_loop(
             drop(permit);
         });
     }
+}
+
+/// Descriptors kept back from agent sessions: the listeners, control connections, the state
+/// directory, the audit log, certificate reloads.
+const RESERVED_FDS: u64 = 64;
+
+/// The connection cap that fits the process's descriptor limit. Each session holds two
+/// descriptors (agent and upstream); a cap above what the limit allows would let a flood end in
+/// failed accepts instead of the clear refusal, so it is lowered, with a warning.
+fn connection_cap(configured: usize, open_files: Option<u64>) -> usize {
+    let Some(limit) = open_files else {
+        return configured;
+    };
+    let fits = usize::try_from(limit.saturating_sub(RESERVED_FDS) / 2)
+        .unwrap_or(usize::MAX)
+        .max(1);
+    if fits < configured {
+        tracing::warn!(
+            max_connections = configured,
+            open_files_limit = limit,
+            lowered_to = fits,
+            "max_connections does not fit the open-files limit (two per agent); lowering it (raise `ulimit -n` to keep it)"
+        );
+        fits
+    } else {
+        configured
+    }
+}
+
+/// The soft "Max open files" limit from `/proc/self/limits`; `None` when unlimited or unknown.
+fn open_files_limit(limits: &str) -> Option<u64> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// A random id for this process on the control plane.
@@ -371,5 +414,33 @@ async fn probe_upstream(config: Config, mut shutdown: watch::Receiver<()>) {
             _ = shutdown.changed() => return,
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: &str = "\
+Limit                     Soft Limit           Hard Limit           Units
+Max processes             unlimited            unlimited            processes
+Max open files            1024                 524288               files
+Max locked memory         8388608              8388608              bytes
+";
+
+    #[test]
+    fn the_soft_open_files_limit_is_read() {
+        assert_eq!(open_files_limit(LIMITS), Some(1024));
+        let unlimited = LIMITS.replace("1024      ", "unlimited ");
+        assert_eq!(open_files_limit(&unlimited), None);
+        assert_eq!(open_files_limit("nothing here"), None);
+    }
+
+    #[test]
+    fn the_cap_is_lowered_to_what_the_descriptors_allow() {
+        assert_eq!(connection_cap(10_000, Some(1024)), 480);
+        assert_eq!(connection_cap(100, Some(1024)), 100);
+        assert_eq!(connection_cap(10_000, None), 10_000);
+        assert_eq!(connection_cap(10, Some(3)), 1, "never zero");
     }
 }

@@ -695,3 +695,74 @@ async fn rotation_works_with_tls_on_both_sides() {
         2
     );
 }
+
+/// Connects, optionally reads the plaintext INFO, sends `bytes`, and returns how long the proxy
+/// took to close the connection (`None` if it stayed open for 15 s).
+fn stall(addr: std::net::SocketAddr, read_info: bool, bytes: &'static [u8]) -> Option<Duration> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let start = std::time::Instant::now();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    if read_info {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.starts_with("INFO "), "{line}");
+    }
+    s.write_all(bytes).unwrap();
+    let mut sink = Vec::new();
+    match reader.read_to_end(&mut sink) {
+        Ok(_) => Some(start.elapsed()),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Some(start.elapsed()),
+        Err(_) => None,
+    }
+}
+
+/// A TLS record header that promises a 512-byte ClientHello which never comes.
+const PARTIAL_HELLO: &[u8] = b"\x16\x03\x01\x02\x00\x01";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_tls_handshake_is_closed() {
+    let pki = Pki::new();
+    let server = NatsServer::start_core("");
+    let required = tls_proxy(
+        &server,
+        &pki,
+        AgentTlsMode::Required,
+        Upstream::Plain,
+        false,
+    )
+    .await;
+    let first = tls_proxy(&server, &pki, AgentTlsMode::First, Upstream::Plain, false).await;
+    let (r, f) = (required.local_addr, first.local_addr);
+    // All four at once, each on its own thread: the bounds are seconds long.
+    let cases: Vec<(&str, std::thread::JoinHandle<Option<Duration>>, Duration)> = vec![
+        (
+            "required: nothing after INFO",
+            std::thread::spawn(move || stall(r, true, b"")),
+            Duration::from_secs(5),
+        ),
+        (
+            "required: half a ClientHello after INFO",
+            std::thread::spawn(move || stall(r, true, PARTIAL_HELLO)),
+            Duration::from_secs(5),
+        ),
+        (
+            "first: nothing",
+            std::thread::spawn(move || stall(f, false, b"")),
+            Duration::from_millis(1500),
+        ),
+        (
+            "first: half a ClientHello",
+            std::thread::spawn(move || stall(f, false, PARTIAL_HELLO)),
+            Duration::from_millis(1500),
+        ),
+    ];
+    for (what, thread, bound) in cases {
+        let took = thread.join().unwrap();
+        assert!(
+            took.is_some_and(|t| t >= bound.mul_f32(0.8) && t < bound + Duration::from_secs(3)),
+            "{what}: closed after {took:?}, bound {bound:?}"
+        );
+    }
+}

@@ -154,10 +154,7 @@ impl Member {
                     .map_err(|_| ApplyError::Unwrap { epoch })?;
                 let key = envelope::unwrap_key(self.keyring.root(), epoch, &wrapped)
                     .map_err(|_| ApplyError::Unwrap { epoch })?;
-                if !bool::from(subtle::ConstantTimeEq::ct_eq(
-                    key.fingerprint().as_bytes(),
-                    fingerprint.as_bytes(),
-                )) {
+                if !crate::ct::eq_str(&key.fingerprint(), &fingerprint) {
                     return Err(ApplyError::Fingerprint { epoch });
                 }
                 // A re-announcement of an epoch already here is acknowledged again.
@@ -214,7 +211,7 @@ impl Member {
                         .map_err(|_| ApplyError::Unwrap { epoch })?;
                     let key = envelope::unwrap_key(self.keyring.root(), epoch, &wrapped)
                         .map_err(|_| ApplyError::Unwrap { epoch })?;
-                    if key.fingerprint() != info.fingerprint {
+                    if !crate::ct::eq_str(&key.fingerprint(), &info.fingerprint) {
                         return Err(ApplyError::Fingerprint { epoch });
                     }
                     let as_state = if state == KeyState::Retired {

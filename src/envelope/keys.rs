@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 use subtle::{Choice, ConstantTimeEq};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use super::EnvelopeError;
 
@@ -69,11 +69,19 @@ impl RootKey {
     }
 }
 
-impl Drop for RootKey {
-    fn drop(&mut self) {
+impl Zeroize for RootKey {
+    fn zeroize(&mut self) {
         self.bytes.zeroize();
     }
 }
+
+impl Drop for RootKey {
+    fn drop(&mut self) {
+        self.zeroize();
+    }
+}
+
+impl ZeroizeOnDrop for RootKey {}
 
 impl ConstantTimeEq for RootKey {
     fn ct_eq(&self, other: &Self) -> Choice {
@@ -153,11 +161,19 @@ impl Clone for DataKey {
     }
 }
 
-impl Drop for DataKey {
-    fn drop(&mut self) {
+impl Zeroize for DataKey {
+    fn zeroize(&mut self) {
         self.bytes.zeroize();
     }
 }
+
+impl Drop for DataKey {
+    fn drop(&mut self) {
+        self.zeroize();
+    }
+}
+
+impl ZeroizeOnDrop for DataKey {}
 
 impl ConstantTimeEq for DataKey {
     fn ct_eq(&self, other: &Self) -> Choice {
@@ -219,6 +235,25 @@ mod tests {
         assert_ne!(a.id(), b.id(), "distinct values get distinct identities");
         assert_eq!(a.clone().id(), a.id());
         assert_ne!(a, DataKey::from_bytes([2; 32]));
+    }
+
+    #[test]
+    fn zeroize_wipes_the_key_bytes_and_drop_zeroizes() {
+        fn zeroized_on_drop<T: ZeroizeOnDrop>() {}
+        zeroized_on_drop::<RootKey>();
+        zeroized_on_drop::<DataKey>();
+
+        let mut root = RootKey::from_bytes([0xa5; 32]);
+        let fp = root.fingerprint();
+        root.zeroize();
+        assert_eq!(root.expose(), &[0u8; KEY_LEN]);
+        assert_ne!(root.fingerprint(), fp);
+
+        let mut dk = DataKey::generate().unwrap();
+        let copy = dk.clone();
+        dk.zeroize();
+        assert_eq!(dk.bytes(), &[0u8; KEY_LEN]);
+        assert_ne!(copy.bytes(), &[0u8; KEY_LEN], "a clone owns its own copy");
     }
 
     #[test]

@@ -271,7 +271,6 @@ impl Keyring {
     /// is derived, not unwrapped, so without this check a wrong root would silently seal with a
     /// key no other proxy has.
     fn check_root(&self, records: &StateFile) -> Result<(), KeyringError> {
-        use subtle::ConstantTimeEq;
         let Some(r) = records
             .epochs
             .iter()
@@ -280,7 +279,7 @@ impl Keyring {
             return Ok(());
         };
         let derived = envelope::derive_epoch1(&self.root).fingerprint();
-        if bool::from(derived.as_bytes().ct_eq(r.fingerprint.as_bytes())) {
+        if crate::ct::eq_str(&derived, &r.fingerprint) {
             Ok(())
         } else {
             Err(KeyringError::Corrupt {
@@ -678,6 +677,45 @@ mod tests {
         assert_eq!(ring.lookup(&snap, 1).err(), Some(KeyMiss::Destroyed));
         assert_eq!(ring.lookup(&snap, 3).err(), Some(KeyMiss::Destroyed));
         assert!(ring.lookup(&snap, 4).is_ok());
+    }
+
+    #[test]
+    fn destroy_drops_the_key_from_memory_and_zeroes_its_file_before_unlinking() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = Keyring::open(root(), Some(dir.path()), 4).unwrap();
+        ring.stage(2, DataKey::generate().unwrap()).unwrap();
+        ring.activate(2).unwrap();
+        ring.stage(3, DataKey::generate().unwrap()).unwrap();
+        ring.activate(3).unwrap();
+        let file = dir.path().join("keys/epoch-0000000002.key");
+        // A second name for the same inode shows what the shredder did to the bytes.
+        let witness = dir.path().join("witness");
+        std::fs::hard_link(&file, &witness).unwrap();
+        assert!(std::fs::read(&witness).unwrap().iter().any(|b| *b != 0));
+
+        let weak = {
+            let snap = ring.snapshot();
+            let KeyHandle::Owned(key) = ring.lookup(&snap, 2).unwrap() else {
+                panic!("a retired key comes from the LRU");
+            };
+            Arc::downgrade(&key)
+        };
+        assert!(weak.upgrade().is_some(), "cached while retired");
+        ring.destroy(2).unwrap();
+        assert!(
+            weak.upgrade().is_none(),
+            "no reference left: the key was dropped, and so zeroized"
+        );
+        assert!(!file.exists());
+        let shredded = std::fs::read(&witness).unwrap();
+        assert!(!shredded.is_empty() && shredded.iter().all(|b| *b == 0));
+        let snap = ring.snapshot();
+        assert_eq!(ring.lookup(&snap, 2).err(), Some(KeyMiss::Destroyed));
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("keys"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["epoch-0000000003.key"]);
     }
 
     #[test]

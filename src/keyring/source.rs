@@ -83,6 +83,12 @@ pub fn write_new_kek(path: &Path) -> Result<RootKey, KeySourceError> {
                 source,
             },
         })?;
+    // Not left to the umask: the key is written only once the file is 0600.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|source| KeySourceError::Write {
+            path: path.to_owned(),
+            source,
+        })?;
     let mut text = Zeroizing::new(hex::encode(key.expose()));
     text.push('\n');
     let write = |source| KeySourceError::Write {

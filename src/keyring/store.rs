@@ -7,7 +7,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -41,14 +41,22 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens or creates the state directory, tightening its permissions to 0700.
+    /// Opens or creates the state directory, tightening it and `keys/` to 0700.
     pub fn open(dir: &Path) -> Result<Self, KeyringError> {
         let io = |source| KeyringError::Io {
             path: dir.to_owned(),
             source,
         };
-        fs::create_dir_all(dir.join("keys")).map_err(io)?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io)?;
+        let keys = dir.join("keys");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&keys)
+            .map_err(io)?;
+        // Set explicitly: the umask and a directory made earlier by someone else do not count.
+        for d in [dir, keys.as_path()] {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o700)).map_err(io)?;
+        }
         Ok(Store {
             dir: dir.to_owned(),
         })
@@ -163,6 +171,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), KeyringError> {
         .mode(0o600)
         .open(&tmp)
         .map_err(io)?;
+    // `mode` applies only when the file is new and is masked by the umask; a stale temporary
+    // file keeps its old mode. Set it on the open file before any byte is written.
+    f.set_permissions(fs::Permissions::from_mode(0o600))
+        .map_err(io)?;
     f.write_all(bytes).map_err(io)?;
     f.sync_all().map_err(io)?;
     drop(f);
@@ -177,5 +189,45 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), KeyringError> {
 fn sync_dir(dir: &Path) {
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn loose_modes_left_by_others_are_tightened() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("state");
+        fs::create_dir_all(dir.join("keys")).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(dir.join("keys"), fs::Permissions::from_mode(0o777)).unwrap();
+        // A temporary file left behind by a crash, readable by everyone.
+        let stale = dir.join("keys/epoch-0000000002.tmp");
+        fs::write(&stale, b"old").unwrap();
+        fs::set_permissions(&stale, fs::Permissions::from_mode(0o644)).unwrap();
+
+        let store = Store::open(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("keys")), 0o700);
+        store.save_wrapped(2, &[1u8; 73]).unwrap();
+        store.save_state(&StateFile::default()).unwrap();
+        assert_eq!(mode(&store.key_path(2)), 0o600);
+        assert_eq!(mode(&dir.join("state.json")), 0o600);
+        assert!(!stale.exists(), "renamed into place");
+    }
+
+    #[test]
+    fn a_new_state_directory_is_private_from_the_start() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("a/b/state");
+        Store::open(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("keys")), 0o700);
     }
 }

@@ -496,12 +496,18 @@ async fn wait_for_epoch(keyring: &Keyring, epoch: u32) -> bool {
     }
 }
 
-/// Reserves room for the next read: the rest of a known op, or a chunk.
+/// Reserves room for the next read: a chunk, or the rest of a payload under way.
+///
+/// A declared size is a claim, not bytes: the room reserved for a payload is at most what has
+/// already arrived (or [`KEEP_CAPACITY`]), so a peer that declares max_payload and then sends
+/// one byte costs a small buffer, and a real large payload grows it by doubling.
 fn prepare_read(buf: &mut BytesMut, needed: Option<usize>) {
     if buf.is_empty() && buf.capacity() > KEEP_CAPACITY {
         *buf = BytesMut::new();
     }
-    let want = needed.map_or(READ_CHUNK, |n| n.max(READ_CHUNK));
+    let want = needed.map_or(READ_CHUNK, |n| {
+        n.min(buf.len().max(KEEP_CAPACITY)).max(READ_CHUNK)
+    });
     buf.reserve(want);
 }
 
@@ -700,5 +706,32 @@ where
             // Whatever the server said last (a final -ERR) was forwarded above.
             return End::Closed;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_declared_size_is_not_reserved_before_its_bytes_arrive() {
+        let declared = 8 << 20;
+        let mut buf = BytesMut::new();
+        prepare_read(&mut buf, Some(declared));
+        assert!(buf.capacity() <= 2 * KEEP_CAPACITY, "{}", buf.capacity());
+        // As bytes arrive the room grows with them, at most doubling each time.
+        while buf.len() < declared {
+            let room = buf.capacity() - buf.len();
+            buf.resize(buf.len() + room, 0);
+            let needed = (declared + 2).saturating_sub(buf.len());
+            prepare_read(&mut buf, Some(needed));
+            assert!(buf.capacity() <= 2 * buf.len().max(KEEP_CAPACITY) + READ_CHUNK);
+        }
+        let mut small = BytesMut::new();
+        prepare_read(&mut small, Some(100));
+        assert!(
+            small.capacity() >= READ_CHUNK,
+            "a short payload reads in one chunk"
+        );
     }
 }
