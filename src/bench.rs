@@ -27,6 +27,10 @@ pub const NATS_SERVER_VERSION: &str = "2.15.1";
 /// Bytes in flight allowed between the publishers and the slowest subscriber. Without a bound
 /// the server would cut a subscriber off as a slow consumer and the run would lose messages.
 const WINDOW_BYTES: u64 = 16 << 20;
+/// And in messages: well inside the client's subscription buffer, which drops on overflow.
+const WINDOW_MESSAGES: u64 = 1 << 16;
+/// Messages the client buffers per subscription.
+const SUBSCRIPTION_CAPACITY: usize = 1 << 18;
 /// Share of the latency samples dropped at the start (connections and caches warming up).
 const LATENCY_WARMUP: f64 = 0.05;
 /// Latency runs at most at this share of the slowest path's measured throughput.
@@ -347,7 +351,7 @@ impl Bench {
 
 async fn connect(url: &str) -> Result<async_nats::Client, BenchError> {
     async_nats::ConnectOptions::new()
-        .subscription_capacity(1 << 16)
+        .subscription_capacity(SUBSCRIPTION_CAPACITY)
         .connect(url)
         .await
         .map_err(|e| err(format!("cannot connect to {url}: {e}")))
@@ -417,7 +421,7 @@ async fn throughput(
         pub_clients.push(connect(&hops.pub_url).await?);
     }
     let payload = Bytes::from(pattern(size));
-    let window = (WINDOW_BYTES / size as u64).max(64);
+    let window = (WINDOW_BYTES / size as u64).clamp(64, WINDOW_MESSAGES);
     let published = Arc::new(AtomicU64::new(0));
     let received = Arc::new(received);
     let per_pub = params.count.map(|c| c.div_ceil(params.pubs as u64));
@@ -880,7 +884,9 @@ async fn run_all(bench: &Bench) -> Result<(), BenchError> {
                     ))),
                     _ => None,
                 };
-                let t = throughput(p, &hops, size, &stop).await?;
+                let t = throughput(p, &hops, size, &stop)
+                    .await
+                    .map_err(|e| err(format!("{} at {size} B: {e}", names[i].0)))?;
                 if let Some(rot) = rotator {
                     stop.store(true, Ordering::Relaxed);
                     r.rotations += rot.await.map_err(|e| err(e.to_string()))??;
@@ -972,7 +978,12 @@ async fn idle_connections(bench: &Bench, n: usize) -> Result<Value, BenchError> 
     let addr = url.trim_start_matches("nats://").to_owned();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = proxy.mem_kib("VmRSS");
-    let payload = pattern(16 * 1024);
+    let payload = pattern(
+        std::env::var("IDLE_PAYLOAD")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(16 * 1024),
+    );
     let mut conns = Vec::with_capacity(n);
     let limit = Arc::new(tokio::sync::Semaphore::new(64));
     let mut tasks = tokio::task::JoinSet::new();

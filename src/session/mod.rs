@@ -39,6 +39,11 @@ use transform::{Inbound, Outbound, Replies};
 const READ_CHUNK: usize = 32 * 1024;
 /// Buffers larger than this are released once empty, so idle connections stay small.
 const KEEP_CAPACITY: usize = 128 * 1024;
+/// A pump whose reads have been quiet this long gives back its buffers.
+const IDLE_AFTER: Duration = Duration::from_secs(1);
+/// Bytes asked of the kernel by a connection's first read, and the first after a quiet spell;
+/// the ask doubles while reads fill it, up to [`READ_CHUNK`].
+const FIRST_CHUNK: usize = 2 * 1024;
 /// Room above the upstream's max_payload for an MSG's headers and envelope from other senders.
 const SERVER_PAYLOAD_SLACK: usize = 64 * 1024;
 /// `-ERR` notices waiting for the agent; a full queue slows the agent's own reads.
@@ -501,14 +506,87 @@ async fn wait_for_epoch(keyring: &Keyring, epoch: u32) -> bool {
 /// A declared size is a claim, not bytes: the room reserved for a payload is at most what has
 /// already arrived (or [`KEEP_CAPACITY`]), so a peer that declares max_payload and then sends
 /// one byte costs a small buffer, and a real large payload grows it by doubling.
-fn prepare_read(buf: &mut BytesMut, needed: Option<usize>) {
+fn prepare_read(buf: &mut BytesMut, needed: Option<usize>, chunk: usize) {
     if buf.is_empty() && buf.capacity() > KEEP_CAPACITY {
         *buf = BytesMut::new();
     }
-    let want = needed.map_or(READ_CHUNK, |n| {
+    let want = needed.map_or(chunk, |n| {
         n.min(buf.len().max(KEEP_CAPACITY)).max(READ_CHUNK)
     });
     buf.reserve(want);
+}
+
+/// Sizes a pump's reads: small while the connection is quiet, growing while reads come back
+/// full; and notices when reads go quiet, so an idle connection holds no large buffers.
+///
+/// The timer is re-armed only when it fires, not on every read, so a busy pump pays one clock
+/// read per read.
+struct Idle {
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    last_read: Instant,
+    chunk: usize,
+    /// Buffers were given back; the timer rests until data flows again.
+    quiet: bool,
+}
+
+impl Idle {
+    fn new() -> Self {
+        let now = Instant::now();
+        Idle {
+            timer: Box::pin(tokio::time::sleep_until(now + IDLE_AFTER)),
+            last_read: now,
+            chunk: FIRST_CHUNK,
+            quiet: false,
+        }
+    }
+
+    fn chunk(&self) -> usize {
+        self.chunk
+    }
+
+    /// A read of `n` bytes into a buffer that had `room` bytes free.
+    fn read(&mut self, n: usize, room: usize) {
+        self.last_read = Instant::now();
+        if n >= room {
+            self.chunk = (self.chunk * 2).min(READ_CHUNK);
+        } else if n < room / 2 {
+            self.chunk = (self.chunk / 2).max(FIRST_CHUNK);
+        }
+        if self.quiet {
+            self.quiet = false;
+            self.timer.as_mut().reset(self.last_read + IDLE_AFTER);
+        }
+    }
+
+    /// After a read's output is written: a connection that is not streaming keeps no more
+    /// buffer than its reads need, so one large message does not stay allocated.
+    fn settle(&self, buf: &mut BytesMut, out: &mut BytesMut) {
+        let keep = (4 * self.chunk).min(KEEP_CAPACITY);
+        if buf.is_empty() && buf.capacity() > keep {
+            *buf = BytesMut::new();
+        }
+        if out.capacity() > keep {
+            *out = BytesMut::new();
+        } else {
+            out.clear();
+        }
+    }
+
+    /// The timer fired: gives back the buffers if no read came for [`IDLE_AFTER`].
+    fn fired(&mut self, buf: &mut BytesMut, out: &mut BytesMut) {
+        if self.last_read.elapsed() < IDLE_AFTER {
+            self.timer.as_mut().reset(self.last_read + IDLE_AFTER);
+            return;
+        }
+        self.quiet = true;
+        self.chunk = FIRST_CHUNK;
+        if buf.is_empty() {
+            *buf = BytesMut::new();
+        }
+        if out.is_empty() {
+            *out = BytesMut::new();
+        }
+    }
 }
 
 fn release(out: &mut BytesMut) {
@@ -535,14 +613,23 @@ where
     let mut buf = BytesMut::new();
     let mut out = BytesMut::new();
     let mut outbound = Outbound::new();
+    let mut idle = Idle::new();
     let policy = &shared.config.policy;
     let metrics = &shared.metrics;
     loop {
-        prepare_read(&mut buf, parser.needed());
-        match agent_r.read_buf(&mut buf).await {
-            Ok(0) => return End::Closed,
-            Ok(_) => {}
-            Err(e) => return End::Io(e),
+        prepare_read(&mut buf, parser.needed(), idle.chunk());
+        let room = buf.capacity() - buf.len();
+        tokio::select! {
+            biased;
+            read = agent_r.read_buf(&mut buf) => match read {
+                Ok(0) => return End::Closed,
+                Ok(n) => idle.read(n, room),
+                Err(e) => return End::Io(e),
+            },
+            () = idle.timer.as_mut(), if !idle.quiet => {
+                idle.fired(&mut buf, &mut out);
+                continue;
+            }
         }
         let snap = shared.keyring.snapshot();
         let limit = max_payload.load(Ordering::Relaxed);
@@ -569,7 +656,7 @@ where
             if let Err(e) = up_w.write_all(&out).await {
                 return End::Io(e);
             }
-            release(&mut out);
+            idle.settle(&mut buf, &mut out);
         }
         for text in outbound.notices.drain(..) {
             if notices.send(Notice::Err(text)).await.is_err() {
@@ -603,6 +690,7 @@ where
 {
     let mut out = BytesMut::new();
     let mut inbound = Inbound::new();
+    let mut idle = Idle::new();
     let policy = &shared.config.policy;
     let metrics = &shared.metrics;
     let mut notices_open = true;
@@ -675,12 +763,13 @@ where
             if let Err(e) = agent_w.write_all(&out).await {
                 return End::Io(e);
             }
-            release(&mut out);
+            idle.settle(&mut buf, &mut out);
         }
         if failure {
             return End::Fatal;
         }
-        prepare_read(&mut buf, parser.needed());
+        prepare_read(&mut buf, parser.needed(), idle.chunk());
+        let room = buf.capacity() - buf.len();
         tokio::select! {
             biased;
             notice = notices.recv(), if notices_open => match notice {
@@ -698,9 +787,10 @@ where
             },
             read = up_r.read_buf(&mut buf) => match read {
                 Ok(0) => closed = true,
-                Ok(_) => {}
+                Ok(n) => idle.read(n, room),
                 Err(e) => return End::Io(e),
             },
+            () = idle.timer.as_mut(), if !idle.quiet => idle.fired(&mut buf, &mut out),
         }
         if closed {
             // Whatever the server said last (a final -ERR) was forwarded above.
@@ -717,18 +807,18 @@ mod tests {
     fn a_declared_size_is_not_reserved_before_its_bytes_arrive() {
         let declared = 8 << 20;
         let mut buf = BytesMut::new();
-        prepare_read(&mut buf, Some(declared));
+        prepare_read(&mut buf, Some(declared), READ_CHUNK);
         assert!(buf.capacity() <= 2 * KEEP_CAPACITY, "{}", buf.capacity());
         // As bytes arrive the room grows with them, at most doubling each time.
         while buf.len() < declared {
             let room = buf.capacity() - buf.len();
             buf.resize(buf.len() + room, 0);
             let needed = (declared + 2).saturating_sub(buf.len());
-            prepare_read(&mut buf, Some(needed));
+            prepare_read(&mut buf, Some(needed), READ_CHUNK);
             assert!(buf.capacity() <= 2 * buf.len().max(KEEP_CAPACITY) + READ_CHUNK);
         }
         let mut small = BytesMut::new();
-        prepare_read(&mut small, Some(100));
+        prepare_read(&mut small, Some(100), READ_CHUNK);
         assert!(
             small.capacity() >= READ_CHUNK,
             "a short payload reads in one chunk"
