@@ -753,6 +753,13 @@ fn print_size(size: usize, results: &[(String, PathResult)]) {
     for line in ratio_lines(results) {
         println!("{line}");
     }
+    if let Some(r) = find(results, "cipherbus+rotation") {
+        println!(
+            "cipherbus+rotation: {} completed rotations over {} run(s)",
+            r.rotations,
+            r.runs.len()
+        );
+    }
 }
 
 fn find<'a>(results: &'a [(String, PathResult)], name: &str) -> Option<&'a PathResult> {
