@@ -376,12 +376,14 @@ fn unique_subject(tag: &str) -> String {
 }
 
 /// One throughput run's result.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Throughput {
     messages: u64,
     seconds: f64,
     /// CPU seconds of each hop during the run.
     cpu: [f64; 2],
+    /// RSS of each hop in KiB, sampled once a second.
+    rss: Vec<[u64; 2]>,
 }
 
 impl Throughput {
@@ -426,6 +428,23 @@ async fn throughput(
     let received = Arc::new(received);
     let per_pub = params.count.map(|c| c.div_ceil(params.pubs as u64));
     let cpu0: Vec<f64> = hops.procs.iter().map(Proc::cpu_seconds).collect();
+    let pids: Vec<u32> = hops.procs.iter().map(Proc::pid).collect();
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = tokio::spawn({
+        let sampling = sampling.clone();
+        async move {
+            let mut rss = Vec::new();
+            while sampling.load(Ordering::Relaxed) {
+                let mut row = [0u64; 2];
+                for (i, pid) in pids.iter().enumerate().take(2) {
+                    row[i] = status_kib(*pid, "VmRSS");
+                }
+                rss.push(row);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            rss
+        }
+    });
     let start = Instant::now();
     let deadline = start + params.duration;
     let mut tasks = Vec::new();
@@ -493,10 +512,13 @@ async fn throughput(
     for (i, p) in hops.procs.iter().enumerate().take(2) {
         cpu[i] = p.cpu_seconds() - cpu0[i];
     }
+    sampling.store(false, Ordering::Relaxed);
+    let rss = sampler.await.unwrap_or_default();
     Ok(Throughput {
         messages: total,
         seconds,
         cpu,
+        rss,
     })
 }
 
@@ -671,7 +693,7 @@ impl PathResult {
             "mb_per_sec": rate * size as f64 / 1e6,
             "runs": self.runs.iter().map(|r| json!({
                 "messages": r.messages, "seconds": r.seconds, "msgs_per_sec": r.rate().round(),
-                "cpu_seconds": r.cpu,
+                "cpu_seconds": r.cpu, "rss_kib_each_second": r.rss,
             })).collect::<Vec<_>>(),
         });
         if let Some(l) = self.latency {
@@ -753,6 +775,19 @@ fn print_size(size: usize, results: &[(String, PathResult)]) {
     for line in ratio_lines(results) {
         println!("{line}");
     }
+    for (name, r) in results {
+        for run in r.runs.iter().filter(|run| run.rss.len() >= 20) {
+            let (first, last) = drift(&run.rss);
+            println!(
+                "{name}: RSS over a {:.0} s run, first tenth -> last tenth (MiB): publisher side {:.1} -> {:.1}, subscriber side {:.1} -> {:.1}",
+                run.seconds,
+                first[0] as f64 / 1024.0,
+                last[0] as f64 / 1024.0,
+                first[1] as f64 / 1024.0,
+                last[1] as f64 / 1024.0,
+            );
+        }
+    }
     if let Some(r) = find(results, "cipherbus+rotation") {
         println!(
             "cipherbus+rotation: {} completed rotations over {} run(s)",
@@ -760,6 +795,21 @@ fn print_size(size: usize, results: &[(String, PathResult)]) {
             r.runs.len()
         );
     }
+}
+
+/// The largest RSS of each hop in the first and in the last tenth of a run's samples.
+fn drift(rss: &[[u64; 2]]) -> ([u64; 2], [u64; 2]) {
+    let tenth = (rss.len() / 10).max(1);
+    let max = |rows: &[[u64; 2]]| {
+        rows.iter()
+            .fold([0, 0], |m, r| [m[0].max(r[0]), m[1].max(r[1])])
+    };
+    // The first sample is taken before any traffic.
+    let from = 1.min(rss.len());
+    (
+        max(&rss[from..(from + tenth).min(rss.len())]),
+        max(&rss[rss.len() - tenth..]),
+    )
 }
 
 fn find<'a>(results: &'a [(String, PathResult)], name: &str) -> Option<&'a PathResult> {
