@@ -274,7 +274,12 @@ impl FileConfig {
             path: path.to_owned(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses config text; `path` only names the file in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             // toml's message spans lines; keep it to one sentence for the operator.
             message: e.message().trim().replace('\n', " "),
