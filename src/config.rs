@@ -274,7 +274,12 @@ impl FileConfig {
             path: path.to_owned(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses config text; `path` only names the file in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             // toml's message spans lines; keep it to one sentence for the operator.
             message: e.message().trim().replace('\n', " "),
@@ -334,10 +339,15 @@ impl FileConfig {
             });
         }
         let upstream_connect_timeout = match self.upstream_connect_timeout {
-            Some(s) => parse_duration(&s).ok_or(ConfigError::Duration {
-                what: "upstream_connect_timeout",
-                value: s,
-            })?,
+            // Zero would refuse every agent: no dial can finish inside it.
+            Some(s) => {
+                parse_duration(&s)
+                    .filter(|d| !d.is_zero())
+                    .ok_or(ConfigError::Duration {
+                        what: "upstream_connect_timeout",
+                        value: s,
+                    })?
+            }
             None => DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
         };
         let retired_cache = self.keyring.retired_cache.unwrap_or(DEFAULT_RETIRED_CACHE);
@@ -629,6 +639,19 @@ mod tests {
         assert!(matches!(
             needs_dir,
             Err(ConfigError::ControllerNeedsStateDir)
+        ));
+    }
+
+    /// Found by the config_parse fuzz target: "0s" was accepted and then refused every agent.
+    #[test]
+    fn zero_connect_timeout_is_refused() {
+        let file: FileConfig = toml::from_str("upstream_connect_timeout = \"0s\"").unwrap();
+        assert!(matches!(
+            file.resolve(flags_with_kek()),
+            Err(ConfigError::Duration {
+                what: "upstream_connect_timeout",
+                ..
+            })
         ));
     }
 

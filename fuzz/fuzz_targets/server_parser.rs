@@ -1,5 +1,7 @@
 //! Arbitrary bytes from the server: parsing never panics, does not depend on how the bytes are
-//! split into reads, and every op it yields survives a canonical encode and re-parse unchanged.
+//! split into reads (one cut the input picks, and one byte per read), keeps its buffer contract
+//! when it asks for more, and every op it yields survives a canonical encode and re-parse
+//! unchanged.
 
 #![no_main]
 
@@ -16,9 +18,20 @@ fn parse_reads(reads: &[&[u8]]) -> (Vec<ServerOp>, Option<ProtoError>) {
     for read in reads {
         buf.extend_from_slice(read);
         loop {
+            let before = buf.clone();
             match parser.parse(&mut buf, MAX_PAYLOAD) {
                 Ok(Some(op)) => ops.push(op),
-                Ok(None) => break,
+                Ok(None) => {
+                    // The buffer contract: untouched, unless a complete PUB/HPUB/MSG/HMSG line
+                    // was taken, after which only payload is left and the parser says how much
+                    // more it needs.
+                    if buf != before {
+                        assert!(before.ends_with(&buf), "consumed more than a line");
+                        assert!(parser.needed().is_some(), "consumed without a payload due");
+                    }
+                    assert_ne!(parser.needed(), Some(0));
+                    break;
+                }
                 Err(err) => return (ops, Some(err)),
             }
         }
@@ -42,7 +55,17 @@ fuzz_target!(|data: &[u8]| {
         .first()
         .map_or(0, |&b| usize::from(b) % (data.len() + 1));
     let (a, b) = data.split_at(cut);
-    assert_eq!(parse_reads(&[a, b]), (ops.clone(), err), "split at {cut}");
+    assert_eq!(
+        parse_reads(&[a, b]),
+        (ops.clone(), err.clone()),
+        "split at {cut}"
+    );
+
+    // One byte per read: every split point at once (bounded, as each read may rescan the line).
+    if data.len() <= 1024 {
+        let bytes: Vec<&[u8]> = data.chunks(1).collect();
+        assert_eq!(parse_reads(&bytes), (ops.clone(), err), "one byte per read");
+    }
 
     // Round trip through the canonical form, which is a fixed point.
     let wire = encode(&ops);

@@ -206,14 +206,27 @@ impl ControlSealer {
             time_ms: now_ms(),
             body,
         };
-        // Plain data with string keys always serializes.
-        let json = serde_json::to_vec(&msg).expect("control message serializes");
-        let mut out = BytesMut::with_capacity(json.len() + envelope::OVERHEAD);
-        self.sealer
-            .seal_into(Some(subject.as_bytes()), &json, &mut out)
-            .map_err(|e| ControlError::Seal(e.reason()))?;
-        Ok(out.to_vec())
+        seal_message(&mut self.sealer, subject, &msg)
     }
+}
+
+/// Seals an already numbered message with a sealer for [`CONTROL_EPOCH`] under the control key.
+///
+/// [`ControlSealer::seal`] is the way to send; this is public so the fuzz targets can seal
+/// messages with chosen senders and sequence numbers.
+#[doc(hidden)]
+pub fn seal_message(
+    sealer: &mut Sealer,
+    subject: &str,
+    msg: &ControlMessage,
+) -> Result<Vec<u8>, ControlError> {
+    // Plain data with string keys always serializes.
+    let json = serde_json::to_vec(msg).expect("control message serializes");
+    let mut out = BytesMut::with_capacity(json.len() + envelope::OVERHEAD);
+    sealer
+        .seal_into(Some(subject.as_bytes()), &json, &mut out)
+        .map_err(|e| ControlError::Seal(e.reason()))?;
+    Ok(out.to_vec())
 }
 
 /// Opens control messages received on `subject`, without the replay check.
