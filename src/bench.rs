@@ -366,6 +366,20 @@ async fn round_trip(c: &async_nats::Client) -> Result<(), BenchError> {
     }
 }
 
+/// A client on `url` subscribed to `subject`, with the SUB known to be in place.
+async fn subscriber(
+    url: &str,
+    subject: &str,
+) -> Result<(async_nats::Client, async_nats::Subscriber), BenchError> {
+    let c = connect(url).await?;
+    let sub = c
+        .subscribe(subject.to_owned())
+        .await
+        .map_err(|e| err(format!("subscribe failed: {e}")))?;
+    round_trip(&c).await?;
+    Ok((c, sub))
+}
+
 fn unique_subject(tag: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
     format!(
@@ -402,12 +416,7 @@ async fn throughput(
     let mut received = Vec::new();
     let mut sub_clients = Vec::new();
     for _ in 0..params.subs {
-        let c = connect(&hops.sub_url).await?;
-        let mut sub = c
-            .subscribe(subject.clone())
-            .await
-            .map_err(|e| err(format!("subscribe failed: {e}")))?;
-        round_trip(&c).await?;
+        let (c, mut sub) = subscriber(&hops.sub_url, &subject).await?;
         let n = Arc::new(AtomicU64::new(0));
         let counter = n.clone();
         tokio::spawn(async move {
@@ -544,12 +553,7 @@ async fn latency(
     base: Instant,
 ) -> Result<Latency, BenchError> {
     let subject = unique_subject("lat");
-    let sub_client = connect(&hops.sub_url).await?;
-    let mut sub = sub_client
-        .subscribe(subject.clone())
-        .await
-        .map_err(|e| err(format!("subscribe failed: {e}")))?;
-    round_trip(&sub_client).await?;
+    let (_sub_client, mut sub) = subscriber(&hops.sub_url, &subject).await?;
     let pub_client = connect(&hops.pub_url).await?;
     let total = ((rate as f64 * duration.as_secs_f64()) as u64).max(100);
     let collector = tokio::spawn(async move {
