@@ -824,4 +824,72 @@ mod tests {
             "a short payload reads in one chunk"
         );
     }
+
+    #[tokio::test]
+    async fn reads_grow_while_full_and_shrink_when_not() {
+        let mut idle = Idle::new();
+        assert_eq!(idle.chunk(), FIRST_CHUNK);
+        for _ in 0..10 {
+            let c = idle.chunk();
+            idle.read(c, c);
+        }
+        assert_eq!(
+            idle.chunk(),
+            READ_CHUNK,
+            "full reads grow to the cap and no further"
+        );
+        idle.read(100, READ_CHUNK);
+        assert_eq!(idle.chunk(), READ_CHUNK / 2);
+        for _ in 0..10 {
+            idle.read(100, idle.chunk());
+        }
+        assert_eq!(idle.chunk(), FIRST_CHUNK);
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_is_not_streaming_keeps_no_large_buffer() {
+        let mut idle = Idle::new();
+        idle.read(100, FIRST_CHUNK);
+        // One 16 KiB message went through: both buffers grew for it.
+        let mut buf = BytesMut::with_capacity(32 * 1024);
+        let mut out = BytesMut::with_capacity(17 * 1024);
+        out.extend_from_slice(&[1; 100]);
+        idle.settle(&mut buf, &mut out);
+        assert_eq!((buf.capacity(), out.capacity()), (0, 0));
+        // A streaming connection keeps its buffers between reads.
+        for _ in 0..5 {
+            let c = idle.chunk();
+            idle.read(c, c);
+        }
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut out = BytesMut::with_capacity(READ_CHUNK + 1024);
+        idle.settle(&mut buf, &mut out);
+        assert!(buf.capacity() >= READ_CHUNK && out.capacity() > READ_CHUNK);
+        assert!(out.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_quiet_pump_gives_back_its_buffers_and_reads_small_again() {
+        let mut idle = Idle::new();
+        for _ in 0..5 {
+            let c = idle.chunk();
+            idle.read(c, c);
+        }
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut out = BytesMut::with_capacity(READ_CHUNK);
+        // The timer fired but a read came less than IDLE_AFTER ago: keep everything.
+        idle.fired(&mut buf, &mut out);
+        assert!(!idle.quiet && buf.capacity() >= READ_CHUNK);
+        idle.last_read = Instant::now() - IDLE_AFTER;
+        idle.fired(&mut buf, &mut out);
+        assert!(idle.quiet);
+        assert_eq!((buf.capacity(), out.capacity()), (0, 0));
+        assert_eq!(idle.chunk(), FIRST_CHUNK);
+        // Half an op waiting for its rest is never dropped.
+        let mut partial = BytesMut::from(&b"PUB a 5\r\nab"[..]);
+        idle.fired(&mut partial, &mut out);
+        assert_eq!(&partial[..], b"PUB a 5\r\nab");
+        idle.read(10, FIRST_CHUNK);
+        assert!(!idle.quiet, "data wakes the pump");
+    }
 }
