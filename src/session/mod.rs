@@ -572,11 +572,12 @@ impl Idle {
         }
     }
 
-    /// The timer fired: gives back the buffers if no read came for [`IDLE_AFTER`].
-    fn fired(&mut self, buf: &mut BytesMut, out: &mut BytesMut) {
+    /// The timer fired: gives back the buffers if no read came for [`IDLE_AFTER`]. True when
+    /// the pump has just gone quiet, so the caller drops its cached subkeys too.
+    fn fired(&mut self, buf: &mut BytesMut, out: &mut BytesMut) -> bool {
         if self.last_read.elapsed() < IDLE_AFTER {
             self.timer.as_mut().reset(self.last_read + IDLE_AFTER);
-            return;
+            return false;
         }
         self.quiet = true;
         self.chunk = FIRST_CHUNK;
@@ -586,6 +587,7 @@ impl Idle {
         if out.is_empty() {
             *out = BytesMut::new();
         }
+        true
     }
 }
 
@@ -627,7 +629,9 @@ where
                 Err(e) => return End::Io(e),
             },
             () = idle.timer.as_mut(), if !idle.quiet => {
-                idle.fired(&mut buf, &mut out);
+                if idle.fired(&mut buf, &mut out) {
+                    outbound.forget_keys();
+                }
                 continue;
             }
         }
@@ -790,7 +794,11 @@ where
                 Ok(n) => idle.read(n, room),
                 Err(e) => return End::Io(e),
             },
-            () = idle.timer.as_mut(), if !idle.quiet => idle.fired(&mut buf, &mut out),
+            () = idle.timer.as_mut(), if !idle.quiet => {
+                if idle.fired(&mut buf, &mut out) {
+                    inbound.forget_keys();
+                }
+            }
         }
         if closed {
             // Whatever the server said last (a final -ERR) was forwarded above.
@@ -878,10 +886,13 @@ mod tests {
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let mut out = BytesMut::with_capacity(READ_CHUNK);
         // The timer fired but a read came less than IDLE_AFTER ago: keep everything.
-        idle.fired(&mut buf, &mut out);
+        assert!(!idle.fired(&mut buf, &mut out));
         assert!(!idle.quiet && buf.capacity() >= READ_CHUNK);
         idle.last_read = Instant::now() - IDLE_AFTER;
-        idle.fired(&mut buf, &mut out);
+        assert!(
+            idle.fired(&mut buf, &mut out),
+            "gone quiet: keys are dropped too"
+        );
         assert!(idle.quiet);
         assert_eq!((buf.capacity(), out.capacity()), (0, 0));
         assert_eq!(idle.chunk(), FIRST_CHUNK);

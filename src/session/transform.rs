@@ -188,6 +188,14 @@ impl Outbound {
         }
     }
 
+    /// Drops the cached sealer (its subkey is zeroized); the next message derives a new one
+    /// under a fresh nonce prefix. Called when the session goes quiet, so a subkey of a key
+    /// destroyed meanwhile does not stay in memory while no message comes to replace it.
+    pub fn forget_keys(&mut self) {
+        self.sealer = None;
+        self.generation = u64::MAX;
+    }
+
     fn sealer(&mut self, snap: &Snapshot) -> Result<&mut Sealer, envelope::EnvelopeError> {
         let stale = self.generation != snap.generation
             && self
@@ -352,6 +360,11 @@ impl Inbound {
             limiter: RateLimit::new(Duration::from_secs(1)),
             unavailable: None,
         }
+    }
+
+    /// Drops every cached opening subkey; see [`Outbound::forget_keys`].
+    pub fn forget_keys(&mut self) {
+        self.opener.clear();
     }
 
     /// The epoch to wait for before handling `op`: a sealed delivery on an encrypt subject
@@ -708,6 +721,76 @@ impl RateLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forgotten_keys_are_gone_and_come_back_with_the_next_message() {
+        let keyring = Keyring::open(crate::envelope::RootKey::from_bytes([7; 32]), None, 4)
+            .expect("in-memory keyring");
+        let snap = keyring.snapshot();
+        let (policy, metrics, replies) = (Policy::default(), Metrics::new(), Replies::default());
+        let publish = |out: &mut Outbound, wire: &mut BytesMut| {
+            let op = ClientOp::Pub {
+                subject: Bytes::from_static(b"orders"),
+                reply: None,
+                payload: Bytes::from_static(b"secret"),
+            };
+            out.handle(op, &policy, &snap, &replies, &metrics, wire)
+                .expect("sealed");
+        };
+        let sealed = |wire: &mut BytesMut| match proto::ClientParser::new()
+            .parse(wire, 1 << 20)
+            .expect("well-formed")
+        {
+            Some(ClientOp::Pub { payload, .. }) => payload,
+            other => panic!("expected a PUB, got {other:?}"),
+        };
+
+        let mut outbound = Outbound::new();
+        let mut wire = BytesMut::new();
+        publish(&mut outbound, &mut wire);
+        let first = sealed(&mut wire);
+        outbound.forget_keys();
+        assert!(
+            outbound.sealer.is_none(),
+            "the sealer and its subkey are dropped"
+        );
+        publish(&mut outbound, &mut wire);
+        let second = sealed(&mut wire);
+        let prefix = |e: &Bytes| Header::parse(e).expect("header").nonce[..16].to_vec();
+        assert_ne!(
+            prefix(&first),
+            prefix(&second),
+            "a new sealer, with a new nonce prefix"
+        );
+
+        let mut inbound = Inbound::new();
+        let mut delivered = BytesMut::new();
+        for payload in [first, second] {
+            let op = ServerOp::Msg {
+                subject: Bytes::from_static(b"orders"),
+                sid: Bytes::from_static(b"1"),
+                reply: None,
+                payload,
+            };
+            inbound.handle(
+                op,
+                &policy,
+                &keyring,
+                &snap,
+                &replies,
+                &metrics,
+                &mut delivered,
+            );
+        }
+        assert_eq!(inbound.opener.cached(), 2, "one subkey per sender prefix");
+        assert_eq!(
+            delivered.windows(6).filter(|w| w == b"secret").count(),
+            2,
+            "both opened"
+        );
+        inbound.forget_keys();
+        assert_eq!(inbound.opener.cached(), 0);
+    }
 
     #[test]
     fn api_suffix_and_stored_gets() {
