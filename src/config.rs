@@ -454,17 +454,28 @@ pub fn parse_upstream(url: &str) -> Result<Upstream, ConfigError> {
     if rest.contains('/') || rest.is_empty() {
         return Err(bad("expected HOST:PORT"));
     }
-    let (host, port) = match rest.rsplit_once(':') {
-        // A bracketed IPv6 literal keeps its colons.
-        Some((h, p)) if !h.is_empty() && (!h.contains(':') || h.starts_with('[')) => (
-            h.trim_start_matches('[').trim_end_matches(']'),
-            p.parse::<u16>()
-                .map_err(|_| bad("the port is not a number from 1 to 65535"))?,
-        ),
-        _ if rest.contains(':') && !rest.starts_with('[') => {
-            return Err(bad("expected HOST:PORT"));
+    let port_of = |p: &str| {
+        p.parse::<u16>()
+            .map_err(|_| bad("the port is not a number from 1 to 65535"))
+    };
+    let (host, port) = if let Some(inner) = rest.strip_prefix('[') {
+        // A bracketed IPv6 literal keeps its colons; the port after it is optional.
+        let (host, after) = inner
+            .split_once(']')
+            .ok_or_else(|| bad("an IPv6 address needs its closing `]`"))?;
+        match after {
+            "" => (host, 4222),
+            _ => match after.strip_prefix(':') {
+                Some(p) => (host, port_of(p)?),
+                None => return Err(bad("expected HOST:PORT")),
+            },
         }
-        _ => (rest.trim_start_matches('[').trim_end_matches(']'), 4222),
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && !h.contains(':') => (h, port_of(p)?),
+            Some(_) => return Err(bad("expected HOST:PORT (an IPv6 address goes in brackets)")),
+            None => (rest, 4222),
+        }
     };
     if port == 0 || host.is_empty() {
         return Err(bad("expected HOST:PORT"));
@@ -569,11 +580,28 @@ mod tests {
             FileConfig::default().resolve(Overrides::default()),
             Err(ConfigError::NoKek)
         ));
-        for url in ["http://x:1", "nats://u:p@x:1", "x:99999", "x:", "a:b:c"] {
+        for url in [
+            "http://x:1",
+            "nats://u:p@x:1",
+            "x:99999",
+            "x:",
+            "a:b:c",
+            "::1",
+            "[::1",
+            "[::1]5",
+            "[::1]:",
+            "[]:5",
+            ":5",
+        ] {
             assert!(parse_upstream(url).is_err(), "{url}");
         }
         assert!(parse_upstream("tls://x:1").unwrap().tls);
-        assert_eq!(parse_upstream("[::1]:5").unwrap().host, "::1");
+        for (url, port) in [("[::1]:5", 5), ("tls://[::1]", 4222), ("[::1]/", 4222)] {
+            let up = parse_upstream(url).unwrap();
+            assert_eq!((up.host.as_str(), up.port), ("::1", port), "{url}");
+            assert_eq!(up.to_string(), format!("[::1]:{port}"));
+        }
+        assert_eq!(parse_upstream("nats://x").unwrap().port, 4222);
     }
 
     #[test]
