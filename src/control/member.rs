@@ -84,7 +84,7 @@ impl ApplyError {
             ApplyError::Unwrap { .. } => "unwrap",
             ApplyError::Fingerprint { .. } => "fingerprint",
             ApplyError::Persist { .. } => "persist",
-            ApplyError::Keyring(_) => "stale_epoch",
+            ApplyError::Keyring(e) => e.reason(),
         }
     }
 }

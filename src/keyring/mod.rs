@@ -136,9 +136,26 @@ pub enum KeyringError {
     #[error("state directory file {path} is damaged: {why}")]
     Corrupt { path: PathBuf, why: String },
     #[error("epoch {epoch}: {why}")]
-    Refused { epoch: u32, why: &'static str },
+    Refused {
+        epoch: u32,
+        why: &'static str,
+        /// The metrics label: `stale_epoch`, `not_staged`, `unknown_epoch`, `not_stored` or
+        /// `active_epoch`.
+        reason: &'static str,
+    },
     #[error("key material: {0}")]
     Envelope(#[from] envelope::EnvelopeError),
+}
+
+impl KeyringError {
+    /// A short label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            KeyringError::Io { .. } | KeyringError::Corrupt { .. } => "persist",
+            KeyringError::Refused { reason, .. } => reason,
+            KeyringError::Envelope(_) => "key_material",
+        }
+    }
 }
 
 struct RetiredSlot {
@@ -377,6 +394,7 @@ impl Keyring {
         let store = self.store.as_ref().ok_or(KeyringError::Refused {
             epoch,
             why: "no state directory holds its wrapped key",
+            reason: "not_stored",
         })?;
         let wrapped = store
             .load_wrapped(epoch)?
@@ -461,6 +479,7 @@ impl Keyring {
             return Err(KeyringError::Refused {
                 epoch,
                 why: "only staged or retired epochs can be adopted",
+                reason: "stale_epoch",
             });
         }
         self.insert(epoch, key, state, false)
@@ -479,12 +498,14 @@ impl Keyring {
             return Err(KeyringError::Refused {
                 epoch,
                 why: "epochs only move forward",
+                reason: "stale_epoch",
             });
         }
         if records.epochs.iter().any(|r| r.epoch == epoch) {
             return Err(KeyringError::Refused {
                 epoch,
                 why: "already known here",
+                reason: "stale_epoch",
             });
         }
         if let Some(s) = &self.store {
@@ -539,11 +560,13 @@ impl Keyring {
                 .ok_or(KeyringError::Refused {
                     epoch,
                     why: "not staged here",
+                    reason: "not_staged",
                 })?;
         if epoch <= active || next.epochs[target].state != KeyState::Staged {
             return Err(KeyringError::Refused {
                 epoch,
                 why: "only a staged epoch newer than the active one can be activated",
+                reason: "stale_epoch",
             });
         }
         let prev = self.current.load();
@@ -573,12 +596,14 @@ impl Keyring {
             .ok_or(KeyringError::Refused {
                 epoch,
                 why: "unknown epoch",
+                reason: "unknown_epoch",
             })?;
         match r.state {
             KeyState::Active => {
                 return Err(KeyringError::Refused {
                     epoch,
                     why: "the active epoch cannot be destroyed before another is activated",
+                    reason: "active_epoch",
                 })
             }
             KeyState::Destroyed => return Ok(()),
@@ -609,6 +634,23 @@ mod tests {
 
     fn root() -> RootKey {
         RootKey::from_bytes([7; 32])
+    }
+
+    #[test]
+    fn refusals_say_why_in_their_metrics_label() {
+        let ring = Keyring::open(root(), None, 4).unwrap();
+        let reason = |r: Result<(), KeyringError>| r.map_err(|e| e.reason()).err();
+        assert_eq!(reason(ring.activate(9)), Some("not_staged"));
+        assert_eq!(reason(ring.destroy(1)), Some("active_epoch"));
+        assert_eq!(reason(ring.destroy(9)), Some("unknown_epoch"));
+        ring.stage(2, DataKey::generate().unwrap()).unwrap();
+        assert_eq!(
+            reason(ring.stage(2, DataKey::generate().unwrap())),
+            Some("stale_epoch")
+        );
+        ring.activate(2).unwrap();
+        assert_eq!(reason(ring.activate(1)), Some("stale_epoch"));
+        assert_eq!(reason(ring.activate(2)), Some("stale_epoch"));
     }
 
     #[test]
