@@ -131,6 +131,10 @@ impl Base {
         controller: bool,
     ) -> Result<Self, StartError> {
         let audit = open_audit(config)?;
+        let node = node_id(role);
+        if let Some(log) = &audit {
+            keyring.set_audit(log.clone(), node.clone());
+        }
         let metrics = Arc::new(Metrics::new());
         metrics
             .active_epoch
@@ -157,7 +161,7 @@ impl Base {
             crate::control::member::MemberConfig {
                 upstreams: upstream_urls(config),
                 prefix: prefix.clone(),
-                node: node_id(role),
+                node,
                 heartbeat_every: config.rotation.heartbeat_every,
                 tls: config.upstream_tls.clone(),
             },

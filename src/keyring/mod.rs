@@ -15,12 +15,12 @@
 pub mod source;
 pub mod store;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
@@ -176,6 +176,21 @@ pub struct Keyring {
     /// Raised by sessions that saw an epoch newer than any known; the control plane answers
     /// with one sync, however many sessions asked.
     sync_wanted: tokio::sync::Notify,
+    /// Retired epochs whose key could not be loaded, and when it was last tried: not tried
+    /// again (nor logged) for [`UNAVAILABLE_RETRY`], so a stream of messages under a damaged
+    /// epoch costs no disk read each. Touched only on a cache miss.
+    unavailable: Mutex<HashMap<u32, Unavailable>>,
+    /// Where a key that cannot be loaded is recorded, and as whom.
+    audit: OnceLock<(Arc<crate::audit::AuditLog>, String)>,
+}
+
+/// How long a retired key that could not be loaded is refused before the next attempt.
+pub const UNAVAILABLE_RETRY: Duration = Duration::from_secs(30);
+
+struct Unavailable {
+    since: Instant,
+    /// Audited already: once per epoch and process, however often it is retried.
+    audited: bool,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -242,6 +257,8 @@ impl Keyring {
             store,
             records: Mutex::new(records),
             sync_wanted: tokio::sync::Notify::new(),
+            unavailable: Mutex::new(HashMap::new()),
+            audit: OnceLock::new(),
         };
         {
             let records = ring.records.lock().unwrap_or_else(|p| p.into_inner());
@@ -350,13 +367,63 @@ impl Keyring {
             slot.last_used.store(tick, Ordering::Relaxed);
             return Ok(KeyHandle::Owned(slot.key.clone()));
         }
-        let key = self.load_key(epoch).map_err(|e| {
-            tracing::warn!(epoch, error = %e, "retired key could not be loaded");
-            KeyMiss::Unavailable
-        })?;
+        let key = self.load_retired(epoch)?;
         let key = Arc::new(EpochKey { epoch, key });
         self.cache_retired(key.clone(), tick);
         Ok(KeyHandle::Owned(key))
+    }
+
+    /// Records key load failures in `log` from now on, as `actor`. Set once; later calls are
+    /// ignored.
+    pub fn set_audit(&self, log: Arc<crate::audit::AuditLog>, actor: String) {
+        let _ = self.audit.set((log, actor));
+    }
+
+    /// A retired key from the state directory, unless it failed to load less than
+    /// [`UNAVAILABLE_RETRY`] ago. A failure is logged once per attempt and audited once.
+    fn load_retired(&self, epoch: u32) -> Result<DataKey, KeyMiss> {
+        let lock = || self.unavailable.lock().unwrap_or_else(|p| p.into_inner());
+        if lock()
+            .get(&epoch)
+            .is_some_and(|u| u.since.elapsed() < UNAVAILABLE_RETRY)
+        {
+            return Err(KeyMiss::Unavailable);
+        }
+        let e = match self.load_key(epoch) {
+            Ok(key) => {
+                lock().remove(&epoch);
+                return Ok(key);
+            }
+            Err(e) => e,
+        };
+        tracing::warn!(
+            epoch,
+            error = %e,
+            retry_in = ?UNAVAILABLE_RETRY,
+            "retired key could not be loaded; messages under it are refused"
+        );
+        let first = {
+            let mut map = lock();
+            let entry = map.entry(epoch).or_insert(Unavailable {
+                since: Instant::now(),
+                audited: false,
+            });
+            entry.since = Instant::now();
+            !std::mem::replace(&mut entry.audited, true)
+        };
+        if let (true, Some((log, actor))) = (first, self.audit.get()) {
+            let event = crate::audit::Event {
+                kind: crate::audit::EventKind::Refused,
+                epoch: Some(epoch),
+                fingerprint: None,
+                actor: actor.clone(),
+                reason: format!("retired key could not be loaded; its messages are refused: {e}"),
+            };
+            if let Err(why) = log.append(event) {
+                tracing::error!(error = %why, "cannot audit an unavailable key");
+            }
+        }
+        Err(KeyMiss::Unavailable)
     }
 
     /// Number of retired keys held unwrapped in memory.
@@ -634,6 +701,50 @@ mod tests {
 
     fn root() -> RootKey {
         RootKey::from_bytes([7; 32])
+    }
+
+    #[test]
+    fn a_damaged_retired_key_is_refused_audited_once_and_not_reread_each_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = Keyring::open(root(), Some(dir.path()), 1).unwrap();
+        let audit_path = dir.path().join("audit.log");
+        let log = Arc::new(crate::audit::AuditLog::open(&audit_path).unwrap());
+        ring.set_audit(log, "proxy-test".into());
+        for epoch in 2..=4 {
+            ring.stage(epoch, DataKey::generate().unwrap()).unwrap();
+            ring.activate(epoch).unwrap();
+        }
+        // Epochs 1 to 3 are retired and only 3 is held in memory: 2 comes from its file.
+        let key_file = ring.store.as_ref().unwrap().key_path(2);
+        let good = std::fs::read(&key_file).unwrap();
+        std::fs::write(&key_file, b"damaged").unwrap();
+        let snap = ring.snapshot();
+        let entries = || {
+            std::fs::read_to_string(&audit_path)
+                .unwrap()
+                .lines()
+                .count()
+        };
+        assert_eq!(ring.lookup(&snap, 2).err(), Some(KeyMiss::Unavailable));
+        assert_eq!(entries(), 1, "the failure is audited");
+        let line = std::fs::read_to_string(&audit_path).unwrap();
+        assert!(
+            line.contains("\"refused\"") && line.contains("\"epoch\":2"),
+            "{line}"
+        );
+
+        // Repaired, but within the retry interval the file is not read again.
+        std::fs::write(&key_file, &good).unwrap();
+        for _ in 0..100 {
+            assert_eq!(ring.lookup(&snap, 2).err(), Some(KeyMiss::Unavailable));
+        }
+        assert_eq!(entries(), 1, "audited once, not once per message");
+        crate::audit::verify(&audit_path).unwrap();
+
+        // Once the interval has passed it is tried again, and a good file opens.
+        ring.unavailable.lock().unwrap().get_mut(&2).unwrap().since -= UNAVAILABLE_RETRY;
+        assert!(ring.lookup(&snap, 2).is_ok());
+        assert!(ring.unavailable.lock().unwrap().is_empty());
     }
 
     #[test]
