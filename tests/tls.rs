@@ -526,13 +526,14 @@ fn bad_certificates_fail_at_startup_with_one_sentence() {
 }
 
 /// nats-py decides TLS differently from async-nats; it must work in `required` and `first`.
+/// Its waits are generous because a loaded machine can take seconds to start Python.
 const PY_AGENT: &str = r#"
 import asyncio, ssl, sys
 import nats
 
 async def main(url, ca, first):
     ctx = ssl.create_default_context(cafile=ca)
-    opts = dict(servers=[url], tls=ctx, connect_timeout=5, allow_reconnect=False)
+    opts = dict(servers=[url], tls=ctx, connect_timeout=20, allow_reconnect=False)
     if first:
         opts["tls_handshake_first"] = True
     a = await nats.connect(**opts)
@@ -547,8 +548,8 @@ async def main(url, ca, first):
     await b.subscribe("py.svc", cb=on_svc)
     await b.flush()
     await a.publish("py.data", b"hello from python")
-    data = await asyncio.wait_for(got, 5)
-    reply = await a.request("py.svc", b"ping", timeout=5)
+    data = await asyncio.wait_for(got, 20)
+    reply = await a.request("py.svc", b"ping", timeout=20)
     assert data == b"hello from python", data
     assert reply.data == b"pong:ping", reply.data
     await a.close()
