@@ -228,6 +228,9 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     pub policy: Policy,
     pub max_connections: usize,
+    /// Whether `max_connections` was written in the file; a default that does not fit the
+    /// open-files limit is lowered without a warning.
+    pub max_connections_set: bool,
     pub upstream_connect_timeout: Duration,
     pub retired_cache: usize,
     pub rotation: Rotation,
@@ -411,6 +414,7 @@ impl FileConfig {
             admin,
             policy,
             max_connections,
+            max_connections_set: self.max_connections.is_some(),
             upstream_connect_timeout,
             retired_cache,
         })

@@ -247,6 +247,7 @@ pub async fn start_with_keyring(
     }
     let limit = Arc::new(Semaphore::new(connection_cap(
         config.max_connections,
+        config.max_connections_set,
         std::fs::read_to_string("/proc/self/limits")
             .ok()
             .as_deref()
@@ -318,8 +319,9 @@ const RESERVED_FDS: u64 = 64;
 
 /// The connection cap that fits the process's descriptor limit. Each session holds two
 /// descriptors (agent and upstream); a cap above what the limit allows would let a flood end in
-/// failed accepts instead of the clear refusal, so it is lowered, with a warning.
-fn connection_cap(configured: usize, open_files: Option<u64>) -> usize {
+/// failed accepts instead of the clear refusal, so it is lowered: with a warning when the
+/// operator asked for that cap, as a plain notice when it is the default.
+fn connection_cap(configured: usize, set: bool, open_files: Option<u64>) -> usize {
     let Some(limit) = open_files else {
         return configured;
     };
@@ -327,12 +329,20 @@ fn connection_cap(configured: usize, open_files: Option<u64>) -> usize {
         .unwrap_or(usize::MAX)
         .max(1);
     if fits < configured {
-        tracing::warn!(
-            max_connections = configured,
-            open_files_limit = limit,
-            lowered_to = fits,
-            "max_connections does not fit the open-files limit (two per agent); lowering it (raise `ulimit -n` to keep it)"
-        );
+        if set {
+            tracing::warn!(
+                max_connections = configured,
+                open_files_limit = limit,
+                lowered_to = fits,
+                "max_connections does not fit the open-files limit (two per agent); lowering it (raise `ulimit -n` to keep it)"
+            );
+        } else {
+            tracing::info!(
+                open_files_limit = limit,
+                lowered_to = fits,
+                "the default max_connections does not fit the open-files limit (two per agent); lowering it"
+            );
+        }
         fits
     } else {
         configured
@@ -442,9 +452,9 @@ Max locked memory         8388608              8388608              bytes
 
     #[test]
     fn the_cap_is_lowered_to_what_the_descriptors_allow() {
-        assert_eq!(connection_cap(10_000, Some(1024)), 480);
-        assert_eq!(connection_cap(100, Some(1024)), 100);
-        assert_eq!(connection_cap(10_000, None), 10_000);
-        assert_eq!(connection_cap(10, Some(3)), 1, "never zero");
+        assert_eq!(connection_cap(10_000, true, Some(1024)), 480);
+        assert_eq!(connection_cap(100, true, Some(1024)), 100);
+        assert_eq!(connection_cap(10_000, false, None), 10_000);
+        assert_eq!(connection_cap(10, true, Some(3)), 1, "never zero");
     }
 }
