@@ -249,9 +249,10 @@ impl Metrics {
             };
             counts[i] += 1;
         }
-        for (state, n) in ["staged", "active", "retired", "destroyed"]
+        let unsaved = i64::try_from(snap.unsaved().count()).unwrap_or(i64::MAX);
+        for (state, n) in ["staged", "active", "retired", "destroyed", "unsaved"]
             .into_iter()
-            .zip(counts)
+            .zip(counts.into_iter().chain([unsaved]))
         {
             self.epochs.get_or_create(&StateLabel { state }).set(n);
         }

@@ -675,6 +675,24 @@ async fn a_rotation_into_a_read_only_state_directory_is_not_activated_and_says_w
         metric_of(&proxy, r#"cipherbus_epochs{state="staged"}"#).await,
         Some(0.0)
     );
+    // The authority's proxy seals under epoch 2 now. This one holds the key it could not
+    // persist, to open only, so what arrives under it is still delivered.
+    assert_eq!(pa.keyring.snapshot().active.epoch, 2);
+    assert_eq!(
+        metric_of(&proxy, r#"cipherbus_epochs{state="unsaved"}"#).await,
+        Some(1.0)
+    );
+    let behind_read_only = async_nats::connect(proxy.url()).await.unwrap();
+    let mut inbox = behind_read_only
+        .subscribe("during.read_only")
+        .await
+        .unwrap();
+    sync(&behind_read_only).await;
+    assert!(
+        round_trip(&agent(&pa).await, "during.read_only", &mut inbox).await,
+        "epoch 2 opens behind the read-only proxy: {}",
+        proxy.stderr()
+    );
     let stderr = proxy.stderr();
     assert!(
         stderr.contains("Permission denied") && stderr.contains("not applied"),
@@ -693,6 +711,10 @@ async fn a_rotation_into_a_read_only_state_directory_is_not_activated_and_says_w
         "writable again: the re-announced epoch is staged and activated"
     );
     assert_eq!(persisted_epochs(&state), [1, 2]);
+    assert_eq!(
+        metric_of(&proxy, r#"cipherbus_epochs{state="unsaved"}"#).await,
+        Some(0.0)
+    );
     drop(pa);
 }
 

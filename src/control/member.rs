@@ -196,7 +196,8 @@ impl Member {
             let local = snap.state(info.epoch);
             match info.state {
                 KeyState::Destroyed
-                    if local.is_some_and(|s| s != KeyState::Destroyed)
+                    if (local.is_some_and(|s| s != KeyState::Destroyed)
+                        || snap.unsaved().any(|e| e == info.epoch))
                         && snap.active.epoch != info.epoch =>
                 {
                     self.keyring

@@ -65,6 +65,10 @@ pub struct Snapshot {
     pub generation: u64,
     pub active: Arc<EpochKey>,
     staged: Vec<Arc<EpochKey>>,
+    /// Keys announced while the state directory could not hold them: kept in memory to open
+    /// what other proxies seal under them, never to seal, and not among `states` (they are
+    /// not staged here). At most [`MAX_UNSAVED`]; gone at restart or once persisted.
+    unsaved: Vec<Arc<EpochKey>>,
     /// Every epoch and its state (retired keys themselves are in the LRU or on disk).
     states: Arc<BTreeMap<u32, KeyState>>,
 }
@@ -86,7 +90,16 @@ impl Snapshot {
     pub fn epochs(&self) -> impl Iterator<Item = (u32, KeyState)> + '_ {
         self.states.iter().map(|(e, s)| (*e, *s))
     }
+
+    /// Epochs held in memory to open only, because they could not be persisted.
+    pub fn unsaved(&self) -> impl Iterator<Item = u32> + '_ {
+        self.unsaved.iter().map(|k| k.epoch)
+    }
 }
+
+/// Keys held unsaved at most: a disk that stays full through more rotations than this keeps
+/// only the newest, which are the ones other proxies seal under.
+pub const MAX_UNSAVED: usize = 4;
 
 /// Why no key could be found for an epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,6 +261,7 @@ impl Keyring {
                     key: DataKey::from_bytes([0; 32]),
                 }),
                 staged: Vec::new(),
+                unsaved: Vec::new(),
                 states: Arc::new(BTreeMap::new()),
             }),
             root,
@@ -355,6 +369,9 @@ impl Keyring {
             return Ok(KeyHandle::Borrowed(&snap.active));
         }
         if let Some(k) = snap.staged.iter().find(|k| k.epoch == epoch) {
+            return Ok(KeyHandle::Borrowed(k));
+        }
+        if let Some(k) = snap.unsaved.iter().find(|k| k.epoch == epoch) {
             return Ok(KeyHandle::Borrowed(k));
         }
         match snap.state(epoch) {
@@ -516,10 +533,17 @@ impl Keyring {
                 self.retired.remove(epoch);
             }
         }
+        let unsaved = prev
+            .unsaved
+            .iter()
+            .filter(|k| !states.contains_key(&k.epoch))
+            .cloned()
+            .collect();
         self.current.store(Arc::new(Snapshot {
             generation,
             active,
             staged,
+            unsaved,
             states: Arc::new(states),
         }));
         Ok(())
@@ -575,9 +599,6 @@ impl Keyring {
                 reason: "stale_epoch",
             });
         }
-        if let Some(s) = &self.store {
-            s.save_wrapped(epoch, &envelope::wrap_key(&self.root, epoch, &key)?)?;
-        }
         let mut next = records.clone();
         next.epochs.push(EpochRecord {
             epoch,
@@ -587,10 +608,20 @@ impl Keyring {
             activated: None,
         });
         next.epochs.sort_by_key(|r| r.epoch);
+        let wrapped = envelope::wrap_key(&self.root, epoch, &key)?;
         // The new key is handed over directly, not re-read from disk.
+        let key = Arc::new(EpochKey { epoch, key });
+        if let Some(s) = &self.store {
+            if let Err(e) = s
+                .save_wrapped(epoch, &wrapped)
+                .and_then(|()| s.save_state(&next))
+            {
+                self.hold_unsaved(key);
+                return Err(e);
+            }
+        }
         let prev = self.current.load();
         let mut staged = prev.staged.clone();
-        let key = Arc::new(EpochKey { epoch, key });
         if state == KeyState::Staged {
             staged.push(key);
         } else {
@@ -598,17 +629,53 @@ impl Keyring {
         }
         let mut states = (*prev.states).clone();
         states.insert(epoch, state);
-        if let Some(s) = &self.store {
-            s.save_state(&next)?;
-        }
         self.current.store(Arc::new(Snapshot {
             generation: prev.generation + 1,
             active: prev.active.clone(),
             staged,
+            unsaved: prev
+                .unsaved
+                .iter()
+                .filter(|k| k.epoch != epoch)
+                .cloned()
+                .collect(),
             states: Arc::new(states),
         }));
         *records = next;
         Ok(())
+    }
+
+    /// Keeps a key that could not be persisted, to open only: other proxies may already seal
+    /// under it (the authority activates without a proxy that never acknowledged), and their
+    /// messages are not lost here for a full disk. It never seals here, since it is not staged.
+    /// Called with the records lock held.
+    fn hold_unsaved(&self, key: Arc<EpochKey>) {
+        let prev = self.current.load();
+        if prev.unsaved.iter().any(|k| k.epoch == key.epoch) {
+            return;
+        }
+        let mut unsaved: Vec<_> = prev
+            .unsaved
+            .iter()
+            .filter(|k| k.epoch != key.epoch)
+            .cloned()
+            .collect();
+        tracing::warn!(
+            epoch = key.epoch,
+            "a key that could not be persisted is held in memory to open only until it can be"
+        );
+        unsaved.push(key);
+        unsaved.sort_by_key(|k| k.epoch);
+        if unsaved.len() > MAX_UNSAVED {
+            unsaved.drain(..unsaved.len() - MAX_UNSAVED);
+        }
+        self.current.store(Arc::new(Snapshot {
+            generation: prev.generation + 1,
+            active: prev.active.clone(),
+            staged: prev.staged.clone(),
+            unsaved,
+            states: prev.states.clone(),
+        }));
     }
 
     /// Makes a staged epoch the one that seals; the old active epoch becomes retired.
@@ -655,6 +722,29 @@ impl Keyring {
     /// The active epoch cannot be destroyed; activate another one first.
     pub fn destroy(&self, epoch: u32) -> Result<(), KeyringError> {
         let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let prev = self.current.load();
+        if prev.unsaved.iter().any(|k| k.epoch == epoch) {
+            self.current.store(Arc::new(Snapshot {
+                generation: prev.generation + 1,
+                active: prev.active.clone(),
+                staged: prev.staged.clone(),
+                unsaved: prev
+                    .unsaved
+                    .iter()
+                    .filter(|k| k.epoch != epoch)
+                    .cloned()
+                    .collect(),
+                states: prev.states.clone(),
+            }));
+            if !records.epochs.iter().any(|r| r.epoch == epoch) {
+                // Its wrapped copy may have been written before the state file failed.
+                if let Some(s) = &self.store {
+                    s.shred(epoch)?;
+                }
+                return Ok(());
+            }
+        }
+        drop(prev);
         let mut next = records.clone();
         let r = next
             .epochs
@@ -745,6 +835,70 @@ mod tests {
         ring.unavailable.lock().unwrap().get_mut(&2).unwrap().since -= UNAVAILABLE_RETRY;
         assert!(ring.lookup(&snap, 2).is_ok());
         assert!(ring.unavailable.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_key_the_disk_cannot_take_opens_but_never_seals_and_goes_on_destroy() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = Keyring::open(root(), Some(dir.path()), 4).unwrap();
+        let store = ring.store.as_ref().unwrap();
+        let full = |epoch: u32| {
+            let tmp = store.key_path(epoch).with_extension("tmp");
+            std::os::unix::fs::symlink("/dev/full", &tmp).unwrap();
+            tmp
+        };
+        let key = DataKey::generate().unwrap();
+        let fingerprint = key.fingerprint();
+        let tmp = full(2);
+        let err = ring.stage(2, key).unwrap_err();
+        assert_eq!(err.reason(), "persist", "{err}");
+        let snap = ring.snapshot();
+        assert_eq!(snap.state(2), None, "not staged");
+        assert_eq!(snap.unsaved().collect::<Vec<_>>(), [2]);
+        let held = ring.lookup(&snap, 2).unwrap();
+        assert_eq!(held.key.fingerprint(), fingerprint, "it opens");
+        assert_eq!(
+            ring.activate(2).unwrap_err().reason(),
+            "not_staged",
+            "it never seals"
+        );
+        assert_eq!(ring.snapshot().active.epoch, 1);
+
+        // Space comes back: the next announcement stages it for real.
+        std::fs::remove_file(&tmp).unwrap();
+        let again = held.key.clone();
+        drop(held);
+        ring.stage(2, again).unwrap();
+        let snap = ring.snapshot();
+        assert_eq!(snap.state(2), Some(KeyState::Staged));
+        assert_eq!(snap.unsaved().count(), 0);
+        assert_eq!(
+            ring.lookup(&snap, 2).unwrap().key.fingerprint(),
+            fingerprint
+        );
+
+        // Held keys are bounded, newest kept, and destroy drops one from memory.
+        for epoch in 3..=8 {
+            full(epoch);
+            assert!(ring.stage(epoch, DataKey::generate().unwrap()).is_err());
+        }
+        let snap = ring.snapshot();
+        assert_eq!(snap.unsaved().collect::<Vec<_>>(), [5, 6, 7, 8]);
+        assert_eq!(ring.lookup(&snap, 4).err(), Some(KeyMiss::Unknown));
+        ring.destroy(8).unwrap();
+        let snap = ring.snapshot();
+        assert_eq!(snap.unsaved().collect::<Vec<_>>(), [5, 6, 7]);
+        assert_eq!(ring.lookup(&snap, 8).err(), Some(KeyMiss::Unknown));
+        assert_eq!(persisted(dir.path()), [1, 2], "nothing unsaved is recorded");
+    }
+
+    fn persisted(dir: &Path) -> Vec<u32> {
+        Keyring::open(root(), Some(dir), 1)
+            .unwrap()
+            .records()
+            .iter()
+            .map(|r| r.epoch)
+            .collect()
     }
 
     #[test]
