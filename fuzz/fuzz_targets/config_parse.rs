@@ -77,7 +77,9 @@ fn check_invariants(c: &Config) {
     }
 }
 
-/// The config as a file that states every setting explicitly.
+/// The config as a file that states every setting explicitly, except `max_connections` when it
+/// was left to its default (whether it was set is part of the config: it decides how a cap
+/// lowered to fit the open-files limit is logged).
 fn render(c: &Config, rules: &[RuleConfig]) -> String {
     let mut s = String::new();
     let mut line = |l: String| {
@@ -96,7 +98,9 @@ fn render(c: &Config, rules: &[RuleConfig]) -> String {
         line(format!("audit_log = {}", qp(a)));
     }
     line(format!("control_prefix = {}", q(c.policy.control_prefix())));
-    line(format!("max_connections = {}", c.max_connections));
+    if c.max_connections_set {
+        line(format!("max_connections = {}", c.max_connections));
+    }
     line(format!(
         "upstream_connect_timeout = {}",
         dur(c.upstream_connect_timeout)
