@@ -4,12 +4,11 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -17,96 +16,9 @@ use support::*;
 const BIN: &str = env!("CARGO_BIN_EXE_cipherbus");
 const WAIT: Duration = Duration::from_secs(10);
 
-/// A child process killed (and reaped) on drop, whatever path the test takes. Its stderr is
-/// collected as it comes, so a still-running proxy's logs can be read.
-struct Proc {
-    child: Child,
-    stderr: Arc<Mutex<String>>,
-    /// Drains stderr; joined once the process exits, so everything it wrote is collected.
-    reader: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Proc {
-    fn spawn(cmd: &mut Command) -> Proc {
-        let mut child = cmd
-            .env("NO_COLOR", "1")
-            .env("CIPHERBUS_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the binary");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut pipe = child.stderr.take().expect("stderr piped");
-        let sink = stderr.clone();
-        let reader = std::thread::spawn(move || {
-            let mut chunk = [0u8; 4096];
-            while let Ok(n) = pipe.read(&mut chunk) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&chunk[..n]));
-            }
-        });
-        Proc {
-            child,
-            stderr,
-            reader: Some(reader),
-        }
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// Waits for the process to exit on its own; `None` if it is still running after `timeout`.
-    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                // The pipe closed with the process: wait until its last bytes are read.
-                if let Some(reader) = self.reader.take() {
-                    let _ = reader.join();
-                }
-                return Some(status);
-            }
-            if start.elapsed() > timeout {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stdout(&mut self) -> String {
-        let mut out = String::new();
-        if let Some(mut pipe) = self.child.stdout.take() {
-            let _ = pipe.read_to_string(&mut out);
-        }
-        out
-    }
-
-    /// Polls the collected stderr until a line satisfies `f`.
-    fn wait_log(&self, timeout: Duration, f: impl Fn(&str) -> bool) -> Option<String> {
-        let start = Instant::now();
-        loop {
-            if let Some(line) = self.stderr().lines().find(|l| f(l)) {
-                return Some(line.to_owned());
-            }
-            if start.elapsed() > timeout {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The binary (or a server) as a child process, with its stdout kept for reading.
+fn spawn(cmd: &mut Command) -> Spawned {
+    Spawned::spawn(cmd.env("CIPHERBUS_LOG", "info").stdout(Stdio::piped()))
 }
 
 fn cipherbus(args: &[&str]) -> Command {
@@ -137,8 +49,8 @@ fn local(port: u16) -> String {
 }
 
 /// A bare nats-server on a port chosen by the test, killed on drop.
-fn nats_server_on(port: u16) -> Proc {
-    let server = Proc::spawn(
+fn nats_server_on(port: u16) -> Spawned {
+    let server = spawn(
         Command::new(nats_server_bin())
             .args(["-a", "127.0.0.1", "-p"])
             .arg(port.to_string()),
@@ -202,7 +114,7 @@ fn keygen_writes_a_private_hex_key_and_never_overwrites() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("root.kek");
 
-    let mut keygen = Proc::spawn(&mut cipherbus(&["keygen", "--out", path_str(&out)]));
+    let mut keygen = spawn(&mut cipherbus(&["keygen", "--out", path_str(&out)]));
     let status = keygen.wait_exit(WAIT).expect("keygen exits");
     assert!(status.success(), "keygen failed: {}", keygen.stderr());
 
@@ -216,7 +128,7 @@ fn keygen_writes_a_private_hex_key_and_never_overwrites() {
     let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "readable by its owner only, got {mode:o}");
 
-    let mut again = Proc::spawn(&mut cipherbus(&["keygen", "--out", path_str(&out)]));
+    let mut again = spawn(&mut cipherbus(&["keygen", "--out", path_str(&out)]));
     let status = again.wait_exit(WAIT).expect("second keygen exits");
     assert!(!status.success(), "keygen refuses an existing file");
     assert!(
@@ -230,7 +142,7 @@ fn keygen_writes_a_private_hex_key_and_never_overwrites() {
         "the existing key is untouched"
     );
 
-    let mut other = Proc::spawn(&mut cipherbus(&[
+    let mut other = spawn(&mut cipherbus(&[
         "keygen",
         "--out",
         path_str(&dir.path().join("second.kek")),
@@ -303,7 +215,7 @@ fn bad_startup_settings_exit_with_code_2_and_one_sentence() {
         ),
     ];
     for (what, args, mention) in cases {
-        let mut p = Proc::spawn(Command::new(BIN).args(&args));
+        let mut p = spawn(Command::new(BIN).args(&args));
         let Some(status) = p.wait_exit(WAIT) else {
             panic!("{what}: cipherbus started anyway; stderr: {}", p.stderr());
         };
@@ -336,7 +248,7 @@ fn check_config_validates_and_exits_0_without_dialling() {
          [[policy]]\nsubject = \"public.>\"\nmode = \"plaintext\"\n",
     )
     .unwrap();
-    let mut p = Proc::spawn(&mut cipherbus(&[
+    let mut p = spawn(&mut cipherbus(&[
         "run",
         "--check-config",
         "--config",
@@ -361,7 +273,7 @@ fn an_unreachable_upstream_is_a_warning_not_an_exit() {
     let upstream_port = free_port();
     let upstream = local(upstream_port);
     let listen = local(free_port());
-    let mut proxy = Proc::spawn(&mut cipherbus(&[
+    let mut proxy = spawn(&mut cipherbus(&[
         "run",
         "--listen",
         &listen,
@@ -405,7 +317,7 @@ fn admin_endpoint_serves_health_and_metrics() {
     let kek = kek_file(dir.path());
     let listen = local(free_port());
     let admin: SocketAddr = local(free_port()).parse().unwrap();
-    let _proxy = Proc::spawn(&mut cipherbus(&[
+    let _proxy = spawn(&mut cipherbus(&[
         "run",
         "--listen",
         &listen,

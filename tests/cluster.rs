@@ -5,11 +5,9 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cipherbus::envelope::{Header, RootKey};
-use cipherbus::server::ProxyHandle;
 use futures::StreamExt;
 use support::*;
 
@@ -21,25 +19,6 @@ fn from_node(cluster: &NatsCluster, first: usize) -> Vec<String> {
     (0..urls.len())
         .map(|k| urls[(first + k) % urls.len()].clone())
         .collect()
-}
-
-/// An agent named `name` through `p` that records the connection events it sees.
-async fn named_agent(p: &ProxyHandle, name: &str) -> (async_nats::Client, Arc<Mutex<Vec<String>>>) {
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let sink = events.clone();
-    let client = async_nats::ConnectOptions::new()
-        .name(name)
-        .reconnect_delay_callback(|_| Duration::from_millis(100))
-        .event_callback(move |e| {
-            let sink = sink.clone();
-            async move {
-                sink.lock().unwrap().push(e.to_string());
-            }
-        })
-        .connect(proxy_url(p))
-        .await
-        .expect("agent connects through the proxy");
-    (client, events)
 }
 
 /// Which node holds the upstream connection of the agent called `name`.
@@ -55,8 +34,8 @@ async fn killing_the_node_a_proxy_uses_moves_its_agents_to_another_node() {
     let mut cluster = tokio::task::block_in_place(|| NatsCluster::start(3));
     let pa = proxy_upstreams(from_node(&cluster, 0), "", TEST_KEK, None, false).await;
     let pb = proxy_upstreams(from_node(&cluster, 1), "", TEST_KEK, None, false).await;
-    let (a, a_events) = named_agent(&pa, "agent-a").await;
-    let (b, _) = named_agent(&pb, "agent-b").await;
+    let (a, a_events) = watched_agent(&proxy_url(&pa), "agent-a").await;
+    let (b, _) = watched_agent(&proxy_url(&pb), "agent-b").await;
     sync(&a).await;
     sync(&b).await;
     assert_eq!(node_of(&cluster, "agent-a"), Some(0));
@@ -69,8 +48,7 @@ async fn killing_the_node_a_proxy_uses_moves_its_agents_to_another_node() {
     cluster.nodes[0].kill();
     assert!(
         eventually(Duration::from_secs(15), || {
-            a_events.lock().unwrap().iter().any(|e| e == "disconnected")
-                && node_of(&cluster, "agent-a").is_some()
+            a_events.count("disconnected") > 0 && node_of(&cluster, "agent-a").is_some()
         })
         .await,
         "agent A reconnects through its proxy to a surviving node"
@@ -87,25 +65,19 @@ async fn killing_the_node_a_proxy_uses_moves_its_agents_to_another_node() {
 async fn lame_duck_moves_new_upstream_connections_away_and_tells_the_agents() {
     let cluster = tokio::task::block_in_place(|| NatsCluster::start(3));
     let p = proxy_upstreams(from_node(&cluster, 0), "", TEST_KEK, None, false).await;
-    let (first, events) = named_agent(&p, "before-ldm").await;
+    let (first, events) = watched_agent(&proxy_url(&p), "before-ldm").await;
     sync(&first).await;
     assert_eq!(node_of(&cluster, "before-ldm"), Some(0));
 
     tokio::task::block_in_place(|| cluster.nodes[0].lame_duck());
     assert!(
-        eventually(Duration::from_secs(10), || events
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|e| e.contains("lame duck")))
-        .await,
-        "the agent hears of lame duck mode through the proxy: {:?}",
-        events.lock().unwrap()
+        eventually(Duration::from_secs(10), || events.seen("lame duck")).await,
+        "the agent hears of lame duck mode through the proxy: {events:?}"
     );
 
     // New agents go to another node at once: the draining one is not even tried.
     let failures = metric(&p, "cipherbus_upstream_connect_failures_total");
-    let (second, _) = named_agent(&p, "after-ldm").await;
+    let (second, _) = watched_agent(&proxy_url(&p), "after-ldm").await;
     sync(&second).await;
     assert_eq!(node_of(&cluster, "after-ldm"), Some(1));
     assert_eq!(
@@ -118,12 +90,10 @@ async fn lame_duck_moves_new_upstream_connections_away_and_tells_the_agents() {
     // through the proxy and lands on a live node too, and the two still talk.
     assert!(
         eventually(Duration::from_secs(15), || {
-            events.lock().unwrap().iter().any(|e| e == "disconnected")
-                && node_of(&cluster, "before-ldm") == Some(1)
+            events.count("disconnected") > 0 && node_of(&cluster, "before-ldm") == Some(1)
         })
         .await,
-        "the evicted agent comes back through another node: {:?}",
-        events.lock().unwrap()
+        "the evicted agent comes back through another node: {events:?}"
     );
     assert_eq!(
         metric(&p, "cipherbus_upstream_connect_failures_total"),
@@ -145,7 +115,7 @@ async fn rotations_reach_proxies_attached_to_different_nodes() {
     }
     let mut agents = Vec::new();
     for (i, p) in proxies.iter().enumerate() {
-        let (client, _) = named_agent(p, &format!("agent-{i}")).await;
+        let (client, _) = watched_agent(&proxy_url(p), &format!("agent-{i}")).await;
         sync(&client).await;
         assert_eq!(node_of(&cluster, &format!("agent-{i}")), Some(i));
         agents.push(client);

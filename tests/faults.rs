@@ -26,41 +26,6 @@ fn local_addr() -> std::net::SocketAddr {
     std::net::SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
-/// Connection events an agent's client library reported.
-#[derive(Clone, Default)]
-struct Events(Arc<Mutex<Vec<String>>>);
-
-impl Events {
-    fn count(&self, what: &str) -> usize {
-        self.0.lock().unwrap().iter().filter(|e| *e == what).count()
-    }
-}
-
-/// An async-nats agent that reconnects quickly and records its connection events.
-async fn watched_agent(url: &str, name: &str) -> (async_nats::Client, Events) {
-    let events = Events::default();
-    let sink = events.clone();
-    let client = async_nats::ConnectOptions::new()
-        .name(name)
-        .reconnect_delay_callback(|_| Duration::from_millis(100))
-        .event_callback(move |e| {
-            let sink = sink.clone();
-            async move {
-                let name = match e {
-                    async_nats::Event::Connected => "connected",
-                    async_nats::Event::Disconnected => "disconnected",
-                    async_nats::Event::LameDuckMode => "lame_duck",
-                    _ => "other",
-                };
-                sink.0.lock().unwrap().push(name.to_owned());
-            }
-        })
-        .connect(url)
-        .await
-        .expect("agent connects through the proxy");
-    (client, events)
-}
-
 /// Reads a metric of a proxy process off the test's runtime.
 async fn metric_of(p: &ProxyProcess, series: &str) -> Option<f64> {
     tokio::task::block_in_place(|| p.metric(series))

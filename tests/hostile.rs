@@ -612,55 +612,35 @@ async fn a_connection_flood_over_the_cap_is_refused_and_holds_no_descriptors() {
     assert_eq!(&next(&mut sub).await.payload[..], b"ok");
 }
 
-/// A proxy process started under `ulimit -n 200`, killed on drop.
-struct LimitedProxy {
-    child: std::process::Child,
-    log: std::path::PathBuf,
-}
-
-impl Drop for LimitedProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cap_above_the_descriptor_limit_is_lowered_so_a_flood_still_gets_the_refusal() {
     let server = NatsServer::start_core("");
     let dir = tempfile::tempdir().unwrap();
     let kek = write_kek(dir.path(), TEST_KEK);
     let port = free_port();
-    let log = dir.path().join("proxy.log");
     // 200 descriptors fit (200 - 64 reserved) / 2 = 68 sessions, far below the default cap.
-    let child = std::process::Command::new("sh")
-        .arg("-c")
-        .arg("ulimit -n 200; exec \"$0\" \"$@\"")
-        .arg(env!("CARGO_BIN_EXE_cipherbus"))
-        .args(["run", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--upstream", &server.url(), "--kek-file"])
-        .arg(&kek)
-        .env("CIPHERBUS_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let proxy = LimitedProxy { child, log };
+    let proxy = Spawned::spawn(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -n 200; exec \"$0\" \"$@\"")
+            .arg(env!("CARGO_BIN_EXE_cipherbus"))
+            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--upstream", &server.url(), "--kek-file"])
+            .arg(&kek)
+            .env("CIPHERBUS_LOG", "info")
+            .stdout(std::process::Stdio::null()),
+    );
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let start = Instant::now();
     while TcpStream::connect(addr).is_err() {
         assert!(start.elapsed() < WAIT, "the proxy did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let read_log = || std::fs::read_to_string(&proxy.log).unwrap_or_default();
-    let lowered = read_log()
-        .lines()
-        .find(|l| l.contains("lowered_to=68"))
-        .map(str::to_owned);
+    let lowered = proxy.wait_log(WAIT, |l| l.contains("lowered_to=68"));
     assert!(
         lowered.as_deref().is_some_and(|l| l.contains("INFO")),
         "the lowered default cap is logged, as a notice rather than a warning: {}",
-        read_log()
+        proxy.stderr()
     );
     // The probe connection above took a slot for a moment; wait until it is free again.
     std::thread::sleep(Duration::from_millis(300));
@@ -682,7 +662,11 @@ async fn a_cap_above_the_descriptor_limit_is_lowered_so_a_flood_still_gets_the_r
         agent.send(b"PING\r\n");
         assert_eq!(agent.line(), "PONG\r\n", "held agents still work");
     }
-    assert!(!read_log().contains("accept failed"), "{}", read_log());
+    assert!(
+        !proxy.stderr().contains("accept failed"),
+        "{}",
+        proxy.stderr()
+    );
 }
 
 /// Every row of docs/HOSTILE.md names a test that exists, and every case tried above has a row

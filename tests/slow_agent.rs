@@ -7,8 +7,6 @@ mod support;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::os::unix::fs::OpenOptionsExt;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,63 +28,6 @@ const FLOOD_TIME: Duration = Duration::from_secs(15);
 /// server gave up on the connection.
 const MAX_RSS: u64 = 64 << 20;
 
-/// The proxy binary as a child process, killed on drop.
-struct ProxyProc {
-    child: Child,
-    listen: String,
-}
-
-impl ProxyProc {
-    fn start(upstream: &str, kek: &std::path::Path) -> ProxyProc {
-        let listen = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_cipherbus"))
-            .args([
-                "run",
-                "--listen",
-                &listen,
-                "--upstream",
-                upstream,
-                "--kek-file",
-            ])
-            .arg(kek)
-            .env("CIPHERBUS_LOG", "error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the proxy");
-        let proxy = ProxyProc { child, listen };
-        let start = Instant::now();
-        while TcpStream::connect(&proxy.listen).is_err() {
-            assert!(
-                start.elapsed() < WAIT,
-                "the proxy listens on {}",
-                proxy.listen
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        proxy
-    }
-
-    /// Resident memory of the proxy process, from /proc.
-    fn rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
-    }
-}
-
-impl Drop for ProxyProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A raw agent: CONNECT sent and acknowledged by a PONG.
 struct Raw {
     stream: TcpStream,
@@ -94,7 +35,7 @@ struct Raw {
 }
 
 impl Raw {
-    fn connect(addr: &str, subs: &str) -> Raw {
+    fn connect(addr: std::net::SocketAddr, subs: &str) -> Raw {
         let stream = TcpStream::connect(addr).expect("connect to the proxy");
         stream.set_read_timeout(Some(WAIT)).unwrap();
         let mut raw = Raw {
@@ -142,18 +83,6 @@ impl Raw {
     }
 }
 
-fn kek_file(dir: &std::path::Path) -> std::path::PathBuf {
-    let path = dir.join("kek");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .unwrap();
-    writeln!(f, "{}", "42".repeat(32)).unwrap();
-    path
-}
-
 /// The server's `slow_consumers` total from `varz`, read as text.
 fn slow_consumers(server: &NatsServer) -> u64 {
     let varz = server.monitor("varz");
@@ -174,11 +103,15 @@ fn slow_consumers(server: &NatsServer) -> u64 {
 fn a_stuck_agent_becomes_the_servers_slow_consumer_and_proxy_memory_stays_bounded() {
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let proxy = ProxyProc::start(&server.url(), &kek_file(dir.path()));
+    let kek = write_kek(dir.path(), TEST_KEK);
+    let proxy = ProxyProcess::start(
+        run_command(env!("CARGO_BIN_EXE_cipherbus"), &kek, &[server.url()], None),
+        std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
+    );
 
-    let mut stuck = Raw::connect(&proxy.listen, "SUB flood 1\r\n");
+    let mut stuck = Raw::connect(proxy.listen, "SUB flood 1\r\n");
     // From here on the stuck agent reads nothing until the flood is over.
-    let mut publisher = Raw::connect(&proxy.listen, "");
+    let mut publisher = Raw::connect(proxy.listen, "");
     // The publisher's own socket is drained on the side, so only the stuck agent pushes back.
     let mut drain = publisher.reader.get_ref().try_clone().unwrap();
     let pongs = Arc::new(AtomicU64::new(0));
@@ -205,17 +138,10 @@ fn a_stuck_agent_becomes_the_servers_slow_consumer_and_proxy_memory_stays_bounde
     let peak = Arc::new(AtomicU64::new(baseline));
     let sampler = {
         let (sampling, peak) = (sampling.clone(), peak.clone());
-        let pid_status = format!("/proc/{}/status", proxy.child.id());
+        let pid = proxy.pid();
         std::thread::spawn(move || {
             while sampling.load(Ordering::Relaxed) {
-                if let Some(kb) = std::fs::read_to_string(&pid_status)
-                    .unwrap_or_default()
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                {
-                    peak.fetch_max(kb * 1024, Ordering::Relaxed);
-                }
+                peak.fetch_max(rss_of(pid), Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(10));
             }
         })
@@ -306,7 +232,7 @@ fn a_stuck_agent_becomes_the_servers_slow_consumer_and_proxy_memory_stays_bounde
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let mut fresh = Raw::connect(&proxy.listen, "SUB after.flood 5\r\n");
+    let mut fresh = Raw::connect(proxy.listen, "SUB after.flood 5\r\n");
     fresh.send(b"PUB after.flood 7\r\nhealthy\r\nPING\r\n");
     assert_eq!(fresh.until_pong(), "MSG after.flood 5 7\r\nhealthy\r\n");
 

@@ -413,6 +413,51 @@ pub async fn agent(p: &ProxyHandle) -> async_nats::Client {
         .expect("agent connects through the proxy")
 }
 
+/// Connection events an agent's client library reported, as async-nats prints them
+/// (`connected`, `disconnected`, `lame duck mode detected`, ...).
+#[derive(Clone, Default)]
+pub struct Events(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Events {
+    /// How many events were exactly `what`.
+    pub fn count(&self, what: &str) -> usize {
+        self.0.lock().unwrap().iter().filter(|e| *e == what).count()
+    }
+
+    /// Whether any event mentions `part`.
+    pub fn seen(&self, part: &str) -> bool {
+        self.0.lock().unwrap().iter().any(|e| e.contains(part))
+    }
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.lock().unwrap().iter())
+            .finish()
+    }
+}
+
+/// An async-nats agent called `name` (as the server lists it) that reconnects within 100 ms
+/// and records its connection events.
+pub async fn watched_agent(url: &str, name: &str) -> (async_nats::Client, Events) {
+    let events = Events::default();
+    let sink = events.clone();
+    let client = async_nats::ConnectOptions::new()
+        .name(name)
+        .reconnect_delay_callback(|_| Duration::from_millis(100))
+        .event_callback(move |e| {
+            let sink = sink.clone();
+            async move {
+                sink.0.lock().unwrap().push(e.to_string());
+            }
+        })
+        .connect(url)
+        .await
+        .expect("agent connects through the proxy");
+    (client, events)
+}
+
 /// An async-nats client straight to the server: the raw bus observer.
 pub async fn observer(server: &NatsServer) -> async_nats::Client {
     async_nats::connect(server.url())
@@ -561,36 +606,35 @@ pub async fn cipherbus_cli(bin: &str, args: Vec<std::ffi::OsString>) -> std::pro
     .expect("join")
 }
 
-/// `cipherbus run` as a child process, for what only a process shows: its file descriptors,
-/// its memory, its exit code. Killed on drop; its stderr is collected as it comes.
-pub struct ProxyProcess {
+/// Resident memory of process `pid` in bytes, from /proc; 0 once it is gone.
+pub fn rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// A child process killed (and reaped) on drop, whatever path the test takes. Its stderr is
+/// collected as it comes, so a process still running can have its logs read.
+pub struct Spawned {
     child: Child,
-    pub listen: SocketAddr,
-    pub admin: SocketAddr,
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    /// Drains stderr; joined once the process exits, so everything it wrote is collected.
     reader: Option<std::thread::JoinHandle<()>>,
 }
 
-impl ProxyProcess {
-    /// Spawns `cmd` (a `cipherbus run` command without `--listen` and `--admin`) on `listen`,
-    /// with the admin endpoint on a free port. Does not wait for it to listen.
-    pub fn spawn(mut cmd: Command, listen: SocketAddr) -> Self {
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+impl Spawned {
+    /// Spawns `cmd` with stdin closed and stderr collected (and echoed when `CIPHERBUS_LOG` is
+    /// set for the test run); stdout is left as `cmd` sets it.
+    pub fn spawn(cmd: &mut Command) -> Self {
         let mut child = cmd
-            .arg("--listen")
-            .arg(listen.to_string())
-            .arg("--admin")
-            .arg(admin.to_string())
             .env("NO_COLOR", "1")
-            .env(
-                "CIPHERBUS_LOG",
-                std::env::var("CIPHERBUS_LOG").unwrap_or_else(|_| "info,async_nats=warn".into()),
-            )
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn cipherbus");
+            .expect("spawn the child process");
         let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let mut pipe = child.stderr.take().expect("stderr piped");
         let sink = stderr.clone();
@@ -607,12 +651,131 @@ impl ProxyProcess {
                 sink.lock().unwrap().push_str(&text);
             }
         });
-        ProxyProcess {
+        Spawned {
             child,
-            listen,
-            admin,
             stderr,
             reader: Some(reader),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Everything on stdout (when piped), read to its end.
+    pub fn stdout(&mut self) -> String {
+        let mut out = String::new();
+        if let Some(mut pipe) = self.child.stdout.take() {
+            let _ = pipe.read_to_string(&mut out);
+        }
+        out
+    }
+
+    /// Polls the collected stderr until a line satisfies `f`.
+    pub fn wait_log(&self, timeout: Duration, f: impl Fn(&str) -> bool) -> Option<String> {
+        let start = Instant::now();
+        loop {
+            if let Some(line) = self.stderr().lines().find(|l| f(l)) {
+                return Some(line.to_owned());
+            }
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Open file descriptors of the process.
+    pub fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Resident memory of the process in bytes.
+    pub fn rss(&self) -> u64 {
+        rss_of(self.pid())
+    }
+
+    /// Waits for the process to exit on its own; `None` if it still runs after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // The pipe closed with the process: wait until its last bytes are read.
+                if let Some(reader) = self.reader.take() {
+                    let _ = reader.join();
+                }
+                return Some(status);
+            }
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the process (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `cipherbus run` as a child process, for what only a process shows: its file descriptors,
+/// its memory, its exit code. The process itself (stderr, `wait_exit`, `kill`, ...) is reached
+/// through [`Spawned`].
+pub struct ProxyProcess {
+    process: Spawned,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl std::ops::Deref for ProxyProcess {
+    type Target = Spawned;
+    fn deref(&self) -> &Spawned {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for ProxyProcess {
+    fn deref_mut(&mut self) -> &mut Spawned {
+        &mut self.process
+    }
+}
+
+impl ProxyProcess {
+    /// Spawns `cmd` (a `cipherbus run` command without `--listen` and `--admin`) on `listen`,
+    /// with the admin endpoint on a free port. Does not wait for it to listen.
+    pub fn spawn(mut cmd: Command, listen: SocketAddr) -> Self {
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let process = Spawned::spawn(
+            cmd.arg("--listen")
+                .arg(listen.to_string())
+                .arg("--admin")
+                .arg(admin.to_string())
+                .env(
+                    "CIPHERBUS_LOG",
+                    std::env::var("CIPHERBUS_LOG")
+                        .unwrap_or_else(|_| "info,async_nats=warn".into()),
+                )
+                .stdout(Stdio::null()),
+        );
+        ProxyProcess {
+            process,
+            listen,
+            admin,
         }
     }
 
@@ -635,14 +798,6 @@ impl ProxyProcess {
         format!("nats://{}", self.listen)
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
     /// The value of one metric series (`name{labels}`) from `/metrics`, or `None`.
     pub fn metric(&self, series: &str) -> Option<f64> {
         http_get(self.admin, "/metrics")?.lines().find_map(|l| {
@@ -652,52 +807,6 @@ impl ProxyProcess {
                 .parse()
                 .ok()
         })
-    }
-
-    /// Open file descriptors of the proxy process.
-    pub fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .map(|d| d.count())
-            .unwrap_or(0)
-    }
-
-    /// Resident memory of the proxy process in bytes.
-    pub fn rss(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
-    }
-
-    /// Waits for the process to exit on its own; `None` if it still runs after `timeout`.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                if let Some(reader) = self.reader.take() {
-                    let _ = reader.join();
-                }
-                return Some(status);
-            }
-            if start.elapsed() > timeout {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Kills the proxy (SIGKILL) and reaps it.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
