@@ -95,6 +95,12 @@ impl Snapshot {
     pub fn unsaved(&self) -> impl Iterator<Item = u32> + '_ {
         self.unsaved.iter().map(|k| k.epoch)
     }
+
+    /// The unsaved keys other than `epoch`'s.
+    fn unsaved_except(&self, epoch: u32) -> Vec<Arc<EpochKey>> {
+        let keep = self.unsaved.iter().filter(|k| k.epoch != epoch);
+        keep.cloned().collect()
+    }
 }
 
 /// Keys held unsaved at most: a disk that stays full through more rotations than this keeps
@@ -633,12 +639,7 @@ impl Keyring {
             generation: prev.generation + 1,
             active: prev.active.clone(),
             staged,
-            unsaved: prev
-                .unsaved
-                .iter()
-                .filter(|k| k.epoch != epoch)
-                .cloned()
-                .collect(),
+            unsaved: prev.unsaved_except(epoch),
             states: Arc::new(states),
         }));
         *records = next;
@@ -654,12 +655,7 @@ impl Keyring {
         if prev.unsaved.iter().any(|k| k.epoch == key.epoch) {
             return;
         }
-        let mut unsaved: Vec<_> = prev
-            .unsaved
-            .iter()
-            .filter(|k| k.epoch != key.epoch)
-            .cloned()
-            .collect();
+        let mut unsaved = prev.unsaved.clone();
         tracing::warn!(
             epoch = key.epoch,
             "a key that could not be persisted is held in memory to open only until it can be"
@@ -728,12 +724,7 @@ impl Keyring {
                 generation: prev.generation + 1,
                 active: prev.active.clone(),
                 staged: prev.staged.clone(),
-                unsaved: prev
-                    .unsaved
-                    .iter()
-                    .filter(|k| k.epoch != epoch)
-                    .cloned()
-                    .collect(),
+                unsaved: prev.unsaved_except(epoch),
                 states: prev.states.clone(),
             }));
             if !records.epochs.iter().any(|r| r.epoch == epoch) {
