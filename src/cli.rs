@@ -550,7 +550,8 @@ fn ask_authority(
     for entry in &raw {
         for url in entry.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let u = crate::config::parse_upstream(url).map_err(|e| fail(&e))?;
-            upstreams.push(format!("nats://{u}"));
+            let scheme = if u.tls { "tls" } else { "nats" };
+            upstreams.push(format!("{scheme}://{u}"));
         }
     }
     let root = KekFile(args.kek_file).load().map_err(|e| fail(&e))?;

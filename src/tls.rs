@@ -303,6 +303,16 @@ impl UpstreamFiles {
     }
 
     pub fn load(&self) -> Result<UpstreamTls, TlsError> {
+        Ok(UpstreamTls {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(self.client_config()?)),
+            server_name: self.server_name.clone(),
+            first: self.first,
+        })
+    }
+
+    /// The rustls client configuration for every connection to the upstream: sessions, the
+    /// control plane and the operator commands.
+    fn client_config(&self) -> Result<ClientConfig, TlsError> {
         // No built-in roots: the operator names the CA that signs the upstream's certificate.
         let roots = match &self.ca {
             Some(ca) => roots(ca)?,
@@ -310,8 +320,25 @@ impl UpstreamFiles {
         };
         let builder = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Rustls(e.to_string()))?
-            .with_root_certificates(roots);
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        let builder = match &self.server_name {
+            // Clients that derive the verified name from the URL (the NATS client of the
+            // control plane) are held to the configured name by the verifier itself. Without
+            // roots every handshake fails anyway, and the verifier cannot be built.
+            Some(name) if !roots.is_empty() => {
+                let name = ServerName::try_from(name.clone()).map_err(|_| {
+                    TlsError::Rustls(format!("{name:?} is not a valid TLS server name"))
+                })?;
+                let inner =
+                    rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+                        .build()
+                        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(NamedVerifier { inner, name }))
+            }
+            _ => builder.with_root_certificates(roots),
+        };
         let config = match (&self.cert, &self.key) {
             (Some(cert), Some(key_path)) => {
                 let chain = certs("upstream certificate file", cert)?;
@@ -330,11 +357,51 @@ impl UpstreamFiles {
                 ))
             }
         };
-        Ok(UpstreamTls {
-            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
-            server_name: self.server_name.clone(),
-            first: self.first,
-        })
+        Ok(config)
+    }
+}
+
+/// Verifies the upstream's certificate for the configured `server_name`, whatever name the
+/// client asked for; everything else is the standard WebPKI verification.
+#[derive(Debug)]
+struct NamedVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    name: ServerName<'static>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for NamedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _asked_for: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 
@@ -348,18 +415,22 @@ impl std::fmt::Debug for UpstreamTls {
 }
 
 impl UpstreamFiles {
-    /// The same settings for an async-nats client (the control connection).
-    pub fn apply(&self, mut opts: async_nats::ConnectOptions) -> async_nats::ConnectOptions {
-        if let Some(ca) = &self.ca {
-            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
-        }
-        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
-            opts = opts.add_client_certificate(cert.clone(), key.clone());
+    /// The same settings for an async-nats client (the control plane and the operator
+    /// commands): the same rustls configuration as the sessions, so no system root is trusted
+    /// and `server_name` is the name verified, and TLS is required whenever anything is
+    /// configured, as it is for sessions.
+    pub fn apply(
+        &self,
+        mut opts: async_nats::ConnectOptions,
+    ) -> Result<async_nats::ConnectOptions, TlsError> {
+        opts = opts.tls_client_config(self.client_config()?);
+        if self.configured() {
+            opts = opts.require_tls(true);
         }
         if self.first {
             opts = opts.tls_first();
         }
-        opts
+        Ok(opts)
     }
 }
 

@@ -51,11 +51,23 @@ impl Pki {
         self.path("ca.pem")
     }
 
-    /// Issues a certificate; returns (cert file, key file).
+    /// Issues a certificate for `localhost` and `127.0.0.1`; returns (cert file, key file).
     fn issue(&self, name: &str, serial: u64, client: bool, expired: bool) -> (PathBuf, PathBuf) {
+        self.issue_for(&["localhost", "127.0.0.1"], name, serial, client, expired)
+    }
+
+    /// Issues a certificate valid for `hosts` only.
+    fn issue_for(
+        &self,
+        hosts: &[&str],
+        name: &str,
+        serial: u64,
+        client: bool,
+        expired: bool,
+    ) -> (PathBuf, PathBuf) {
         let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        let hosts = hosts.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>();
+        let mut params = CertificateParams::new(hosts).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
         params.serial_number = Some(SerialNumber::from(serial));
         params.extended_key_usages = vec![if client {
@@ -766,4 +778,83 @@ async fn a_stalled_tls_handshake_is_closed() {
             "{what}: closed after {took:?}, bound {bound:?}"
         );
     }
+}
+
+/// The control plane (the authority's and each proxy's connection, and the operator's commands)
+/// verifies the upstream exactly as sessions do: against the configured CA only, and for
+/// `--upstream-server-name` when one is set, not the host in the URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_verifies_the_configured_server_name() {
+    let pki = Pki::new();
+    let (cert, key) = pki.issue_for(&["nats.internal"], "named-nats", 200, false, false);
+    let server = NatsServer::start_core(&format!(
+        "tls {{\n cert_file: {:?}\n key_file: {:?}\n}}\n",
+        cert.display().to_string(),
+        key.display().to_string()
+    ));
+    let url = format!("nats://127.0.0.1:{}", server.port);
+    let state = tempfile::tempdir().unwrap();
+    let file: FileConfig =
+        toml::from_str("[rotation]\nheartbeat_every = \"200ms\"\nstage_timeout = \"5s\"\n")
+            .unwrap();
+    let config = file
+        .resolve(Overrides {
+            listen: Some("127.0.0.1:0".into()),
+            upstream: vec![url.clone()],
+            kek_file: Some("unused".into()),
+            state_dir: Some(state.path().to_path_buf()),
+            controller: true,
+            upstream_ca: Some(pki.ca_file()),
+            upstream_server_name: Some("nats.internal".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    init_logs();
+    let p = cipherbus::server::start(config, RootKey::from_bytes(TEST_KEK))
+        .await
+        .unwrap();
+    let kek = write_kek(state.path(), TEST_KEK);
+    let rotate = |name: Option<&str>| {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "rotate".into(),
+            "--timeout".into(),
+            "20s".into(),
+            "--upstream".into(),
+            url.clone().into(),
+            "--kek-file".into(),
+            kek.clone().into(),
+            "--upstream-ca".into(),
+            pki.ca_file().into(),
+        ];
+        if let Some(name) = name {
+            args.extend(["--upstream-server-name".into(), name.into()]);
+        }
+        cipherbus_cli(env!("CARGO_BIN_EXE_cipherbus"), args)
+    };
+
+    // The URL's host is not in the certificate: without the name the command cannot connect.
+    let out = rotate(None).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("cannot reach the bus"), "{stderr}");
+    assert_eq!(p.keyring.snapshot().active.epoch, 1);
+
+    // With it, the command reaches the authority, whose own control connection (and the
+    // proxy's) verified the same name, and the rotation completes.
+    let out = rotate(Some("nats.internal")).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("epoch 2 is active"));
+    assert!(
+        eventually(Duration::from_secs(10), || p
+            .keyring
+            .snapshot()
+            .active
+            .epoch
+            == 2)
+        .await
+    );
 }

@@ -124,8 +124,15 @@ pub async fn run(
             return;
         }
     };
+    let opts = match cfg.tls.apply(async_nats::ConnectOptions::new()) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!(error = %e, "key authority not started");
+            return;
+        }
+    };
     let client = tokio::select! {
-        c = cfg.tls.apply(async_nats::ConnectOptions::new())
+        c = opts
             .name("cipherbus-authority")
             .retry_on_initial_connect()
             .connect(upstreams) => c,
@@ -743,6 +750,7 @@ pub async fn request(
     crate::tls::install_default_provider();
     let client = tls
         .apply(async_nats::ConnectOptions::new())
+        .map_err(|e| e.to_string())?
         .name("cipherbus-cli")
         .connect(upstreams)
         .await

@@ -343,9 +343,16 @@ pub async fn run(
             return;
         }
     };
+    let opts = match tls.apply(async_nats::ConnectOptions::new()) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!(error = %e, "control plane disabled");
+            return;
+        }
+    };
     let (reconnected_tx, mut reconnected) = tokio::sync::mpsc::channel::<()>(1);
     let client = tokio::select! {
-        c = tls.apply(async_nats::ConnectOptions::new())
+        c = opts
             .name("cipherbus-control")
             .retry_on_initial_connect()
             .event_callback(move |event| {
