@@ -1,4 +1,5 @@
-//! The command line: `cipherbus keygen` and `cipherbus run`.
+//! The command line: `keygen`, `run`, `controller`, `rotate`, `keys`, `revoke`, `audit` and
+//! `bench`.
 //!
 //! This module owns argument parsing, logging setup and exit codes. Startup errors (bad config,
 //! bad key file, bad address) print one sentence and exit with code 2.

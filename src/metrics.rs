@@ -22,6 +22,7 @@ pub const OPEN_FAILURE_REASONS: &[&str] = &[
     "suite",
     "flags",
     "embedded",
+    "key_unavailable",
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
