@@ -10,7 +10,7 @@ mod support;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cipherbus::config::{FileConfig, Overrides};
@@ -153,23 +153,26 @@ async fn proxy_to(url: &str) -> ProxyHandle {
         .expect("proxy starts")
 }
 
-/// A bare nats-server (no JetStream) started with command-line flags, killed on drop.
+/// A bare nats-server (no JetStream) started with command-line flags, killed on drop (by
+/// [`Spawned`]).
 struct Node {
-    child: Child,
+    _process: Spawned,
     port: u16,
 }
 
 impl Node {
     fn start(args: &[String]) -> Node {
         let port = free_port();
-        let child = Command::new(nats_server_bin())
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server");
-        let node = Node { child, port };
+        let process = Spawned::spawn(
+            Command::new(nats_server_bin())
+                .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+                .args(args)
+                .stdout(Stdio::null()),
+        );
+        let node = Node {
+            _process: process,
+            port,
+        };
         let start = Instant::now();
         while TcpStream::connect(node.addr()).is_err() {
             assert!(start.elapsed() < WAIT, "nats-server listens on {port}");
@@ -180,13 +183,6 @@ impl Node {
 
     fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
