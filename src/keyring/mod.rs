@@ -101,6 +101,17 @@ impl Snapshot {
         let keep = self.unsaved.iter().filter(|k| k.epoch != epoch);
         keep.cloned().collect()
     }
+
+    /// The next snapshot: this one with other unsaved keys.
+    fn with_unsaved(&self, unsaved: Vec<Arc<EpochKey>>) -> Snapshot {
+        Snapshot {
+            generation: self.generation + 1,
+            active: self.active.clone(),
+            staged: self.staged.clone(),
+            unsaved,
+            states: self.states.clone(),
+        }
+    }
 }
 
 /// Keys held unsaved at most: a disk that stays full through more rotations than this keeps
@@ -665,13 +676,7 @@ impl Keyring {
         if unsaved.len() > MAX_UNSAVED {
             unsaved.drain(..unsaved.len() - MAX_UNSAVED);
         }
-        self.current.store(Arc::new(Snapshot {
-            generation: prev.generation + 1,
-            active: prev.active.clone(),
-            staged: prev.staged.clone(),
-            unsaved,
-            states: prev.states.clone(),
-        }));
+        self.current.store(Arc::new(prev.with_unsaved(unsaved)));
     }
 
     /// Makes a staged epoch the one that seals; the old active epoch becomes retired.
@@ -718,22 +723,16 @@ impl Keyring {
     /// The active epoch cannot be destroyed; activate another one first.
     pub fn destroy(&self, epoch: u32) -> Result<(), KeyringError> {
         let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        // An unsaved key is never among the records: dropping it from memory is the whole job,
+        // but its wrapped copy may have been written before the state file failed.
         let prev = self.current.load();
         if prev.unsaved.iter().any(|k| k.epoch == epoch) {
-            self.current.store(Arc::new(Snapshot {
-                generation: prev.generation + 1,
-                active: prev.active.clone(),
-                staged: prev.staged.clone(),
-                unsaved: prev.unsaved_except(epoch),
-                states: prev.states.clone(),
-            }));
-            if !records.epochs.iter().any(|r| r.epoch == epoch) {
-                // Its wrapped copy may have been written before the state file failed.
-                if let Some(s) = &self.store {
-                    s.shred(epoch)?;
-                }
-                return Ok(());
+            self.current
+                .store(Arc::new(prev.with_unsaved(prev.unsaved_except(epoch))));
+            if let Some(s) = &self.store {
+                s.shred(epoch)?;
             }
+            return Ok(());
         }
         drop(prev);
         let mut next = records.clone();
