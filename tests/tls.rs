@@ -522,6 +522,15 @@ fn bad_certificates_fail_at_startup_with_one_sentence() {
             "no valid PEM",
         ),
         (vec!["--upstream-ca".into(), s(&garbage)], "no valid PEM"),
+        (
+            vec![
+                "--upstream-ca".into(),
+                s(&pki.ca_file()),
+                "--upstream-server-name".into(),
+                "not a name".into(),
+            ],
+            "not a valid TLS server name",
+        ),
     ];
     for (args, needle) in cases {
         let mut full: Vec<String> = vec!["run".into(), "--listen".into(), "127.0.0.1:0".into()];
@@ -664,13 +673,10 @@ async fn rotation_works_with_tls_on_both_sides() {
         "--upstream-key".into(),
         cli_key.into(),
     ];
-    let out = cipherbus_cli(env!("CARGO_BIN_EXE_cipherbus"), args).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    assert_rotated_to(
+        2,
+        &cipherbus_cli(env!("CARGO_BIN_EXE_cipherbus"), args).await,
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("epoch 2 is active"));
     assert!(
         eventually(Duration::from_secs(10), || pa
             .keyring
@@ -780,6 +786,20 @@ async fn a_stalled_tls_handshake_is_closed() {
     }
 }
 
+/// `cipherbus rotate` succeeded and reported `epoch` active.
+fn assert_rotated_to(epoch: u32, out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("epoch {epoch} is active")),
+        "{stdout}"
+    );
+}
+
 /// The control plane (the authority's and each proxy's connection, and the operator's commands)
 /// verifies the upstream exactly as sessions do: against the configured CA only, and for
 /// `--upstream-server-name` when one is set, not the host in the URL.
@@ -841,13 +861,7 @@ async fn the_control_plane_verifies_the_configured_server_name() {
 
     // With it, the command reaches the authority, whose own control connection (and the
     // proxy's) verified the same name, and the rotation completes.
-    let out = rotate(Some("nats.internal")).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("epoch 2 is active"));
+    assert_rotated_to(2, &rotate(Some("nats.internal")).await);
     assert!(
         eventually(Duration::from_secs(10), || p
             .keyring
