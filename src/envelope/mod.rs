@@ -19,6 +19,7 @@ mod aead;
 mod error;
 mod kdf;
 mod keys;
+mod multi;
 mod open;
 mod seal;
 mod wrap;
