@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
-use cipherbus::envelope::{DataKey, Header, Opener, Sealer, OVERHEAD};
+use cipherbus::envelope::{Batch, DataKey, Header, Opener, Sealer, OVERHEAD};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 const SIZES: [usize; 4] = [128, 1024, 16 * 1024, 64 * 1024];
@@ -65,6 +65,75 @@ fn open(c: &mut Criterion) {
     g.finish();
 }
 
+/// Messages per batch in the batched benches: what one 32 KiB read holds at 512 B.
+const BATCH: usize = 64;
+const BATCH_SIZES: [usize; 3] = [128, 1024, 4000];
+
+/// Sealing `BATCH` messages queued together and finished in one pass, as a session does
+/// with the messages of one read. Throughput counts all of them.
+fn seal_batch(c: &mut Criterion) {
+    let key = DataKey::from_bytes([7; 32]);
+    let mut g = c.benchmark_group("seal_batch64");
+    for size in BATCH_SIZES {
+        let pt = payload(size);
+        let mut sealer = Sealer::new(1, &key).expect("random prefix");
+        let mut batch = Batch::default();
+        let mut out = BytesMut::with_capacity(BATCH * (size + OVERHEAD));
+        g.throughput(Throughput::Bytes((BATCH * size) as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(size), &pt, |b, pt| {
+            b.iter(|| {
+                out.clear();
+                for _ in 0..BATCH {
+                    sealer
+                        .seal_deferred(Some(SUBJECT), black_box(pt), &mut out, &mut batch)
+                        .expect("queued");
+                }
+                batch.seal(&mut out).expect("sealed");
+                black_box(&out);
+            })
+        });
+    }
+    g.finish();
+}
+
+/// Opening `BATCH` envelopes in one pass.
+fn open_batch(c: &mut Criterion) {
+    let key = DataKey::from_bytes([7; 32]);
+    let mut g = c.benchmark_group("open_batch64");
+    for size in BATCH_SIZES {
+        let mut sealer = Sealer::new(1, &key).expect("random prefix");
+        let envs: Vec<BytesMut> = (0..BATCH)
+            .map(|_| {
+                let mut env = BytesMut::new();
+                sealer
+                    .seal_into(Some(SUBJECT), &payload(size), &mut env)
+                    .expect("seal");
+                env
+            })
+            .collect();
+        let mut opener = Opener::new();
+        let mut batch = Batch::default();
+        let mut out = BytesMut::with_capacity(BATCH * size);
+        g.throughput(Throughput::Bytes((BATCH * size) as u64));
+        g.bench_function(BenchmarkId::from_parameter(size), |b| {
+            b.iter(|| {
+                out.clear();
+                for env in &envs {
+                    let header = Header::parse(black_box(env)).expect("header");
+                    opener
+                        .open_deferred(&key, &header, env, SUBJECT, false, &mut out, &mut batch)
+                        .expect("queued");
+                }
+                let mut refused = 0;
+                batch.open(&mut out, |_| refused += 1);
+                assert_eq!(refused, 0);
+                black_box(&out);
+            })
+        });
+    }
+    g.finish();
+}
+
 /// RustCrypto XChaCha20-Poly1305 sealing the same sizes with a 45-byte AAD
 /// (header plus subject), for comparison.
 fn rustcrypto_baseline(c: &mut Criterion) {
@@ -92,6 +161,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = seal, open, rustcrypto_baseline
+    targets = seal, open, seal_batch, open_batch, rustcrypto_baseline
 }
 criterion_main!(benches);

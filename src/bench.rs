@@ -466,7 +466,7 @@ async fn throughput(
                 if per_pub.map_or(Instant::now() >= deadline, |n| mine >= n) {
                     break;
                 }
-                if mine % 64 == 0 {
+                if mine.is_multiple_of(64) {
                     // Keep the slowest subscriber within the window.
                     loop {
                         let slowest = received
@@ -730,7 +730,7 @@ fn human_rate(r: f64) -> String {
 }
 
 fn human_size(n: usize) -> String {
-    if n >= 1024 && n % 1024 == 0 {
+    if n >= 1024 && n.is_multiple_of(1024) {
         format!("{} KiB", n / 1024)
     } else {
         format!("{n} B")

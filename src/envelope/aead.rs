@@ -51,6 +51,8 @@ pub(crate) struct PrefixCipher {
     /// Kept to key the long-message context when it is first needed.
     subkey: Zeroizing<[u8; 32]>,
     large: Option<CipherCtx>,
+    /// Names this subkey in a [`super::multi::Batch`].
+    id: u64,
 }
 
 /// Messages at least this long go to OpenSSL, shorter ones to aws-lc.
@@ -74,7 +76,18 @@ impl PrefixCipher {
             small: LessSafeKey::new(unbound),
             subkey,
             large: None,
+            id: super::multi::next_key_id(),
         })
+    }
+
+    /// The subkey's process-unique name, for [`super::multi::Batch`].
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The subkey itself, for [`super::multi::Batch`], which zeroizes its copy.
+    pub(crate) fn subkey(&self) -> &[u8; 32] {
+        &self.subkey
     }
 
     /// The long-message context, keyed on first use.

@@ -12,6 +12,7 @@ use bytes::BytesMut;
 
 use super::aead::{split_nonce, PrefixCipher, PREFIX_LEN};
 use super::keys::DataKey;
+use super::multi::{Batch, BATCH_BELOW};
 use super::{EnvelopeError, Header, HEADER_LEN, OVERHEAD, TAG_LEN};
 
 /// Subkeys an [`Opener`] keeps by default: enough for a connection that
@@ -83,21 +84,9 @@ impl Opener {
         allow_unbound: bool,
         out: &mut BytesMut,
     ) -> Result<(), EnvelopeError> {
-        header.validate()?;
-        if envelope.len() < OVERHEAD {
-            return Err(EnvelopeError::Truncated);
-        }
-        let wire_header = &envelope[..HEADER_LEN];
-        if header.encode()[..] != *wire_header {
-            return Err(EnvelopeError::HeaderMismatch);
-        }
-        let bound = header.subject_bound();
-        if !bound && !allow_unbound {
-            return Err(EnvelopeError::Unbound);
-        }
-
+        let bound = Self::check(header, envelope, allow_unbound)?;
         self.aad.clear();
-        self.aad.extend_from_slice(wire_header);
+        self.aad.extend_from_slice(&envelope[..HEADER_LEN]);
         if bound {
             self.aad.extend_from_slice(subject);
         }
@@ -117,6 +106,63 @@ impl Opener {
                 Err(e)
             }
         }
+    }
+
+    /// [`Opener::open_into`] with the AEAD left to `batch`: every check but the tag is
+    /// made here, the ciphertext is appended to `out` where the plaintext goes, and the
+    /// message is queued. [`Batch::open`] over `out` then verifies and decrypts every queued
+    /// message at once, and names those that fail (their bytes zeroed); until it has, `out`
+    /// holds ciphertext. Envelopes of [`BATCH_BELOW`] bytes of plaintext or more are opened
+    /// at once, as by `open_into`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn open_deferred(
+        &mut self,
+        key: &DataKey,
+        header: &Header,
+        envelope: &[u8],
+        subject: &[u8],
+        allow_unbound: bool,
+        out: &mut BytesMut,
+        batch: &mut Batch,
+    ) -> Result<(), EnvelopeError> {
+        if envelope.len() >= BATCH_BELOW + OVERHEAD {
+            return self.open_into(key, header, envelope, subject, allow_unbound, out);
+        }
+        let bound = Self::check(header, envelope, allow_unbound)?;
+        let (prefix, tail) = split_nonce(&header.nonce);
+        self.promote(key, header.epoch, &prefix)?;
+        let cipher = &self.cache[0].cipher;
+        let tag_at = envelope.len() - TAG_LEN;
+        let mut expected = [0u8; TAG_LEN];
+        expected.copy_from_slice(&envelope[tag_at..]);
+        let start = out.len();
+        out.extend_from_slice(&envelope[HEADER_LEN..tag_at]);
+        let aad = [&envelope[..HEADER_LEN], if bound { subject } else { &[] }];
+        batch.push_open(
+            cipher.id(),
+            cipher.subkey(),
+            tail,
+            aad,
+            start..out.len(),
+            expected,
+        );
+        Ok(())
+    }
+
+    /// The checks before the AEAD; returns whether the subject is in the AAD.
+    fn check(header: &Header, envelope: &[u8], allow_unbound: bool) -> Result<bool, EnvelopeError> {
+        header.validate()?;
+        if envelope.len() < OVERHEAD {
+            return Err(EnvelopeError::Truncated);
+        }
+        if header.encode()[..] != envelope[..HEADER_LEN] {
+            return Err(EnvelopeError::HeaderMismatch);
+        }
+        let bound = header.subject_bound();
+        if !bound && !allow_unbound {
+            return Err(EnvelopeError::Unbound);
+        }
+        Ok(bound)
     }
 
     /// Puts the cipher for (key, epoch, prefix) at the front of the cache,

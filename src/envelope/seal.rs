@@ -11,9 +11,10 @@ use bytes::BytesMut;
 
 use super::aead::{PrefixCipher, PREFIX_LEN};
 use super::keys::DataKey;
+use super::multi::{Batch, BATCH_BELOW};
 use super::{
     EnvelopeError, Header, FLAG_SUBJECT_BOUND, HEADER_LEN, OVERHEAD, SUITE_XCHACHA20_POLY1305,
-    VERSION_1,
+    TAG_LEN, VERSION_1,
 };
 
 /// Seals payloads under one data key with nonces `prefix || counter`.
@@ -81,27 +82,7 @@ impl Sealer {
         plaintext: &[u8],
         out: &mut BytesMut,
     ) -> Result<(), EnvelopeError> {
-        // The last counter value is never used, so `counter + 1` cannot wrap.
-        if self.counter == u64::MAX {
-            return Err(EnvelopeError::NonceExhausted);
-        }
-        let tail = self.counter.to_be_bytes();
-        let mut nonce = [0u8; 24];
-        nonce[..PREFIX_LEN].copy_from_slice(&self.prefix);
-        nonce[PREFIX_LEN..].copy_from_slice(&tail);
-        let header = Header {
-            version: VERSION_1,
-            suite: SUITE_XCHACHA20_POLY1305,
-            flags: if subject.is_some() {
-                FLAG_SUBJECT_BOUND
-            } else {
-                0
-            },
-            epoch: self.epoch,
-            nonce,
-        }
-        .encode();
-
+        let (tail, header) = self.next_header(subject)?;
         self.aad.clear();
         self.aad.extend_from_slice(&header);
         if let Some(s) = subject {
@@ -126,6 +107,70 @@ impl Sealer {
                 Err(e)
             }
         }
+    }
+
+    /// [`Sealer::seal_into`] with the AEAD left to `batch`: appends the envelope with the
+    /// plaintext where the ciphertext goes and room for the tag, and queues it.
+    /// [`Batch::seal`] over `out` then finishes every queued envelope at once; until it has,
+    /// `out` holds plaintext and must not be sent. Payloads of [`BATCH_BELOW`] bytes or
+    /// more are sealed at once, as by `seal_into`.
+    pub fn seal_deferred(
+        &mut self,
+        subject: Option<&[u8]>,
+        plaintext: &[u8],
+        out: &mut BytesMut,
+        batch: &mut Batch,
+    ) -> Result<(), EnvelopeError> {
+        if plaintext.len() >= BATCH_BELOW {
+            return self.seal_into(subject, plaintext, out);
+        }
+        let (tail, header) = self.next_header(subject)?;
+        let start = out.len() + HEADER_LEN;
+        out.reserve(plaintext.len() + OVERHEAD);
+        out.extend_from_slice(&header);
+        out.extend_from_slice(plaintext);
+        out.extend_from_slice(&[0; TAG_LEN]);
+        let text = start..start + plaintext.len();
+        let aad = [&header[..], subject.unwrap_or_default()];
+        let tag_at = text.end;
+        batch.push_seal(
+            self.cipher.id(),
+            self.cipher.subkey(),
+            tail,
+            aad,
+            text,
+            tag_at,
+        );
+        self.counter += 1;
+        Ok(())
+    }
+
+    /// The nonce tail and header for the next message; does not advance the counter.
+    fn next_header(
+        &self,
+        subject: Option<&[u8]>,
+    ) -> Result<([u8; 8], [u8; HEADER_LEN]), EnvelopeError> {
+        // The last counter value is never used, so `counter + 1` cannot wrap.
+        if self.counter == u64::MAX {
+            return Err(EnvelopeError::NonceExhausted);
+        }
+        let tail = self.counter.to_be_bytes();
+        let mut nonce = [0u8; 24];
+        nonce[..PREFIX_LEN].copy_from_slice(&self.prefix);
+        nonce[PREFIX_LEN..].copy_from_slice(&tail);
+        let header = Header {
+            version: VERSION_1,
+            suite: SUITE_XCHACHA20_POLY1305,
+            flags: if subject.is_some() {
+                FLAG_SUBJECT_BOUND
+            } else {
+                0
+            },
+            epoch: self.epoch,
+            nonce,
+        }
+        .encode();
+        Ok((tail, header))
     }
 }
 

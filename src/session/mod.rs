@@ -655,6 +655,11 @@ where
             }
         }
         drop(snap);
+        if let Err(e) = outbound.finish(&mut out) {
+            // `out` holds plaintext where ciphertext goes: it is never sent.
+            tracing::error!(error = %e, "cannot seal; closing the session");
+            return End::Fatal;
+        }
         outbound.flush_metrics(metrics);
         if !out.is_empty() {
             if let Err(e) = up_w.write_all(&out).await {
@@ -712,6 +717,7 @@ where
                         // A newer epoch than any known: its announcement may still be on its
                         // way. Hold this connection's delivery briefly instead of dropping.
                         drop(snap);
+                        inbound.finish(&mut out, metrics);
                         if !out.is_empty() {
                             if let Err(e) = agent_w.write_all(&out).await {
                                 return End::Io(e);
@@ -762,6 +768,7 @@ where
                 }
             }
         }
+        inbound.finish(&mut out, metrics);
         inbound.flush_metrics(metrics);
         if !out.is_empty() {
             if let Err(e) = agent_w.write_all(&out).await {

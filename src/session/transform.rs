@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::envelope::{self, Header, Opener, Sealer, OVERHEAD};
+use crate::envelope::{self, Batch, Header, Opener, Sealer, OVERHEAD};
 use crate::keyring::{Keyring, Snapshot};
 use crate::metrics::Metrics;
 use crate::policy::{Decision, Mode, Policy};
@@ -165,6 +165,8 @@ struct Tally {
 pub struct Outbound {
     cache: PolicyCache,
     sealer: Option<Sealer>,
+    /// Envelopes of this read batch waiting for their AEAD; see [`Outbound::finish`].
+    batch: Batch,
     generation: u64,
     tally: Tally,
     /// `-ERR` texts for the agent, drained by the caller.
@@ -182,6 +184,7 @@ impl Outbound {
         Outbound {
             cache: PolicyCache::default(),
             sealer: None,
+            batch: Batch::default(),
             generation: u64::MAX,
             tally: Tally::default(),
             notices: Vec::new(),
@@ -194,9 +197,27 @@ impl Outbound {
     pub fn forget_keys(&mut self) {
         self.sealer = None;
         self.generation = u64::MAX;
+        self.batch.release();
     }
 
-    fn sealer(&mut self, snap: &Snapshot) -> Result<&mut Sealer, envelope::EnvelopeError> {
+    /// Seals every envelope [`Outbound::handle`] queued in `out` since the last call, all
+    /// at once. Until this returns `Ok`, `out` holds plaintext where ciphertext goes: on an
+    /// error it must not be sent.
+    pub fn finish(&mut self, out: &mut BytesMut) -> Result<(), envelope::EnvelopeError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.batch.seal(&mut out[..])
+    }
+
+    /// Seals `payload` (queued in `self.batch`) under the snapshot's active epoch.
+    fn seal(
+        &mut self,
+        snap: &Snapshot,
+        bind: Option<&[u8]>,
+        payload: &[u8],
+        out: &mut BytesMut,
+    ) -> Result<(), envelope::EnvelopeError> {
         let stale = self.generation != snap.generation
             && self
                 .sealer
@@ -206,11 +227,18 @@ impl Outbound {
             self.sealer = Some(Sealer::new(snap.active.epoch, &snap.active.key)?);
         }
         self.generation = snap.generation;
-        // Just set above when absent.
-        Ok(self.sealer.as_mut().expect("sealer present"))
+        let Some(sealer) = self.sealer.as_mut() else {
+            // Set just above.
+            return Err(envelope::EnvelopeError::Backend);
+        };
+        sealer.seal_deferred(bind, payload, out, &mut self.batch)?;
+        self.tally.msgs += 1;
+        self.tally.bytes += payload.len() as u64;
+        Ok(())
     }
 
-    /// Handles one op from the agent, appending what goes upstream to `out`.
+    /// Handles one op from the agent, appending what goes upstream to `out`. Payloads are
+    /// sealed by the next [`Outbound::finish`], which must run before `out` is sent.
     pub fn handle(
         &mut self,
         op: ClientOp,
@@ -237,9 +265,7 @@ impl Outbound {
                 } else {
                     proto::put_pub_line(out, &subject, reply.as_deref(), payload.len() + OVERHEAD);
                     let bind = d.bind_subject.then_some(&subject[..]);
-                    self.sealer(snap)?.seal_into(bind, &payload, out)?;
-                    self.tally.msgs += 1;
-                    self.tally.bytes += payload.len() as u64;
+                    self.seal(snap, bind, &payload, out)?;
                 }
                 out.put_slice(b"\r\n");
             }
@@ -264,9 +290,7 @@ impl Outbound {
                     proto::put_hpub_line(out, &subject, reply.as_deref(), headers.len(), total);
                     out.extend_from_slice(&headers);
                     let bind = d.bind_subject.then_some(&subject[..]);
-                    self.sealer(snap)?.seal_into(bind, &payload, out)?;
-                    self.tally.msgs += 1;
-                    self.tally.bytes += payload.len() as u64;
+                    self.seal(snap, bind, &payload, out)?;
                 }
                 out.put_slice(b"\r\n");
             }
@@ -337,6 +361,10 @@ pub type Refusal = &'static str;
 pub struct Inbound {
     cache: PolicyCache,
     opener: Opener,
+    /// Deliveries of this read batch waiting for their AEAD; see [`Inbound::finish`].
+    batch: Batch,
+    /// Where each of them sits in the output, in the order queued.
+    queued: Vec<Queued>,
     generation: u64,
     tally: Tally,
     limiter: RateLimit,
@@ -355,6 +383,8 @@ impl Inbound {
         Inbound {
             cache: PolicyCache::default(),
             opener: Opener::new(),
+            batch: Batch::default(),
+            queued: Vec::new(),
             generation: u64::MAX,
             tally: Tally::default(),
             limiter: RateLimit::new(Duration::from_secs(1)),
@@ -365,6 +395,43 @@ impl Inbound {
     /// Drops every cached opening subkey; see [`Outbound::forget_keys`].
     pub fn forget_keys(&mut self) {
         self.opener.clear();
+        self.batch.release();
+        self.queued = Vec::new();
+    }
+
+    /// Verifies and decrypts every delivery [`Inbound::handle`] queued in `out` since the
+    /// last call, all at once. A delivery whose tag does not verify is cut out of `out`
+    /// whole and counted, as a refused delivery is. Must run before `out` is sent: until
+    /// then the queued deliveries hold ciphertext.
+    pub fn finish(&mut self, out: &mut BytesMut, metrics: &Metrics) {
+        if self.batch.is_empty() {
+            self.queued.clear();
+            return;
+        }
+        let mut failed = Vec::new();
+        self.batch.open(&mut out[..], |i| failed.push(i));
+        if !failed.is_empty() {
+            // Rare (a forged or corrupted delivery), so one copy of the batch's output is fine.
+            let mut keep_from = 0;
+            let mut kept = Vec::with_capacity(out.len());
+            for &i in &failed {
+                let Some(q) = self.queued.get(i).copied() else {
+                    continue;
+                };
+                let subject = delivery_subject(&out[q.mark..q.end]).to_vec();
+                self.refuse("auth", &subject, metrics);
+                self.tally.msgs = self.tally.msgs.saturating_sub(1);
+                self.tally.bytes = self.tally.bytes.saturating_sub(q.bytes);
+                kept.extend_from_slice(&out[keep_from..q.mark]);
+                keep_from = q.end;
+            }
+            if keep_from > 0 {
+                kept.extend_from_slice(&out[keep_from..]);
+                out.clear();
+                out.extend_from_slice(&kept);
+            }
+        }
+        self.queued.clear();
     }
 
     /// The epoch to wait for before handling `op`: a sealed delivery on an encrypt subject
@@ -499,6 +566,7 @@ impl Inbound {
         metrics: &Metrics,
         out: &mut BytesMut,
     ) {
+        let mut queued_at = None;
         let result = match admit {
             Admit::Pass => {
                 msg.put_line(out, payload.len());
@@ -509,8 +577,14 @@ impl Inbound {
                 let mark = out.len();
                 msg.put_line(out, payload.len() - OVERHEAD);
                 let bind = bind_to.unwrap_or(msg.subject);
-                self.open(keyring, snap, d, bind, payload, out)
-                    .inspect_err(|_| out.truncate(mark))
+                let queued = self.batch.len();
+                let opened = self
+                    .open_queued(keyring, snap, d, bind, payload, out)
+                    .inspect_err(|_| out.truncate(mark));
+                if opened.is_ok() && self.batch.len() > queued {
+                    queued_at = Some(mark);
+                }
+                opened
             }
             Admit::Embedded => self
                 .open_embedded(keyring, snap, policy, payload)
@@ -522,7 +596,16 @@ impl Inbound {
             Admit::Drop => return,
         };
         match result {
-            Ok(()) => out.put_slice(b"\r\n"),
+            Ok(()) => {
+                out.put_slice(b"\r\n");
+                if let Some(mark) = queued_at {
+                    self.queued.push(Queued {
+                        mark,
+                        end: out.len(),
+                        bytes: (payload.len() - OVERHEAD) as u64,
+                    });
+                }
+            }
             Err(reason) => self.refuse(reason, msg.subject, metrics),
         }
     }
@@ -574,6 +657,37 @@ impl Inbound {
             .map_err(|miss| miss.reason())?;
         self.opener
             .open_into(&key.key, &header, payload, subject, !d.bind_subject, out)
+            .map_err(|e| e.reason())?;
+        self.tally.msgs += 1;
+        self.tally.bytes += (payload.len() - OVERHEAD) as u64;
+        Ok(())
+    }
+
+    /// [`Inbound::open`], with the AEAD queued in `self.batch` for [`Inbound::finish`]
+    /// (large payloads are opened at once).
+    fn open_queued(
+        &mut self,
+        keyring: &Keyring,
+        snap: &Snapshot,
+        d: Decision,
+        subject: &[u8],
+        payload: &[u8],
+        out: &mut BytesMut,
+    ) -> Result<(), Refusal> {
+        let header = Header::parse(payload).map_err(|e| e.reason())?;
+        let key = keyring
+            .lookup(snap, header.epoch)
+            .map_err(|miss| miss.reason())?;
+        self.opener
+            .open_deferred(
+                &key.key,
+                &header,
+                payload,
+                subject,
+                !d.bind_subject,
+                out,
+                &mut self.batch,
+            )
             .map_err(|e| e.reason())?;
         self.tally.msgs += 1;
         self.tally.bytes += (payload.len() - OVERHEAD) as u64;
@@ -650,6 +764,21 @@ impl Inbound {
             self.tally = Tally::default();
         }
     }
+}
+
+/// One delivery in the output waiting for [`Inbound::finish`]: its bytes from the control
+/// line to the closing CRLF, and its plaintext length.
+#[derive(Debug, Clone, Copy)]
+struct Queued {
+    mark: usize,
+    end: usize,
+    bytes: u64,
+}
+
+/// The subject of a MSG or HMSG as this module writes it: the second field of the line.
+fn delivery_subject(msg: &[u8]) -> &[u8] {
+    let line = msg.split(|&b| b == b'\r').next().unwrap_or_default();
+    line.split(|&b| b == b' ').nth(1).unwrap_or_default()
 }
 
 /// The parts of a MSG or HMSG that are written back unchanged.
@@ -735,7 +864,8 @@ mod tests {
                 payload: Bytes::from_static(b"secret"),
             };
             out.handle(op, &policy, &snap, &replies, &metrics, wire)
-                .expect("sealed");
+                .expect("queued");
+            out.finish(wire).expect("sealed");
         };
         let sealed = |wire: &mut BytesMut| match proto::ClientParser::new()
             .parse(wire, 1 << 20)
@@ -782,6 +912,7 @@ mod tests {
                 &mut delivered,
             );
         }
+        inbound.finish(&mut delivered, &metrics);
         assert_eq!(inbound.opener.cached(), 2, "one subkey per sender prefix");
         assert_eq!(
             delivered.windows(6).filter(|w| w == b"secret").count(),

@@ -1,1 +1,640 @@
 //! Poly1305 over up to eight messages at once (AVX-512F).
+//!
+//! This file owns the eight-lane Poly1305 kernel: one message per 64-bit lane, the
+//! accumulator and key in radix 2^26 (five 26-bit limbs, the poly1305-donna-32 schedule),
+//! multiplied with `vpmuludq`. Lanes of different lengths run in lockstep; a lane that has
+//! run out of blocks is masked so its accumulator stays as it is. The final reduction and
+//! the addition of `s` are scalar and constant time.
+//!
+//! The only `unsafe` is the move of a finished accumulator vector into a `[u64; 8]`.
+
+#![cfg(target_arch = "x86_64")]
+// The batch sealer in `envelope::multi` is the caller; until it is wired in, only the tests are.
+
+use core::arch::x86_64::{
+    __m512i, __mmask8, _mm512_add_epi64, _mm512_and_si512, _mm512_mask_mov_epi64, _mm512_mul_epu32,
+    _mm512_or_si512, _mm512_set1_epi64, _mm512_set_epi64, _mm512_setzero_si512, _mm512_slli_epi64,
+    _mm512_srli_epi64,
+};
+use zeroize::Zeroize;
+
+const LANES: usize = 8;
+const MASK26: u64 = (1 << 26) - 1;
+const CLAMP: u128 = 0x0fff_fffc_0fff_fffc_0fff_fffc_0fff_ffff;
+
+/// One message's Poly1305 input: up to three runs of whole 16-byte blocks, processed in
+/// order parts[0], parts[1], parts[2]. Every part's length is a multiple of 16 (the caller
+/// pads), so every block is a full block and gets the 2^128 bit. Empty parts are allowed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PolyInput<'a> {
+    pub(crate) parts: [&'a [u8]; 3],
+}
+
+/// Poly1305 tags of up to eight messages at once: tags[i] = Poly1305(keys[i], inputs[i]),
+/// where keys[i] is the 32-byte one-time key r || s (r is clamped here, as RFC 8439 says).
+/// Only the first n = min(keys.len(), inputs.len(), tags.len(), 8) entries are computed;
+/// lanes may have any mix of lengths, including zero blocks (tag = s).
+///
+/// Trailing bytes of a part that do not fill a whole block are ignored.
+// AVX-512 intrinsics are stable since Rust 1.89, newer than the crate's `rust-version`;
+// every function of this file that uses them says so.
+#[target_feature(enable = "avx512f")]
+pub(crate) fn poly1305_x8(keys: &[[u8; 32]], inputs: &[PolyInput<'_>], tags: &mut [[u8; 16]]) {
+    let n = keys.len().min(inputs.len()).min(tags.len()).min(LANES);
+    if n == 0 {
+        return;
+    }
+
+    // Per-lane clamped r as five limbs (limb-major, for the vector loads) and s.
+    // Lanes n..8 keep r = 0; they are never active anyway.
+    let mut r_limbs = [[0u64; LANES]; 5];
+    let mut pads = [0u128; LANES];
+    for (lane, key) in keys.iter().take(n).enumerate() {
+        let mut r = u128::from_le_bytes(core::array::from_fn(|j| key[j])) & CLAMP;
+        pads[lane] = u128::from_le_bytes(core::array::from_fn(|j| key[16 + j]));
+        for (limb, lanes) in r_limbs.iter_mut().enumerate() {
+            lanes[lane] = (r >> (26 * limb)) as u64 & MASK26;
+        }
+        r.zeroize();
+    }
+    let mut r = r_limbs.map(|l| from_lanes(&l));
+    r_limbs.zeroize();
+    // 5 * r1 .. 5 * r4: a limb product at weight 2^130 folds back as 5 times itself.
+    let mut s5 = [r[1], r[2], r[3], r[4]].map(|v| _mm512_add_epi64(_mm512_slli_epi64::<2>(v), v));
+
+    let mut h = [_mm512_setzero_si512(); 5];
+    for part in 0..3 {
+        // Only whole blocks; a partial tail (callers never send one) is dropped here.
+        let mut blocks: [core::slice::Iter<'_, [u8; 16]>; LANES] =
+            core::array::from_fn(|_| [].iter());
+        for (it, input) in blocks.iter_mut().zip(inputs.iter().take(n)) {
+            *it = input.parts[part].as_chunks::<16>().0.iter();
+        }
+        loop {
+            let mut active: __mmask8 = 0;
+            let mut lo = [0u64; LANES];
+            let mut hi = [0u64; LANES];
+            for (lane, it) in blocks.iter_mut().enumerate() {
+                if let Some(block) = it.next() {
+                    let m = u128::from_le_bytes(*block);
+                    lo[lane] = m as u64;
+                    hi[lane] = (m >> 64) as u64;
+                    active |= 1 << lane;
+                }
+            }
+            if active == 0 {
+                break;
+            }
+            absorb(&mut h, &r, &s5, from_lanes(&lo), from_lanes(&hi), active);
+        }
+    }
+    r.zeroize();
+    s5.zeroize();
+
+    let mut h_lanes = h.map(|v| to_lanes(v));
+    h.zeroize();
+    for (lane, tag) in tags.iter_mut().take(n).enumerate() {
+        let mut limbs = [
+            h_lanes[0][lane],
+            h_lanes[1][lane],
+            h_lanes[2][lane],
+            h_lanes[3][lane],
+            h_lanes[4][lane],
+        ];
+        *tag = finish(&mut limbs, pads[lane]);
+        limbs.zeroize();
+    }
+    h_lanes.zeroize();
+    pads.zeroize();
+}
+
+/// h = (h + m) * r mod 2^130 - 5 for the lanes in `active`, h unchanged in the others.
+/// `lo`/`hi` are the two little-endian halves of each lane's 16-byte block.
+///
+/// Limb bounds: h enters with limbs < 2^26 + 2^10, adding a block keeps them < 2^27,
+/// so every product is < 2^27 * 5 * 2^26 < 2^56 and a sum of five < 2^59.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn absorb(
+    h: &mut [__m512i; 5],
+    r: &[__m512i; 5],
+    s5: &[__m512i; 4],
+    lo: __m512i,
+    hi: __m512i,
+    active: __mmask8,
+) {
+    let mask = _mm512_set1_epi64(MASK26 as i64);
+    let hibit = _mm512_set1_epi64(1 << 24);
+    let mul = _mm512_mul_epu32;
+    let add = _mm512_add_epi64;
+
+    let h0 = add(h[0], _mm512_and_si512(lo, mask));
+    let h1 = add(h[1], _mm512_and_si512(_mm512_srli_epi64::<26>(lo), mask));
+    let h2 = add(
+        h[2],
+        _mm512_and_si512(
+            _mm512_or_si512(_mm512_srli_epi64::<52>(lo), _mm512_slli_epi64::<12>(hi)),
+            mask,
+        ),
+    );
+    let h3 = add(h[3], _mm512_and_si512(_mm512_srli_epi64::<14>(hi), mask));
+    let h4 = add(h[4], _mm512_or_si512(_mm512_srli_epi64::<40>(hi), hibit));
+
+    let [r0, r1, r2, r3, r4] = *r;
+    let [s1, s2, s3, s4] = *s5;
+    let d0 = add(
+        add(add(mul(h0, r0), mul(h1, s4)), add(mul(h2, s3), mul(h3, s2))),
+        mul(h4, s1),
+    );
+    let d1 = add(
+        add(add(mul(h0, r1), mul(h1, r0)), add(mul(h2, s4), mul(h3, s3))),
+        mul(h4, s2),
+    );
+    let d2 = add(
+        add(add(mul(h0, r2), mul(h1, r1)), add(mul(h2, r0), mul(h3, s4))),
+        mul(h4, s3),
+    );
+    let d3 = add(
+        add(add(mul(h0, r3), mul(h1, r2)), add(mul(h2, r1), mul(h3, r0))),
+        mul(h4, s4),
+    );
+    let d4 = add(
+        add(add(mul(h0, r4), mul(h1, r3)), add(mul(h2, r2), mul(h3, r1))),
+        mul(h4, r0),
+    );
+
+    // Partial carry: limbs back under 2^26, except h1 which may get up to 2^10 more.
+    let d1 = add(d1, _mm512_srli_epi64::<26>(d0));
+    let h0 = _mm512_and_si512(d0, mask);
+    let d2 = add(d2, _mm512_srli_epi64::<26>(d1));
+    let h1 = _mm512_and_si512(d1, mask);
+    let d3 = add(d3, _mm512_srli_epi64::<26>(d2));
+    let h2 = _mm512_and_si512(d2, mask);
+    let d4 = add(d4, _mm512_srli_epi64::<26>(d3));
+    let h3 = _mm512_and_si512(d3, mask);
+    // The carry out of d4 can exceed 32 bits, so 5 * c is a shift and an add, not vpmuludq.
+    let c = _mm512_srli_epi64::<26>(d4);
+    let h4 = _mm512_and_si512(d4, mask);
+    let h0 = add(h0, add(_mm512_slli_epi64::<2>(c), c));
+    let h1 = add(h1, _mm512_srli_epi64::<26>(h0));
+    let h0 = _mm512_and_si512(h0, mask);
+
+    h[0] = _mm512_mask_mov_epi64(h[0], active, h0);
+    h[1] = _mm512_mask_mov_epi64(h[1], active, h1);
+    h[2] = _mm512_mask_mov_epi64(h[2], active, h2);
+    h[3] = _mm512_mask_mov_epi64(h[3], active, h3);
+    h[4] = _mm512_mask_mov_epi64(h[4], active, h4);
+}
+
+/// The tag from one lane's accumulator limbs: full carry, reduce mod 2^130 - 5 in
+/// constant time, add s mod 2^128. Leaves its working values in `h` for the caller to wipe.
+fn finish(h: &mut [u64; 5], s: u128) -> [u8; 16] {
+    let mut c = h[1] >> 26;
+    h[1] &= MASK26;
+    for limb in &mut h[2..] {
+        *limb += c;
+        c = *limb >> 26;
+        *limb &= MASK26;
+    }
+    h[0] += c * 5;
+    c = h[0] >> 26;
+    h[0] &= MASK26;
+    h[1] += c;
+    // h < 2^130 < 2 p now, so one conditional subtraction of p reduces it:
+    // g = h + 5 - 2^130, kept iff it is not negative.
+    let mut g = [0u64; 5];
+    c = 5;
+    for (g, h) in g.iter_mut().zip(&h[..4]) {
+        *g = h + c;
+        c = *g >> 26;
+        *g &= MASK26;
+    }
+    g[4] = (h[4] + c).wrapping_sub(1 << 26);
+    let keep_g = (g[4] >> 63).wrapping_sub(1);
+    for (h, g) in h.iter_mut().zip(&g) {
+        *h = (*h & !keep_g) | (g & keep_g);
+    }
+    g.zeroize();
+    // Added, not or-ed: h1 may still be exactly 2^26 when h was kept. Mod 2^128 from here.
+    let mut acc = h.iter().rev().fold(0u128, |acc, &limb| {
+        (acc << 26).wrapping_add(u128::from(limb))
+    });
+    let tag = acc.wrapping_add(s).to_le_bytes();
+    acc.zeroize();
+    tag
+}
+
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn from_lanes(v: &[u64; LANES]) -> __m512i {
+    _mm512_set_epi64(
+        v[7] as i64,
+        v[6] as i64,
+        v[5] as i64,
+        v[4] as i64,
+        v[3] as i64,
+        v[2] as i64,
+        v[1] as i64,
+        v[0] as i64,
+    )
+}
+
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn to_lanes(v: __m512i) -> [u64; LANES] {
+    // Safety: both types are 64 bytes of plain integers, every bit pattern valid in each;
+    // lane i of the vector is element i of the array (x86 is little-endian).
+    unsafe { core::mem::transmute::<__m512i, [u64; LANES]>(v) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{poly1305_x8, PolyInput};
+    use poly1305::universal_hash::KeyInit;
+    use poly1305::Poly1305;
+
+    fn have_avx512f() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+
+    fn reference(key: &[u8; 32], msg: &[u8]) -> [u8; 16] {
+        Poly1305::new(key.into()).compute_unpadded(msg).into()
+    }
+
+    fn kernel(keys: &[[u8; 32]], inputs: &[PolyInput<'_>]) -> Vec<[u8; 16]> {
+        let mut tags = vec![[0u8; 16]; keys.len().min(inputs.len()).min(8)];
+        // Safety: every caller checked have_avx512f() first.
+        unsafe { poly1305_x8(keys, inputs, &mut tags) };
+        tags
+    }
+
+    struct XorShift(u64);
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        fn fill(&mut self, buf: &mut [u8]) {
+            for b in buf {
+                *b = self.next() as u8;
+            }
+        }
+        fn key(&mut self) -> [u8; 32] {
+            let mut k = [0u8; 32];
+            self.fill(&mut k);
+            k
+        }
+    }
+
+    /// Cuts `msg` (whole blocks) into three parts at two random block boundaries.
+    fn split<'a>(rng: &mut XorShift, msg: &'a [u8]) -> PolyInput<'a> {
+        let blocks = msg.len() / 16;
+        let mut a = rng.below(blocks + 1);
+        let mut b = rng.below(blocks + 1);
+        if a > b {
+            core::mem::swap(&mut a, &mut b);
+        }
+        PolyInput {
+            parts: [&msg[..a * 16], &msg[a * 16..b * 16], &msg[b * 16..]],
+        }
+    }
+
+    fn check_all(keys: &[[u8; 32]], msgs: &[Vec<u8>], inputs: &[PolyInput<'_>]) {
+        let tags = kernel(keys, inputs);
+        for (lane, tag) in tags.iter().enumerate() {
+            assert_eq!(
+                *tag,
+                reference(&keys[lane], &msgs[lane]),
+                "lane {lane} of {}",
+                tags.len()
+            );
+        }
+    }
+
+    #[test]
+    fn rfc8439_vector() {
+        if !have_avx512f() {
+            return;
+        }
+        let key: [u8; 32] = [
+            0x85, 0xd6, 0xbe, 0x78, 0x57, 0x55, 0x6d, 0x33, 0x7f, 0x44, 0x52, 0xfe, 0x42, 0xd5,
+            0x06, 0xa8, 0x01, 0x03, 0x80, 0x8a, 0xfb, 0x0d, 0xb2, 0xfd, 0x4a, 0xbf, 0xf6, 0xaf,
+            0x41, 0x49, 0xf5, 0x1b,
+        ];
+        let expected = [
+            0xa8, 0x06, 0x1d, 0xc1, 0x30, 0x51, 0x36, 0xc6, 0xc2, 0x2b, 0x8b, 0xaf, 0x0c, 0x01,
+            0x27, 0xa9,
+        ];
+        let msg = b"Cryptographic Forum Research Group";
+        assert_eq!(reference(&key, msg), expected);
+
+        let mut padded = msg.to_vec();
+        padded.resize(48, 0);
+        let want = reference(&key, &padded);
+        for n in 1..=8 {
+            let keys = vec![key; n];
+            let msgs = vec![padded.clone(); n];
+            let inputs: Vec<_> = (0..n)
+                .map(|lane| {
+                    let cut = (lane % 4) * 16;
+                    PolyInput {
+                        parts: [
+                            &padded[..cut.min(16)],
+                            &padded[cut.min(16)..cut],
+                            &padded[cut..],
+                        ],
+                    }
+                })
+                .collect();
+            check_all(&keys, &msgs, &inputs);
+            assert!(kernel(&keys, &inputs).iter().all(|t| *t == want));
+        }
+    }
+
+    #[test]
+    fn random_lanes_lengths_and_splits() {
+        if !have_avx512f() {
+            return;
+        }
+        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+        for round in 0..24 {
+            for n in 1..=8 {
+                let keys: Vec<_> = (0..n).map(|_| rng.key()).collect();
+                let msgs: Vec<Vec<u8>> = (0..n)
+                    .map(|_| {
+                        // Mostly short, sometimes up to ~300 blocks, sometimes empty.
+                        let blocks = match rng.below(4) {
+                            0 => 0,
+                            1 => rng.below(301),
+                            _ => rng.below(20),
+                        };
+                        let mut m = vec![0u8; blocks * 16];
+                        rng.fill(&mut m);
+                        m
+                    })
+                    .collect();
+                let inputs: Vec<_> = msgs.iter().map(|m| split(&mut rng, m)).collect();
+                check_all(&keys, &msgs, &inputs);
+                // Same messages, every lane in one part, or the lanes shifted over: same tags.
+                let whole: Vec<_> = msgs
+                    .iter()
+                    .map(|m| PolyInput {
+                        parts: [&[], m, &[]],
+                    })
+                    .collect();
+                assert_eq!(
+                    kernel(&keys, &whole),
+                    kernel(&keys, &inputs),
+                    "round {round}, {n} lanes"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn extra_entries_beyond_n_are_untouched() {
+        if !have_avx512f() {
+            return;
+        }
+        let mut rng = XorShift(7);
+        let keys: Vec<_> = (0..10).map(|_| rng.key()).collect();
+        let msg = vec![0x5au8; 64];
+        let inputs = vec![
+            PolyInput {
+                parts: [&msg, &[], &[]],
+            };
+            3
+        ];
+        let mut tags = vec![[0xeeu8; 16]; 5];
+        // Safety: AVX-512F was detected above.
+        unsafe { poly1305_x8(&keys, &inputs, &mut tags) };
+        for (lane, tag) in tags.iter().enumerate().take(3) {
+            assert_eq!(*tag, reference(&keys[lane], &msg));
+        }
+        assert_eq!(tags[3..], [[0xee; 16]; 2]);
+
+        // More than eight of everything: only eight computed.
+        let inputs = vec![inputs[0]; 10];
+        let mut tags = vec![[0xeeu8; 16]; 10];
+        // Safety: as above.
+        unsafe { poly1305_x8(&keys, &inputs, &mut tags) };
+        for (lane, tag) in tags.iter().enumerate().take(8) {
+            assert_eq!(*tag, reference(&keys[lane], &msg));
+        }
+        assert_eq!(tags[8..], [[0xee; 16]; 2]);
+
+        // Nothing to do.
+        // Safety: as above.
+        unsafe { poly1305_x8(&[], &inputs, &mut tags) };
+    }
+
+    #[test]
+    fn empty_lanes_give_s() {
+        if !have_avx512f() {
+            return;
+        }
+        let mut rng = XorShift(11);
+        let keys: Vec<_> = (0..8).map(|_| rng.key()).collect();
+        let msg = vec![1u8; 160];
+        let inputs: Vec<_> = (0..8)
+            .map(|lane| PolyInput {
+                parts: if lane % 2 == 0 {
+                    [&[], &[], &[]]
+                } else {
+                    [&msg, &[], &msg]
+                },
+            })
+            .collect();
+        let tags = kernel(&keys, &inputs);
+        for lane in (0..8).step_by(2) {
+            assert_eq!(tags[lane][..], keys[lane][16..]);
+        }
+        let twice = [msg.clone(), msg.clone()].concat();
+        for lane in (1..8).step_by(2) {
+            assert_eq!(tags[lane], reference(&keys[lane], &twice));
+        }
+    }
+
+    #[test]
+    fn edge_keys_and_blocks() {
+        if !have_avx512f() {
+            return;
+        }
+        let ones = vec![0xffu8; 300 * 16];
+        let zeros = vec![0u8; 300 * 16];
+        // r at the clamp maximum with s = 0, and with s all ones.
+        let mut clamp_max = [0u8; 32];
+        clamp_max[..16]
+            .copy_from_slice(&0x0fff_fffc_0fff_fffc_0fff_fffc_0fff_ffffu128.to_le_bytes());
+        let mut clamp_max_s = clamp_max;
+        clamp_max_s[16..].fill(0xff);
+        let keys = [
+            [0xffu8; 32],
+            [0u8; 32],
+            clamp_max,
+            clamp_max_s,
+            [0xff; 32],
+            clamp_max_s,
+            [0u8; 32],
+            clamp_max,
+        ];
+        for &len in &[0usize, 1, 2, 3, 5, 17, 64, 300] {
+            let msgs: Vec<Vec<u8>> = (0..8)
+                .map(|lane| {
+                    if lane < 6 {
+                        ones[..len * 16].to_vec()
+                    } else {
+                        zeros[..len * 16].to_vec()
+                    }
+                })
+                .collect();
+            let inputs: Vec<_> = msgs
+                .iter()
+                .map(|m| PolyInput {
+                    parts: [m, &[], &[]],
+                })
+                .collect();
+            check_all(&keys, &msgs, &inputs);
+            // An all-zero key authenticates everything to zero.
+            assert_eq!(kernel(&keys, &inputs)[1], [0; 16]);
+        }
+    }
+
+    #[test]
+    fn final_reduction_boundary() {
+        if !have_avx512f() {
+            return;
+        }
+        // With r = 1, three blocks 0, 0, b give h = 3 * 2^128 + b; b = 2^128 - 5 + d makes
+        // h = p + d, straddling the final conditional subtraction.
+        let mut keys = [[0u8; 32]; 8];
+        let mut msgs = Vec::new();
+        for (lane, d) in (-2i32..6).enumerate() {
+            keys[lane][0] = 1;
+            if lane % 2 == 1 {
+                keys[lane][16..].fill(0xff);
+            }
+            let b = (u128::MAX - 4).wrapping_add(d as u128);
+            let mut m = vec![0u8; 32];
+            m.extend_from_slice(&b.to_le_bytes());
+            msgs.push(m);
+        }
+        let inputs: Vec<_> = msgs
+            .iter()
+            .map(|m| PolyInput {
+                parts: [&m[..16], &m[16..32], &m[32..]],
+            })
+            .collect();
+        check_all(&keys, &msgs, &inputs);
+    }
+
+    #[test]
+    fn long_lane_with_short_ones() {
+        if !have_avx512f() {
+            return;
+        }
+        let mut rng = XorShift(0xdead_beef);
+        let keys: Vec<_> = (0..8).map(|_| rng.key()).collect();
+        let msgs: Vec<Vec<u8>> = (0..8)
+            .map(|lane| {
+                let mut m = vec![0u8; if lane == 3 { 64 * 1024 } else { 16 }];
+                rng.fill(&mut m);
+                m
+            })
+            .collect();
+        let inputs: Vec<_> = msgs
+            .iter()
+            .map(|m| PolyInput {
+                parts: [&[], &[], m],
+            })
+            .collect();
+        check_all(&keys, &msgs, &inputs);
+    }
+
+    #[test]
+    fn partial_trailing_bytes_are_ignored() {
+        if !have_avx512f() {
+            return;
+        }
+        let mut rng = XorShift(99);
+        let keys: Vec<_> = (0..8).map(|_| rng.key()).collect();
+        let mut data = vec![0u8; 200];
+        rng.fill(&mut data);
+        let inputs: Vec<_> = (0..8)
+            .map(|lane| PolyInput {
+                parts: [
+                    &data[..17 + lane],
+                    &data[40..45],
+                    &data[50..50 + 33 + lane * 7],
+                ],
+            })
+            .collect();
+        let tags = kernel(&keys, &inputs);
+        for (lane, input) in inputs.iter().enumerate() {
+            let whole: Vec<u8> = input
+                .parts
+                .iter()
+                .flat_map(|p| &p[..p.len() / 16 * 16])
+                .copied()
+                .collect();
+            assert_eq!(tags[lane], reference(&keys[lane], &whole), "lane {lane}");
+        }
+    }
+
+    /// Rough throughput: `cargo test --release --lib envelope::multi::poly -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn timing() {
+        if !have_avx512f() {
+            return;
+        }
+        use std::hint::black_box;
+        use std::time::Instant;
+        let mut rng = XorShift(5);
+        let keys: Vec<_> = (0..8).map(|_| rng.key()).collect();
+        for blocks in [12usize, 68] {
+            let msgs: Vec<Vec<u8>> = (0..8)
+                .map(|_| {
+                    let mut m = vec![0u8; blocks * 16];
+                    rng.fill(&mut m);
+                    m
+                })
+                .collect();
+            let inputs: Vec<_> = msgs
+                .iter()
+                .map(|m| PolyInput {
+                    parts: [&m[..32], &m[32..m.len() - 16], &m[m.len() - 16..]],
+                })
+                .collect();
+            let iters = 200_000 / blocks * 12;
+            let per_message = |f: &mut dyn FnMut()| {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    f();
+                }
+                start.elapsed().as_nanos() as f64 / (iters * 8) as f64
+            };
+            let mut one_by_one = || {
+                for (key, msg) in keys.iter().zip(&msgs) {
+                    black_box(reference(black_box(key), black_box(msg)));
+                }
+            };
+            let mut tags = [[0u8; 16]; 8];
+            let mut x8_batch = || {
+                // Safety: AVX-512F was detected above.
+                unsafe { poly1305_x8(black_box(&keys), black_box(&inputs), &mut tags) };
+                black_box(&tags);
+            };
+            // The crate before and after, in case the vector unit's state skews it.
+            let single = per_message(&mut one_by_one);
+            let x8 = per_message(&mut x8_batch);
+            let single_after = per_message(&mut one_by_one);
+            println!("{blocks} blocks: poly1305_x8 {x8:.1} ns/message, poly1305 crate {single:.1} / {single_after:.1} ns/message");
+        }
+    }
+}
