@@ -8,14 +8,16 @@
 //! - odd: `[len][subject; len][envelope...]` straight from the fuzzer. Open may only succeed
 //!   if the bytes are exactly what the sealer would have produced for that header.
 //!
-//! On every failure, the output buffer is left exactly as it was.
+//! On every failure, the output buffer is left exactly as it was. Every open and every seal is
+//! also done the batched way (`open_deferred`/`seal_deferred` then one `Batch` pass, as the
+//! sessions do), which must give the same result byte for byte.
 
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
 use bytes::BytesMut;
 use cipherbus::envelope::{
-    derive_epoch1, is_envelope, DataKey, EnvelopeError, Header, Opener, RootKey, Sealer,
+    derive_epoch1, is_envelope, Batch, DataKey, EnvelopeError, Header, Opener, RootKey, Sealer,
     HEADER_LEN, MAGIC,
 };
 use libfuzzer_sys::fuzz_target;
@@ -88,6 +90,12 @@ fn open(
     let header = Header::parse(envelope)?;
     let mut out = BytesMut::from(SENTINEL);
     let result = opener.open_into(key, &header, envelope, subject, allow_unbound, &mut out);
+    let batched = open_batched(opener, key, &header, envelope, subject, allow_unbound);
+    match (&result, &batched) {
+        (Ok(()), Ok(pt)) => assert_eq!(&out[SENTINEL.len()..], &pt[..], "batched open differs"),
+        (Err(a), Err(b)) => assert_eq!(a, b, "batched open failed differently"),
+        _ => panic!("batched open disagrees: {result:?} vs {batched:?}"),
+    }
     match result {
         Ok(()) => {
             assert_eq!(
@@ -104,19 +112,70 @@ fn open(
     }
 }
 
-fn seal(s: &mut Sealer, subject: Option<&[u8]>, plaintext: &[u8]) -> Vec<u8> {
+/// The same open as the sessions do it: queued behind another message, then one batch pass.
+/// A failed tag is reported by the pass, and the queued bytes are zeroed.
+fn open_batched(
+    opener: &mut Opener,
+    key: &DataKey,
+    header: &Header,
+    envelope: &[u8],
+    subject: &[u8],
+    allow_unbound: bool,
+) -> Result<Vec<u8>, EnvelopeError> {
+    let mut batch = Batch::default();
+    let mut out = BytesMut::from(SENTINEL);
+    opener.open_deferred(key, header, envelope, subject, allow_unbound, &mut out, &mut batch)?;
+    let queued = batch.len();
+    let mut failed = Vec::new();
+    batch.open(&mut out, |i| failed.push(i));
+    assert_eq!(&out[..SENTINEL.len()], SENTINEL, "batched open overwrote the buffer");
+    let text = &out[SENTINEL.len()..];
+    if failed.is_empty() {
+        Ok(text.to_vec())
+    } else {
+        assert_eq!((failed, queued), (vec![0], 1));
+        assert!(text.iter().all(|&b| b == 0), "refused bytes were not zeroed");
+        Err(EnvelopeError::Auth)
+    }
+}
+
+/// Seals with a sealer at `prefix` and `counter`, once at once and once batched (behind
+/// bytes already in the buffer); both must give the same envelope.
+fn seal(
+    epoch: u32,
+    key: &DataKey,
+    prefix: [u8; 16],
+    counter: u64,
+    subject: Option<&[u8]>,
+    plaintext: &[u8],
+) -> Vec<u8> {
     let mut out = BytesMut::new();
-    s.seal_into(subject, plaintext, &mut out)
+    Sealer::with_prefix(epoch, key, prefix, counter)
+        .seal_into(subject, plaintext, &mut out)
         .expect("sealing a fuzz-sized message cannot fail");
+    let mut batch = Batch::default();
+    let mut queued = BytesMut::from(SENTINEL);
+    Sealer::with_prefix(epoch, key, prefix, counter)
+        .seal_deferred(subject, plaintext, &mut queued, &mut batch)
+        .expect("queueing a fuzz-sized message cannot fail");
+    batch.seal(&mut queued).expect("every queued range fits");
+    assert_eq!(&queued[..SENTINEL.len()], SENTINEL);
+    assert_eq!(&queued[SENTINEL.len()..], &out[..], "batched seal differs");
     out.to_vec()
 }
 
 fn sealed_then_mutated(input: Sealed) {
     let key = key();
     let counter = input.counter.min(u64::MAX - 1);
-    let mut sealer = Sealer::with_prefix(input.epoch, &key, input.prefix, counter);
     let bound_to = input.bound.then_some(&input.subject[..]);
-    let original = seal(&mut sealer, bound_to, &input.plaintext);
+    let original = seal(
+        input.epoch,
+        &key,
+        input.prefix,
+        counter,
+        bound_to,
+        &input.plaintext,
+    );
     assert_eq!(original.len(), input.plaintext.len() + 48);
 
     // The unmodified envelope opens, through a fresh opener and again from its cache.
@@ -209,8 +268,9 @@ fn raw(data: &[u8]) {
         // Only a genuine envelope opens: resealing its plaintext under the header's nonce
         // must give back exactly the same bytes.
         assert!(k == &key, "opened under a key that never sealed anything");
-        let mut s = Sealer::with_prefix(header.epoch, k, header.nonce_prefix(), header.counter());
-        let again = seal(&mut s, header.subject_bound().then_some(subject), &pt);
+        let bound_to = header.subject_bound().then_some(subject);
+        let (prefix, counter) = (header.nonce_prefix(), header.counter());
+        let again = seal(header.epoch, k, prefix, counter, bound_to, &pt);
         assert_eq!(again, envelope, "an envelope the sealer never made opened");
     }
 }

@@ -457,7 +457,7 @@ impl Batch {
             keys[lane] = self.poly_keys[j];
             inputs[lane] = self.poly_input(j, buf);
         }
-        poly::poly1305_x8(&keys[..group.len()], &inputs[..group.len()], &mut tags[..]);
+        poly::poly1305_lanes(&keys[..group.len()], &inputs[..group.len()], &mut tags[..]);
         for (lane, &j) in group.iter().enumerate() {
             self.tags[j] = tags[lane];
         }

@@ -1,25 +1,33 @@
-//! Poly1305 over up to eight messages at once (AVX-512F).
+//! Poly1305 over up to eight messages at once (AVX-512F, and AVX-512 IFMA where present).
 //!
-//! This file owns the eight-lane Poly1305 kernel: one message per 64-bit lane, the
-//! accumulator and key in radix 2^26 (five 26-bit limbs, the poly1305-donna-32 schedule),
-//! multiplied with `vpmuludq`. Lanes of different lengths run in lockstep; a lane that has
-//! run out of blocks is masked so its accumulator stays as it is. The final reduction and
-//! the addition of `s` are scalar and constant time.
+//! This file owns the eight-lane Poly1305 kernels: one message per 64-bit lane. Without
+//! IFMA the accumulator and key are in radix 2^26 (five 26-bit limbs, the
+//! poly1305-donna-32 schedule), multiplied with `vpmuludq`; with IFMA they are in radix
+//! 2^44 (limbs of 44, 44 and 42 bits), multiplied with `vpmadd52luq`/`vpmadd52huq`, nine
+//! products per block instead of twenty-five. [`poly1305_lanes`] picks one at run time.
+//! Lanes of different lengths run in lockstep; a lane that has run out of blocks is masked
+//! so its accumulator stays as it is. The final reduction and the addition of `s` are
+//! scalar and constant time.
 //!
-//! The only `unsafe` is the move of a finished accumulator vector into a `[u64; 8]`.
+//! The `unsafe` is the 16-byte loads of message blocks, the move of a finished accumulator
+//! vector into a `[u64; 8]` and the call of the IFMA kernel once IFMA was detected.
 
 #![cfg(target_arch = "x86_64")]
 // The batch sealer in `envelope::multi` is the caller; until it is wired in, only the tests are.
 
 use core::arch::x86_64::{
-    __m512i, __mmask8, _mm512_add_epi64, _mm512_and_si512, _mm512_mask_mov_epi64, _mm512_mul_epu32,
-    _mm512_or_si512, _mm512_set1_epi64, _mm512_set_epi64, _mm512_setzero_si512, _mm512_slli_epi64,
-    _mm512_srli_epi64,
+    __m128i, __m512i, __mmask8, _mm256_set_m128i, _mm512_add_epi64, _mm512_and_si512,
+    _mm512_castsi256_si512, _mm512_inserti64x4, _mm512_madd52hi_epu64, _mm512_madd52lo_epu64,
+    _mm512_mask_mov_epi64, _mm512_mul_epu32, _mm512_or_si512, _mm512_permutex2var_epi64,
+    _mm512_set1_epi64, _mm512_set_epi64, _mm512_setzero_si512, _mm512_slli_epi64,
+    _mm512_srli_epi64, _mm512_ternarylogic_epi64, _mm_loadu_si128,
 };
 use zeroize::Zeroize;
 
 const LANES: usize = 8;
 const MASK26: u64 = (1 << 26) - 1;
+const MASK44: u64 = (1 << 44) - 1;
+const MASK42: u64 = (1 << 42) - 1;
 const CLAMP: u128 = 0x0fff_fffc_0fff_fffc_0fff_fffc_0fff_ffff;
 
 /// One message's Poly1305 input: up to three runs of whole 16-byte blocks, processed in
@@ -28,6 +36,21 @@ const CLAMP: u128 = 0x0fff_fffc_0fff_fffc_0fff_fffc_0fff_ffff;
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct PolyInput<'a> {
     pub(crate) parts: [&'a [u8]; 3],
+}
+
+/// Poly1305 of up to eight messages with the fastest kernel this CPU has.
+/// Same contract as [`poly1305_x8`].
+// The batch sealer in `envelope::multi` still calls `poly1305_x8` directly; it switches to
+// this in its own change.
+#[target_feature(enable = "avx512f")]
+pub(crate) fn poly1305_lanes(keys: &[[u8; 32]], inputs: &[PolyInput<'_>], tags: &mut [[u8; 16]]) {
+    if std::arch::is_x86_feature_detected!("avx512ifma") {
+        // Safety: AVX-512 IFMA was just detected and AVX-512F is enabled for this function,
+        // so every feature the kernel is compiled for is present.
+        unsafe { poly1305_x8_ifma(keys, inputs, tags) }
+    } else {
+        poly1305_x8(keys, inputs, tags)
+    }
 }
 
 /// Poly1305 tags of up to eight messages at once: tags[i] = Poly1305(keys[i], inputs[i]),
@@ -63,29 +86,11 @@ pub(crate) fn poly1305_x8(keys: &[[u8; 32]], inputs: &[PolyInput<'_>], tags: &mu
     let mut s5 = [r[1], r[2], r[3], r[4]].map(|v| _mm512_add_epi64(_mm512_slli_epi64::<2>(v), v));
 
     let mut h = [_mm512_setzero_si512(); 5];
-    for part in 0..3 {
-        // Only whole blocks; a partial tail (callers never send one) is dropped here.
-        let mut blocks: [core::slice::Iter<'_, [u8; 16]>; LANES] =
-            core::array::from_fn(|_| [].iter());
-        for (it, input) in blocks.iter_mut().zip(inputs.iter().take(n)) {
-            *it = input.parts[part].as_chunks::<16>().0.iter();
-        }
-        loop {
-            let mut active: __mmask8 = 0;
-            let mut lo = [0u64; LANES];
-            let mut hi = [0u64; LANES];
-            for (lane, it) in blocks.iter_mut().enumerate() {
-                if let Some(block) = it.next() {
-                    let m = u128::from_le_bytes(*block);
-                    lo[lane] = m as u64;
-                    hi[lane] = (m >> 64) as u64;
-                    active |= 1 << lane;
-                }
-            }
-            if active == 0 {
-                break;
-            }
-            absorb(&mut h, &r, &s5, from_lanes(&lo), from_lanes(&hi), active);
+    let mut feed = Feed::new(inputs, n);
+    while let Some((active, steps, run)) = feed.next_run() {
+        for k in 0..steps {
+            let (lo, hi) = load_blocks(&run, k);
+            absorb(&mut h, &r, &s5, lo, hi, active);
         }
     }
     r.zeroize();
@@ -224,6 +229,255 @@ fn finish(h: &mut [u64; 5], s: u128) -> [u8; 16] {
     tag
 }
 
+/// [`poly1305_x8`] in radix 2^44 with AVX-512 IFMA: same contract, same tags.
+#[target_feature(enable = "avx512f,avx512ifma")]
+pub(crate) fn poly1305_x8_ifma(keys: &[[u8; 32]], inputs: &[PolyInput<'_>], tags: &mut [[u8; 16]]) {
+    let n = keys.len().min(inputs.len()).min(tags.len()).min(LANES);
+    if n == 0 {
+        return;
+    }
+
+    // Clamped r as limbs of 44, 44 and 36 bits (the clamp clears bits 124..127), and s.
+    let mut r_limbs = [[0u64; LANES]; 3];
+    let mut pads = [0u128; LANES];
+    for (lane, key) in keys.iter().take(n).enumerate() {
+        let mut r = u128::from_le_bytes(core::array::from_fn(|j| key[j])) & CLAMP;
+        pads[lane] = u128::from_le_bytes(core::array::from_fn(|j| key[16 + j]));
+        r_limbs[0][lane] = r as u64 & MASK44;
+        r_limbs[1][lane] = (r >> 44) as u64 & MASK44;
+        r_limbs[2][lane] = (r >> 88) as u64;
+        r.zeroize();
+    }
+    let mut r = r_limbs.map(|l| from_lanes(&l));
+    r_limbs.zeroize();
+    // 20 * r1 < 2^49, 20 * r2 < 2^41: a limb product at weight 2^132 = 4 * 2^130 folds
+    // back as 20 times itself.
+    let mut s20 = [r[1], r[2]]
+        .map(|v| _mm512_add_epi64(_mm512_slli_epi64::<4>(v), _mm512_slli_epi64::<2>(v)));
+
+    let mut h = [_mm512_setzero_si512(); 3];
+    let mut feed = Feed::new(inputs, n);
+    while let Some((active, steps, run)) = feed.next_run() {
+        for k in 0..steps {
+            let (lo, hi) = load_blocks(&run, k);
+            absorb44(&mut h, &r, &s20, lo, hi, active);
+        }
+    }
+    r.zeroize();
+    s20.zeroize();
+
+    let mut h_lanes = h.map(|v| to_lanes(v));
+    h.zeroize();
+    for (lane, tag) in tags.iter_mut().take(n).enumerate() {
+        let mut limbs = [h_lanes[0][lane], h_lanes[1][lane], h_lanes[2][lane]];
+        *tag = finish44(&mut limbs, pads[lane]);
+        limbs.zeroize();
+    }
+    h_lanes.zeroize();
+    pads.zeroize();
+}
+
+/// h = (h + m) * r mod 2^130 - 5 in radix 2^44 for the lanes in `active`.
+/// `lo`/`hi` are the two little-endian halves of each lane's 16-byte block.
+///
+/// IFMA multiplies only the low 52 bits of its operands, so every operand must be below
+/// 2^52. Invariant on entry and exit: h0 < 2^51, h1 < 2^44, h2 < 2^42 (h0 is not carried
+/// after the fold of the top; the bounds below show that is safe). With r0, r1 < 2^44,
+/// r2 < 2^36, s1 = 20 r1 < 2^48.4, s2 = 20 r2 < 2^40.4:
+/// - after adding m: h0 < 2^51.01, h1 < 2^45, h2 < 2^42 + 2^41 < 2^43, all < 2^52;
+/// - each 104-bit product splits into lo < 2^52 and hi; a sum of three lo < 2^53.6;
+/// - d0hi < 2^43.01 + 2^33.4 + 2^39.4 < 2^43.2, d1hi < 2^43.1, d2hi < 2^37.6;
+/// - carries: c0 < 2^51.3, c1 < 2^51.1, c2 = d2 >> 42 + d2hi << 10 < 2^47.7, and
+///   h0 = (d0 mod 2^44) + 5 c2 < 2^44 + 2^50.03 < 2^51. No 64-bit sum comes near 2^64.
+#[target_feature(enable = "avx512f,avx512ifma")]
+#[inline]
+fn absorb44(
+    h: &mut [__m512i; 3],
+    r: &[__m512i; 3],
+    s20: &[__m512i; 2],
+    lo: __m512i,
+    hi: __m512i,
+    active: __mmask8,
+) {
+    let mask44 = _mm512_set1_epi64(MASK44 as i64);
+    let mask42 = _mm512_set1_epi64(MASK42 as i64);
+    let hibit = _mm512_set1_epi64(1 << 40);
+    let add = _mm512_add_epi64;
+    let mlo = _mm512_madd52lo_epu64;
+    let mhi = _mm512_madd52hi_epu64;
+    let zero = _mm512_setzero_si512();
+
+    // m = lo[0..44] + (lo[44..64] | hi[0..24]) << 44 + (hi[24..64] | 2^40) << 88.
+    let h0 = add(h[0], _mm512_and_si512(lo, mask44));
+    // (a | b) & c
+    let m1 = _mm512_ternarylogic_epi64::<0xa8>(
+        _mm512_srli_epi64::<44>(lo),
+        _mm512_slli_epi64::<20>(hi),
+        mask44,
+    );
+    let h1 = add(h[1], m1);
+    let h2 = add(h[2], _mm512_or_si512(_mm512_srli_epi64::<24>(hi), hibit));
+
+    // d_k collects the low halves at weight 2^(44 k), t_k the high halves at 2^(44 k + 52).
+    // h0 goes last in each chain: it is the last limb ready from the previous block.
+    let [r0, r1, r2] = *r;
+    let [s1, s2] = *s20;
+    let d0 = mlo(mlo(mlo(zero, h1, s2), h2, s1), h0, r0);
+    let t0 = mhi(mhi(mhi(zero, h1, s2), h2, s1), h0, r0);
+    let d1 = mlo(mlo(mlo(zero, h1, r0), h2, s2), h0, r1);
+    let t1 = mhi(mhi(mhi(zero, h1, r0), h2, s2), h0, r1);
+    let d2 = mlo(mlo(mlo(zero, h1, r1), h2, r0), h0, r2);
+    let t2 = mhi(mhi(mhi(zero, h1, r1), h2, r0), h0, r2);
+
+    // A high half at 2^(44 k + 52) is 2^8 into limb k + 1; limb 2 is 42 bits wide, so its
+    // high half is 2^10 above 2^130 and folds back times 5, as does d2 >> 42.
+    let d1 = add(
+        d1,
+        add(_mm512_slli_epi64::<8>(t0), _mm512_srli_epi64::<44>(d0)),
+    );
+    let h0 = _mm512_and_si512(d0, mask44);
+    let d2 = add(
+        d2,
+        add(_mm512_slli_epi64::<8>(t1), _mm512_srli_epi64::<44>(d1)),
+    );
+    let h1 = _mm512_and_si512(d1, mask44);
+    let c = add(_mm512_slli_epi64::<10>(t2), _mm512_srli_epi64::<42>(d2));
+    let h2 = _mm512_and_si512(d2, mask42);
+    let h0 = add(h0, add(_mm512_slli_epi64::<2>(c), c));
+
+    h[0] = _mm512_mask_mov_epi64(h[0], active, h0);
+    h[1] = _mm512_mask_mov_epi64(h[1], active, h1);
+    h[2] = _mm512_mask_mov_epi64(h[2], active, h2);
+}
+
+/// The tag from one lane's radix-2^44 limbs (h0 < 2^51, h1 < 2^44, h2 < 2^42): full carry,
+/// reduce mod 2^130 - 5 in constant time, add s mod 2^128. Leaves its working values in `h`
+/// for the caller to wipe.
+fn finish44(h: &mut [u64; 3], s: u128) -> [u8; 16] {
+    let mut c = h[0] >> 44;
+    h[0] &= MASK44;
+    h[1] += c;
+    c = h[1] >> 44;
+    h[1] &= MASK44;
+    h[2] += c;
+    c = h[2] >> 42;
+    h[2] &= MASK42;
+    h[0] += c * 5;
+    c = h[0] >> 44;
+    h[0] &= MASK44;
+    h[1] += c;
+    // h1 <= 2^44 and h < 2^130 + 2^44 < 2 p now, so one conditional subtraction of p
+    // reduces it: g = h + 5 - 2^130, kept iff it is not negative.
+    let mut g = [0u64; 3];
+    g[0] = h[0] + 5;
+    c = g[0] >> 44;
+    g[0] &= MASK44;
+    g[1] = h[1] + c;
+    c = g[1] >> 44;
+    g[1] &= MASK44;
+    g[2] = (h[2] + c).wrapping_sub(1 << 42);
+    let keep_g = (g[2] >> 63).wrapping_sub(1);
+    for (h, g) in h.iter_mut().zip(&g) {
+        *h = (*h & !keep_g) | (g & keep_g);
+    }
+    g.zeroize();
+    // Added, not or-ed: h1 may be exactly 2^44 when h was kept. Mod 2^128 from here.
+    let mut acc = u128::from(h[0])
+        .wrapping_add(u128::from(h[1]) << 44)
+        .wrapping_add(u128::from(h[2]) << 88);
+    let tag = acc.wrapping_add(s).to_le_bytes();
+    acc.zeroize();
+    tag
+}
+
+/// Every lane's blocks of one run, `steps` of them each.
+type RunBlocks<'a> = [&'a [[u8; 16]]; LANES];
+
+/// Each lane's whole blocks, its three parts in order, handed out in runs during which no
+/// lane moves to another part, so a run is one slice per lane.
+struct Feed<'a> {
+    parts: [[&'a [[u8; 16]]; 3]; LANES],
+    next_part: [usize; LANES],
+    current: [&'a [[u8; 16]]; LANES],
+}
+
+impl<'a> Feed<'a> {
+    fn new(inputs: &[PolyInput<'a>], n: usize) -> Self {
+        let mut parts = [[&[][..]; 3]; LANES];
+        for (lane, input) in parts.iter_mut().zip(inputs.iter().take(n)) {
+            // Only whole blocks; a partial tail (callers never send one) is dropped here.
+            *lane = input.parts.map(|p| p.as_chunks::<16>().0);
+        }
+        Feed {
+            parts,
+            next_part: [0; LANES],
+            current: [&[]; LANES],
+        }
+    }
+
+    /// The next run: the lanes that still have blocks, how many blocks each of them takes,
+    /// and those blocks. Every slice holds exactly `steps` blocks: a lane without blocks
+    /// gets a copy of an active lane's, computed and then masked away.
+    fn next_run(&mut self) -> Option<(__mmask8, usize, RunBlocks<'a>)> {
+        let mut active: __mmask8 = 0;
+        let mut steps = usize::MAX;
+        for (lane, current) in self.current.iter_mut().enumerate() {
+            while current.is_empty() && self.next_part[lane] < 3 {
+                *current = self.parts[lane][self.next_part[lane]];
+                self.next_part[lane] += 1;
+            }
+            if !current.is_empty() {
+                active |= 1 << lane;
+                steps = steps.min(current.len());
+            }
+        }
+        if active == 0 {
+            return None;
+        }
+        let filler = &self.current[active.trailing_zeros() as usize][..steps];
+        let mut run = [filler; LANES];
+        for (lane, current) in self.current.iter_mut().enumerate() {
+            if active & (1 << lane) != 0 {
+                (run[lane], *current) = current.split_at(steps);
+            }
+        }
+        Some((active, steps, run))
+    }
+}
+
+/// Block `k` of every lane of a run, as the vectors of the low and the high 64 bits.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn load_blocks(run: &RunBlocks<'_>, k: usize) -> (__m512i, __m512i) {
+    load_lanes(&run.map(|blocks| &blocks[k]))
+}
+
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn load_lanes(blocks: &[&[u8; 16]; LANES]) -> (__m512i, __m512i) {
+    let block = |lane: usize| -> __m128i {
+        let b: &[u8; 16] = blocks[lane];
+        // Safety: `b` is a reference to 16 readable bytes; the load has no alignment
+        // requirement.
+        unsafe { _mm_loadu_si128(b.as_ptr().cast()) }
+    };
+    // Qwords lo0 hi0 lo1 hi1 .. lo3 hi3 and lo4 hi4 .. lo7 hi7.
+    let a = _mm512_inserti64x4::<1>(
+        _mm512_castsi256_si512(_mm256_set_m128i(block(1), block(0))),
+        _mm256_set_m128i(block(3), block(2)),
+    );
+    let b = _mm512_inserti64x4::<1>(
+        _mm512_castsi256_si512(_mm256_set_m128i(block(5), block(4))),
+        _mm256_set_m128i(block(7), block(6)),
+    );
+    let even = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);
+    let odd = _mm512_set_epi64(15, 13, 11, 9, 7, 5, 3, 1);
+    (
+        _mm512_permutex2var_epi64(a, even, b),
+        _mm512_permutex2var_epi64(a, odd, b),
+    )
+}
+
 #[target_feature(enable = "avx512f")]
 #[inline]
 fn from_lanes(v: &[u64; LANES]) -> __m512i {
@@ -249,23 +503,62 @@ fn to_lanes(v: __m512i) -> [u64; LANES] {
 
 #[cfg(test)]
 mod tests {
-    use super::{poly1305_x8, PolyInput};
+    use super::{poly1305_lanes, poly1305_x8, poly1305_x8_ifma, PolyInput};
     use poly1305::universal_hash::KeyInit;
     use poly1305::Poly1305;
-
-    fn have_avx512f() -> bool {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
+    use std::arch::is_x86_feature_detected;
 
     fn reference(key: &[u8; 32], msg: &[u8]) -> [u8; 16] {
         Poly1305::new(key.into()).compute_unpadded(msg).into()
     }
 
-    fn kernel(keys: &[[u8; 32]], inputs: &[PolyInput<'_>]) -> Vec<[u8; 16]> {
-        let mut tags = vec![[0u8; 16]; keys.len().min(inputs.len()).min(8)];
-        // Safety: every caller checked have_avx512f() first.
-        unsafe { poly1305_x8(keys, inputs, &mut tags) };
-        tags
+    /// One kernel under test; only [`kernels`] and [`ifma`] make them, after detecting
+    /// the CPU features the kernel needs.
+    type KernelFn = unsafe fn(&[[u8; 32]], &[PolyInput<'_>], &mut [[u8; 16]]);
+
+    #[derive(Clone, Copy)]
+    struct Kernel {
+        name: &'static str,
+        f: KernelFn,
+    }
+
+    impl Kernel {
+        fn call(self, keys: &[[u8; 32]], inputs: &[PolyInput<'_>], tags: &mut [[u8; 16]]) {
+            // Safety: a Kernel exists only once its CPU features were detected.
+            unsafe { (self.f)(keys, inputs, tags) }
+        }
+
+        fn run(self, keys: &[[u8; 32]], inputs: &[PolyInput<'_>]) -> Vec<[u8; 16]> {
+            let mut tags = vec![[0u8; 16]; keys.len().min(inputs.len()).min(8)];
+            self.call(keys, inputs, &mut tags);
+            tags
+        }
+    }
+
+    fn ifma() -> Option<Kernel> {
+        let detected =
+            is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512ifma");
+        detected.then_some(Kernel {
+            name: "poly1305_x8_ifma",
+            f: poly1305_x8_ifma,
+        })
+    }
+
+    /// Every kernel this CPU runs: none without AVX-512F, so each test is then a no-op.
+    fn kernels() -> Vec<Kernel> {
+        let mut all = Vec::new();
+        if is_x86_feature_detected!("avx512f") {
+            all.push(Kernel {
+                name: "poly1305_x8",
+                f: poly1305_x8,
+            });
+            all.push(Kernel {
+                name: "poly1305_lanes",
+                f: poly1305_lanes,
+            });
+        }
+        all.extend(ifma());
+        all
     }
 
     struct XorShift(u64);
@@ -304,13 +597,14 @@ mod tests {
         }
     }
 
-    fn check_all(keys: &[[u8; 32]], msgs: &[Vec<u8>], inputs: &[PolyInput<'_>]) {
-        let tags = kernel(keys, inputs);
+    fn check_all(k: Kernel, keys: &[[u8; 32]], msgs: &[Vec<u8>], inputs: &[PolyInput<'_>]) {
+        let tags = k.run(keys, inputs);
         for (lane, tag) in tags.iter().enumerate() {
             assert_eq!(
                 *tag,
                 reference(&keys[lane], &msgs[lane]),
-                "lane {lane} of {}",
+                "{}: lane {lane} of {}",
+                k.name,
                 tags.len()
             );
         }
@@ -318,271 +612,329 @@ mod tests {
 
     #[test]
     fn rfc8439_vector() {
-        if !have_avx512f() {
-            return;
-        }
-        let key: [u8; 32] = [
-            0x85, 0xd6, 0xbe, 0x78, 0x57, 0x55, 0x6d, 0x33, 0x7f, 0x44, 0x52, 0xfe, 0x42, 0xd5,
-            0x06, 0xa8, 0x01, 0x03, 0x80, 0x8a, 0xfb, 0x0d, 0xb2, 0xfd, 0x4a, 0xbf, 0xf6, 0xaf,
-            0x41, 0x49, 0xf5, 0x1b,
-        ];
-        let expected = [
-            0xa8, 0x06, 0x1d, 0xc1, 0x30, 0x51, 0x36, 0xc6, 0xc2, 0x2b, 0x8b, 0xaf, 0x0c, 0x01,
-            0x27, 0xa9,
-        ];
-        let msg = b"Cryptographic Forum Research Group";
-        assert_eq!(reference(&key, msg), expected);
+        for k in kernels() {
+            let key: [u8; 32] = [
+                0x85, 0xd6, 0xbe, 0x78, 0x57, 0x55, 0x6d, 0x33, 0x7f, 0x44, 0x52, 0xfe, 0x42, 0xd5,
+                0x06, 0xa8, 0x01, 0x03, 0x80, 0x8a, 0xfb, 0x0d, 0xb2, 0xfd, 0x4a, 0xbf, 0xf6, 0xaf,
+                0x41, 0x49, 0xf5, 0x1b,
+            ];
+            let expected = [
+                0xa8, 0x06, 0x1d, 0xc1, 0x30, 0x51, 0x36, 0xc6, 0xc2, 0x2b, 0x8b, 0xaf, 0x0c, 0x01,
+                0x27, 0xa9,
+            ];
+            let msg = b"Cryptographic Forum Research Group";
+            assert_eq!(reference(&key, msg), expected);
 
-        let mut padded = msg.to_vec();
-        padded.resize(48, 0);
-        let want = reference(&key, &padded);
-        for n in 1..=8 {
-            let keys = vec![key; n];
-            let msgs = vec![padded.clone(); n];
-            let inputs: Vec<_> = (0..n)
-                .map(|lane| {
-                    let cut = (lane % 4) * 16;
-                    PolyInput {
-                        parts: [
-                            &padded[..cut.min(16)],
-                            &padded[cut.min(16)..cut],
-                            &padded[cut..],
-                        ],
-                    }
-                })
-                .collect();
-            check_all(&keys, &msgs, &inputs);
-            assert!(kernel(&keys, &inputs).iter().all(|t| *t == want));
+            let mut padded = msg.to_vec();
+            padded.resize(48, 0);
+            let want = reference(&key, &padded);
+            for n in 1..=8 {
+                let keys = vec![key; n];
+                let msgs = vec![padded.clone(); n];
+                let inputs: Vec<_> = (0..n)
+                    .map(|lane| {
+                        let cut = (lane % 4) * 16;
+                        PolyInput {
+                            parts: [
+                                &padded[..cut.min(16)],
+                                &padded[cut.min(16)..cut],
+                                &padded[cut..],
+                            ],
+                        }
+                    })
+                    .collect();
+                check_all(k, &keys, &msgs, &inputs);
+                assert!(k.run(&keys, &inputs).iter().all(|t| *t == want));
+            }
         }
     }
 
     #[test]
     fn random_lanes_lengths_and_splits() {
-        if !have_avx512f() {
-            return;
-        }
-        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
-        for round in 0..24 {
-            for n in 1..=8 {
-                let keys: Vec<_> = (0..n).map(|_| rng.key()).collect();
-                let msgs: Vec<Vec<u8>> = (0..n)
-                    .map(|_| {
-                        // Mostly short, sometimes up to ~300 blocks, sometimes empty.
-                        let blocks = match rng.below(4) {
-                            0 => 0,
-                            1 => rng.below(301),
-                            _ => rng.below(20),
-                        };
-                        let mut m = vec![0u8; blocks * 16];
-                        rng.fill(&mut m);
-                        m
-                    })
-                    .collect();
-                let inputs: Vec<_> = msgs.iter().map(|m| split(&mut rng, m)).collect();
-                check_all(&keys, &msgs, &inputs);
-                // Same messages, every lane in one part, or the lanes shifted over: same tags.
-                let whole: Vec<_> = msgs
-                    .iter()
-                    .map(|m| PolyInput {
-                        parts: [&[], m, &[]],
-                    })
-                    .collect();
-                assert_eq!(
-                    kernel(&keys, &whole),
-                    kernel(&keys, &inputs),
-                    "round {round}, {n} lanes"
-                );
+        for k in kernels() {
+            let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+            for round in 0..24 {
+                for n in 1..=8 {
+                    let keys: Vec<_> = (0..n).map(|_| rng.key()).collect();
+                    let msgs: Vec<Vec<u8>> = (0..n)
+                        .map(|_| {
+                            // Mostly short, sometimes up to ~300 blocks, sometimes empty.
+                            let blocks = match rng.below(4) {
+                                0 => 0,
+                                1 => rng.below(301),
+                                _ => rng.below(20),
+                            };
+                            let mut m = vec![0u8; blocks * 16];
+                            rng.fill(&mut m);
+                            m
+                        })
+                        .collect();
+                    let inputs: Vec<_> = msgs.iter().map(|m| split(&mut rng, m)).collect();
+                    check_all(k, &keys, &msgs, &inputs);
+                    // Same messages, every lane in one part, or the lanes shifted over: same tags.
+                    let whole: Vec<_> = msgs
+                        .iter()
+                        .map(|m| PolyInput {
+                            parts: [&[], m, &[]],
+                        })
+                        .collect();
+                    assert_eq!(
+                        k.run(&keys, &whole),
+                        k.run(&keys, &inputs),
+                        "round {round}, {n} lanes"
+                    );
+                }
             }
         }
     }
 
     #[test]
     fn extra_entries_beyond_n_are_untouched() {
-        if !have_avx512f() {
-            return;
-        }
-        let mut rng = XorShift(7);
-        let keys: Vec<_> = (0..10).map(|_| rng.key()).collect();
-        let msg = vec![0x5au8; 64];
-        let inputs = vec![
-            PolyInput {
-                parts: [&msg, &[], &[]],
-            };
-            3
-        ];
-        let mut tags = vec![[0xeeu8; 16]; 5];
-        // Safety: AVX-512F was detected above.
-        unsafe { poly1305_x8(&keys, &inputs, &mut tags) };
-        for (lane, tag) in tags.iter().enumerate().take(3) {
-            assert_eq!(*tag, reference(&keys[lane], &msg));
-        }
-        assert_eq!(tags[3..], [[0xee; 16]; 2]);
+        for k in kernels() {
+            let mut rng = XorShift(7);
+            let keys: Vec<_> = (0..10).map(|_| rng.key()).collect();
+            let msg = vec![0x5au8; 64];
+            let inputs = vec![
+                PolyInput {
+                    parts: [&msg, &[], &[]],
+                };
+                3
+            ];
+            let mut tags = vec![[0xeeu8; 16]; 5];
+            k.call(&keys, &inputs, &mut tags);
+            for (lane, tag) in tags.iter().enumerate().take(3) {
+                assert_eq!(*tag, reference(&keys[lane], &msg));
+            }
+            assert_eq!(tags[3..], [[0xee; 16]; 2]);
 
-        // More than eight of everything: only eight computed.
-        let inputs = vec![inputs[0]; 10];
-        let mut tags = vec![[0xeeu8; 16]; 10];
-        // Safety: as above.
-        unsafe { poly1305_x8(&keys, &inputs, &mut tags) };
-        for (lane, tag) in tags.iter().enumerate().take(8) {
-            assert_eq!(*tag, reference(&keys[lane], &msg));
-        }
-        assert_eq!(tags[8..], [[0xee; 16]; 2]);
+            // More than eight of everything: only eight computed.
+            let inputs = vec![inputs[0]; 10];
+            let mut tags = vec![[0xeeu8; 16]; 10];
+            k.call(&keys, &inputs, &mut tags);
+            for (lane, tag) in tags.iter().enumerate().take(8) {
+                assert_eq!(*tag, reference(&keys[lane], &msg));
+            }
+            assert_eq!(tags[8..], [[0xee; 16]; 2]);
 
-        // Nothing to do.
-        // Safety: as above.
-        unsafe { poly1305_x8(&[], &inputs, &mut tags) };
+            // Nothing to do.
+            k.call(&[], &inputs, &mut tags);
+        }
     }
 
     #[test]
     fn empty_lanes_give_s() {
-        if !have_avx512f() {
-            return;
-        }
-        let mut rng = XorShift(11);
-        let keys: Vec<_> = (0..8).map(|_| rng.key()).collect();
-        let msg = vec![1u8; 160];
-        let inputs: Vec<_> = (0..8)
-            .map(|lane| PolyInput {
-                parts: if lane % 2 == 0 {
-                    [&[], &[], &[]]
-                } else {
-                    [&msg, &[], &msg]
-                },
-            })
-            .collect();
-        let tags = kernel(&keys, &inputs);
-        for lane in (0..8).step_by(2) {
-            assert_eq!(tags[lane][..], keys[lane][16..]);
-        }
-        let twice = [msg.clone(), msg.clone()].concat();
-        for lane in (1..8).step_by(2) {
-            assert_eq!(tags[lane], reference(&keys[lane], &twice));
+        for k in kernels() {
+            let mut rng = XorShift(11);
+            let keys: Vec<_> = (0..8).map(|_| rng.key()).collect();
+            let msg = vec![1u8; 160];
+            let inputs: Vec<_> = (0..8)
+                .map(|lane| PolyInput {
+                    parts: if lane % 2 == 0 {
+                        [&[], &[], &[]]
+                    } else {
+                        [&msg, &[], &msg]
+                    },
+                })
+                .collect();
+            let tags = k.run(&keys, &inputs);
+            for lane in (0..8).step_by(2) {
+                assert_eq!(tags[lane][..], keys[lane][16..]);
+            }
+            let twice = [msg.clone(), msg.clone()].concat();
+            for lane in (1..8).step_by(2) {
+                assert_eq!(tags[lane], reference(&keys[lane], &twice));
+            }
         }
     }
 
     #[test]
     fn edge_keys_and_blocks() {
-        if !have_avx512f() {
-            return;
-        }
-        let ones = vec![0xffu8; 300 * 16];
-        let zeros = vec![0u8; 300 * 16];
-        // r at the clamp maximum with s = 0, and with s all ones.
-        let mut clamp_max = [0u8; 32];
-        clamp_max[..16]
-            .copy_from_slice(&0x0fff_fffc_0fff_fffc_0fff_fffc_0fff_ffffu128.to_le_bytes());
-        let mut clamp_max_s = clamp_max;
-        clamp_max_s[16..].fill(0xff);
-        let keys = [
-            [0xffu8; 32],
-            [0u8; 32],
-            clamp_max,
-            clamp_max_s,
-            [0xff; 32],
-            clamp_max_s,
-            [0u8; 32],
-            clamp_max,
-        ];
-        for &len in &[0usize, 1, 2, 3, 5, 17, 64, 300] {
-            let msgs: Vec<Vec<u8>> = (0..8)
-                .map(|lane| {
-                    if lane < 6 {
-                        ones[..len * 16].to_vec()
-                    } else {
-                        zeros[..len * 16].to_vec()
-                    }
-                })
-                .collect();
-            let inputs: Vec<_> = msgs
-                .iter()
-                .map(|m| PolyInput {
-                    parts: [m, &[], &[]],
-                })
-                .collect();
-            check_all(&keys, &msgs, &inputs);
-            // An all-zero key authenticates everything to zero.
-            assert_eq!(kernel(&keys, &inputs)[1], [0; 16]);
+        for k in kernels() {
+            let ones = vec![0xffu8; 300 * 16];
+            let zeros = vec![0u8; 300 * 16];
+            // r at the clamp maximum with s = 0, and with s all ones.
+            let mut clamp_max = [0u8; 32];
+            clamp_max[..16]
+                .copy_from_slice(&0x0fff_fffc_0fff_fffc_0fff_fffc_0fff_ffffu128.to_le_bytes());
+            let mut clamp_max_s = clamp_max;
+            clamp_max_s[16..].fill(0xff);
+            let keys = [
+                [0xffu8; 32],
+                [0u8; 32],
+                clamp_max,
+                clamp_max_s,
+                [0xff; 32],
+                clamp_max_s,
+                [0u8; 32],
+                clamp_max,
+            ];
+            for &len in &[0usize, 1, 2, 3, 5, 17, 64, 300] {
+                let msgs: Vec<Vec<u8>> = (0..8)
+                    .map(|lane| {
+                        if lane < 6 {
+                            ones[..len * 16].to_vec()
+                        } else {
+                            zeros[..len * 16].to_vec()
+                        }
+                    })
+                    .collect();
+                let inputs: Vec<_> = msgs
+                    .iter()
+                    .map(|m| PolyInput {
+                        parts: [m, &[], &[]],
+                    })
+                    .collect();
+                check_all(k, &keys, &msgs, &inputs);
+                // An all-zero key authenticates everything to zero.
+                assert_eq!(k.run(&keys, &inputs)[1], [0; 16]);
+            }
         }
     }
 
     #[test]
     fn final_reduction_boundary() {
-        if !have_avx512f() {
-            return;
-        }
-        // With r = 1, three blocks 0, 0, b give h = 3 * 2^128 + b; b = 2^128 - 5 + d makes
-        // h = p + d, straddling the final conditional subtraction.
-        let mut keys = [[0u8; 32]; 8];
-        let mut msgs = Vec::new();
-        for (lane, d) in (-2i32..6).enumerate() {
-            keys[lane][0] = 1;
-            if lane % 2 == 1 {
-                keys[lane][16..].fill(0xff);
+        for k in kernels() {
+            // With r = 1, three blocks 0, 0, b give h = 3 * 2^128 + b; b = 2^128 - 5 + d makes
+            // h = p + d, straddling the final conditional subtraction.
+            let mut keys = [[0u8; 32]; 8];
+            let mut msgs = Vec::new();
+            for (lane, d) in (-2i32..6).enumerate() {
+                keys[lane][0] = 1;
+                if lane % 2 == 1 {
+                    keys[lane][16..].fill(0xff);
+                }
+                let b = (u128::MAX - 4).wrapping_add(d as u128);
+                let mut m = vec![0u8; 32];
+                m.extend_from_slice(&b.to_le_bytes());
+                msgs.push(m);
             }
-            let b = (u128::MAX - 4).wrapping_add(d as u128);
-            let mut m = vec![0u8; 32];
-            m.extend_from_slice(&b.to_le_bytes());
-            msgs.push(m);
+            let inputs: Vec<_> = msgs
+                .iter()
+                .map(|m| PolyInput {
+                    parts: [&m[..16], &m[16..32], &m[32..]],
+                })
+                .collect();
+            check_all(k, &keys, &msgs, &inputs);
         }
-        let inputs: Vec<_> = msgs
-            .iter()
-            .map(|m| PolyInput {
-                parts: [&m[..16], &m[16..32], &m[32..]],
-            })
-            .collect();
-        check_all(&keys, &msgs, &inputs);
     }
 
     #[test]
     fn long_lane_with_short_ones() {
-        if !have_avx512f() {
-            return;
+        for k in kernels() {
+            let mut rng = XorShift(0xdead_beef);
+            let keys: Vec<_> = (0..8).map(|_| rng.key()).collect();
+            let msgs: Vec<Vec<u8>> = (0..8)
+                .map(|lane| {
+                    let mut m = vec![0u8; if lane == 3 { 64 * 1024 } else { 16 }];
+                    rng.fill(&mut m);
+                    m
+                })
+                .collect();
+            let inputs: Vec<_> = msgs
+                .iter()
+                .map(|m| PolyInput {
+                    parts: [&[], &[], m],
+                })
+                .collect();
+            check_all(k, &keys, &msgs, &inputs);
         }
-        let mut rng = XorShift(0xdead_beef);
-        let keys: Vec<_> = (0..8).map(|_| rng.key()).collect();
-        let msgs: Vec<Vec<u8>> = (0..8)
-            .map(|lane| {
-                let mut m = vec![0u8; if lane == 3 { 64 * 1024 } else { 16 }];
-                rng.fill(&mut m);
-                m
-            })
-            .collect();
-        let inputs: Vec<_> = msgs
-            .iter()
-            .map(|m| PolyInput {
-                parts: [&[], &[], m],
-            })
-            .collect();
-        check_all(&keys, &msgs, &inputs);
     }
 
     #[test]
     fn partial_trailing_bytes_are_ignored() {
-        if !have_avx512f() {
-            return;
+        for k in kernels() {
+            let mut rng = XorShift(99);
+            let keys: Vec<_> = (0..8).map(|_| rng.key()).collect();
+            let mut data = vec![0u8; 200];
+            rng.fill(&mut data);
+            let inputs: Vec<_> = (0..8)
+                .map(|lane| PolyInput {
+                    parts: [
+                        &data[..17 + lane],
+                        &data[40..45],
+                        &data[50..50 + 33 + lane * 7],
+                    ],
+                })
+                .collect();
+            let tags = k.run(&keys, &inputs);
+            for (lane, input) in inputs.iter().enumerate() {
+                let whole: Vec<u8> = input
+                    .parts
+                    .iter()
+                    .flat_map(|p| &p[..p.len() / 16 * 16])
+                    .copied()
+                    .collect();
+                assert_eq!(tags[lane], reference(&keys[lane], &whole), "lane {lane}");
+            }
         }
-        let mut rng = XorShift(99);
-        let keys: Vec<_> = (0..8).map(|_| rng.key()).collect();
-        let mut data = vec![0u8; 200];
-        rng.fill(&mut data);
-        let inputs: Vec<_> = (0..8)
-            .map(|lane| PolyInput {
-                parts: [
-                    &data[..17 + lane],
-                    &data[40..45],
-                    &data[50..50 + 33 + lane * 7],
-                ],
+    }
+
+    /// Radix 2^44 carries differ from radix 2^26: final values straddling p reached after
+    /// 0..8 blocks of folding, and all-ones blocks with r at or next to its limb boundaries.
+    #[test]
+    fn ifma_final_reduction_and_all_ones() {
+        let Some(k) = ifma() else {
+            return;
+        };
+        // r = 1, `zeros` zero blocks, then zero, zero and b: h = (zeros + 3) * 2^128 + b,
+        // and for zeros = 0 that is p + d.
+        for zeros in 0..8 {
+            let mut keys = [[0u8; 32]; 8];
+            let mut msgs = Vec::new();
+            for (lane, d) in (-2i32..6).enumerate() {
+                keys[lane][0] = 1;
+                if lane % 2 == 1 {
+                    keys[lane][16..].fill(0xff);
+                }
+                let b = (u128::MAX - 4).wrapping_add(d as u128);
+                let mut m = vec![0u8; (zeros + 2) * 16];
+                m.extend_from_slice(&b.to_le_bytes());
+                msgs.push(m);
+            }
+            let inputs: Vec<_> = msgs
+                .iter()
+                .map(|m| PolyInput {
+                    parts: [&m[..16], &m[16..m.len() - 16], &m[m.len() - 16..]],
+                })
+                .collect();
+            check_all(k, &keys, &msgs, &inputs);
+        }
+
+        let clamp = 0x0fff_fffc_0fff_fffc_0fff_fffc_0fff_ffffu128;
+        let rs = [
+            1u128 << 44,
+            (1 << 44) - 1,
+            1 << 88,
+            ((1 << 88) - 1) & clamp,
+            clamp,
+            clamp & !((1 << 44) - 1),
+            clamp & ((1 << 88) - 1),
+            clamp & !((1 << 88) - 1),
+        ];
+        let keys: Vec<[u8; 32]> = rs
+            .iter()
+            .enumerate()
+            .map(|(lane, r)| {
+                let mut key = [0xffu8; 32];
+                key[..16].copy_from_slice(&r.to_le_bytes());
+                if lane % 3 == 0 {
+                    key[16..].fill(0);
+                }
+                key
             })
             .collect();
-        let tags = kernel(&keys, &inputs);
-        for (lane, input) in inputs.iter().enumerate() {
-            let whole: Vec<u8> = input
-                .parts
+        let ones = vec![0xffu8; 200 * 16];
+        for len in [1usize, 2, 3, 4, 7, 12, 68, 200] {
+            let msgs = vec![ones[..len * 16].to_vec(); 8];
+            let inputs: Vec<_> = msgs
                 .iter()
-                .flat_map(|p| &p[..p.len() / 16 * 16])
-                .copied()
+                .map(|m| PolyInput {
+                    parts: [&[], m, &[]],
+                })
                 .collect();
-            assert_eq!(tags[lane], reference(&keys[lane], &whole), "lane {lane}");
+            check_all(k, &keys, &msgs, &inputs);
+            // All-ones keys too, as the key the clamp sees most of.
+            check_all(k, &[[0xff; 32]; 8], &msgs, &inputs);
         }
     }
 
@@ -590,7 +942,11 @@ mod tests {
     #[test]
     #[ignore]
     fn timing() {
-        if !have_avx512f() {
+        let kernels: Vec<Kernel> = kernels()
+            .into_iter()
+            .filter(|k| k.name != "poly1305_lanes")
+            .collect();
+        if kernels.is_empty() {
             return;
         }
         use std::hint::black_box;
@@ -624,17 +980,20 @@ mod tests {
                     black_box(reference(black_box(key), black_box(msg)));
                 }
             };
-            let mut tags = [[0u8; 16]; 8];
-            let mut x8_batch = || {
-                // Safety: AVX-512F was detected above.
-                unsafe { poly1305_x8(black_box(&keys), black_box(&inputs), &mut tags) };
-                black_box(&tags);
-            };
             // The crate before and after, in case the vector unit's state skews it.
             let single = per_message(&mut one_by_one);
-            let x8 = per_message(&mut x8_batch);
+            let mut line = format!("{blocks} blocks:");
+            for k in &kernels {
+                let mut tags = [[0u8; 16]; 8];
+                let mut batch = || {
+                    k.call(black_box(&keys), black_box(&inputs), &mut tags);
+                    black_box(&tags);
+                };
+                let ns = per_message(&mut batch);
+                line += &format!(" {} {ns:.1},", k.name);
+            }
             let single_after = per_message(&mut one_by_one);
-            println!("{blocks} blocks: poly1305_x8 {x8:.1} ns/message, poly1305 crate {single:.1} / {single_after:.1} ns/message");
+            println!("{line} poly1305 crate {single:.1} / {single_after:.1} ns/message");
         }
     }
 }
