@@ -124,17 +124,32 @@ fn open_batched(
 ) -> Result<Vec<u8>, EnvelopeError> {
     let mut batch = Batch::default();
     let mut out = BytesMut::from(SENTINEL);
-    opener.open_deferred(key, header, envelope, subject, allow_unbound, &mut out, &mut batch)?;
+    opener.open_deferred(
+        key,
+        header,
+        envelope,
+        subject,
+        allow_unbound,
+        &mut out,
+        &mut batch,
+    )?;
     let queued = batch.len();
     let mut failed = Vec::new();
     batch.open(&mut out, |i| failed.push(i));
-    assert_eq!(&out[..SENTINEL.len()], SENTINEL, "batched open overwrote the buffer");
+    assert_eq!(
+        &out[..SENTINEL.len()],
+        SENTINEL,
+        "batched open overwrote the buffer"
+    );
     let text = &out[SENTINEL.len()..];
     if failed.is_empty() {
         Ok(text.to_vec())
     } else {
         assert_eq!((failed, queued), (vec![0], 1));
-        assert!(text.iter().all(|&b| b == 0), "refused bytes were not zeroed");
+        assert!(
+            text.iter().all(|&b| b == 0),
+            "refused bytes were not zeroed"
+        );
         Err(EnvelopeError::Auth)
     }
 }
