@@ -340,9 +340,9 @@ impl Batch {
         }
     }
 
-    /// Runs ChaCha20 over the blocks `blocks(job)` of every job `want(job)` accepts,
-    /// sixteen at a time. Block 0 becomes the job's Poly1305 key; block `n > 0` is XORed
-    /// into the job's text at `64 * (n - 1)`.
+    /// Runs ChaCha20 over the blocks of every job `want(job)` accepts, sixteen at a time:
+    /// block 0 only, or blocks `first..=blocks(job)` when `data` is set. Block 0 becomes the
+    /// job's Poly1305 key; block `n > 0` is XORed into the job's text at `64 * (n - 1)`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     fn keystream(
@@ -363,10 +363,6 @@ impl Batch {
             let last = if data { self.jobs[j].blocks() } else { 0 };
             for counter in first..=last {
                 let job = &self.jobs[j];
-                let key = &self.keys[job.key].words;
-                for (w, k) in key.iter().enumerate() {
-                    lanes.words[4 + w][filled] = *k;
-                }
                 // Fits: texts over MAX_TEXT_LEN were refused before the pass.
                 lanes.words[12][filled] = counter as u32;
                 for (n, v) in job.nonce.iter().enumerate() {
@@ -375,18 +371,42 @@ impl Batch {
                 tasks[filled] = (j, counter as u32);
                 filled += 1;
                 if filled == 16 {
-                    chacha::blocks_x16(&lanes, &mut blocks);
-                    self.apply(buf, &blocks, &tasks[..filled]);
+                    self.run_blocks(buf, &mut lanes, &mut blocks, &tasks);
                     filled = 0;
                 }
             }
         }
         if filled > 0 {
-            chacha::blocks_x16(&lanes, &mut blocks);
-            self.apply(buf, &blocks, &tasks[..filled]);
+            self.run_blocks(buf, &mut lanes, &mut blocks, &tasks[..filled]);
         }
         lanes.words.zeroize();
         blocks.0.zeroize();
+    }
+
+    /// One call of the ChaCha20 kernel for `tasks`, whose counters and nonces are already in
+    /// `lanes`; the keys go in here, once if all tasks share one.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn run_blocks(
+        &mut self,
+        buf: &mut [u8],
+        lanes: &mut chacha::Lanes,
+        blocks: &mut chacha::Blocks,
+        tasks: &[(usize, u32)],
+    ) {
+        let key_of = |t: &(usize, u32)| self.jobs[t.0].key;
+        let first = key_of(&tasks[0]);
+        if tasks.iter().all(|t| key_of(t) == first) {
+            chacha::blocks_x16(lanes, Some(&self.keys[first].words), blocks);
+        } else {
+            for (lane, t) in tasks.iter().enumerate() {
+                for (w, k) in self.keys[key_of(t)].words.iter().enumerate() {
+                    lanes.words[4 + w][lane] = *k;
+                }
+            }
+            chacha::blocks_x16(lanes, None, blocks);
+        }
+        self.apply(buf, blocks, tasks);
     }
 
     /// Uses the key-stream blocks for `tasks` (job, counter), lane by lane.
