@@ -14,7 +14,8 @@
 //! ```
 //!
 //! - [`proto`]: NATS ops, incremental parsers and canonical encoders. No I/O.
-//! - [`envelope`]: the sealed payload format, XChaCha20-Poly1305, key types and derivations.
+//! - [`envelope`]: the sealed payload format, XChaCha20-Poly1305 (one message at a time, or
+//!   the messages of one read together with AVX-512), key types and derivations.
 //! - [`keyring`]: epochs and their keys, the active snapshot, the retired LRU, the state directory.
 //! - [`policy`]: ordered subject rules (`encrypt`, `plaintext`, `deny`).
 //! - [`session`]: one agent connection: upstream dial, INFO rewrite, the two pumps.
