@@ -923,6 +923,81 @@ mod tests {
         assert_eq!(inbound.opener.cached(), 0);
     }
 
+    /// A batch of deliveries with one forged among them: the forged one is cut out whole and
+    /// counted, the others arrive opened, in order, byte for byte as the one-by-one path
+    /// writes them.
+    #[test]
+    fn a_forged_delivery_in_a_batch_is_cut_out_and_the_rest_arrive_in_order() {
+        let keyring = Keyring::open(crate::envelope::RootKey::from_bytes([7; 32]), None, 4)
+            .expect("in-memory keyring");
+        let snap = keyring.snapshot();
+        let (policy, metrics, replies) = (Policy::default(), Metrics::new(), Replies::default());
+        let mut outbound = Outbound::new();
+        let mut wire = BytesMut::new();
+        for i in 0..6u8 {
+            let op = ClientOp::Pub {
+                subject: Bytes::from_static(b"orders"),
+                reply: None,
+                payload: Bytes::from(vec![b'a' + i; 100 + usize::from(i)]),
+            };
+            outbound
+                .handle(op, &policy, &snap, &replies, &metrics, &mut wire)
+                .expect("queued");
+        }
+        outbound.finish(&mut wire).expect("sealed");
+        let mut parser = proto::ClientParser::new();
+        let mut sealed = Vec::new();
+        while let Some(ClientOp::Pub { payload, .. }) = parser.parse(&mut wire, 1 << 20).unwrap() {
+            sealed.push(payload);
+        }
+        assert_eq!(sealed.len(), 6);
+        let mut forged = sealed[3].to_vec();
+        forged[40] ^= 1;
+        sealed[3] = Bytes::from(forged);
+
+        let deliver = |inbound: &mut Inbound, out: &mut BytesMut, payload: &Bytes| {
+            let op = ServerOp::Hmsg {
+                subject: Bytes::from_static(b"orders"),
+                sid: Bytes::from_static(b"9"),
+                reply: None,
+                headers: Bytes::from_static(b"NATS/1.0\r\nK: v\r\n\r\n"),
+                payload: payload.clone(),
+            };
+            inbound.handle(op, &policy, &keyring, &snap, &replies, &metrics, out);
+        };
+        let mut batched = BytesMut::new();
+        let mut inbound = Inbound::new();
+        for payload in &sealed {
+            deliver(&mut inbound, &mut batched, payload);
+        }
+        inbound.finish(&mut batched, &metrics);
+        inbound.flush_metrics(&metrics);
+
+        let mut one_by_one = BytesMut::new();
+        let mut inbound = Inbound::new();
+        for (i, payload) in sealed.iter().enumerate() {
+            if i != 3 {
+                deliver(&mut inbound, &mut one_by_one, payload);
+                inbound.finish(&mut one_by_one, &metrics);
+            }
+        }
+        assert_eq!(batched, one_by_one);
+        let text = String::from_utf8_lossy(&batched);
+        assert_eq!(text.matches("HMSG orders 9").count(), 5, "{text}");
+        assert!(!text.contains("ddd"), "the forged delivery is gone");
+        assert!(text.contains(&"f".repeat(105)), "the ones after it arrive");
+        let auth = metrics
+            .open_failures
+            .get_or_create(&crate::metrics::ReasonLabel { reason: "auth" })
+            .get();
+        assert_eq!(auth, 1);
+        assert_eq!(
+            metrics.messages_opened.get(),
+            5,
+            "the refused one is not counted as opened"
+        );
+    }
+
     #[test]
     fn api_suffix_and_stored_gets() {
         let direct = Some(StoredGet::Direct);
