@@ -651,16 +651,7 @@ impl Inbound {
         payload: &[u8],
         out: &mut BytesMut,
     ) -> Result<(), Refusal> {
-        let header = Header::parse(payload).map_err(|e| e.reason())?;
-        let key = keyring
-            .lookup(snap, header.epoch)
-            .map_err(|miss| miss.reason())?;
-        self.opener
-            .open_into(&key.key, &header, payload, subject, !d.bind_subject, out)
-            .map_err(|e| e.reason())?;
-        self.tally.msgs += 1;
-        self.tally.bytes += (payload.len() - OVERHEAD) as u64;
-        Ok(())
+        self.open_with(keyring, snap, d, subject, payload, out, false)
     }
 
     /// [`Inbound::open`], with the AEAD queued in `self.batch` for [`Inbound::finish`]
@@ -674,21 +665,34 @@ impl Inbound {
         payload: &[u8],
         out: &mut BytesMut,
     ) -> Result<(), Refusal> {
+        self.open_with(keyring, snap, d, subject, payload, out, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn open_with(
+        &mut self,
+        keyring: &Keyring,
+        snap: &Snapshot,
+        d: Decision,
+        subject: &[u8],
+        payload: &[u8],
+        out: &mut BytesMut,
+        queue: bool,
+    ) -> Result<(), Refusal> {
         let header = Header::parse(payload).map_err(|e| e.reason())?;
         let key = keyring
             .lookup(snap, header.epoch)
             .map_err(|miss| miss.reason())?;
-        self.opener
-            .open_deferred(
-                &key.key,
-                &header,
-                payload,
-                subject,
-                !d.bind_subject,
-                out,
-                &mut self.batch,
-            )
-            .map_err(|e| e.reason())?;
+        let (key, unbound) = (&key.key, !d.bind_subject);
+        let opened = if queue {
+            let batch = &mut self.batch;
+            self.opener
+                .open_deferred(key, &header, payload, subject, unbound, out, batch)
+        } else {
+            self.opener
+                .open_into(key, &header, payload, subject, unbound, out)
+        };
+        opened.map_err(|e| e.reason())?;
         self.tally.msgs += 1;
         self.tally.bytes += (payload.len() - OVERHEAD) as u64;
         Ok(())

@@ -554,30 +554,15 @@ impl Batch {
     }
 
     fn seal_scalar(&mut self, buf: &mut [u8]) {
-        let mut keys = self.scalar_keys();
-        for (j, job) in self.jobs.iter().enumerate() {
-            if self.failed[j] {
-                continue;
-            }
-            let Some(key) = Self::scalar_key(&mut keys, &self.keys[job.key], job.key) else {
-                self.failed[j] = true;
-                continue;
-            };
-            let aad = Aad::from(&self.arena[job.aad.start..job.aad.start + job.aad_len]);
-            match key.seal_in_place_separate_tag(
-                Self::scalar_nonce(job),
-                aad,
-                &mut buf[job.text.clone()],
-            ) {
-                Ok(tag) if tag.as_ref().len() == TAG_LEN => {
-                    buf[job.tag_at..job.tag_at + TAG_LEN].copy_from_slice(tag.as_ref());
-                }
-                _ => self.failed[j] = true,
-            }
-        }
+        self.scalar(buf, true);
     }
 
     fn open_scalar(&mut self, buf: &mut [u8]) {
+        self.scalar(buf, false);
+    }
+
+    /// Each job on its own with aws-lc-rs; a job that fails is marked in `failed`.
+    fn scalar(&mut self, buf: &mut [u8], seal: bool) {
         let mut keys = self.scalar_keys();
         for (j, job) in self.jobs.iter().enumerate() {
             if self.failed[j] {
@@ -588,13 +573,21 @@ impl Batch {
                 continue;
             };
             let aad = Aad::from(&self.arena[job.aad.start..job.aad.start + job.aad_len]);
-            let opened = key.open_in_place_separate_tag(
-                Self::scalar_nonce(job),
-                aad,
-                &job.expected,
-                &mut buf[job.text.clone()],
-            );
-            if opened.is_err() {
+            let nonce = Self::scalar_nonce(job);
+            let text = &mut buf[job.text.clone()];
+            let done = if seal {
+                match key.seal_in_place_separate_tag(nonce, aad, text) {
+                    Ok(tag) if tag.as_ref().len() == TAG_LEN => {
+                        buf[job.tag_at..job.tag_at + TAG_LEN].copy_from_slice(tag.as_ref());
+                        true
+                    }
+                    _ => false,
+                }
+            } else {
+                key.open_in_place_separate_tag(nonce, aad, &job.expected, text)
+                    .is_ok()
+            };
+            if !done {
                 self.failed[j] = true;
             }
         }
