@@ -68,7 +68,14 @@ fn a_short_run_measures_every_path_and_prints_json() {
             }
             if path != "direct" {
                 assert!(num(p, &["peak_rss_kib", "0"]) > 1000.0, "{path}: {p}");
-                assert!(num(p, &["cpu_seconds_per_million", "total"]) > 0.0);
+                let cpu = num(p, &["cpu_seconds_per_million", "total"]);
+                // CPU time comes in 10 ms clock ticks: the forwarders of a 300 ms run can
+                // stay under one, the proxies, which seal and open, do not.
+                if path == "forwarder" {
+                    assert!(cpu >= 0.0 && cpu.is_finite(), "{path}: {p}");
+                } else {
+                    assert!(cpu > 0.0, "{path}: {p}");
+                }
             }
         }
         assert!(num(&s["paths"]["cipherbus+rotation"], &["rotations"]) >= 1.0);
