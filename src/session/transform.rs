@@ -579,7 +579,7 @@ impl Inbound {
                 let bind = bind_to.unwrap_or(msg.subject);
                 let queued = self.batch.len();
                 let opened = self
-                    .open_queued(keyring, snap, d, bind, payload, out)
+                    .open_with(keyring, snap, d, bind, payload, out, true)
                     .inspect_err(|_| out.truncate(mark));
                 if opened.is_ok() && self.batch.len() > queued {
                     queued_at = Some(mark);
@@ -654,20 +654,8 @@ impl Inbound {
         self.open_with(keyring, snap, d, subject, payload, out, false)
     }
 
-    /// [`Inbound::open`], with the AEAD queued in `self.batch` for [`Inbound::finish`]
-    /// (large payloads are opened at once).
-    fn open_queued(
-        &mut self,
-        keyring: &Keyring,
-        snap: &Snapshot,
-        d: Decision,
-        subject: &[u8],
-        payload: &[u8],
-        out: &mut BytesMut,
-    ) -> Result<(), Refusal> {
-        self.open_with(keyring, snap, d, subject, payload, out, true)
-    }
-
+    /// Opens `payload` into `out`; with `queue`, the AEAD is left to `self.batch` for
+    /// [`Inbound::finish`] (large payloads are opened at once either way).
     #[allow(clippy::too_many_arguments)]
     fn open_with(
         &mut self,
