@@ -233,21 +233,45 @@ impl Drop for Proc {
     }
 }
 
-/// A scratch directory for keys, configs and child logs, removed at the end.
-struct Scratch(PathBuf);
+/// A scratch directory for keys, configs and child logs, removed at the end unless a run
+/// failed: then the server's and the proxies' logs are kept for a post-mortem.
+struct Scratch {
+    dir: PathBuf,
+    keep: AtomicBool,
+}
 
 impl Scratch {
     fn new() -> Result<Scratch, BenchError> {
         let dir = std::env::temp_dir().join(format!("cipherbus-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)
             .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
-        Ok(Scratch(dir))
+        Ok(Scratch {
+            dir,
+            keep: AtomicBool::new(false),
+        })
     }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if !self.keep.load(Ordering::Relaxed) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// What the clients' connections reported (disconnects, slow consumers, server errors), so a
+/// failed run says whether a client lost its connection or dropped messages on its own.
+static CLIENT_EVENTS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+/// Events kept; a flapping connection must not grow the list without bound.
+const CLIENT_EVENTS_KEPT: usize = 32;
+
+fn client_events() -> String {
+    let events = CLIENT_EVENTS.lock().map(|e| e.clone()).unwrap_or_default();
+    if events.is_empty() {
+        "none".to_owned()
+    } else {
+        events.join("; ")
     }
 }
 
@@ -275,13 +299,13 @@ impl Bench {
         let exe = std::env::current_exe()
             .map_err(|e| err(format!("cannot find this executable: {e}")))?;
         let scratch = Scratch::new()?;
-        let kek = scratch.0.join("kek");
+        let kek = scratch.dir.join("kek");
         crate::keyring::source::write_new_kek(&kek).map_err(|e| err(e.to_string()))?;
         let port = free_port()?;
         let mut cmd = Command::new(&params.nats_server);
         cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
         let server_addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let mut server = Proc::spawn("nats-server", cmd, scratch.0.join("nats-server.log"))?;
+        let mut server = Proc::spawn("nats-server", cmd, scratch.dir.join("nats-server.log"))?;
         server.wait_listening(server_addr)?;
         Ok(Bench {
             params,
@@ -316,13 +340,13 @@ impl Bench {
                     .arg(&self.kek)
                     .env("CIPHERBUS_LOG", "warn");
                 if rotate {
-                    let state = self.scratch.0.join(format!("state-{n}"));
+                    let state = self.scratch.dir.join(format!("state-{n}"));
                     cmd.arg("--controller").arg("--state-dir").arg(&state);
                 }
                 "cipherbus"
             }
         };
-        let log = self.scratch.0.join(format!("{name}-{n}.log"));
+        let log = self.scratch.dir.join(format!("{name}-{n}.log"));
         let mut p = Proc::spawn(name, cmd, log)?;
         p.wait_listening(listen)?;
         Ok((p, format!("nats://{listen}")))
@@ -350,8 +374,19 @@ impl Bench {
 // Clients
 
 async fn connect(url: &str) -> Result<async_nats::Client, BenchError> {
+    let at = url.to_owned();
     async_nats::ConnectOptions::new()
         .subscription_capacity(SUBSCRIPTION_CAPACITY)
+        .event_callback(move |event| {
+            let line = format!("{at}: {event}");
+            async move {
+                if let Ok(mut events) = CLIENT_EVENTS.lock() {
+                    if events.len() < CLIENT_EVENTS_KEPT {
+                        events.push(line);
+                    }
+                }
+            }
+        })
         .connect(url)
         .await
         .map_err(|e| err(format!("cannot connect to {url}: {e}")))
@@ -415,11 +450,14 @@ async fn throughput(
     let subject = unique_subject("tp");
     let mut received = Vec::new();
     let mut sub_clients = Vec::new();
+    // Dropped with the run, which ends the subscriptions: a counting task left behind would
+    // keep its connection redialling a hop that is gone.
+    let mut counters = tokio::task::JoinSet::new();
     for _ in 0..params.subs {
         let (c, mut sub) = subscriber(&hops.sub_url, &subject).await?;
         let n = Arc::new(AtomicU64::new(0));
         let counter = n.clone();
-        tokio::spawn(async move {
+        counters.spawn(async move {
             while sub.next().await.is_some() {
                 counter.fetch_add(1, Ordering::Relaxed);
             }
@@ -489,11 +527,15 @@ async fn throughput(
             c.flush()
                 .await
                 .map_err(|e| err(format!("flush failed: {e}")))?;
-            Ok(())
+            Ok(c)
         }));
     }
+    let mut publishers = Vec::new();
     for t in tasks {
-        t.await.map_err(|e| err(e.to_string()))??;
+        // Kept open until the subscribers have everything: `flush` only hands the bytes to the
+        // socket, and a client that closes with something unread (the server's first PING
+        // comes about two seconds in) resets its connection, discarding what it had not sent.
+        publishers.push(t.await.map_err(|e| err(e.to_string()))??);
     }
     let total = published.load(Ordering::Relaxed);
     let mut last = (0u64, Instant::now());
@@ -516,6 +558,7 @@ async fn throughput(
         tokio::time::sleep(Duration::from_micros(500)).await;
     }
     let seconds = start.elapsed().as_secs_f64();
+    drop(publishers);
     stop_rotating.store(true, Ordering::Relaxed);
     let mut cpu = [0.0; 2];
     for (i, p) in hops.procs.iter().enumerate().take(2) {
@@ -597,13 +640,16 @@ async fn latency(
         }
         handle
             .block_on(pub_client.flush())
-            .map_err(|e| err(format!("flush failed: {e}")))
+            .map_err(|e| err(format!("flush failed: {e}")))?;
+        Ok(pub_client)
     });
-    pacer.await.map_err(|e| err(e.to_string()))??;
+    // Open until every message has arrived, as in the throughput runs.
+    let pub_client = pacer.await.map_err(|e| err(e.to_string()))??;
     let mut samples = tokio::time::timeout(STALL, collector)
         .await
         .map_err(|_| err("latency run: not every message arrived"))?
         .map_err(|e| err(e.to_string()))?;
+    drop(pub_client);
     let skip = (samples.len() as f64 * LATENCY_WARMUP) as usize;
     samples.drain(..skip);
     samples.sort_unstable();
@@ -897,7 +943,14 @@ pub fn run(params: Params) -> Result<(), BenchError> {
         .build()
         .map_err(|e| err(format!("cannot start the runtime: {e}")))?;
     let bench = Bench::start(params)?;
-    rt.block_on(run_all(&bench))
+    rt.block_on(run_all(&bench)).map_err(|e| {
+        bench.scratch.keep.store(true, Ordering::Relaxed);
+        err(format!(
+            "{e} (client events: {}; server and proxy logs kept in {})",
+            client_events(),
+            bench.scratch.dir.display()
+        ))
+    })
 }
 
 async fn run_all(bench: &Bench) -> Result<(), BenchError> {

@@ -385,3 +385,98 @@ async fn status_messages_pass_untouched_idle_heartbeats() {
     }
     assert_eq!(p.metrics.open_failures_for("plaintext"), 0);
 }
+
+/// Sends `signal` (`STOP`, `CONT`) to a process.
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// An agent that publishes and then closes loses nothing, even when the server is behind
+/// reading and still sending to it. Here the server is paused while the agent's burst sits in
+/// the proxy's upstream socket, and deliveries the agent has not read yet sit in the proxy. A
+/// proxy that simply dropped the upstream connection then would reset it (there is unread data
+/// on it), and the reset would discard the part of the burst the server had not read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_publishes_and_closes_loses_nothing() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    const BURST: usize = 20_000;
+    let server = NatsServer::start();
+    let p = proxy(&server).await;
+    let watcher = async_nats::ConnectOptions::new()
+        .subscription_capacity(1 << 16)
+        .connect(server.url())
+        .await
+        .expect("observer connects");
+    let mut sub = watcher.subscribe("close.out").await.unwrap();
+    sync(&watcher).await;
+
+    // A well-behaved agent on a plain socket: it reads everything in the end, so its own
+    // close is never a reset.
+    let addr = p.local_addr;
+    let mut s = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).expect("agent connects");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut line = String::new();
+        r.read_line(&mut line).expect("INFO");
+        assert!(line.starts_with("INFO "), "{line}");
+        s.write_all(
+            b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\nSUB close.in 1\r\nPING\r\n",
+        )
+        .unwrap();
+        line.clear();
+        r.read_line(&mut line).expect("PONG");
+        assert_eq!(line, "PONG\r\n");
+        s
+    })
+    .await
+    .unwrap();
+    // Deliveries the agent does not read yet: they fill its socket, then the proxy's.
+    let feeder = agent(&p).await;
+    let big = Bytes::from(plaintext(16 * 1024));
+    for _ in 0..1_000 {
+        feeder.publish("close.in", big.clone()).await.unwrap();
+    }
+    sync(&feeder).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    signal(server.pid(), "STOP");
+    let mut burst = Vec::new();
+    for _ in 0..BURST {
+        burst.extend_from_slice(b"PUB close.out 128\r\n");
+        burst.extend_from_slice(&plaintext(128));
+        burst.extend_from_slice(b"\r\n");
+    }
+    let writer = tokio::task::spawn_blocking(move || {
+        s.write_all(&burst).expect("the proxy takes the burst");
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        s
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal(server.pid(), "CONT");
+    let mut s = writer.await.unwrap();
+    // Let the proxy finish with the connection before the agent reads the rest.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::spawn_blocking(move || {
+        let mut sink = [0u8; 64 * 1024];
+        while let Ok(1..) = s.read(&mut sink) {}
+    })
+    .await
+    .unwrap();
+
+    let mut seen = 0;
+    while seen < BURST {
+        match tokio::time::timeout(Duration::from_secs(5), sub.next()).await {
+            Ok(Some(_)) => seen += 1,
+            _ => break,
+        }
+    }
+    assert_eq!(
+        seen, BURST,
+        "the bus saw {seen} of the {BURST} messages published"
+    );
+}

@@ -51,6 +51,11 @@ const NOTICE_QUEUE: usize = 64;
 /// How long a server in lame-duck mode is tried last for new upstream connections: the
 /// server's default lame-duck duration, after which it has shut down or come back.
 const LAME_DUCK_AVOID: Duration = Duration::from_secs(120);
+/// How long a session whose agent has gone waits for the server to close the upstream
+/// connection, after telling it no more is coming. Dropping the connection while the server
+/// still has something to say would reset it, and a reset discards whatever the server has not
+/// read yet: the agent's last messages.
+const UPSTREAM_DRAIN: Duration = Duration::from_secs(10);
 
 /// State shared by every session of one proxy.
 #[derive(Debug)]
@@ -285,7 +290,7 @@ async fn serve(
 
     let replies = Replies::default();
     let (notice_tx, notice_rx) = mpsc::channel::<Notice>(NOTICE_QUEUE);
-    let fatal = {
+    let (fatal, drain) = {
         let c2s = agent_to_upstream(
             shared,
             &mut agent_r,
@@ -307,20 +312,40 @@ async fn serve(
         );
         tokio::pin!(c2s, s2c);
         tokio::select! {
-            end = &mut s2c => { tracing::debug!(?end, "upstream side ended"); false }
+            end = &mut s2c => {
+                tracing::debug!(?end, "upstream side ended");
+                // Unless the server closed, it may still be reading what the agent sent.
+                (false, !matches!(end, End::Closed))
+            }
             end = &mut c2s => {
                 tracing::debug!(?end, "agent side ended");
                 if matches!(end, End::Fatal) {
                     // The upstream pump writes the -ERR at an op boundary, then stops.
                     let _ = tokio::time::timeout(Duration::from_secs(2), &mut s2c).await;
-                    true
+                    (true, false)
                 } else {
-                    false
+                    // The agent is done and the server has been told. Deliver what the server
+                    // still sends until it closes, which it does once it has read everything.
+                    tokio::select! {
+                        end = tokio::time::timeout(UPSTREAM_DRAIN, &mut s2c) => {
+                            (false, !matches!(end, Ok(End::Closed)))
+                        }
+                        _ = shutdown.changed() => (false, false),
+                    }
                 }
             }
-            _ = shutdown.changed() => false,
+            _ = shutdown.changed() => (false, false),
         }
     };
+    if drain {
+        // Nobody left to deliver to: read and discard until the server closes.
+        let _ = up_w.shutdown().await;
+        let mut sink = [0u8; 4096];
+        let _ = tokio::time::timeout(UPSTREAM_DRAIN, async {
+            while matches!(up_r.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+    }
     let _ = agent_w.shutdown().await;
     if fatal {
         // Read what the agent still sends for a moment, so closing with unread data does not
@@ -624,9 +649,16 @@ where
         tokio::select! {
             biased;
             read = agent_r.read_buf(&mut buf) => match read {
-                Ok(0) => return End::Closed,
+                Ok(0) => {
+                    // Everything read has been written: let the server read it to the end.
+                    let _ = up_w.shutdown().await;
+                    return End::Closed;
+                }
                 Ok(n) => idle.read(n, room),
-                Err(e) => return End::Io(e),
+                Err(e) => {
+                    let _ = up_w.shutdown().await;
+                    return End::Io(e);
+                }
             },
             () = idle.timer.as_mut(), if !idle.quiet => {
                 if idle.fired(&mut buf, &mut out) {
