@@ -341,10 +341,11 @@ async fn serve(
         // Nobody left to deliver to: read and discard until the server closes.
         let _ = up_w.shutdown().await;
         let mut sink = [0u8; 4096];
-        let _ = tokio::time::timeout(UPSTREAM_DRAIN, async {
-            while matches!(up_r.read(&mut sink).await, Ok(n) if n > 0) {}
-        })
-        .await;
+        let discard = async { while matches!(up_r.read(&mut sink).await, Ok(n) if n > 0) {} };
+        tokio::select! {
+            _ = tokio::time::timeout(UPSTREAM_DRAIN, discard) => {}
+            _ = shutdown.changed() => {}
+        }
     }
     let _ = agent_w.shutdown().await;
     if fatal {
