@@ -315,35 +315,39 @@ async fn serve(
             end = &mut s2c => {
                 tracing::debug!(?end, "upstream side ended");
                 // Unless the server closed, it may still be reading what the agent sent.
-                (false, !matches!(end, End::Closed))
+                let drain = !matches!(end, End::Closed);
+                (false, drain.then(|| Instant::now() + UPSTREAM_DRAIN))
             }
             end = &mut c2s => {
                 tracing::debug!(?end, "agent side ended");
                 if matches!(end, End::Fatal) {
                     // The upstream pump writes the -ERR at an op boundary, then stops.
                     let _ = tokio::time::timeout(Duration::from_secs(2), &mut s2c).await;
-                    (true, false)
+                    (true, None)
                 } else {
                     // The agent is done and the server has been told. Deliver what the server
                     // still sends until it closes, which it does once it has read everything.
+                    let until = Instant::now() + UPSTREAM_DRAIN;
                     tokio::select! {
-                        end = tokio::time::timeout(UPSTREAM_DRAIN, &mut s2c) => {
-                            (false, !matches!(end, Ok(End::Closed)))
-                        }
-                        _ = shutdown.changed() => (false, false),
+                        end = timeout_at(until, &mut s2c) => match end {
+                            // The agent cannot be written to: discard the rest until then.
+                            Ok(End::Io(_) | End::Fatal) => (false, Some(until)),
+                            Ok(End::Closed) | Err(_) => (false, None),
+                        },
+                        _ = shutdown.changed() => (false, None),
                     }
                 }
             }
-            _ = shutdown.changed() => (false, false),
+            _ = shutdown.changed() => (false, None),
         }
     };
-    if drain {
+    if let Some(until) = drain {
         // Nobody left to deliver to: read and discard until the server closes.
         let _ = up_w.shutdown().await;
         let mut sink = [0u8; 4096];
         let discard = async { while matches!(up_r.read(&mut sink).await, Ok(n) if n > 0) {} };
         tokio::select! {
-            _ = tokio::time::timeout(UPSTREAM_DRAIN, discard) => {}
+            _ = timeout_at(until, discard) => {}
             _ = shutdown.changed() => {}
         }
     }
