@@ -96,6 +96,35 @@ fn seal_batch(c: &mut Criterion) {
     g.finish();
 }
 
+/// Batches as a session at a low rate sees them: one read, a few messages.
+const SMALL_BATCHES: [usize; 4] = [1, 2, 4, 8];
+
+/// Sealing a few messages queued together; throughput counts all of them.
+fn seal_small_batch(c: &mut Criterion) {
+    let key = DataKey::from_bytes([7; 32]);
+    let mut g = c.benchmark_group("seal_small_batch");
+    let pt = payload(128);
+    let mut sealer = Sealer::new(1, &key).expect("random prefix");
+    let mut batch = Batch::default();
+    let mut out = BytesMut::with_capacity(8 * (128 + OVERHEAD));
+    for n in SMALL_BATCHES {
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_function(BenchmarkId::new("128", n), |b| {
+            b.iter(|| {
+                out.clear();
+                for _ in 0..n {
+                    sealer
+                        .seal_deferred(Some(SUBJECT), black_box(&pt), &mut out, &mut batch)
+                        .expect("queued");
+                }
+                batch.seal(&mut out).expect("sealed");
+                black_box(&out);
+            })
+        });
+    }
+    g.finish();
+}
+
 /// Opening `BATCH` envelopes in one pass.
 fn open_batch(c: &mut Criterion) {
     let key = DataKey::from_bytes([7; 32]);
@@ -161,6 +190,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = seal, open, seal_batch, open_batch, rustcrypto_baseline
+    targets = seal, open, seal_batch, open_batch, seal_small_batch, rustcrypto_baseline
 }
 criterion_main!(benches);
