@@ -467,6 +467,12 @@ pub fn parse_upstream(url: &str) -> Result<Upstream, ConfigError> {
         let (host, after) = inner
             .split_once(']')
             .ok_or_else(|| bad("an IPv6 address needs its closing `]`"))?;
+        // Only an IPv6 address (with an optional `%zone`) goes in brackets; anything else
+        // would be written back in a form that no longer parses.
+        let address = host.split_once('%').map_or(host, |(a, _)| a);
+        if address.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(bad("brackets hold an IPv6 address only"));
+        }
         match after {
             "" => (host, 4222),
             _ => match after.strip_prefix(':') {
@@ -596,6 +602,9 @@ mod tests {
             "[::1]:",
             "[]:5",
             ":5",
+            "[[r]",
+            "[r]:5",
+            "[127.0.0.1]:5",
         ] {
             assert!(parse_upstream(url).is_err(), "{url}");
         }
@@ -606,6 +615,10 @@ mod tests {
             assert_eq!(up.to_string(), format!("[::1]:{port}"));
         }
         assert_eq!(parse_upstream("nats://x").unwrap().port, 4222);
+        let zoned = parse_upstream("[fe80::1%eth0]:5").unwrap();
+        assert_eq!(zoned.host, "fe80::1%eth0");
+        let again = parse_upstream(&zoned.to_string()).unwrap();
+        assert_eq!((again.host, again.port), (zoned.host, 5));
     }
 
     #[test]
