@@ -6,7 +6,7 @@
 
 use std::hint::black_box;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use cipherbus::proto::{
     encode_client_op, encode_server_op, ClientOp, ClientParser, ServerOp, ServerParser,
 };
@@ -63,20 +63,30 @@ fn msg_stream(size: usize) -> (Vec<ServerOp>, Bytes) {
 }
 
 fn parse_client(buf: &mut BytesMut, p: &mut ClientParser) -> usize {
-    let mut n = 0;
-    while let Some(op) = p.parse(buf, MAX_PAYLOAD).expect("recorded stream is valid") {
+    let (mut n, mut used) = (0, 0);
+    while let Some((op, len)) = p
+        .parse(&buf[used..], MAX_PAYLOAD)
+        .expect("recorded stream is valid")
+    {
         black_box(&op);
+        used += len;
         n += 1;
     }
+    buf.advance(used);
     n
 }
 
 fn parse_server(buf: &mut BytesMut, p: &mut ServerParser) -> usize {
-    let mut n = 0;
-    while let Some(op) = p.parse(buf, MAX_PAYLOAD).expect("recorded stream is valid") {
+    let (mut n, mut used) = (0, 0);
+    while let Some((op, len)) = p
+        .parse(&buf[used..], MAX_PAYLOAD)
+        .expect("recorded stream is valid")
+    {
         black_box(&op);
+        used += len;
         n += 1;
     }
+    buf.advance(used);
     n
 }
 

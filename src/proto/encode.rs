@@ -15,15 +15,19 @@ use crate::proto::{ClientOp, ServerOp};
 const CRLF: &[u8] = b"\r\n";
 
 /// Writes `op` as canonical wire bytes.
-pub fn encode_client_op(op: &ClientOp, out: &mut BytesMut) {
+pub fn encode_client_op<B: AsRef<[u8]>>(op: &ClientOp<B>, out: &mut BytesMut) {
+    fn f<T: AsRef<[u8]>>(b: &T) -> &[u8] {
+        b.as_ref()
+    }
     match op {
-        ClientOp::Connect(json) => put_json_line(out, b"CONNECT ", json, CRLF),
+        ClientOp::Connect(json) => put_json_line(out, b"CONNECT ", f(json), CRLF),
         ClientOp::Pub {
             subject,
             reply,
             payload,
         } => {
-            put_pub_line(out, subject, reply.as_deref(), payload.len());
+            let payload = f(payload);
+            put_pub_line(out, f(subject), reply.as_ref().map(f), payload.len());
             put_payload(out, &[], payload);
         }
         ClientOp::Hpub {
@@ -32,8 +36,9 @@ pub fn encode_client_op(op: &ClientOp, out: &mut BytesMut) {
             headers,
             payload,
         } => {
+            let (headers, payload) = (f(headers), f(payload));
             let total = headers.len() + payload.len();
-            put_hpub_line(out, subject, reply.as_deref(), headers.len(), total);
+            put_hpub_line(out, f(subject), reply.as_ref().map(f), headers.len(), total);
             put_payload(out, headers, payload);
         }
         ClientOp::Sub {
@@ -41,7 +46,8 @@ pub fn encode_client_op(op: &ClientOp, out: &mut BytesMut) {
             queue,
             sid,
         } => {
-            let queue = queue.as_ref().filter(|q| !q.is_empty());
+            let (subject, sid) = (f(subject), f(sid));
+            let queue = queue.as_ref().map(f).filter(|q| !q.is_empty());
             let queue_len = queue.map_or(0, |q| q.len() + 1);
             out.reserve(4 + subject.len() + queue_len + 1 + sid.len() + 2);
             out.put_slice(b"SUB ");
@@ -55,7 +61,8 @@ pub fn encode_client_op(op: &ClientOp, out: &mut BytesMut) {
             out.put_slice(CRLF);
         }
         ClientOp::Unsub { sid, max } => {
-            let max = max.as_ref().filter(|m| !m.is_empty());
+            let sid = f(sid);
+            let max = max.as_ref().map(f).filter(|m| !m.is_empty());
             let max_len = max.map_or(0, |m| m.len() + 1);
             out.reserve(6 + sid.len() + max_len + 2);
             out.put_slice(b"UNSUB ");
@@ -68,24 +75,34 @@ pub fn encode_client_op(op: &ClientOp, out: &mut BytesMut) {
         }
         ClientOp::Ping => out.extend_from_slice(b"PING\r\n"),
         ClientOp::Pong => out.extend_from_slice(b"PONG\r\n"),
-        ClientOp::Info(json) => put_json_line(out, b"INFO ", json, b" \r\n"),
+        ClientOp::Info(json) => put_json_line(out, b"INFO ", f(json), b" \r\n"),
         ClientOp::Ok => out.extend_from_slice(b"+OK\r\n"),
-        ClientOp::Err(text) => put_err_bytes(out, text),
+        ClientOp::Err(text) => put_err_bytes(out, f(text)),
     }
 }
 
 /// Writes `op` as canonical wire bytes.
-pub fn encode_server_op(op: &ServerOp, out: &mut BytesMut) {
+pub fn encode_server_op<B: AsRef<[u8]>>(op: &ServerOp<B>, out: &mut BytesMut) {
+    fn f<T: AsRef<[u8]>>(b: &T) -> &[u8] {
+        b.as_ref()
+    }
     match op {
         // nats-server writes `INFO {json} \r\n`, trailing blank included.
-        ServerOp::Info(json) => put_json_line(out, b"INFO ", json, b" \r\n"),
+        ServerOp::Info(json) => put_json_line(out, b"INFO ", f(json), b" \r\n"),
         ServerOp::Msg {
             subject,
             sid,
             reply,
             payload,
         } => {
-            put_msg_line(out, subject, sid, reply.as_deref(), payload.len());
+            let payload = f(payload);
+            put_msg_line(
+                out,
+                f(subject),
+                f(sid),
+                reply.as_ref().map(f),
+                payload.len(),
+            );
             put_payload(out, &[], payload);
         }
         ServerOp::Hmsg {
@@ -95,14 +112,16 @@ pub fn encode_server_op(op: &ServerOp, out: &mut BytesMut) {
             headers,
             payload,
         } => {
+            let (headers, payload) = (f(headers), f(payload));
             let total = headers.len() + payload.len();
-            put_hmsg_line(out, subject, sid, reply.as_deref(), headers.len(), total);
+            let (subject, sid, reply) = (f(subject), f(sid), reply.as_ref().map(f));
+            put_hmsg_line(out, subject, sid, reply, headers.len(), total);
             put_payload(out, headers, payload);
         }
         ServerOp::Ping => out.extend_from_slice(b"PING\r\n"),
         ServerOp::Pong => out.extend_from_slice(b"PONG\r\n"),
         ServerOp::Ok => out.extend_from_slice(b"+OK\r\n"),
-        ServerOp::Err(text) => put_err_bytes(out, text),
+        ServerOp::Err(text) => put_err_bytes(out, f(text)),
     }
 }
 

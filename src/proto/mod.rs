@@ -30,7 +30,7 @@ pub use encode::{
 pub use error::ProtoError;
 pub use headers::{check_header_block, header_status, header_value, headers, HEADER_VERSION};
 pub use op::{ClientOp, ServerOp};
-pub use parse::{ClientParser, ServerParser};
+pub use parse::{ClientParser, Parsed, ServerParser};
 
 /// Control line limit for lines an agent sends: nats-server's default `max_control_line`.
 ///

@@ -6,14 +6,16 @@
 //! rescanning them. A direction only says which verbs it accepts and how it reads their
 //! arguments.
 //!
-//! Buffer contract: while a control line is incomplete `buf` is left untouched. Once a
-//! `PUB`/`HPUB`/`MSG`/`HMSG` line is complete it is consumed and its arguments are kept in the
-//! parser, so from then on `buf` holds only payload bytes; [`ClientParser::needed`] says how many
-//! more are due. Nothing is ever reserved from a declared size.
+//! Buffer contract: the parsers lend. `parse` reads the bytes the caller has not consumed yet
+//! and returns an op whose fields borrow them, with the number of bytes it took; the caller
+//! consumes those (typically every op of one read, then one `advance`), so no field is copied or
+//! reference counted. While an op is incomplete the caller passes the same bytes again, with
+//! more appended: the parser remembers its progress, and once a `PUB`/`HPUB`/`MSG`/`HMSG` line
+//! is complete it keeps the line's arguments as offsets and only counts payload bytes;
+//! [`ClientParser::needed`] says how many more are due. Nothing is ever reserved from a
+//! declared size.
 
-use std::mem;
-
-use bytes::{Buf, Bytes, BytesMut};
+use std::ops::Range;
 
 use crate::proto::{
     check_header_block, ClientOp, ProtoError, ServerOp, MAX_CONTROL_LINE, MAX_SERVER_CONTROL_LINE,
@@ -30,6 +32,10 @@ const MAX_ARGS: usize = 5;
 /// nats-server's `parseSize` reads at most 9 digits ("999M").
 const MAX_SIZE_DIGITS: usize = 9;
 
+/// What a parser returns: an op and how many bytes it took, `None` until more bytes arrive, or
+/// the error that ends the connection.
+pub type Parsed<Op> = Result<Option<(Op, usize)>, ProtoError>;
+
 /// Parser for what an agent sends. See the [module docs](self) for the buffer contract.
 #[derive(Debug, Default)]
 pub struct ClientParser(Framer<ClientDialect>);
@@ -39,26 +45,23 @@ impl ClientParser {
         Self::default()
     }
 
-    /// Parses the next op from the front of `buf`.
+    /// Parses the next op from the front of `buf`, the bytes not consumed yet.
     ///
-    /// `Ok(Some(op))` consumed the op's bytes; `Ok(None)` needs more bytes (state is kept, call
-    /// again once more have been appended); `Err` means the connection must be closed, and every
-    /// later call returns the same error.
+    /// `Ok(Some((op, len)))`: the op is the first `len` bytes of `buf` and its fields borrow
+    /// them; the next call gets the bytes after them. `Ok(None)` needs more bytes: call again
+    /// with the same bytes and more appended (progress is kept). `Err` means the connection
+    /// must be closed, and every later call returns the same error.
     ///
     /// `max_payload` is the limit currently advertised to the agent. It is checked against the
     /// declared size (the total, headers included, for `HPUB`) as soon as the control line is
     /// complete, before any payload byte is needed. The control line limit
     /// ([`MAX_CONTROL_LINE`]) is enforced even when no `\n` has arrived yet.
-    pub fn parse(
-        &mut self,
-        buf: &mut BytesMut,
-        max_payload: usize,
-    ) -> Result<Option<ClientOp>, ProtoError> {
+    pub fn parse<'b>(&mut self, buf: &'b [u8], max_payload: usize) -> Parsed<ClientOp<&'b [u8]>> {
         self.0.parse(buf, max_payload)
     }
 
     /// How many more bytes the current op needs, when known: only while waiting for a payload,
-    /// counted against the buffer length at the end of the last [`parse`](Self::parse) call.
+    /// counted against the length of `buf` at the end of the last [`parse`](Self::parse) call.
     pub fn needed(&self) -> Option<usize> {
         self.0.needed()
     }
@@ -76,11 +79,7 @@ impl ServerParser {
     }
 
     /// See [`ClientParser::parse`].
-    pub fn parse(
-        &mut self,
-        buf: &mut BytesMut,
-        max_payload: usize,
-    ) -> Result<Option<ServerOp>, ProtoError> {
+    pub fn parse<'b>(&mut self, buf: &'b [u8], max_payload: usize) -> Parsed<ServerOp<&'b [u8]>> {
         self.0.parse(buf, max_payload)
     }
 
@@ -198,8 +197,9 @@ fn match_verb(verbs: &'static [VerbSpec], input: &[u8]) -> VerbMatch {
 
 /// One direction of the protocol.
 trait Dialect {
-    type Op;
-    type Pending: std::fmt::Debug;
+    type Op<'b>;
+    /// What a complete control line leaves for its payload: offsets into the argument part.
+    type Pending: std::fmt::Debug + Copy;
     const VERBS: &'static [VerbSpec];
     /// Limit on the argument part of a control line.
     const LINE_LIMIT: usize;
@@ -208,12 +208,17 @@ trait Dialect {
     /// blanks, without the line end.
     fn line(
         verb: Verb,
-        args: Bytes,
+        args: &[u8],
         max_payload: usize,
-    ) -> Result<Step<Self::Op, Self::Pending>, ProtoError>;
+    ) -> Result<Step<Self::Op<'_>, Self::Pending>, ProtoError>;
 
     /// Builds the op once its `size` payload bytes (and the `\r\n` after them) have arrived.
-    fn payload(pending: Self::Pending, payload: Bytes) -> Result<Self::Op, ProtoError>;
+    /// `args` is the argument part `pending` came from.
+    fn payload<'b>(
+        pending: Self::Pending,
+        args: &'b [u8],
+        payload: &'b [u8],
+    ) -> Result<Self::Op<'b>, ProtoError>;
 }
 
 enum Step<Op, P> {
@@ -243,9 +248,12 @@ impl<D: Dialect> Default for Framer<D> {
 #[derive(Debug)]
 enum State<P> {
     Line(LineScan),
-    /// The control line was consumed; `size` payload bytes and `\r\n` are due.
+    /// The control line is complete and still at the front of the buffer: its argument part
+    /// is at `args`, and `size` payload bytes and `\r\n` are due from `body` on.
     Payload {
         pending: P,
+        args: (usize, usize),
+        body: usize,
         size: usize,
     },
 }
@@ -266,76 +274,73 @@ struct LineFound {
     /// Bytes of the whole line, `\n` included.
     len: usize,
     /// The argument part within the line.
-    args: std::ops::Range<usize>,
+    args: Range<usize>,
 }
 
 impl<D: Dialect> Framer<D> {
-    fn parse(
-        &mut self,
-        buf: &mut BytesMut,
-        max_payload: usize,
-    ) -> Result<Option<D::Op>, ProtoError> {
+    fn parse<'b>(&mut self, buf: &'b [u8], max_payload: usize) -> Parsed<D::Op<'b>> {
         if let Some(err) = self.failed {
             return Err(err);
         }
         let res = self.step(buf, max_payload);
-        if let Err(err) = res {
-            self.failed = Some(err);
+        match &res {
+            Err(err) => self.failed = Some(*err),
+            Ok(Some((_, len))) => self.have = buf.len() - len,
+            Ok(None) => self.have = buf.len(),
         }
-        self.have = buf.len();
         res
     }
 
     fn needed(&self) -> Option<usize> {
         match &self.state {
-            State::Payload { size, .. } => Some((size + 2).saturating_sub(self.have)),
+            State::Payload { body, size, .. } => Some((body + size + 2).saturating_sub(self.have)),
             State::Line(_) => None,
         }
     }
 
-    fn step(
-        &mut self,
-        buf: &mut BytesMut,
-        max_payload: usize,
-    ) -> Result<Option<D::Op>, ProtoError> {
+    fn step<'b>(&mut self, buf: &'b [u8], max_payload: usize) -> Parsed<D::Op<'b>> {
         if let State::Line(scan) = &mut self.state {
             let Some(found) = scan_line(D::VERBS, D::LINE_LIMIT, buf, scan)? else {
                 return Ok(None);
             };
-            // Only the argument part is split off (one reference count), and the first field
-            // of an op takes it over instead of slicing it again: at small payloads reference
-            // counting was a tenth of the proxy's CPU.
-            let mut args = buf.split_to(found.args.end);
-            args.advance(found.args.start);
-            buf.advance(found.len - found.args.end);
             self.state = State::Line(LineScan::default());
-            match D::line(found.verb, args.freeze(), max_payload)? {
-                Step::Op(op) => return Ok(Some(op)),
-                Step::Payload { pending, size } => self.state = State::Payload { pending, size },
+            match D::line(found.verb, &buf[found.args.clone()], max_payload)? {
+                Step::Op(op) => return Ok(Some((op, found.len))),
+                Step::Payload { pending, size } => {
+                    self.state = State::Payload {
+                        pending,
+                        args: (found.args.start, found.args.end),
+                        body: found.len,
+                        size,
+                    }
+                }
             }
         }
 
-        let size = match &self.state {
-            State::Payload { size, .. } => *size,
-            State::Line(_) => return Ok(None),
+        let State::Payload {
+            pending,
+            args,
+            body,
+            size,
+        } = self.state
+        else {
+            return Ok(None);
         };
-        // `size` has at most 9 digits: no overflow.
-        if buf.len() < size + 2 {
+        // The line is bounded and `size` has at most 9 digits: no overflow.
+        let end = body + size;
+        if buf.len() < end + 2 {
             // Fail as early as nats-server does: at the first wrong terminator byte.
-            if buf.len() > size && buf[size] != b'\r' {
+            if buf.len() > end && buf[end] != b'\r' {
                 return Err(ProtoError::BadTerminator);
             }
             return Ok(None);
         }
-        if &buf[size..size + 2] != b"\r\n" {
+        if &buf[end..end + 2] != b"\r\n" {
             return Err(ProtoError::BadTerminator);
         }
-        let payload = buf.split_to(size).freeze();
-        buf.advance(2);
-        match mem::replace(&mut self.state, State::Line(LineScan::default())) {
-            State::Payload { pending, .. } => D::payload(pending, payload).map(Some),
-            State::Line(_) => Ok(None),
-        }
+        self.state = State::Line(LineScan::default());
+        let op = D::payload(pending, &buf[args.0..args.1], &buf[body..end])?;
+        Ok(Some((op, end + 2)))
     }
 }
 
@@ -424,9 +429,12 @@ fn is_arg_sep(b: u8) -> bool {
     is_blank(b) || b == b'\r'
 }
 
-/// Up to [`MAX_ARGS`] arguments as ranges into one line, without allocating.
+/// Where one argument sits in the argument part of its line.
+type Span = (usize, usize);
+
+/// Up to [`MAX_ARGS`] arguments as spans of one line, without allocating.
 struct Args {
-    spans: [(usize, usize); MAX_ARGS],
+    spans: [Span; MAX_ARGS],
     /// `MAX_ARGS + 1` means "more than `MAX_ARGS`".
     len: usize,
 }
@@ -459,28 +467,18 @@ impl Args {
         args
     }
 
-    /// Argument `i` as a slice of `line` (one more reference to it).
-    fn bytes(&self, line: &Bytes, i: usize) -> Bytes {
-        let (a, b) = self.spans[i];
-        line.slice(a..b)
-    }
-
-    /// Argument `i`, taking `line` over: no reference count changes.
-    fn take(&self, mut line: Bytes, i: usize) -> Bytes {
-        let (a, b) = self.spans[i];
-        line.truncate(b);
-        line.advance(a);
-        line
-    }
-
     fn raw<'l>(&self, line: &'l [u8], i: usize) -> &'l [u8] {
-        let (a, b) = self.spans[i];
-        &line[a..b]
+        at(line, self.spans[i])
     }
 
     fn size(&self, line: &[u8], i: usize, what: &'static str) -> Result<usize, ProtoError> {
         parse_size(self.raw(line, i)).ok_or(ProtoError::BadArgs(what))
     }
+}
+
+/// The argument at `span` of `line`. Spans come from [`Args::split`] of the same bytes.
+fn at(line: &[u8], (a, b): Span) -> &[u8] {
+    line.get(a..b).unwrap_or_default()
 }
 
 /// nats-server's `parseSize`: 1 to 9 ASCII digits. Signs, blanks, other bytes or a tenth digit
@@ -494,7 +492,7 @@ fn parse_size(d: &[u8]) -> Option<usize> {
 
 /// The argument of `CONNECT`/`INFO`: the JSON text without trailing blanks; empty fails (the
 /// server's JSON decoder fails on it and closes without a message).
-fn json_arg(args: Bytes, what: &'static str) -> Result<Bytes, ProtoError> {
+fn json_arg<'b>(args: &'b [u8], what: &'static str) -> Result<&'b [u8], ProtoError> {
     let json = trim_end(args);
     if json.is_empty() {
         return Err(ProtoError::BadArgs(what));
@@ -503,29 +501,27 @@ fn json_arg(args: Bytes, what: &'static str) -> Result<Bytes, ProtoError> {
 }
 
 /// The text of `-ERR`: trailing blanks and one pair of enclosing single quotes removed.
-fn err_text(args: Bytes) -> Bytes {
-    let mut text = trim_end(args);
+fn err_text(args: &[u8]) -> &[u8] {
+    let text = trim_end(args);
     if text.len() >= 2 && text[0] == b'\'' && text[text.len() - 1] == b'\'' {
-        text.truncate(text.len() - 1);
-        text.advance(1);
+        return &text[1..text.len() - 1];
     }
     text
 }
 
-fn trim_end(mut b: Bytes) -> Bytes {
+fn trim_end(b: &[u8]) -> &[u8] {
     let end = b.iter().rposition(|&c| !is_blank(c)).map_or(0, |i| i + 1);
-    b.truncate(end);
-    b
+    &b[..end]
 }
 
 /// Splits a complete `HPUB`/`HMSG` body into its header block and payload.
-fn split_headers(mut payload: Bytes, hdr: usize) -> Result<(Bytes, Bytes), ProtoError> {
-    if hdr > payload.len() {
+fn split_headers(body: &[u8], hdr: usize) -> Result<(&[u8], &[u8]), ProtoError> {
+    if hdr > body.len() {
         // Checked on the control line already (`hdr <= total`); kept so this can never panic.
         return Err(ProtoError::BadArgs("header size larger than total size"));
     }
-    let headers = payload.split_to(hdr);
-    check_header_block(&headers)?;
+    let (headers, payload) = body.split_at(hdr);
+    check_header_block(headers)?;
     Ok((headers, payload))
 }
 
@@ -535,59 +531,59 @@ fn split_headers(mut payload: Bytes, hdr: usize) -> Result<(Bytes, Bytes), Proto
 #[derive(Debug)]
 struct ClientDialect;
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 enum ClientPending {
     Pub {
-        subject: Bytes,
-        reply: Option<Bytes>,
+        subject: Span,
+        reply: Option<Span>,
     },
     Hpub {
-        subject: Bytes,
-        reply: Option<Bytes>,
+        subject: Span,
+        reply: Option<Span>,
         hdr: usize,
     },
 }
 
 impl Dialect for ClientDialect {
-    type Op = ClientOp;
+    type Op<'b> = ClientOp<&'b [u8]>;
     type Pending = ClientPending;
     const VERBS: &'static [VerbSpec] = CLIENT_VERBS;
     const LINE_LIMIT: usize = MAX_CONTROL_LINE;
 
     fn line(
         verb: Verb,
-        args: Bytes,
+        args: &[u8],
         max_payload: usize,
-    ) -> Result<Step<ClientOp, ClientPending>, ProtoError> {
+    ) -> Result<Step<ClientOp<&[u8]>, ClientPending>, ProtoError> {
         let op = match verb {
             Verb::Pub => {
                 // processPub: arity, then size, then max_payload.
-                let a = Args::split(&args, is_pub_sep);
+                let a = Args::split(args, is_pub_sep);
                 let (reply, size_at) = match a.len {
                     2 => (None, 1),
-                    3 => (Some(a.bytes(&args, 1)), 2),
+                    3 => (Some(a.spans[1]), 2),
                     _ => return Err(ProtoError::BadArgs("PUB: wrong number of arguments")),
                 };
-                let size = a.size(&args, size_at, "PUB: bad or missing size")?;
+                let size = a.size(args, size_at, "PUB: bad or missing size")?;
                 if size > max_payload {
                     return Err(ProtoError::MaxPayload);
                 }
                 let pending = ClientPending::Pub {
-                    subject: a.take(args, 0),
+                    subject: a.spans[0],
                     reply,
                 };
                 return Ok(Step::Payload { pending, size });
             }
             Verb::Hpub => {
                 // processHeaderPub: arity, header size, total size, hdr <= total, max_payload.
-                let a = Args::split(&args, is_pub_sep);
+                let a = Args::split(args, is_pub_sep);
                 let (reply, hdr_at) = match a.len {
                     3 => (None, 1),
-                    4 => (Some(a.bytes(&args, 1)), 2),
+                    4 => (Some(a.spans[1]), 2),
                     _ => return Err(ProtoError::BadArgs("HPUB: wrong number of arguments")),
                 };
-                let hdr = a.size(&args, hdr_at, "HPUB: bad or missing header size")?;
-                let size = a.size(&args, hdr_at + 1, "HPUB: bad or missing total size")?;
+                let hdr = a.size(args, hdr_at, "HPUB: bad or missing header size")?;
+                let size = a.size(args, hdr_at + 1, "HPUB: bad or missing total size")?;
                 if hdr > size {
                     return Err(ProtoError::BadArgs(
                         "HPUB: header size larger than total size",
@@ -597,35 +593,34 @@ impl Dialect for ClientDialect {
                     return Err(ProtoError::MaxPayload);
                 }
                 let pending = ClientPending::Hpub {
-                    subject: a.take(args, 0),
+                    subject: a.spans[0],
                     reply,
                     hdr,
                 };
                 return Ok(Step::Payload { pending, size });
             }
             Verb::Sub => {
-                let a = Args::split(&args, is_arg_sep);
+                let a = Args::split(args, is_arg_sep);
                 let (queue, sid_at) = match a.len {
                     2 => (None, 1),
-                    3 => (Some(a.bytes(&args, 1)), 2),
+                    3 => (Some(a.raw(args, 1)), 2),
                     _ => return Err(ProtoError::BadArgs("SUB: wrong number of arguments")),
                 };
-                let sid = a.bytes(&args, sid_at);
                 ClientOp::Sub {
-                    subject: a.take(args, 0),
+                    subject: a.raw(args, 0),
                     queue,
-                    sid,
+                    sid: a.raw(args, sid_at),
                 }
             }
             Verb::Unsub => {
-                let a = Args::split(&args, is_arg_sep);
+                let a = Args::split(args, is_arg_sep);
                 let max = match a.len {
                     1 => None,
-                    2 => Some(a.bytes(&args, 1)),
+                    2 => Some(a.raw(args, 1)),
                     _ => return Err(ProtoError::BadArgs("UNSUB: wrong number of arguments")),
                 };
                 ClientOp::Unsub {
-                    sid: a.take(args, 0),
+                    sid: a.raw(args, 0),
                     max,
                 }
             }
@@ -640,11 +635,15 @@ impl Dialect for ClientDialect {
         Ok(Step::Op(op))
     }
 
-    fn payload(pending: ClientPending, payload: Bytes) -> Result<ClientOp, ProtoError> {
+    fn payload<'b>(
+        pending: ClientPending,
+        args: &'b [u8],
+        payload: &'b [u8],
+    ) -> Result<ClientOp<&'b [u8]>, ProtoError> {
         Ok(match pending {
             ClientPending::Pub { subject, reply } => ClientOp::Pub {
-                subject,
-                reply,
+                subject: at(args, subject),
+                reply: reply.map(|r| at(args, r)),
                 payload,
             },
             ClientPending::Hpub {
@@ -654,8 +653,8 @@ impl Dialect for ClientDialect {
             } => {
                 let (headers, payload) = split_headers(payload, hdr)?;
                 ClientOp::Hpub {
-                    subject,
-                    reply,
+                    subject: at(args, subject),
+                    reply: reply.map(|r| at(args, r)),
                     headers,
                     payload,
                 }
@@ -670,30 +669,30 @@ impl Dialect for ClientDialect {
 #[derive(Debug)]
 struct ServerDialect;
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 struct ServerPending {
-    subject: Bytes,
-    sid: Bytes,
-    reply: Option<Bytes>,
+    subject: Span,
+    sid: Span,
+    reply: Option<Span>,
     /// `Some` for `HMSG`.
     hdr: Option<usize>,
 }
 
 impl Dialect for ServerDialect {
-    type Op = ServerOp;
+    type Op<'b> = ServerOp<&'b [u8]>;
     type Pending = ServerPending;
     const VERBS: &'static [VerbSpec] = SERVER_VERBS;
     const LINE_LIMIT: usize = MAX_SERVER_CONTROL_LINE;
 
     fn line(
         verb: Verb,
-        args: Bytes,
+        args: &[u8],
         max_payload: usize,
-    ) -> Result<Step<ServerOp, ServerPending>, ProtoError> {
+    ) -> Result<Step<ServerOp<&[u8]>, ServerPending>, ProtoError> {
         let op = match verb {
             Verb::Msg | Verb::Hmsg => {
                 let with_hdr = verb == Verb::Hmsg;
-                let a = Args::split(&args, is_arg_sep);
+                let a = Args::split(args, is_arg_sep);
                 let (base, arity, bad_size) = if with_hdr {
                     (
                         4,
@@ -710,14 +709,14 @@ impl Dialect for ServerDialect {
                 let reply = if a.len == base {
                     None
                 } else if a.len == base + 1 {
-                    Some(a.bytes(&args, 2))
+                    Some(a.spans[2])
                 } else {
                     return Err(ProtoError::BadArgs(arity));
                 };
                 let last = a.len - 1;
-                let size = a.size(&args, last, bad_size)?;
+                let size = a.size(args, last, bad_size)?;
                 let hdr = if with_hdr {
-                    let hdr = a.size(&args, last - 1, "HMSG: bad or missing header size")?;
+                    let hdr = a.size(args, last - 1, "HMSG: bad or missing header size")?;
                     if hdr > size {
                         return Err(ProtoError::BadArgs(
                             "HMSG: header size larger than total size",
@@ -730,10 +729,9 @@ impl Dialect for ServerDialect {
                 if size > max_payload {
                     return Err(ProtoError::MaxPayload);
                 }
-                let sid = a.bytes(&args, 1);
                 let pending = ServerPending {
-                    subject: a.take(args, 0),
-                    sid,
+                    subject: a.spans[0],
+                    sid: a.spans[1],
                     reply,
                     hdr,
                 };
@@ -751,13 +749,18 @@ impl Dialect for ServerDialect {
         Ok(Step::Op(op))
     }
 
-    fn payload(pending: ServerPending, payload: Bytes) -> Result<ServerOp, ProtoError> {
+    fn payload<'b>(
+        pending: ServerPending,
+        args: &'b [u8],
+        payload: &'b [u8],
+    ) -> Result<ServerOp<&'b [u8]>, ProtoError> {
         let ServerPending {
             subject,
             sid,
             reply,
             hdr,
         } = pending;
+        let (subject, sid, reply) = (at(args, subject), at(args, sid), reply.map(|r| at(args, r)));
         Ok(match hdr {
             None => ServerOp::Msg {
                 subject,
@@ -783,8 +786,41 @@ impl Dialect for ServerDialect {
 mod tests {
     use proptest::prelude::*;
 
+    use bytes::{Buf, Bytes, BytesMut};
+
     use super::*;
     use crate::proto::{encode_client_op, encode_server_op};
+
+    /// Parses the next op as the session does, then keeps it beyond the buffer and consumes
+    /// its bytes.
+    trait Next {
+        type Op;
+        fn next(&mut self, buf: &mut BytesMut, max: usize) -> Result<Option<Self::Op>, ProtoError>;
+    }
+
+    impl Next for ClientParser {
+        type Op = ClientOp;
+        fn next(&mut self, buf: &mut BytesMut, max: usize) -> Result<Option<ClientOp>, ProtoError> {
+            let Some((op, len)) = self.parse(buf, max)? else {
+                return Ok(None);
+            };
+            let op = op.map(Bytes::copy_from_slice);
+            buf.advance(len);
+            Ok(Some(op))
+        }
+    }
+
+    impl Next for ServerParser {
+        type Op = ServerOp;
+        fn next(&mut self, buf: &mut BytesMut, max: usize) -> Result<Option<ServerOp>, ProtoError> {
+            let Some((op, len)) = self.parse(buf, max)? else {
+                return Ok(None);
+            };
+            let op = op.map(Bytes::copy_from_slice);
+            buf.advance(len);
+            Ok(Some(op))
+        }
+    }
 
     const BIG: usize = 1 << 20;
 
@@ -805,7 +841,7 @@ mod tests {
         for chunk in chunks {
             buf.extend_from_slice(chunk);
             loop {
-                match p.parse(&mut buf, max) {
+                match p.next(&mut buf, max) {
                     Ok(Some(op)) => ops.push(op),
                     Ok(None) => break,
                     Err(e) => return (ops, Some(e)),
@@ -822,7 +858,7 @@ mod tests {
         for chunk in chunks {
             buf.extend_from_slice(chunk);
             loop {
-                match p.parse(&mut buf, max) {
+                match p.next(&mut buf, max) {
                     Ok(Some(op)) => ops.push(op),
                     Ok(None) => break,
                     Err(e) => return (ops, Some(e)),
@@ -1123,20 +1159,21 @@ mod tests {
     fn incomplete_line_leaves_buffer_untouched_and_payload_is_not_rescanned() {
         let mut p = ClientParser::new();
         let mut buf = BytesMut::from(&b"PUB foo 1"[..]);
-        assert_eq!(p.parse(&mut buf, BIG), Ok(None));
+        assert_eq!(p.next(&mut buf, BIG), Ok(None));
         assert_eq!(&buf[..], b"PUB foo 1");
         assert_eq!(p.needed(), None);
         buf.extend_from_slice(b"0\r\nabc");
-        assert_eq!(p.parse(&mut buf, BIG), Ok(None));
-        // The line is consumed, 10 payload bytes + CRLF are due, 3 arrived.
-        assert_eq!(&buf[..], b"abc");
+        assert_eq!(p.next(&mut buf, BIG), Ok(None));
+        // The line stays until its payload is complete: 10 payload bytes + CRLF are due, 3
+        // arrived.
+        assert_eq!(&buf[..], b"PUB foo 10\r\nabc");
         assert_eq!(p.needed(), Some(9));
         buf.extend_from_slice(b"defghij\r");
-        assert_eq!(p.parse(&mut buf, BIG), Ok(None));
+        assert_eq!(p.next(&mut buf, BIG), Ok(None));
         assert_eq!(p.needed(), Some(1));
         buf.extend_from_slice(b"\nPING\r\n");
         assert_eq!(
-            p.parse(&mut buf, BIG),
+            p.next(&mut buf, BIG),
             Ok(Some(ClientOp::Pub {
                 subject: b("foo"),
                 reply: None,
@@ -1144,9 +1181,9 @@ mod tests {
             }))
         );
         assert_eq!(p.needed(), None);
-        assert_eq!(p.parse(&mut buf, BIG), Ok(Some(ClientOp::Ping)));
+        assert_eq!(p.next(&mut buf, BIG), Ok(Some(ClientOp::Ping)));
         assert!(buf.is_empty());
-        assert_eq!(p.parse(&mut buf, BIG), Ok(None));
+        assert_eq!(p.next(&mut buf, BIG), Ok(None));
     }
 
     #[test]
@@ -1155,7 +1192,7 @@ mod tests {
         let mut buf = BytesMut::with_capacity(64);
         buf.extend_from_slice(b"MSG a 1 999999999\r\nxy");
         let cap = buf.capacity();
-        assert_eq!(p.parse(&mut buf, usize::MAX), Ok(None));
+        assert_eq!(p.next(&mut buf, usize::MAX), Ok(None));
         assert!(buf.capacity() <= cap);
         assert_eq!(p.needed(), Some(999_999_999 + 2 - 2));
     }
@@ -1163,9 +1200,9 @@ mod tests {
     #[test]
     fn payload_is_a_view_of_the_read_buffer() {
         let mut p = ClientParser::new();
-        let mut buf = BytesMut::from(&b"PUB foo 5\r\nhello\r\n"[..]);
+        let buf = BytesMut::from(&b"PUB foo 5\r\nhello\r\n"[..]);
         let base = buf.as_ptr() as usize;
-        let Ok(Some(ClientOp::Pub { payload, .. })) = p.parse(&mut buf, BIG) else {
+        let Ok(Some((ClientOp::Pub { payload, .. }, 18))) = p.parse(&buf, BIG) else {
             panic!("no pub");
         };
         assert_eq!(payload.as_ptr() as usize, base + 11);
@@ -1405,25 +1442,25 @@ mod tests {
     fn errors_are_sticky() {
         let mut p = ClientParser::new();
         let mut buf = BytesMut::from(&b"XPING\r\n"[..]);
-        assert_eq!(p.parse(&mut buf, BIG), Err(ProtoError::UnknownOp));
+        assert_eq!(p.next(&mut buf, BIG), Err(ProtoError::UnknownOp));
         buf.clear();
         buf.extend_from_slice(b"PING\r\n");
-        assert_eq!(p.parse(&mut buf, BIG), Err(ProtoError::UnknownOp));
+        assert_eq!(p.next(&mut buf, BIG), Err(ProtoError::UnknownOp));
     }
 
     #[test]
     fn a_shrunken_buffer_does_not_panic() {
         let mut p = ClientParser::new();
         let mut buf = BytesMut::from(&b"SUB foo"[..]);
-        assert_eq!(p.parse(&mut buf, BIG), Ok(None));
+        assert_eq!(p.next(&mut buf, BIG), Ok(None));
         buf.clear();
         buf.extend_from_slice(b"S");
-        let _ = p.parse(&mut buf, BIG);
+        let _ = p.next(&mut buf, BIG);
         let mut p = ClientParser::new();
         let mut buf = BytesMut::from(&b"PUB foo 5\r\nhel"[..]);
-        assert_eq!(p.parse(&mut buf, BIG), Ok(None));
+        assert_eq!(p.next(&mut buf, BIG), Ok(None));
         buf.clear();
-        assert_eq!(p.parse(&mut buf, BIG), Ok(None));
+        assert_eq!(p.next(&mut buf, BIG), Ok(None));
     }
 
     // ---- properties --------------------------------------------------------------------------

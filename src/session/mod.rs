@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -462,7 +462,11 @@ async fn first_info<R: AsyncRead + Unpin>(
 ) -> Result<bytes::Bytes, SessionError> {
     loop {
         match parser.parse(buf, 1 << 20) {
-            Ok(Some(ServerOp::Info(json))) => return Ok(json),
+            Ok(Some((ServerOp::Info(json), len))) => {
+                let json = bytes::Bytes::copy_from_slice(json);
+                buf.advance(len);
+                return Ok(json);
+            }
             Ok(Some(_)) => {
                 return Err(SessionError::Handshake {
                     upstream: String::new(),
@@ -675,9 +679,12 @@ where
         let snap = shared.keyring.snapshot();
         let limit = max_payload.load(Ordering::Relaxed);
         let mut failure: Option<ProtoError> = None;
+        // Ops borrow `buf`; what they took is consumed once they are all handled.
+        let mut used = 0;
         loop {
-            match parser.parse(&mut buf, limit) {
-                Ok(Some(op)) => {
+            match parser.parse(&buf[used..], limit) {
+                Ok(Some((op, len))) => {
+                    used += len;
                     if let Err(e) = outbound.handle(op, policy, &snap, replies, metrics, &mut out) {
                         // Sealing fails only if randomness is unavailable: fail closed.
                         tracing::error!(error = %e, "cannot seal; closing the session");
@@ -691,6 +698,7 @@ where
                 }
             }
         }
+        buf.advance(used);
         drop(snap);
         if let Err(e) = outbound.finish(&mut out) {
             // `out` holds plaintext where ciphertext goes: it is never sent.
@@ -747,9 +755,12 @@ where
         {
             let mut snap = shared.keyring.snapshot();
             let limit = max_payload.load(Ordering::Relaxed) + OVERHEAD + SERVER_PAYLOAD_SLACK;
+            // Ops borrow `buf`; what they took is consumed once they are all handled.
+            let mut used = 0;
             loop {
-                let op = parser.parse(&mut buf, limit);
-                if let Ok(Some(op)) = &op {
+                let op = parser.parse(&buf[used..], limit);
+                if let Ok(Some((op, len))) = &op {
+                    used += len;
                     if let Some(epoch) = inbound.pending_epoch(op, policy, &snap) {
                         // A newer epoch than any known: its announcement may still be on its
                         // way. Hold this connection's delivery briefly instead of dropping.
@@ -768,8 +779,8 @@ where
                     }
                 }
                 match op {
-                    Ok(Some(ServerOp::Info(json))) => {
-                        match shared.rewrite.apply(&json) {
+                    Ok(Some((ServerOp::Info(json), _))) => {
+                        match shared.rewrite.apply(json) {
                             Ok(rw) => {
                                 max_payload.store(rw.max_payload, Ordering::Relaxed);
                                 if rw.lame_duck {
@@ -786,7 +797,7 @@ where
                             }
                         }
                     }
-                    Ok(Some(op)) => inbound.handle(
+                    Ok(Some((op, _))) => inbound.handle(
                         op,
                         policy,
                         &shared.keyring,
@@ -804,6 +815,7 @@ where
                     }
                 }
             }
+            buf.advance(used);
         }
         inbound.finish(&mut out, metrics);
         inbound.flush_metrics(metrics);

@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 
 use crate::envelope::{self, Batch, Header, Opener, Sealer, OVERHEAD};
 use crate::keyring::{Keyring, Snapshot};
@@ -241,7 +241,7 @@ impl Outbound {
     /// sealed by the next [`Outbound::finish`], which must run before `out` is sent.
     pub fn handle(
         &mut self,
-        op: ClientOp,
+        op: ClientOp<&[u8]>,
         policy: &Policy,
         snap: &Snapshot,
         replies: &Replies,
@@ -254,18 +254,16 @@ impl Outbound {
                 reply,
                 payload,
             } => {
-                let Some(d) =
-                    self.admit_publish(policy, &subject, reply.as_deref(), replies, metrics)
-                else {
+                let Some(d) = self.admit_publish(policy, subject, reply, replies, metrics) else {
                     return Ok(());
                 };
                 if d.mode == Mode::Plaintext || payload.is_empty() {
-                    proto::put_pub_line(out, &subject, reply.as_deref(), payload.len());
-                    out.extend_from_slice(&payload);
+                    proto::put_pub_line(out, subject, reply, payload.len());
+                    out.extend_from_slice(payload);
                 } else {
-                    proto::put_pub_line(out, &subject, reply.as_deref(), payload.len() + OVERHEAD);
-                    let bind = d.bind_subject.then_some(&subject[..]);
-                    self.seal(snap, bind, &payload, out)?;
+                    proto::put_pub_line(out, subject, reply, payload.len() + OVERHEAD);
+                    let bind = d.bind_subject.then_some(subject);
+                    self.seal(snap, bind, payload, out)?;
                 }
                 out.put_slice(b"\r\n");
             }
@@ -275,30 +273,24 @@ impl Outbound {
                 headers,
                 payload,
             } => {
-                let Some(d) =
-                    self.admit_publish(policy, &subject, reply.as_deref(), replies, metrics)
-                else {
+                let Some(d) = self.admit_publish(policy, subject, reply, replies, metrics) else {
                     return Ok(());
                 };
                 if d.mode == Mode::Plaintext || payload.is_empty() {
                     let total = headers.len() + payload.len();
-                    proto::put_hpub_line(out, &subject, reply.as_deref(), headers.len(), total);
-                    out.extend_from_slice(&headers);
-                    out.extend_from_slice(&payload);
+                    proto::put_hpub_line(out, subject, reply, headers.len(), total);
+                    out.extend_from_slice(headers);
+                    out.extend_from_slice(payload);
                 } else {
                     let total = headers.len() + payload.len() + OVERHEAD;
-                    proto::put_hpub_line(out, &subject, reply.as_deref(), headers.len(), total);
-                    out.extend_from_slice(&headers);
-                    let bind = d.bind_subject.then_some(&subject[..]);
-                    self.seal(snap, bind, &payload, out)?;
+                    proto::put_hpub_line(out, subject, reply, headers.len(), total);
+                    out.extend_from_slice(headers);
+                    let bind = d.bind_subject.then_some(subject);
+                    self.seal(snap, bind, payload, out)?;
                 }
                 out.put_slice(b"\r\n");
             }
-            ClientOp::Sub {
-                ref subject,
-                ref queue,
-                ..
-            } if policy.sub_denied(subject) => {
+            ClientOp::Sub { subject, queue, .. } if policy.sub_denied(subject) => {
                 metrics.deny("subscribe");
                 let subject = String::from_utf8_lossy(subject);
                 self.notices.push(match queue {
@@ -317,7 +309,7 @@ impl Outbound {
     fn admit_publish(
         &mut self,
         policy: &Policy,
-        subject: &Bytes,
+        subject: &[u8],
         reply: Option<&[u8]>,
         replies: &Replies,
         metrics: &Metrics,
@@ -440,7 +432,7 @@ impl Inbound {
     /// hands the op to [`Inbound::handle`] as usual.
     pub fn pending_epoch(
         &mut self,
-        op: &ServerOp,
+        op: &ServerOp<&[u8]>,
         policy: &Policy,
         snap: &Snapshot,
     ) -> Option<u32> {
@@ -486,7 +478,7 @@ impl Inbound {
     #[allow(clippy::too_many_arguments)]
     pub fn handle(
         &mut self,
-        op: ServerOp,
+        op: ServerOp<&[u8]>,
         policy: &Policy,
         keyring: &Keyring,
         snap: &Snapshot,
@@ -506,15 +498,15 @@ impl Inbound {
                 reply,
                 payload,
             } => {
-                let d = self.cache.decide(policy, &subject);
-                let admit = self.admit(d, &subject, None, &payload, replies, metrics);
+                let d = self.cache.decide(policy, subject);
+                let admit = self.admit(d, subject, None, payload, replies, metrics);
                 let msg = Delivery {
-                    subject: &subject,
-                    sid: &sid,
-                    reply: reply.as_deref(),
+                    subject,
+                    sid,
+                    reply,
                     headers: None,
                 };
-                self.deliver(admit, msg, d, &payload, keyring, snap, policy, metrics, out);
+                self.deliver(admit, msg, d, payload, keyring, snap, policy, metrics, out);
             }
             ServerOp::Hmsg {
                 subject,
@@ -523,8 +515,8 @@ impl Inbound {
                 headers,
                 payload,
             } => {
-                let d = self.cache.decide(policy, &subject);
-                let status = proto::header_status(&headers).is_some();
+                let d = self.cache.decide(policy, subject);
+                let status = proto::header_status(headers).is_some();
                 let admit = if status && payload.is_empty() {
                     // Status messages (503, 100, 404, 408, 409 …) come from the server itself.
                     if d.mode == Mode::Deny {
@@ -533,20 +525,20 @@ impl Inbound {
                         Admit::Pass
                     }
                 } else {
-                    let nats_subject = if replies.is_direct_get_reply(&subject) {
-                        proto::header_value(&headers, "Nats-Subject")
+                    let nats_subject = if replies.is_direct_get_reply(subject) {
+                        proto::header_value(headers, "Nats-Subject")
                     } else {
                         None
                     };
-                    self.admit(d, &subject, nats_subject, &payload, replies, metrics)
+                    self.admit(d, subject, nats_subject, payload, replies, metrics)
                 };
                 let msg = Delivery {
-                    subject: &subject,
-                    sid: &sid,
-                    reply: reply.as_deref(),
-                    headers: Some(&headers),
+                    subject,
+                    sid,
+                    reply,
+                    headers: Some(headers),
                 };
-                self.deliver(admit, msg, d, &payload, keyring, snap, policy, metrics, out);
+                self.deliver(admit, msg, d, payload, keyring, snap, policy, metrics, out);
             }
             other => proto::encode_server_op(&other, out),
         }
@@ -841,6 +833,8 @@ impl RateLimit {
 
 #[cfg(test)]
 mod tests {
+    use bytes::{Buf, Bytes};
+
     use super::*;
 
     #[test]
@@ -851,9 +845,9 @@ mod tests {
         let (policy, metrics, replies) = (Policy::default(), Metrics::new(), Replies::default());
         let publish = |out: &mut Outbound, wire: &mut BytesMut| {
             let op = ClientOp::Pub {
-                subject: Bytes::from_static(b"orders"),
+                subject: &b"orders"[..],
                 reply: None,
-                payload: Bytes::from_static(b"secret"),
+                payload: &b"secret"[..],
             };
             out.handle(op, &policy, &snap, &replies, &metrics, wire)
                 .expect("queued");
@@ -863,7 +857,11 @@ mod tests {
             .parse(wire, 1 << 20)
             .expect("well-formed")
         {
-            Some(ClientOp::Pub { payload, .. }) => payload,
+            Some((ClientOp::Pub { payload, .. }, len)) => {
+                let payload = Bytes::copy_from_slice(payload);
+                wire.advance(len);
+                payload
+            }
             other => panic!("expected a PUB, got {other:?}"),
         };
 
@@ -889,10 +887,10 @@ mod tests {
         let mut delivered = BytesMut::new();
         for payload in [first, second] {
             let op = ServerOp::Msg {
-                subject: Bytes::from_static(b"orders"),
-                sid: Bytes::from_static(b"1"),
+                subject: &b"orders"[..],
+                sid: &b"1"[..],
                 reply: None,
-                payload,
+                payload: &payload[..],
             };
             inbound.handle(
                 op,
@@ -927,10 +925,11 @@ mod tests {
         let mut outbound = Outbound::new();
         let mut wire = BytesMut::new();
         for i in 0..6u8 {
+            let payload = vec![b'a' + i; 100 + usize::from(i)];
             let op = ClientOp::Pub {
-                subject: Bytes::from_static(b"orders"),
+                subject: &b"orders"[..],
                 reply: None,
-                payload: Bytes::from(vec![b'a' + i; 100 + usize::from(i)]),
+                payload: &payload[..],
             };
             outbound
                 .handle(op, &policy, &snap, &replies, &metrics, &mut wire)
@@ -939,8 +938,10 @@ mod tests {
         outbound.finish(&mut wire).expect("sealed");
         let mut parser = proto::ClientParser::new();
         let mut sealed = Vec::new();
-        while let Some(ClientOp::Pub { payload, .. }) = parser.parse(&mut wire, 1 << 20).unwrap() {
-            sealed.push(payload);
+        while let Some((ClientOp::Pub { payload, .. }, len)) = parser.parse(&wire, 1 << 20).unwrap()
+        {
+            sealed.push(Bytes::copy_from_slice(payload));
+            wire.advance(len);
         }
         assert_eq!(sealed.len(), 6);
         let mut forged = sealed[3].to_vec();
@@ -949,11 +950,11 @@ mod tests {
 
         let deliver = |inbound: &mut Inbound, out: &mut BytesMut, payload: &Bytes| {
             let op = ServerOp::Hmsg {
-                subject: Bytes::from_static(b"orders"),
-                sid: Bytes::from_static(b"9"),
+                subject: &b"orders"[..],
+                sid: &b"9"[..],
                 reply: None,
-                headers: Bytes::from_static(b"NATS/1.0\r\nK: v\r\n\r\n"),
-                payload: payload.clone(),
+                headers: &b"NATS/1.0\r\nK: v\r\n\r\n"[..],
+                payload: &payload[..],
             };
             inbound.handle(op, &policy, &keyring, &snap, &replies, &metrics, out);
         };
