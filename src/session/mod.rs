@@ -578,12 +578,16 @@ impl Idle {
         self.chunk
     }
 
-    /// A read of `n` bytes into a buffer that had `room` bytes free.
+    /// A read of `n` bytes into a buffer that had `room` bytes free. A read of a whole
+    /// [`READ_CHUNK`] counts as full even with more room: a buffer grown for payloads has far
+    /// more room than a read fills, and a streaming connection judged by it looked idle and
+    /// gave its output buffer back after every write.
     fn read(&mut self, n: usize, room: usize) {
         self.last_read = Instant::now();
-        if n >= room {
+        let full = room.min(READ_CHUNK);
+        if n >= full {
             self.chunk = (self.chunk * 2).min(READ_CHUNK);
-        } else if n < room / 2 {
+        } else if n < full / 2 {
             self.chunk = (self.chunk / 2).max(FIRST_CHUNK);
         }
         if self.quiet {
@@ -676,6 +680,9 @@ where
                 continue;
             }
         }
+        // Sealing adds OVERHEAD per message, under half again even at small payloads: one
+        // allocation for the output instead of a chain of reallocations that copy it.
+        out.reserve(buf.len() + buf.len() / 2);
         let snap = shared.keyring.snapshot();
         let limit = max_payload.load(Ordering::Relaxed);
         let mut failure: Option<ProtoError> = None;
@@ -753,6 +760,8 @@ where
         let mut closed = false;
         let mut failure = false;
         {
+            // Opening shrinks every message: the output fits in what was read.
+            out.reserve(buf.len());
             let mut snap = shared.keyring.snapshot();
             let limit = max_payload.load(Ordering::Relaxed) + OVERHEAD + SERVER_PAYLOAD_SLACK;
             // Ops borrow `buf`; what they took is consumed once they are all handled.
@@ -930,6 +939,25 @@ mod tests {
         idle.settle(&mut buf, &mut out);
         assert!(buf.capacity() >= READ_CHUNK && out.capacity() > READ_CHUNK);
         assert!(out.is_empty());
+    }
+
+    /// Reads of 64 KiB into a read buffer grown for payloads to four times that: the pump is
+    /// streaming, so it keeps its output buffer between writes instead of growing a new one
+    /// every time.
+    #[tokio::test]
+    async fn a_streaming_pump_keeps_its_output_buffer_when_its_read_buffer_grew() {
+        let mut idle = Idle::new();
+        for _ in 0..10 {
+            idle.read(2 * READ_CHUNK, 8 * READ_CHUNK);
+        }
+        assert_eq!(idle.chunk(), READ_CHUNK);
+        let mut buf = BytesMut::with_capacity(8 * READ_CHUNK);
+        buf.extend_from_slice(b"PUB a 16384\r\n");
+        let mut out = BytesMut::with_capacity(3 * READ_CHUNK);
+        out.extend_from_slice(&[1; 2 * READ_CHUNK]);
+        idle.settle(&mut buf, &mut out);
+        assert!(out.is_empty() && out.capacity() >= 3 * READ_CHUNK);
+        assert_eq!(&buf[..], b"PUB a 16384\r\n");
     }
 
     #[tokio::test]
