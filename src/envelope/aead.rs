@@ -85,6 +85,11 @@ impl PrefixCipher {
         self.id
     }
 
+    /// The short-message key, for a [`super::multi::Batch`] small enough to go one by one.
+    pub(crate) fn small_key(&self) -> &LessSafeKey {
+        &self.small
+    }
+
     /// The subkey itself, for [`super::multi::Batch`], which zeroizes its copy.
     pub(crate) fn subkey(&self) -> &[u8; 32] {
         &self.subkey

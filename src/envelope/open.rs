@@ -62,6 +62,14 @@ impl Opener {
         self.cache.clear();
     }
 
+    /// The aws-lc key of subkey `id`, if it is one of the cached ones.
+    pub(crate) fn cached_key(&self, id: u64) -> Option<&aws_lc_rs::aead::LessSafeKey> {
+        self.cache
+            .iter()
+            .find(|e| e.cipher.id() == id)
+            .map(|e| e.cipher.small_key())
+    }
+
     /// Number of cached subkeys.
     pub fn cached(&self) -> usize {
         self.cache.len()

@@ -65,6 +65,11 @@ impl Sealer {
         self.epoch
     }
 
+    /// The aws-lc key of subkey `id`, if it is this sealer's.
+    pub(crate) fn cached_key(&self, id: u64) -> Option<&aws_lc_rs::aead::LessSafeKey> {
+        (self.cipher.id() == id).then(|| self.cipher.small_key())
+    }
+
     /// How many nonces this sealer has used (its next counter value).
     pub fn counter(&self) -> u64 {
         self.counter

@@ -207,7 +207,10 @@ impl Outbound {
         if self.batch.is_empty() {
             return Ok(());
         }
-        self.batch.seal(&mut out[..])
+        match &self.sealer {
+            Some(sealer) => self.batch.seal_with(&mut out[..], sealer),
+            None => self.batch.seal(&mut out[..]),
+        }
     }
 
     /// Seals `payload` (queued in `self.batch`) under the snapshot's active epoch.
@@ -401,7 +404,8 @@ impl Inbound {
             return;
         }
         let mut failed = Vec::new();
-        self.batch.open(&mut out[..], |i| failed.push(i));
+        self.batch
+            .open_with(&mut out[..], &self.opener, |i| failed.push(i));
         if !failed.is_empty() {
             // Rare (a forged or corrupted delivery), so one copy of the batch's output is fine.
             let mut keep_from = 0;
