@@ -342,7 +342,7 @@ impl Batch {
         self.keys.clear();
         self.jobs.clear();
         self.arena.clear();
-        self.poly_keys.zeroize();
+        wipe(&mut self.poly_keys);
         self.poly_keys.clear();
         self.tags.clear();
         self.order.clear();
@@ -645,6 +645,18 @@ impl Batch {
             }
         }
     }
+}
+
+/// Zeroes a pass's Poly1305 keys, one volatile 32-byte store each. `Vec::zeroize` writes a byte
+/// at a time over the whole capacity, which cost 2% of the proxy's CPU at 128 B; the capacity
+/// beyond the keys in use was wiped when it was last in use (and `Drop` wipes all of it).
+fn wipe(keys: &mut [[u8; 32]]) {
+    for k in keys.iter_mut() {
+        // Safety: `k` comes from a live exclusive reference, so it is valid, aligned and not
+        // aliased.
+        unsafe { std::ptr::write_volatile(k, [0; 32]) };
+    }
+    std::sync::atomic::compiler_fence(Ordering::SeqCst);
 }
 
 impl Drop for Batch {
@@ -958,5 +970,28 @@ mod tests {
         batch.seal(&mut buf).expect("fits");
         assert!(batch.keys.is_empty() && batch.poly_keys.is_empty());
         assert!(format!("{batch:?}").contains("jobs: 0"));
+
+        // Three messages through the vector pass: every Poly1305 key it held is zero now.
+        let mut buf = vec![0u8; 3 * (64 + TAG_LEN)];
+        for i in 0..3 {
+            let at = i * (64 + TAG_LEN);
+            batch.push_seal(
+                2,
+                &[9; 32],
+                [i as u8; 8],
+                [b"h", b"s"],
+                at..at + 64,
+                at + 64,
+            );
+        }
+        batch.seal(&mut buf).expect("fits");
+        let spare = batch.poly_keys.spare_capacity_mut();
+        assert!(spare.len() >= 3 || !available());
+        for k in spare {
+            // Safety: this memory held the pass's keys (`resize` initialised it) and `clear`
+            // does not de-initialise `[u8; 32]` values; reading it back as bytes is sound.
+            let k = unsafe { k.assume_init_ref() };
+            assert_eq!(k, &[0; 32]);
+        }
     }
 }
