@@ -1,8 +1,9 @@
 //! Constant-time comparison for secret-derived values outside the AEAD.
 //!
 //! Key fingerprints, audit-chain hashes and the like are compared here, never with `==`, so the
-//! time a comparison takes does not tell an attacker how many leading bytes matched. The AEAD
-//! checks its own tags; key types compare through their `ConstantTimeEq` impls.
+//! time a comparison takes does not tell an attacker how many leading bytes matched. The batched
+//! AEAD (`envelope::multi`) compares its tags here too ([`eq_tag`]); aws-lc and OpenSSL check
+//! their own. Key types compare through their `ConstantTimeEq` impls.
 
 use subtle::ConstantTimeEq;
 
