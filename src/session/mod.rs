@@ -680,9 +680,6 @@ where
                 continue;
             }
         }
-        // Sealing adds OVERHEAD per message, under half again even at small payloads: one
-        // allocation for the output instead of a chain of reallocations that copy it.
-        out.reserve(buf.len() + buf.len() / 2);
         let snap = shared.keyring.snapshot();
         let limit = max_payload.load(Ordering::Relaxed);
         let mut failure: Option<ProtoError> = None;
@@ -691,6 +688,13 @@ where
         loop {
             match parser.parse(&buf[used..], limit) {
                 Ok(Some((op, len))) => {
+                    if used == 0 {
+                        // Sealing adds OVERHEAD per message, under half again at small
+                        // payloads: one allocation for the output instead of a chain of
+                        // reallocations that copy it. Only once an op is complete, so a
+                        // payload still arriving costs no output buffer.
+                        out.reserve(buf.len() + (buf.len() / 2).min(READ_CHUNK));
+                    }
                     used += len;
                     if let Err(e) = outbound.handle(op, policy, &snap, replies, metrics, &mut out) {
                         // Sealing fails only if randomness is unavailable: fail closed.
@@ -760,8 +764,6 @@ where
         let mut closed = false;
         let mut failure = false;
         {
-            // Opening shrinks every message: the output fits in what was read.
-            out.reserve(buf.len());
             let mut snap = shared.keyring.snapshot();
             let limit = max_payload.load(Ordering::Relaxed) + OVERHEAD + SERVER_PAYLOAD_SLACK;
             // Ops borrow `buf`; what they took is consumed once they are all handled.
@@ -769,6 +771,10 @@ where
             loop {
                 let op = parser.parse(&buf[used..], limit);
                 if let Ok(Some((op, len))) = &op {
+                    if used == 0 {
+                        // Opening shrinks every message: the output fits in what was read.
+                        out.reserve(buf.len());
+                    }
                     used += len;
                     if let Some(epoch) = inbound.pending_epoch(op, policy, &snap) {
                         // A newer epoch than any known: its announcement may still be on its
