@@ -241,14 +241,35 @@ struct Scratch {
 }
 
 impl Scratch {
+    /// A directory of its own, readable by this user only (it holds a root key). Named by
+    /// process id and a random tag: a kept directory of an earlier failed run can carry the
+    /// same process id, since ids are reused.
     fn new() -> Result<Scratch, BenchError> {
-        let dir = std::env::temp_dir().join(format!("cipherbus-bench-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
-        Ok(Scratch {
-            dir,
-            keep: AtomicBool::new(false),
-        })
+        use std::os::unix::fs::DirBuilderExt;
+        for _ in 0..16 {
+            let mut tag = [0u8; 4];
+            getrandom::getrandom(&mut tag).map_err(|e| err(format!("no randomness: {e}")))?;
+            let name = format!(
+                "cipherbus-bench-{}-{}",
+                std::process::id(),
+                hex::encode(tag)
+            );
+            let dir = std::env::temp_dir().join(name);
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => {
+                    return Ok(Scratch {
+                        dir,
+                        keep: AtomicBool::new(false),
+                    })
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(err(format!("cannot create {}: {e}", dir.display()))),
+            }
+        }
+        Err(err(format!(
+            "cannot create a fresh directory in {}",
+            std::env::temp_dir().display()
+        )))
     }
 }
 
@@ -1190,4 +1211,38 @@ pub fn forward(listen: &str, upstream: &str) -> Result<(), BenchError> {
 pub fn report(e: &BenchError) -> ExitCode {
     eprintln!("cipherbus bench: {e}");
     ExitCode::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// A directory left by an earlier run under this process id (the old naming) is not
+    /// reused: every bench gets a new, empty, private one, removed at the end.
+    #[test]
+    fn scratch_directories_are_fresh_and_private() {
+        let stale = std::env::temp_dir().join(format!("cipherbus-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&stale).expect("stale directory");
+        std::fs::write(stale.join("kek"), b"an old key").expect("stale key");
+        let (a, b) = (
+            Scratch::new().expect("fresh"),
+            Scratch::new().expect("fresh"),
+        );
+        assert_ne!(a.dir, b.dir);
+        for s in [&a, &b] {
+            assert_ne!(s.dir, stale);
+            assert_eq!(std::fs::read_dir(&s.dir).expect("listable").count(), 0);
+            let mode = std::fs::metadata(&s.dir)
+                .expect("exists")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o700);
+        }
+        let dir = a.dir.clone();
+        drop(a);
+        assert!(!dir.exists(), "removed at the end");
+        let _ = std::fs::remove_dir_all(&stale);
+    }
 }
