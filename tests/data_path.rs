@@ -480,3 +480,101 @@ async fn an_agent_that_publishes_and_closes_loses_nothing() {
         "the bus saw {seen} of the {BURST} messages published"
     );
 }
+
+/// The same for an agent that breaks the protocol after its burst: the proxy tells it -ERR
+/// and closes, and what it published before the bad op still reaches the bus, as it would
+/// with the server itself. The agent has its -ERR and its close while the server is still
+/// paused, so the proxy closes the agent's side without waiting for the server's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_breaks_the_protocol_after_a_burst_loses_nothing_before_it() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    const BURST: usize = 20_000;
+    let server = NatsServer::start();
+    let p = proxy(&server).await;
+    let watcher = async_nats::ConnectOptions::new()
+        .subscription_capacity(1 << 16)
+        .connect(server.url())
+        .await
+        .expect("observer connects");
+    let mut sub = watcher.subscribe("fatal.out").await.unwrap();
+    sync(&watcher).await;
+
+    let addr = p.local_addr;
+    let s = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).expect("agent connects");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut line = String::new();
+        r.read_line(&mut line).expect("INFO");
+        assert!(line.starts_with("INFO "), "{line}");
+        s.write_all(
+            b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\nSUB fatal.in 1\r\nPING\r\n",
+        )
+        .unwrap();
+        line.clear();
+        r.read_line(&mut line).expect("PONG");
+        assert_eq!(line, "PONG\r\n");
+        s
+    })
+    .await
+    .unwrap();
+    // Deliveries the agent has not read yet, so the proxy's upstream socket holds unread data.
+    let feeder = agent(&p).await;
+    let big = Bytes::from(plaintext(16 * 1024));
+    for _ in 0..1_000 {
+        feeder.publish("fatal.in", big.clone()).await.unwrap();
+    }
+    sync(&feeder).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    signal(server.pid(), "STOP");
+    let mut burst = Vec::new();
+    for _ in 0..BURST {
+        burst.extend_from_slice(b"PUB fatal.out 128\r\n");
+        burst.extend_from_slice(&plaintext(128));
+        burst.extend_from_slice(b"\r\n");
+    }
+    burst.extend_from_slice(b"BOGUS\r\n");
+    let agent_side = tokio::task::spawn_blocking(move || {
+        let mut s = s;
+        s.write_all(&burst).expect("the proxy takes the burst");
+        // Read to the end: the deliveries, the -ERR, then the proxy's close.
+        let mut tail = Vec::new();
+        let mut chunk = [0u8; 64 * 1024];
+        let closed = loop {
+            match s.read(&mut chunk) {
+                Ok(0) => break true,
+                Ok(n) => {
+                    tail.extend_from_slice(&chunk[..n]);
+                    let keep = tail.len().saturating_sub(256);
+                    tail.drain(..keep);
+                }
+                Err(_) => break false,
+            }
+        };
+        (closed, tail)
+    });
+    let (closed, tail) = agent_side.await.unwrap();
+    signal(server.pid(), "CONT");
+    assert!(
+        closed,
+        "the proxy closes the agent while the server is paused"
+    );
+    let tail = String::from_utf8_lossy(&tail);
+    assert!(
+        tail.ends_with("-ERR 'Unknown Protocol Operation'\r\n"),
+        "the agent's last bytes: {tail:?}"
+    );
+
+    let mut seen = 0;
+    while seen < BURST {
+        match tokio::time::timeout(Duration::from_secs(5), sub.next()).await {
+            Ok(Some(_)) => seen += 1,
+            _ => break,
+        }
+    }
+    assert_eq!(
+        seen, BURST,
+        "the bus saw {seen} of the {BURST} messages published before the bad op"
+    );
+}

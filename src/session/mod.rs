@@ -321,9 +321,12 @@ async fn serve(
             end = &mut c2s => {
                 tracing::debug!(?end, "agent side ended");
                 if matches!(end, End::Fatal) {
-                    // The upstream pump writes the -ERR at an op boundary, then stops.
-                    let _ = tokio::time::timeout(Duration::from_secs(2), &mut s2c).await;
-                    (true, None)
+                    // The upstream pump writes the -ERR at an op boundary, then stops. What the
+                    // agent published before the violation may still be unread by the server:
+                    // drain, as for a close, so dropping the connection cannot reset it away.
+                    let end = tokio::time::timeout(Duration::from_secs(2), &mut s2c).await;
+                    let drain = !matches!(end, Ok(End::Closed));
+                    (true, drain.then(|| Instant::now() + UPSTREAM_DRAIN))
                 } else {
                     // The agent is done and the server has been told. Deliver what the server
                     // still sends until it closes, which it does once it has read everything.
@@ -341,26 +344,32 @@ async fn serve(
             _ = shutdown.changed() => (false, None),
         }
     };
-    if let Some(until) = drain {
-        // Nobody left to deliver to: read and discard until the server closes.
-        let _ = up_w.shutdown().await;
-        let mut sink = [0u8; 4096];
-        let discard = async { while matches!(up_r.read(&mut sink).await, Ok(n) if n > 0) {} };
-        tokio::select! {
-            _ = timeout_at(until, discard) => {}
-            _ = shutdown.changed() => {}
+    // The two sides close together: an agent told -ERR does not wait for the server.
+    let upstream = async {
+        if let Some(until) = drain {
+            // Nobody left to deliver to: read and discard until the server closes.
+            let _ = up_w.shutdown().await;
+            let mut sink = [0u8; 4096];
+            let discard = async { while matches!(up_r.read(&mut sink).await, Ok(n) if n > 0) {} };
+            tokio::select! {
+                _ = timeout_at(until, discard) => {}
+                _ = shutdown.changed() => {}
+            }
         }
-    }
-    let _ = agent_w.shutdown().await;
-    if fatal {
-        // Read what the agent still sends for a moment, so closing with unread data does not
-        // reset the connection before the agent reads our -ERR.
-        let mut sink = [0u8; 4096];
-        let _ = tokio::time::timeout(Duration::from_millis(250), async {
-            while matches!(agent_r.read(&mut sink).await, Ok(n) if n > 0) {}
-        })
-        .await;
-    }
+    };
+    let agent = async {
+        let _ = agent_w.shutdown().await;
+        if fatal {
+            // Read what the agent still sends for a moment, so closing with unread data does
+            // not reset the connection before the agent reads our -ERR.
+            let mut sink = [0u8; 4096];
+            let _ = tokio::time::timeout(Duration::from_millis(250), async {
+                while matches!(agent_r.read(&mut sink).await, Ok(n) if n > 0) {}
+            })
+            .await;
+        }
+    };
+    tokio::join!(upstream, agent);
     Ok(())
 }
 
