@@ -395,39 +395,44 @@ fn signal(pid: u32, signal: &str) {
     assert!(status.success(), "kill -{signal} {pid}");
 }
 
-/// An agent that publishes and then closes loses nothing, even when the server is behind
-/// reading and still sending to it. Here the server is paused while the agent's burst sits in
-/// the proxy's upstream socket, and deliveries the agent has not read yet sit in the proxy. A
-/// proxy that simply dropped the upstream connection then would reset it (there is unread data
-/// on it), and the reset would discard the part of the burst the server had not read.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_that_publishes_and_closes_loses_nothing() {
-    use std::io::{BufRead, BufReader, Read, Write};
-    const BURST: usize = 20_000;
-    let server = NatsServer::start();
-    let p = proxy(&server).await;
+/// Messages in the bursts of the two tests below.
+const BURST: usize = 20_000;
+
+/// The setting of the two tests below: a watcher on the bus subscribed to `out`, and a raw
+/// agent through the proxy, subscribed to `in_` with deliveries it has not read yet filling
+/// its socket and then the proxy's, so the proxy's upstream socket holds unread data.
+async fn behind_on_deliveries(
+    server: &NatsServer,
+    p: &cipherbus::server::ProxyHandle,
+    out: &str,
+    in_: &str,
+) -> (
+    async_nats::Client,
+    async_nats::Subscriber,
+    std::net::TcpStream,
+) {
+    use std::io::{BufRead, BufReader, Write};
     let watcher = async_nats::ConnectOptions::new()
         .subscription_capacity(1 << 16)
         .connect(server.url())
         .await
         .expect("observer connects");
-    let mut sub = watcher.subscribe("close.out").await.unwrap();
+    let sub = watcher.subscribe(out.to_string()).await.unwrap();
     sync(&watcher).await;
 
     // A well-behaved agent on a plain socket: it reads everything in the end, so its own
     // close is never a reset.
     let addr = p.local_addr;
-    let mut s = tokio::task::spawn_blocking(move || {
+    let connect =
+        format!("CONNECT {{\"verbose\":false,\"pedantic\":false}}\r\nSUB {in_} 1\r\nPING\r\n");
+    let s = tokio::task::spawn_blocking(move || {
         let mut s = std::net::TcpStream::connect(addr).expect("agent connects");
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut r = BufReader::new(s.try_clone().unwrap());
         let mut line = String::new();
         r.read_line(&mut line).expect("INFO");
         assert!(line.starts_with("INFO "), "{line}");
-        s.write_all(
-            b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\nSUB close.in 1\r\nPING\r\n",
-        )
-        .unwrap();
+        s.write_all(connect.as_bytes()).unwrap();
         line.clear();
         r.read_line(&mut line).expect("PONG");
         assert_eq!(line, "PONG\r\n");
@@ -435,22 +440,54 @@ async fn an_agent_that_publishes_and_closes_loses_nothing() {
     })
     .await
     .unwrap();
-    // Deliveries the agent does not read yet: they fill its socket, then the proxy's.
-    let feeder = agent(&p).await;
+    let feeder = agent(p).await;
     let big = Bytes::from(plaintext(16 * 1024));
     for _ in 0..1_000 {
-        feeder.publish("close.in", big.clone()).await.unwrap();
+        feeder.publish(in_.to_string(), big.clone()).await.unwrap();
     }
     sync(&feeder).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
+    (watcher, sub, s)
+}
 
-    signal(server.pid(), "STOP");
+/// [`BURST`] `PUB`s of 128 bytes to `subject`, as one agent's writes.
+fn burst(subject: &str) -> Vec<u8> {
     let mut burst = Vec::new();
     for _ in 0..BURST {
-        burst.extend_from_slice(b"PUB close.out 128\r\n");
+        burst.extend_from_slice(format!("PUB {subject} 128\r\n").as_bytes());
         burst.extend_from_slice(&plaintext(128));
         burst.extend_from_slice(b"\r\n");
     }
+    burst
+}
+
+/// How many of the burst the watcher sees, waiting up to 5 s for each.
+async fn seen_of_burst(sub: &mut async_nats::Subscriber) -> usize {
+    let mut seen = 0;
+    while seen < BURST {
+        match tokio::time::timeout(Duration::from_secs(5), sub.next()).await {
+            Ok(Some(_)) => seen += 1,
+            _ => break,
+        }
+    }
+    seen
+}
+
+/// An agent that publishes and then closes loses nothing, even when the server is behind
+/// reading and still sending to it. Here the server is paused while the agent's burst sits in
+/// the proxy's upstream socket, and deliveries the agent has not read yet sit in the proxy. A
+/// proxy that simply dropped the upstream connection then would reset it (there is unread data
+/// on it), and the reset would discard the part of the burst the server had not read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_publishes_and_closes_loses_nothing() {
+    use std::io::{Read, Write};
+    let server = NatsServer::start();
+    let p = proxy(&server).await;
+    let (_watcher, mut sub, mut s) =
+        behind_on_deliveries(&server, &p, "close.out", "close.in").await;
+
+    signal(server.pid(), "STOP");
+    let burst = burst("close.out");
     let writer = tokio::task::spawn_blocking(move || {
         s.write_all(&burst).expect("the proxy takes the burst");
         s.shutdown(std::net::Shutdown::Write).unwrap();
@@ -461,6 +498,7 @@ async fn an_agent_that_publishes_and_closes_loses_nothing() {
     let mut s = writer.await.unwrap();
     // Let the proxy finish with the connection before the agent reads the rest.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     tokio::task::spawn_blocking(move || {
         let mut sink = [0u8; 64 * 1024];
         while let Ok(1..) = s.read(&mut sink) {}
@@ -468,13 +506,7 @@ async fn an_agent_that_publishes_and_closes_loses_nothing() {
     .await
     .unwrap();
 
-    let mut seen = 0;
-    while seen < BURST {
-        match tokio::time::timeout(Duration::from_secs(5), sub.next()).await {
-            Ok(Some(_)) => seen += 1,
-            _ => break,
-        }
-    }
+    let seen = seen_of_burst(&mut sub).await;
     assert_eq!(
         seen, BURST,
         "the bus saw {seen} of the {BURST} messages published"
@@ -487,56 +519,16 @@ async fn an_agent_that_publishes_and_closes_loses_nothing() {
 /// paused, so the proxy closes the agent's side without waiting for the server's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_breaks_the_protocol_after_a_burst_loses_nothing_before_it() {
-    use std::io::{BufRead, BufReader, Read, Write};
-    const BURST: usize = 20_000;
+    use std::io::{Read, Write};
     let server = NatsServer::start();
     let p = proxy(&server).await;
-    let watcher = async_nats::ConnectOptions::new()
-        .subscription_capacity(1 << 16)
-        .connect(server.url())
-        .await
-        .expect("observer connects");
-    let mut sub = watcher.subscribe("fatal.out").await.unwrap();
-    sync(&watcher).await;
-
-    let addr = p.local_addr;
-    let s = tokio::task::spawn_blocking(move || {
-        let mut s = std::net::TcpStream::connect(addr).expect("agent connects");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut r = BufReader::new(s.try_clone().unwrap());
-        let mut line = String::new();
-        r.read_line(&mut line).expect("INFO");
-        assert!(line.starts_with("INFO "), "{line}");
-        s.write_all(
-            b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\nSUB fatal.in 1\r\nPING\r\n",
-        )
-        .unwrap();
-        line.clear();
-        r.read_line(&mut line).expect("PONG");
-        assert_eq!(line, "PONG\r\n");
-        s
-    })
-    .await
-    .unwrap();
-    // Deliveries the agent has not read yet, so the proxy's upstream socket holds unread data.
-    let feeder = agent(&p).await;
-    let big = Bytes::from(plaintext(16 * 1024));
-    for _ in 0..1_000 {
-        feeder.publish("fatal.in", big.clone()).await.unwrap();
-    }
-    sync(&feeder).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_watcher, mut sub, mut s) =
+        behind_on_deliveries(&server, &p, "fatal.out", "fatal.in").await;
 
     signal(server.pid(), "STOP");
-    let mut burst = Vec::new();
-    for _ in 0..BURST {
-        burst.extend_from_slice(b"PUB fatal.out 128\r\n");
-        burst.extend_from_slice(&plaintext(128));
-        burst.extend_from_slice(b"\r\n");
-    }
+    let mut burst = burst("fatal.out");
     burst.extend_from_slice(b"BOGUS\r\n");
     let agent_side = tokio::task::spawn_blocking(move || {
-        let mut s = s;
         s.write_all(&burst).expect("the proxy takes the burst");
         // Read to the end: the deliveries, the -ERR, then the proxy's close.
         let mut tail = Vec::new();
@@ -566,13 +558,7 @@ async fn an_agent_that_breaks_the_protocol_after_a_burst_loses_nothing_before_it
         "the agent's last bytes: {tail:?}"
     );
 
-    let mut seen = 0;
-    while seen < BURST {
-        match tokio::time::timeout(Duration::from_secs(5), sub.next()).await {
-            Ok(Some(_)) => seen += 1,
-            _ => break,
-        }
-    }
+    let seen = seen_of_burst(&mut sub).await;
     assert_eq!(
         seen, BURST,
         "the bus saw {seen} of the {BURST} messages published before the bad op"
