@@ -253,7 +253,7 @@ impl Batch {
                 self.seal_avx512(buf)
             };
         } else {
-            self.seal_scalar(buf);
+            self.scalar(buf, true, &|_| None);
         }
         let complete = !self.failed.contains(&true);
         self.clear();
@@ -288,7 +288,7 @@ impl Batch {
                 self.open_avx512(buf)
             };
         } else {
-            self.open_scalar(buf);
+            self.scalar(buf, false, &|_| None);
         }
         for (i, job) in self.jobs.iter().enumerate() {
             if self.failed[i] {
@@ -571,11 +571,6 @@ impl Batch {
         self.failed = failed;
     }
 
-    /// aws-lc key for each subkey of the batch, built when first needed.
-    fn scalar_keys(&self) -> Vec<Option<LessSafeKey>> {
-        self.keys.iter().map(|_| None).collect()
-    }
-
     fn scalar_key<'a>(
         keys: &'a mut [Option<LessSafeKey>],
         entry: &KeyEntry,
@@ -600,18 +595,11 @@ impl Batch {
         Nonce::assume_unique_for_key(n)
     }
 
-    fn seal_scalar(&mut self, buf: &mut [u8]) {
-        self.scalar(buf, true, &|_| None);
-    }
-
-    fn open_scalar(&mut self, buf: &mut [u8]) {
-        self.scalar(buf, false, &|_| None);
-    }
-
     /// Each job on its own with aws-lc-rs, under the caller's key for its subkey where it
     /// holds one; a job that fails is marked in `failed`.
     fn scalar(&mut self, buf: &mut [u8], seal: bool, cached: &Cached<'_>) {
-        let mut keys = self.scalar_keys();
+        // Built only for a key the caller does not hold: a small batch allocates nothing.
+        let mut keys = Vec::new();
         for (j, job) in self.jobs.iter().enumerate() {
             if self.failed[j] {
                 continue;
@@ -619,7 +607,12 @@ impl Batch {
             let entry = &self.keys[job.key];
             let key = match cached(entry.id) {
                 Some(key) => Some(key),
-                None => Self::scalar_key(&mut keys, entry, job.key),
+                None => {
+                    if keys.is_empty() {
+                        keys = self.keys.iter().map(|_| None).collect();
+                    }
+                    Self::scalar_key(&mut keys, entry, job.key)
+                }
             };
             let Some(key) = key else {
                 self.failed[j] = true;
