@@ -48,10 +48,19 @@ impl Raw {
 
     /// Connects, sends CONNECT (non-verbose, protocol 1) and `subs`, and waits for the PONG.
     fn connect(addr: SocketAddr, subs: &str) -> Raw {
+        Raw::connect_with(addr, "", subs)
+    }
+
+    /// [`Raw::connect`] with `headers:true`, as clients that send `HPUB` say.
+    fn connect_headers(addr: SocketAddr, subs: &str) -> Raw {
+        Raw::connect_with(addr, ",\"headers\":true", subs)
+    }
+
+    fn connect_with(addr: SocketAddr, more: &str, subs: &str) -> Raw {
         let mut raw = Raw::open(addr);
         raw.send(
             format!(
-                "CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1}}\r\n{subs}PING\r\n"
+                "CONNECT {{\"verbose\":false,\"pedantic\":false,\"protocol\":1{more}}}\r\n{subs}PING\r\n"
             )
             .as_bytes(),
         );
@@ -287,6 +296,64 @@ async fn lenient_input_is_answered_in_canonical_form() {
         want,
         "exactly what the server itself answers"
     );
+}
+
+/// nats.js 3.x publishes to JetStream and KV with `HPUB <subject> [reply] 0 <total>`: a header
+/// block of length 0. The server takes it as a message without headers; so must the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_block_of_length_0_is_a_message_without_headers() {
+    let server = NatsServer::start();
+    let (pa, pb) = (proxy(&server).await, proxy(&server).await);
+    let bus = observer(&server).await;
+    let js = async_nats::jetstream::new(bus.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "ZZ".into(),
+        subjects: vec!["zz.>".into()],
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let input: &[u8] = b"HPUB zz.a 0 5\r\nhello\r\nHPUB zz.a _INBOX.x.y 0 5\r\nhello\r\n\
+        HPUB zz.a 0 0\r\n\r\nPING\r\n";
+    // What the server delivers for it: plain MSGs, the reply kept, the empty payload empty.
+    let want = "MSG zz.a 1 5\r\nhello\r\nMSG zz.a 1 _INBOX.x.y 5\r\nhello\r\nMSG zz.a 1 0\r\n\r\n";
+
+    let mut direct_sub = Raw::connect_headers(server.addr(), "SUB zz.a 1\r\n");
+    let mut direct = Raw::connect_headers(server.addr(), "");
+    direct.send(input);
+    assert_eq!(direct.until_pong(), "");
+    direct_sub.send(b"PING\r\n");
+    assert_eq!(direct_sub.until_pong(), want, "nats-server itself");
+
+    let mut sub = Raw::connect_headers(pb.local_addr, "SUB zz.a 1\r\n");
+    let mut agent = Raw::connect_headers(pa.local_addr, "");
+    let mut raw_bus = bus.subscribe("zz.a").await.unwrap();
+    bus.flush().await.unwrap();
+    agent.send(input);
+    assert_eq!(agent.until_pong(), "", "no -ERR, no close");
+    sub.send(b"PING\r\n");
+    assert_eq!(sub.until_pong(), want, "opened by the other proxy");
+
+    // On the bus and in the stream: envelopes, and the empty payload as it was.
+    for want_len in [5 + OVERHEAD, 5 + OVERHEAD, 0] {
+        use futures::StreamExt;
+        let seen = tokio::time::timeout(WAIT, raw_bus.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(seen.payload.len(), want_len, "{seen:?}");
+        assert!(seen.headers.is_none());
+        assert!(!contains(&seen.payload, b"hello"));
+    }
+    // Sequences 1 to 3 are the direct run's plaintext.
+    let stream = js.get_stream("ZZ").await.unwrap();
+    for seq in 4..=5 {
+        let stored = stream.direct_get(seq).await.unwrap();
+        assert_eq!(stored.payload.len(), 5 + OVERHEAD);
+        assert_eq!(stored.payload[0], cipherbus::envelope::MAGIC);
+    }
+    assert!(stream.direct_get(6).await.unwrap().payload.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,17 +20,11 @@ pub enum ProtoError {
     /// The arguments of a control line are malformed (count, size digits, `hdr > total`, ...).
     #[error("bad arguments: {0}")]
     BadArgs(&'static str),
-    /// The header block of an `HPUB`/`HMSG` is malformed.
-    #[error("bad header block: {0}")]
-    BadHeaders(&'static str),
 }
 
 impl ProtoError {
     /// The exact text nats-server sends as `-ERR '<text>'` before it closes a client connection
     /// for this fault, or `None` where it closes without a message.
-    ///
-    /// nats-server does not look inside header blocks, so it has no text for
-    /// [`ProtoError::BadHeaders`]; the proxy closes without a message there too.
     pub fn server_err(&self) -> Option<&'static str> {
         match self {
             // parser.go `parseErr` label; also the MSG_END_R / MSG_END_N states.
@@ -41,7 +35,7 @@ impl ProtoError {
             ProtoError::MaxPayload => Some("Maximum Payload Violation"),
             // processPub / processHeaderPub / parseSub return plain errors: the read loop closes
             // with ProtocolViolation and sends nothing.
-            ProtoError::BadArgs(_) | ProtoError::BadHeaders(_) => None,
+            ProtoError::BadArgs(_) => None,
         }
     }
 
@@ -53,7 +47,6 @@ impl ProtoError {
             ProtoError::MaxPayload => "max_payload",
             ProtoError::BadTerminator => "bad_terminator",
             ProtoError::BadArgs(_) => "bad_args",
-            ProtoError::BadHeaders(_) => "bad_headers",
         }
     }
 }
@@ -81,7 +74,6 @@ mod tests {
             Some("Maximum Payload Violation")
         );
         assert_eq!(ProtoError::BadArgs("pub").server_err(), None);
-        assert_eq!(ProtoError::BadHeaders("x").server_err(), None);
     }
 
     #[test]
@@ -92,7 +84,6 @@ mod tests {
             ProtoError::MaxPayload,
             ProtoError::BadTerminator,
             ProtoError::BadArgs("a"),
-            ProtoError::BadHeaders("b"),
         ];
         let mut seen = std::collections::HashSet::new();
         for e in all {

@@ -28,7 +28,7 @@ pub use encode::{
     put_pub_line,
 };
 pub use error::ProtoError;
-pub use headers::{check_header_block, header_status, header_value, headers, HEADER_VERSION};
+pub use headers::{header_status, header_value, headers, HEADER_VERSION};
 pub use op::{ClientOp, ServerOp};
 pub use parse::{ClientParser, Parsed, ServerParser};
 

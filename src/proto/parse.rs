@@ -17,9 +17,7 @@
 
 use std::ops::Range;
 
-use crate::proto::{
-    check_header_block, ClientOp, ProtoError, ServerOp, MAX_CONTROL_LINE, MAX_SERVER_CONTROL_LINE,
-};
+use crate::proto::{ClientOp, ProtoError, ServerOp, MAX_CONTROL_LINE, MAX_SERVER_CONTROL_LINE};
 
 /// Bytes a control line may hold beyond its argument limit, for the verb and the blanks after
 /// it. nats-server skips any number of blanks there without buffering them; a bounded parser
@@ -515,14 +513,16 @@ fn trim_end(b: &[u8]) -> &[u8] {
 }
 
 /// Splits a complete `HPUB`/`HMSG` body into its header block and payload.
+///
+/// The block is not checked: nats-server accepts any bytes there, a length of 0 included (nats.js
+/// 3.x sends `HPUB <subject> 0 <total>` for a JetStream publish without options), and delivers
+/// them unchanged, so the proxy does too.
 fn split_headers(body: &[u8], hdr: usize) -> Result<(&[u8], &[u8]), ProtoError> {
     if hdr > body.len() {
         // Checked on the control line already (`hdr <= total`); kept so this can never panic.
         return Err(ProtoError::BadArgs("header size larger than total size"));
     }
-    let (headers, payload) = body.split_at(hdr);
-    check_header_block(headers)?;
-    Ok((headers, payload))
+    Ok(body.split_at(hdr))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1421,21 +1421,47 @@ mod tests {
     }
 
     #[test]
-    fn bad_header_blocks() {
-        for input in [
-            &b"HPUB foo 5 7\r\nHELLOxy\r\n"[..],
-            b"HPUB foo 0 2\r\nxy\r\n",
-            b"HPUB foo 12 12\r\nNATS/1.0\r\nA:\r\n",
-            b"HPUB foo 12 12\r\nnats/1.0\r\n\r\n\r\n",
+    fn header_blocks_of_any_shape_are_taken_as_the_server_takes_them() {
+        for (input, headers, payload) in [
+            // nats.js 3.x: a JetStream publish without options, and every KV put.
+            (&b"HPUB foo 0 5\r\nhello\r\n"[..], &b""[..], &b"hello"[..]),
+            (b"HPUB foo 0 0\r\n\r\n", b"", b""),
+            (b"HPUB foo 5 7\r\nHELLOxy\r\n", b"HELLO", b"xy"),
+            // A block not ended by a blank line: the terminator after it is the op's own CRLF.
+            (
+                b"HPUB foo 12 12\r\nNATS/1.0\r\nA:\r\n",
+                b"NATS/1.0\r\nA:",
+                b"",
+            ),
+            (
+                b"HPUB foo 12 13\r\nnats/1.0\r\n\r\nx\r\n",
+                b"nats/1.0\r\n\r\n",
+                b"x",
+            ),
         ] {
-            let e = client_err(input, BIG);
-            assert!(matches!(e, ProtoError::BadHeaders(_)), "{e:?}");
-            assert_eq!(e.server_err(), None);
+            let mut p = ClientParser::new();
+            let mut buf = BytesMut::from(input);
+            let op = p.next(&mut buf, BIG).expect("accepted").expect("complete");
+            let ClientOp::Hpub {
+                headers: h,
+                payload: b,
+                ..
+            } = op
+            else {
+                panic!("{op:?}");
+            };
+            assert_eq!((&h[..], &b[..]), (headers, payload), "{input:?}");
+            assert!(buf.is_empty());
         }
-        assert!(matches!(
-            server_err(b"HMSG foo 1 5 5\r\nNATS/\r\n", BIG),
-            ProtoError::BadHeaders(_)
-        ));
+        let mut p = ServerParser::new();
+        let mut buf = BytesMut::from(&b"HMSG foo 1 5 5\r\nNATS/\r\n"[..]);
+        let Some(ServerOp::Hmsg {
+            headers, payload, ..
+        }) = p.next(&mut buf, BIG).unwrap()
+        else {
+            panic!("an HMSG");
+        };
+        assert_eq!((&headers[..], &payload[..]), (&b"NATS/"[..], &b""[..]));
     }
 
     #[test]
