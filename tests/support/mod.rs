@@ -6,6 +6,12 @@
 
 #![allow(dead_code)]
 
+pub mod clients;
+pub mod pki;
+
+#[allow(unused_imports)]
+pub use pki::Pki;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
