@@ -16,7 +16,7 @@ pub mod transform;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -30,7 +30,7 @@ use crate::config::{Config, Upstream};
 use crate::envelope::OVERHEAD;
 use crate::keyring::Keyring;
 use crate::metrics::Metrics;
-use crate::proto::{self, ClientParser, ProtoError, ServerOp, ServerParser};
+use crate::proto::{self, ClientOp, ClientParser, ProtoError, ServerOp, ServerParser};
 use crate::tls::{AgentTls, AgentTlsMode, UpstreamTls, AUTO_WAIT};
 use info::{InfoRewrite, ListenerTls};
 use transform::{Inbound, Outbound, Replies};
@@ -56,6 +56,9 @@ const LAME_DUCK_AVOID: Duration = Duration::from_secs(120);
 /// still has something to say would reset it, and a reset discards whatever the server has not
 /// read yet: the agent's last messages.
 const UPSTREAM_DRAIN: Duration = Duration::from_secs(10);
+/// How long an agent that broke the protocol waits for the server to answer what it sent
+/// before the bad op, before it is told `-ERR` and closed anyway.
+const FENCE_WAIT: Duration = Duration::from_secs(2);
 
 /// State shared by every session of one proxy.
 #[derive(Debug)]
@@ -289,6 +292,7 @@ async fn serve(
     };
 
     let replies = Replies::default();
+    let fence = Fence::default();
     let (notice_tx, notice_rx) = mpsc::channel::<Notice>(NOTICE_QUEUE);
     let (fatal, drain) = {
         let c2s = agent_to_upstream(
@@ -297,6 +301,7 @@ async fn serve(
             &mut up_w,
             &max_payload,
             &replies,
+            &fence,
             notice_tx,
         );
         let s2c = upstream_to_agent(
@@ -308,6 +313,7 @@ async fn serve(
             index,
             &max_payload,
             &replies,
+            &fence,
             notice_rx,
         );
         tokio::pin!(c2s, s2c);
@@ -321,10 +327,11 @@ async fn serve(
             end = &mut c2s => {
                 tracing::debug!(?end, "agent side ended");
                 if matches!(end, End::Fatal) {
-                    // The upstream pump writes the -ERR at an op boundary, then stops. What the
-                    // agent published before the violation may still be unread by the server:
-                    // drain, as for a close, so dropping the connection cannot reset it away.
-                    let end = tokio::time::timeout(Duration::from_secs(2), &mut s2c).await;
+                    // The upstream pump forwards the server's answers up to the fence, writes the
+                    // -ERR, then stops. Whatever else the server has not read yet is drained, as
+                    // for a close, so dropping the connection cannot reset it away.
+                    let end = tokio::time::timeout(FENCE_WAIT + Duration::from_secs(1), &mut s2c)
+                        .await;
                     let drain = !matches!(end, Ok(End::Closed));
                     (true, drain.then(|| Instant::now() + UPSTREAM_DRAIN))
                 } else {
@@ -511,8 +518,37 @@ fn put_info(out: &mut BytesMut, json: &[u8]) {
 enum Notice {
     /// A `-ERR` after which the connection goes on (permissions).
     Err(String),
-    /// A `-ERR` after which the connection closes; `None` closes silently.
-    Fatal(Option<&'static str>),
+    /// The agent broke the protocol; the [`Fence`] says what to tell it, and when.
+    Fatal,
+}
+
+/// The end of a session whose agent broke the protocol.
+///
+/// nats-server answers every op before the bad one (`PONG`, `+OK`, `-ERR 'Invalid Publish
+/// Subject'`, deliveries to the agent's own subscriptions) before it sends its `-ERR` and closes.
+/// So the agent pump, after writing the last good op upstream, sends a `PING` of its own: the
+/// upstream pump forwards everything until that PING's `PONG`, swallows it, and only then tells
+/// the agent `-ERR`. If the server closes first (it refused something earlier, such as the
+/// CONNECT or, with auth, any op before it), the agent gets the server's answer and its close
+/// instead, as it would without the proxy.
+#[derive(Debug, Default)]
+struct Fence {
+    /// Which `PONG` from the server answers the fence's PING, counting from 1; 0 until the
+    /// agent pump sets it, which it does before the PING is written.
+    pong: AtomicU64,
+    /// The `-ERR` text for the agent; `None` closes silently.
+    text: OnceLock<Option<&'static str>>,
+}
+
+impl Fence {
+    fn is_ours(&self, pong: u64) -> bool {
+        let at = self.pong.load(Ordering::SeqCst);
+        at != 0 && at == pong
+    }
+
+    fn text(&self) -> Option<&'static str> {
+        self.text.get().copied().flatten()
+    }
 }
 
 #[derive(Debug)]
@@ -652,6 +688,7 @@ async fn agent_to_upstream<R, W>(
     up_w: &mut W,
     max_payload: &AtomicUsize,
     replies: &Replies,
+    fence: &Fence,
     notices: mpsc::Sender<Notice>,
 ) -> End
 where
@@ -665,6 +702,8 @@ where
     let mut idle = Idle::new();
     let policy = &shared.config.policy;
     let metrics = &shared.metrics;
+    // PINGs forwarded upstream: the server answers each with one PONG, in order.
+    let mut pings: u64 = 0;
     loop {
         prepare_read(&mut buf, parser.needed(), idle.chunk());
         let room = buf.capacity() - buf.len();
@@ -705,6 +744,7 @@ where
                         out.reserve(buf.len() + (buf.len() / 2).min(READ_CHUNK));
                     }
                     used += len;
+                    pings += u64::from(matches!(op, ClientOp::Ping));
                     if let Err(e) = outbound.handle(op, policy, &snap, replies, metrics, &mut out) {
                         // Sealing fails only if randomness is unavailable: fail closed.
                         tracing::error!(error = %e, "cannot seal; closing the session");
@@ -740,7 +780,13 @@ where
         if let Some(e) = failure {
             metrics.protocol_error(e.reason());
             tracing::debug!(error = %e, "agent protocol violation");
-            let _ = notices.send(Notice::Fatal(e.server_err())).await;
+            let _ = fence.text.set(e.server_err());
+            // Set before the PING is written, so its PONG is never taken for the agent's.
+            fence.pong.store(pings + 1, Ordering::SeqCst);
+            if let Err(e) = up_w.write_all(b"PING\r\n").await {
+                return End::Io(e);
+            }
+            let _ = notices.send(Notice::Fatal).await;
             return End::Fatal;
         }
     }
@@ -756,6 +802,7 @@ async fn upstream_to_agent<R, W>(
     upstream: usize,
     max_payload: &AtomicUsize,
     replies: &Replies,
+    fence: &Fence,
     mut notices: mpsc::Receiver<Notice>,
 ) -> End
 where
@@ -768,10 +815,15 @@ where
     let policy = &shared.config.policy;
     let metrics = &shared.metrics;
     let mut notices_open = true;
+    // PONGs seen from the server, to find the fence's; and once the agent has broken the
+    // protocol, how long the server is waited for.
+    let mut pongs: u64 = 0;
+    let mut fence_until: Option<Instant> = None;
     loop {
         // Ops already buffered (after the first INFO) are handled before reading again.
         let mut closed = false;
         let mut failure = false;
+        let mut fenced = false;
         {
             let mut snap = shared.keyring.snapshot();
             let limit = max_payload.load(Ordering::Relaxed) + OVERHEAD + SERVER_PAYLOAD_SLACK;
@@ -821,6 +873,15 @@ where
                             }
                         }
                     }
+                    Ok(Some((ServerOp::Pong, _))) => {
+                        pongs += 1;
+                        if fence.is_ours(pongs) {
+                            // The server has answered everything before the agent's bad op.
+                            fenced = true;
+                            break;
+                        }
+                        proto::encode_server_op(&ServerOp::<&[u8]>::Pong, &mut out);
+                    }
                     Ok(Some((op, _))) => inbound.handle(
                         op,
                         policy,
@@ -843,6 +904,13 @@ where
         }
         inbound.finish(&mut out, metrics);
         inbound.flush_metrics(metrics);
+        if fenced {
+            if let Some(text) = fence.text() {
+                proto::put_err(&mut out, text);
+            }
+            let _ = agent_w.write_all(&out).await;
+            return End::Fatal;
+        }
         if !out.is_empty() {
             if let Err(e) = agent_w.write_all(&out).await {
                 return End::Io(e);
@@ -860,15 +928,22 @@ where
                 Some(Notice::Err(text)) => {
                     proto::put_err(&mut out, &text);
                 }
-                Some(Notice::Fatal(text)) => {
-                    if let Some(text) = text {
-                        proto::put_err(&mut out, text);
-                        let _ = agent_w.write_all(&out).await;
-                    }
-                    return End::Fatal;
+                Some(Notice::Fatal) => {
+                    fence_until = Some(Instant::now() + FENCE_WAIT);
+                    notices_open = false;
                 }
                 None => notices_open = false,
             },
+            () = tokio::time::sleep_until(fence_until.unwrap_or_else(Instant::now)),
+                if fence_until.is_some() =>
+            {
+                // The server did not answer in time: tell the agent anyway.
+                if let Some(text) = fence.text() {
+                    proto::put_err(&mut out, text);
+                }
+                let _ = agent_w.write_all(&out).await;
+                return End::Fatal;
+            }
             read = up_r.read_buf(&mut buf) => match read {
                 Ok(0) => closed = true,
                 Ok(n) => idle.read(n, room),

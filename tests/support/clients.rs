@@ -86,7 +86,10 @@ fn apt_install(packages: &[String], installed: impl Fn() -> bool) {
             return;
         }
         // A fresh machine has no package lists yet.
-        run(Command::new("apt-get").args(["update", "-q"]), "apt-get update");
+        run(
+            Command::new("apt-get").args(["update", "-q"]),
+            "apt-get update",
+        );
         let out = install().expect("run apt-get install");
         assert!(
             out.status.success(),
@@ -217,10 +220,7 @@ pub fn nats_go() -> PathBuf {
                         .env("GO111MODULE", "off")
                         .env("GOFLAGS", "")
                         .env("GOPROXY", "off")
-                        .env(
-                            "GOPATH",
-                            format!("{}:/usr/share/gocode", gopath.display()),
-                        )
+                        .env("GOPATH", format!("{}:/usr/share/gocode", gopath.display()))
                         .env("GOCACHE", tools().join("gocache")),
                     "go build (nats.go)",
                 );

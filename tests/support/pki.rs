@@ -42,7 +42,13 @@ impl Pki {
     }
 
     /// Issues a certificate for `localhost` and `127.0.0.1`; returns (cert file, key file).
-    pub fn issue(&self, name: &str, serial: u64, client: bool, expired: bool) -> (PathBuf, PathBuf) {
+    pub fn issue(
+        &self,
+        name: &str,
+        serial: u64,
+        client: bool,
+        expired: bool,
+    ) -> (PathBuf, PathBuf) {
         self.issue_for(&["localhost", "127.0.0.1"], name, serial, client, expired)
     }
 
@@ -79,4 +85,3 @@ impl Pki {
         (c, k)
     }
 }
-
