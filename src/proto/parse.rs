@@ -43,6 +43,13 @@ impl ClientParser {
         Self::default()
     }
 
+    /// Whether `HPUB` is accepted: nats-server closes a client that sends it without having
+    /// said `"headers":true` (and protocol 1) in its CONNECT, before it even reads the
+    /// arguments. A new parser accepts it; the session sets this from the agent's CONNECT.
+    pub fn allow_headers(&mut self, allow: bool) {
+        self.0.headers = allow;
+    }
+
     /// Parses the next op from the front of `buf`, the bytes not consumed yet.
     ///
     /// `Ok(Some((op, len)))`: the op is the first `len` bytes of `buf` and its fields borrow
@@ -208,6 +215,7 @@ trait Dialect {
         verb: Verb,
         args: &[u8],
         max_payload: usize,
+        headers: bool,
     ) -> Result<Step<Self::Op<'_>, Self::Pending>, ProtoError>;
 
     /// Builds the op once its `size` payload bytes (and the `\r\n` after them) have arrived.
@@ -231,6 +239,8 @@ struct Framer<D: Dialect> {
     failed: Option<ProtoError>,
     /// `buf.len()` when the last `parse` returned.
     have: usize,
+    /// Whether header ops are allowed (see [`ClientParser::allow_headers`]).
+    headers: bool,
 }
 
 impl<D: Dialect> Default for Framer<D> {
@@ -239,6 +249,7 @@ impl<D: Dialect> Default for Framer<D> {
             state: State::Line(LineScan::default()),
             failed: None,
             have: 0,
+            headers: true,
         }
     }
 }
@@ -302,7 +313,12 @@ impl<D: Dialect> Framer<D> {
                 return Ok(None);
             };
             self.state = State::Line(LineScan::default());
-            match D::line(found.verb, &buf[found.args.clone()], max_payload)? {
+            match D::line(
+                found.verb,
+                &buf[found.args.clone()],
+                max_payload,
+                self.headers,
+            )? {
                 Step::Op(op) => return Ok(Some((op, found.len))),
                 Step::Payload { pending, size } => {
                     self.state = State::Payload {
@@ -416,13 +432,15 @@ fn is_blank(b: u8) -> bool {
     b == b' ' || b == b'\t'
 }
 
-/// `PUB`/`HPUB` split on blanks only (client.go `processPub`).
+/// `PUB`/`HPUB` split on blanks only (client.go `processPub`), so a subject may hold a `\r`;
+/// the server then delivers it in its `MSG`/`HMSG` line, which it builds with single spaces.
+/// Those lines split on blanks only too, and the subject reaches the agent as the server sent
+/// it, for the agent's own library to read.
 fn is_pub_sep(b: u8) -> bool {
     is_blank(b)
 }
 
-/// `SUB`/`UNSUB` (client.go `splitArg`) and `MSG`/`HMSG` as client libraries read them also split
-/// on `\r`; `\n` cannot occur inside a line.
+/// `SUB`/`UNSUB` (client.go `splitArg`) also split on `\r`; `\n` cannot occur inside a line.
 fn is_arg_sep(b: u8) -> bool {
     is_blank(b) || b == b'\r'
 }
@@ -554,6 +572,7 @@ impl Dialect for ClientDialect {
         verb: Verb,
         args: &[u8],
         max_payload: usize,
+        headers: bool,
     ) -> Result<Step<ClientOp<&[u8]>, ClientPending>, ProtoError> {
         let op = match verb {
             Verb::Pub => {
@@ -575,7 +594,11 @@ impl Dialect for ClientDialect {
                 return Ok(Step::Payload { pending, size });
             }
             Verb::Hpub => {
-                // processHeaderPub: arity, header size, total size, hdr <= total, max_payload.
+                // processHeaderPub: headers allowed, arity, header size, total size,
+                // hdr <= total, max_payload.
+                if !headers {
+                    return Err(ProtoError::BadArgs("HPUB: headers not enabled in CONNECT"));
+                }
                 let a = Args::split(args, is_pub_sep);
                 let (reply, hdr_at) = match a.len {
                     3 => (None, 1),
@@ -688,11 +711,12 @@ impl Dialect for ServerDialect {
         verb: Verb,
         args: &[u8],
         max_payload: usize,
+        _headers: bool,
     ) -> Result<Step<ServerOp<&[u8]>, ServerPending>, ProtoError> {
         let op = match verb {
             Verb::Msg | Verb::Hmsg => {
                 let with_hdr = verb == Verb::Hmsg;
-                let a = Args::split(args, is_arg_sep);
+                let a = Args::split(args, is_pub_sep);
                 let (base, arity, bad_size) = if with_hdr {
                     (
                         4,
@@ -1462,6 +1486,58 @@ mod tests {
             panic!("an HMSG");
         };
         assert_eq!((&headers[..], &payload[..]), (&b"NATS/"[..], &b""[..]));
+    }
+
+    #[test]
+    fn hpub_is_refused_when_the_connect_did_not_enable_headers() {
+        let mut p = ClientParser::new();
+        p.allow_headers(false);
+        // Refused before its arguments are read, as nats-server does: even a bad size gives
+        // the same silent close.
+        for input in [
+            &b"HPUB foo 0 5\r\nhello\r\n"[..],
+            b"HPUB foo 12 99999999999\r\n",
+        ] {
+            let mut q = ClientParser::new();
+            q.allow_headers(false);
+            let mut buf = BytesMut::from(input);
+            let e = q.next(&mut buf, BIG).expect_err("refused");
+            assert_eq!(
+                e,
+                ProtoError::BadArgs("HPUB: headers not enabled in CONNECT")
+            );
+            assert_eq!(e.server_err(), None);
+        }
+        let mut buf = BytesMut::from(&b"PUB foo 2\r\nhi\r\n"[..]);
+        assert!(
+            p.next(&mut buf, BIG).unwrap().is_some(),
+            "PUB is unaffected"
+        );
+        p.allow_headers(true);
+        let mut buf = BytesMut::from(&b"HPUB foo 0 2\r\nhi\r\n"[..]);
+        assert!(p.next(&mut buf, BIG).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_delivered_subject_keeps_a_carriage_return() {
+        // `PUB a\rb 2` is accepted by the server (a `\r` inside the line is kept), which then
+        // delivers `MSG a\rb 1 2`.
+        let mut c = ClientParser::new();
+        let mut buf = BytesMut::from(&b"PUB a\rb 2\r\nhi\r\n"[..]);
+        let Some(ClientOp::Pub { subject, .. }) = c.next(&mut buf, BIG).unwrap() else {
+            panic!("a PUB");
+        };
+        assert_eq!(&subject[..], b"a\rb");
+        let mut p = ServerParser::new();
+        let mut buf = BytesMut::from(&b"MSG a\rb 1 2\r\nhi\r\nHMSG a\rb 1 r\r 0 2\r\nhi\r\n"[..]);
+        let Some(ServerOp::Msg { subject, sid, .. }) = p.next(&mut buf, BIG).unwrap() else {
+            panic!("an MSG");
+        };
+        assert_eq!((&subject[..], &sid[..]), (&b"a\rb"[..], &b"1"[..]));
+        let Some(ServerOp::Hmsg { reply, .. }) = p.next(&mut buf, BIG).unwrap() else {
+            panic!("an HMSG");
+        };
+        assert_eq!(reply.as_deref(), Some(&b"r\r"[..]));
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct Rewritten {
     pub max_payload: usize,
     /// The server is entering lame-duck mode.
     pub lame_duck: bool,
+    /// The server takes header ops (`headers` in its INFO).
+    pub headers: bool,
 }
 
 impl InfoRewrite {
@@ -75,13 +77,34 @@ impl InfoRewrite {
             }
         }
         let lame_duck = info.get("ldm").and_then(Value::as_bool).unwrap_or(false);
+        let headers = info
+            .get("headers")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         let json = serde_json::to_vec(&info).map_err(|_| InfoError::NotJson)?;
         Ok(Rewritten {
             json,
             max_payload: max_payload as usize,
             lame_duck,
+            headers,
         })
     }
+}
+
+/// What an agent's CONNECT says about header ops, read as nats-server reads it: the `headers`
+/// field, matched regardless of case with the last one winning, as Go's JSON decoding does.
+/// `None` when the field is absent: the server decodes a CONNECT into the options it already
+/// has, so the setting stays as it was (off, before any CONNECT). A CONNECT that does not
+/// decode gets the connection closed by the server anyway.
+pub fn connect_headers(connect_json: &[u8]) -> Option<bool> {
+    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(connect_json) else {
+        return None;
+    };
+    fields
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("headers"))
+        .last()
+        .and_then(|(_, v)| v.as_bool())
 }
 
 #[cfg(test)]
@@ -143,5 +166,27 @@ mod tests {
             rw().apply(br#"{"max_payload":48}"#),
             Err(InfoError::TooSmall(48))
         );
+    }
+
+    #[test]
+    fn connect_headers_as_the_server_reads_it() {
+        for (json, want) in [
+            (&br#"{"headers":true,"protocol":1}"#[..], Some(true)),
+            (br#"{"headers":true}"#, Some(true)),
+            (br#"{"Headers":true,"verbose":false}"#, Some(true)),
+            (br#"{"headers":true,"Headers":false}"#, Some(false)),
+            (br#"{"headers":false,"protocol":1}"#, Some(false)),
+            (br#"{"protocol":1}"#, None),
+            (br#"{"headers":"yes"}"#, None),
+            (b"{not json", None),
+            (b"[]", None),
+        ] {
+            assert_eq!(
+                connect_headers(json),
+                want,
+                "{}",
+                String::from_utf8_lossy(json)
+            );
+        }
     }
 }

@@ -260,6 +260,7 @@ async fn serve(
             why: e.to_string(),
         })?;
     let max_payload = AtomicUsize::new(rewritten.max_payload);
+    let upstream_headers = rewritten.headers;
     let mut out = BytesMut::with_capacity(rewritten.json.len() + 8);
     put_info(&mut out, &rewritten.json);
 
@@ -300,6 +301,7 @@ async fn serve(
             &mut agent_r,
             &mut up_w,
             &max_payload,
+            upstream_headers,
             &replies,
             &fence,
             notice_tx,
@@ -687,6 +689,7 @@ async fn agent_to_upstream<R, W>(
     agent_r: &mut R,
     up_w: &mut W,
     max_payload: &AtomicUsize,
+    upstream_headers: bool,
     replies: &Replies,
     fence: &Fence,
     notices: mpsc::Sender<Notice>,
@@ -696,6 +699,8 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut parser = ClientParser::new();
+    // As on the server: no header ops until a CONNECT enables them.
+    parser.allow_headers(false);
     let mut buf = BytesMut::new();
     let mut out = BytesMut::new();
     let mut outbound = Outbound::new();
@@ -744,7 +749,15 @@ where
                         out.reserve(buf.len() + (buf.len() / 2).min(READ_CHUNK));
                     }
                     used += len;
-                    pings += u64::from(matches!(op, ClientOp::Ping));
+                    match op {
+                        ClientOp::Ping => pings += 1,
+                        ClientOp::Connect(json) => {
+                            if let Some(on) = info::connect_headers(json) {
+                                parser.allow_headers(upstream_headers && on);
+                            }
+                        }
+                        _ => {}
+                    }
                     if let Err(e) = outbound.handle(op, policy, &snap, replies, metrics, &mut out) {
                         // Sealing fails only if randomness is unavailable: fail closed.
                         tracing::error!(error = %e, "cannot seal; closing the session");

@@ -19,6 +19,8 @@ CA = os.environ["CB_CA"]
 P = os.environ["CB_PREFIX"]
 STREAM = os.environ["CB_STREAM"]
 BUCKET = os.environ["CB_BUCKET"]
+# Outside every space the observer subscribes to, so the server really has no interest in it.
+NOBODY = os.environ.get("CB_NOBODY", f"nobody.{P}")
 
 # Generous: a loaded machine can be slow, but no wait may approach the harness's 180 s.
 WAIT = 10
@@ -104,6 +106,20 @@ def tap_raw_headers(nc, store):
     nc._process_msg = tapped
 
 
+async def settle(nc):
+    """A flush that really comes after everything sent before it.
+
+    nats-py 2.16.0 writes PING straight to the socket while SUB and PUB wait in its buffer for
+    the flusher task, so a PONG can return before an earlier SUB was even sent. Waiting for the
+    buffer to empty first puts the PING behind them.
+    """
+    deadline = time.monotonic() + WAIT
+    while nc.pending_data_size > 0:
+        check(time.monotonic() < deadline, "the client's write buffer did not empty")
+        await asyncio.sleep(0.001)
+    await nc.flush(timeout=WAIT)
+
+
 async def err_cb(e):
     log("nats error:", repr(e))
 
@@ -151,9 +167,9 @@ class Matrix:
         s = await sub.subscribe(subject)
         try:
             # The subscription must reach the server before anything is published.
-            await sub.flush(timeout=WAIT)
+            await settle(sub)
             await pub.publish(subject, data, headers=headers)
-            await pub.flush(timeout=WAIT)
+            await settle(pub)
             msg = await s.next_msg(timeout=WAIT)
             # Exactly one copy: nothing else may follow.
             try:
@@ -194,11 +210,11 @@ class Matrix:
         count = 1000
         s = await self.sub.subscribe(subject)
         try:
-            await self.sub.flush(timeout=WAIT)
+            await settle(self.sub)
             sent = [f"cbmx {i:04d}".encode() for i in range(count)]
             for d in sent:
                 await self.pub.publish(subject, d)
-            await self.pub.flush(timeout=WAIT)
+            await settle(self.pub)
             got = []
             while len(got) < count:
                 try:
@@ -261,7 +277,7 @@ class Matrix:
 
         s = await sub.subscribe(subject, cb=serve)
         try:
-            await sub.flush(timeout=WAIT)
+            await settle(sub)
             question = b"cbmx question " + bytes(range(256))
             reply = await pub.request(subject, question, timeout=WAIT)
             check(asked == [question], f"the responder got {[short(a) for a in asked]}")
@@ -274,7 +290,7 @@ class Matrix:
         start = time.monotonic()
         try:
             # A timeout far past 2 s, so a missing 503 shows as a slow timeout, not a pass.
-            msg = await self.pub.request(f"{P}.nobody", b"cbmx anyone?", timeout=WAIT)
+            msg = await self.pub.request(NOBODY, b"cbmx anyone?", timeout=WAIT)
             raise Fail(f"got a reply: {short(msg.data)} headers {msg.headers}")
         except nats.errors.NoRespondersError:
             pass
@@ -296,11 +312,11 @@ class Matrix:
 
         subs = [await self.sub.subscribe(subject, queue="mx-workers", cb=handler(i)) for i in (0, 1)]
         try:
-            await self.sub.flush(timeout=WAIT)
+            await settle(self.sub)
             sent = [f"cbmx job {i:03d}".encode() for i in range(count)]
             for d in sent:
                 await self.pub.publish(subject, d)
-            await self.pub.flush(timeout=WAIT)
+            await settle(self.pub)
             deadline = time.monotonic() + WAIT
             while len(got[0]) + len(got[1]) < count and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
