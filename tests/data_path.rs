@@ -515,8 +515,9 @@ async fn an_agent_that_publishes_and_closes_loses_nothing() {
 
 /// The same for an agent that breaks the protocol after its burst: the proxy tells it -ERR
 /// and closes, and what it published before the bad op still reaches the bus, as it would
-/// with the server itself. The agent has its -ERR and its close while the server is still
-/// paused, so the proxy closes the agent's side without waiting for the server's.
+/// with the server itself. The proxy waits for the server's answers to what came before the
+/// bad op, but only for 2 s: the agent has its -ERR and its close while the server is still
+/// paused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_breaks_the_protocol_after_a_burst_loses_nothing_before_it() {
     use std::io::{Read, Write};

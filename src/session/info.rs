@@ -97,7 +97,9 @@ impl InfoRewrite {
 /// has, so the setting stays as it was (off, before any CONNECT). A CONNECT that does not
 /// decode gets the connection closed by the server anyway.
 pub fn connect_headers(connect_json: &[u8]) -> Option<bool> {
-    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(connect_json) else {
+    // Go's decoder takes invalid UTF-8 inside strings, as U+FFFD; so does this.
+    let text = String::from_utf8_lossy(connect_json);
+    let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(&text) else {
         return None;
     };
     fields
@@ -178,6 +180,10 @@ mod tests {
             (br#"{"headers":false,"protocol":1}"#, Some(false)),
             (br#"{"protocol":1}"#, None),
             (br#"{"headers":"yes"}"#, None),
+            (
+                b"{\"pr\xfftocol\":1,\"name\":\"\xfe\",\"headers\":true}",
+                Some(true),
+            ),
             (b"{not json", None),
             (b"[]", None),
         ] {
