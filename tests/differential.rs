@@ -105,7 +105,7 @@ fn blank(rng: &mut Rng) -> Vec<u8> {
         return b" ".to_vec();
     }
     (0..1 + rng.below(3))
-        .map(|_| *rng.pick(&[b' ', b'\t']))
+        .map(|_| *rng.pick(b" \t"))
         .collect()
 }
 

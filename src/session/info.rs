@@ -104,8 +104,7 @@ pub fn connect_headers(connect_json: &[u8]) -> Option<bool> {
     };
     fields
         .iter()
-        .filter(|(k, _)| k.eq_ignore_ascii_case("headers"))
-        .last()
+        .rfind(|(k, _)| k.eq_ignore_ascii_case("headers"))
         .and_then(|(_, v)| v.as_bool())
 }
 

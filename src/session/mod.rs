@@ -684,6 +684,7 @@ fn release(out: &mut BytesMut) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn agent_to_upstream<R, W>(
     shared: &Shared,
     agent_r: &mut R,

@@ -765,7 +765,8 @@ struct Queued {
 
 /// The subject of a MSG or HMSG as this module writes it: the second field of the line.
 fn delivery_subject(msg: &[u8]) -> &[u8] {
-    let line = msg.split(|&b| b == b'\r').next().unwrap_or_default();
+    // Up to the line's `\n`: a subject may hold a `\r`.
+    let line = msg.split(|&b| b == b'\n').next().unwrap_or_default();
     line.split(|&b| b == b' ').nth(1).unwrap_or_default()
 }
 
@@ -840,6 +841,16 @@ mod tests {
     use bytes::{Buf, Bytes};
 
     use super::*;
+
+    #[test]
+    fn a_refused_delivery_is_named_by_its_whole_subject() {
+        assert_eq!(delivery_subject(b"MSG a.b 1 5\r\nhello\r\n"), b"a.b");
+        assert_eq!(
+            delivery_subject(b"HMSG a\rb 1 r 12 14\r\nNATS/1.0..."),
+            b"a\rb"
+        );
+        assert_eq!(delivery_subject(b""), b"");
+    }
 
     #[test]
     fn forgotten_keys_are_gone_and_come_back_with_the_next_message() {
