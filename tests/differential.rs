@@ -104,9 +104,7 @@ fn blank(rng: &mut Rng) -> Vec<u8> {
     if rng.chance(75) {
         return b" ".to_vec();
     }
-    (0..1 + rng.below(3))
-        .map(|_| *rng.pick(b" \t"))
-        .collect()
+    (0..1 + rng.below(3)).map(|_| *rng.pick(b" \t")).collect()
 }
 
 fn line_end(rng: &mut Rng) -> &'static [u8] {

@@ -486,95 +486,7 @@ fn long_subjects_seal_and_open_in_batches() {
     }
 }
 
-/// One batch whose messages have subjects of very different lengths, so the lanes of the
-/// vector kernels carry AADs of different lengths side by side.
-#[test]
-fn a_batch_of_mixed_subject_lengths_opens_with_rustcrypto() {
-    let key = [9u8; 32];
-    let dk = DataKey::from_bytes(key);
-    let lens = [4094usize, 3, 0, 17, 4096, 1, 64, 300, 4094, 5, 2, 9];
-    let subjects: Vec<Vec<u8>> = (0..36)
-        .map(|i| vec![b'a' + (i % 26) as u8; lens[i % lens.len()]])
-        .collect();
-    for pt_len in [0usize, 1, 5, 60, 700] {
-        let pt = vec![0x33; pt_len];
-        let mut sealer = Sealer::new(5, &dk).unwrap();
-        let mut out = BytesMut::new();
-        let mut batch = Batch::default();
-        let mut ends = Vec::new();
-        for s in &subjects {
-            sealer
-                .seal_deferred(Some(s), &pt, &mut out, &mut batch)
-                .unwrap();
-            ends.push(out.len());
-        }
-        batch.seal_with(&mut out[..], &sealer).unwrap();
-        let mut start = 0;
-        for (s, &end) in subjects.iter().zip(&ends) {
-            assert_eq!(
-                rustcrypto_open(&key, &out[start..end], Some(s)),
-                pt,
-                "subject of {} bytes, payload of {pt_len}",
-                s.len()
-            );
-            start = end;
-        }
-    }
-}
-
-/// Mixed subject and payload lengths in one batch, as one read of an agent's ops gives.
-#[test]
-fn a_batch_of_mixed_subjects_and_payloads_opens_with_rustcrypto() {
-    let key = [11u8; 32];
-    let dk = DataKey::from_bytes(key);
-    let shapes: &[&[(usize, usize)]] = &[
-        &[(4094, 5), (10, 2048)],
-        &[(4094, 5), (10, 2048), (4095, 5)],
-        &[(4094, 5), (10, 2048), (4095, 5), (3, 3)],
-        &[(10, 2048), (4094, 5), (3, 3), (4095, 5), (1, 1000)],
-        &[(200, 5), (10, 2048), (300, 5)],
-        &[(50, 5), (10, 2048), (60, 5)],
-    ];
-    for shape in shapes {
-        let mut sealer = Sealer::new(5, &dk).unwrap();
-        let mut out = BytesMut::new();
-        let mut batch = Batch::default();
-        let mut spans = Vec::new();
-        for &(slen, plen) in *shape {
-            let start = out.len();
-            sealer
-                .seal_deferred(
-                    Some(&vec![b's'; slen]),
-                    &vec![0x44; plen],
-                    &mut out,
-                    &mut batch,
-                )
-                .unwrap();
-            spans.push((start, out.len(), slen, plen));
-        }
-        batch.seal_with(&mut out[..], &sealer).unwrap();
-        for &(start, end, slen, plen) in &spans {
-            let h = Header::parse(&out[start..end]).unwrap();
-            let mut aad = out[start..start + HEADER_LEN].to_vec();
-            aad.extend_from_slice(&vec![b's'; slen]);
-            let mut ct = out[start + HEADER_LEN..end - TAG_LEN].to_vec();
-            let ok = XChaCha20Poly1305::new((&key).into())
-                .decrypt_in_place_detached(
-                    XNonce::from_slice(&h.nonce),
-                    &aad,
-                    &mut ct,
-                    out[end - TAG_LEN..end].into(),
-                )
-                .is_ok();
-            assert!(
-                ok,
-                "shape {shape:?}: the ({slen}, {plen}) envelope does not open"
-            );
-        }
-    }
-}
-
-/// The same mixed shapes, opened in one batch as the session opens one read's deliveries.
+/// Subjects and payloads of mixed lengths, as in one read of deliveries, opened in one batch.
 #[test]
 fn a_batch_of_mixed_subjects_and_payloads_opens_in_a_batch() {
     let key = [12u8; 32];
@@ -614,6 +526,8 @@ fn a_batch_of_mixed_subjects_and_payloads_opens_in_a_batch() {
     }
 }
 
+/// Random batches (one to thirty messages) whose subjects run up to past the control line
+/// limit, sealed together, each opened by RustCrypto.
 #[test]
 fn random_batches_with_long_subjects_match_rustcrypto() {
     let key = [13u8; 32];
@@ -646,25 +560,12 @@ fn random_batches_with_long_subjects_match_rustcrypto() {
             spans.push((start, out.len(), subject));
         }
         batch.seal_with(&mut out[..], &sealer).unwrap();
-        for (i, (start, end, subject)) in spans.iter().enumerate() {
-            let env = &out[*start..*end];
-            let h = Header::parse(env).unwrap();
-            let mut aad = env[..HEADER_LEN].to_vec();
-            aad.extend_from_slice(subject);
-            let mut ct = env[HEADER_LEN..env.len() - TAG_LEN].to_vec();
-            let ok = XChaCha20Poly1305::new((&key).into())
-                .decrypt_in_place_detached(
-                    XNonce::from_slice(&h.nonce),
-                    &aad,
-                    &mut ct,
-                    env[env.len() - TAG_LEN..].into(),
-                )
-                .is_ok();
-            assert!(
-                ok,
-                "round {round}, job {i} of {jobs}: subject {} bytes, payload {}",
-                subject.len(),
-                env.len() - OVERHEAD
+        for (start, end, subject) in &spans {
+            assert_eq!(
+                rustcrypto_open(&key, &out[*start..*end], Some(subject)),
+                vec![0x55; end - start - OVERHEAD],
+                "round {round}: subject {} bytes",
+                subject.len()
             );
         }
     }
