@@ -329,7 +329,7 @@ async fn a_header_block_of_length_0_is_a_message_without_headers() {
     let mut sub = Raw::connect_headers(pb.local_addr, "SUB zz.a 1\r\n");
     let mut agent = Raw::connect_headers(pa.local_addr, "");
     let mut raw_bus = bus.subscribe("zz.a").await.unwrap();
-    bus.flush().await.unwrap();
+    sync(&bus).await;
     agent.send(input);
     assert_eq!(agent.until_pong(), "", "no -ERR, no close");
     sub.send(b"PING\r\n");

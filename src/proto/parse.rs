@@ -367,8 +367,12 @@ fn scan_line(
     scan: &mut LineScan,
 ) -> Result<Option<LineFound>, ProtoError> {
     let from = scan.scanned.min(buf.len());
-    let nl = memchr::memchr(b'\n', &buf[from..]).map(|i| from + i);
-    let line = &buf[..nl.unwrap_or(buf.len())];
+    let mut nl = memchr::memchr(b'\n', &buf[from..]).map(|i| from + i);
+    if let (Some(n), Some((_, sep, name_len))) = (nl, scan.verb) {
+        if takes_lf_as_argument(buf, n, sep, name_len) {
+            nl = memchr::memchr(b'\n', &buf[n + 1..]).map(|i| n + 1 + i);
+        }
+    }
 
     let (verb, sep, name_len) = match scan.verb {
         Some(v) => v,
@@ -378,6 +382,11 @@ fn scan_line(
                 VerbMatch::Found(spec) => {
                     let v = (spec.verb, spec.sep, spec.name.len());
                     scan.verb = Some(v);
+                    if let Some(n) = nl {
+                        if takes_lf_as_argument(buf, n, spec.sep, spec.name.len()) {
+                            nl = memchr::memchr(b'\n', &buf[n + 1..]).map(|i| n + 1 + i);
+                        }
+                    }
                     v
                 }
                 VerbMatch::Partial if nl.is_none() => {
@@ -388,6 +397,7 @@ fn scan_line(
             }
         }
     };
+    let line = &buf[..nl.unwrap_or(buf.len())];
 
     // The line without its end; a lone trailing '\r' on a partial line is not counted either,
     // so a partial line never fails where the complete one would pass.
@@ -425,6 +435,19 @@ fn scan_line(
     }
 }
 
+/// Whether the `\n` at `n` is the first byte of the arguments rather than the line's end:
+/// nats-server, once past a verb and the blanks after it (none needed for `CONNECT{` and
+/// `INFO{`), takes whatever byte comes next as the start of the arguments, a `\n` included
+/// (`PUB \nfoo 5` publishes to `\nfoo`). Verbs that ignore the rest of their line end there.
+fn takes_lf_as_argument(buf: &[u8], n: usize, sep: Sep, name_len: usize) -> bool {
+    let blanks = buf.get(name_len..n).unwrap_or_default();
+    match sep {
+        Sep::Ignore => false,
+        Sep::Blank => !blanks.is_empty() && blanks.iter().all(|&b| is_blank(b)),
+        Sep::Any => n >= name_len && blanks.iter().all(|&b| is_blank(b)),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Arguments
 
@@ -440,9 +463,10 @@ fn is_pub_sep(b: u8) -> bool {
     is_blank(b)
 }
 
-/// `SUB`/`UNSUB` (client.go `splitArg`) also split on `\r`; `\n` cannot occur inside a line.
+/// `SUB`/`UNSUB` (client.go `splitArg`) also split on `\r` and `\n` (which a line holds only
+/// right after its verb: see [`takes_lf_as_argument`]).
 fn is_arg_sep(b: u8) -> bool {
-    is_blank(b) || b == b'\r'
+    is_blank(b) || b == b'\r' || b == b'\n'
 }
 
 /// Where one argument sits in the argument part of its line.
@@ -1538,6 +1562,42 @@ mod tests {
             panic!("an HMSG");
         };
         assert_eq!(reply.as_deref(), Some(&b"r\r"[..]));
+    }
+
+    #[test]
+    fn a_line_feed_right_after_the_verb_starts_the_arguments() {
+        // As nats-server reads them, whole or split at any byte.
+        let input: &[u8] = b"PUB \nfoo 5\r\nhello\r\nSUB \nbar 1\r\nCONNECT\n{}\r\nPING\r\n";
+        for cut in 0..=input.len() {
+            let (ops, err) = client_chunks(&[&input[..cut], &input[cut..]], BIG);
+            assert_eq!(err, None, "split at {cut}");
+            assert_eq!(ops.len(), 4, "split at {cut}: {ops:?}");
+            let ClientOp::Pub { subject, .. } = &ops[0] else {
+                panic!("{ops:?}")
+            };
+            assert_eq!(&subject[..], b"\nfoo");
+            // SUB splits on the line feed, as the server's splitArg does.
+            let ClientOp::Sub { subject, sid, .. } = &ops[1] else {
+                panic!("{ops:?}")
+            };
+            assert_eq!((&subject[..], &sid[..]), (&b"bar"[..], &b"1"[..]));
+            assert!(matches!(&ops[2], ClientOp::Connect(j) if &j[..] == b"\n{}"));
+        }
+        // The server sends the subject back as it took it.
+        let (ops, err) = server_all(b"MSG \nfoo 1 5\r\nhello\r\n", BIG);
+        assert_eq!(err, None);
+        assert!(matches!(&ops[0], ServerOp::Msg { subject, .. } if &subject[..] == b"\nfoo"));
+        // Without a blank after the verb it is still no verb; a second line feed ends the line.
+        assert_eq!(
+            client_all(b"PUB\nfoo 5\r\n", BIG).1,
+            Some(ProtoError::UnknownOp)
+        );
+        assert!(matches!(
+            client_all(b"PUB \n\n", BIG).1,
+            Some(ProtoError::BadArgs(_))
+        ));
+        // Verbs that ignore the rest of their line still end at it.
+        assert_eq!(client_all(b"PING \nPONG\r\n", BIG).0.len(), 2);
     }
 
     #[test]
