@@ -368,8 +368,8 @@ fn scan_line(
 ) -> Result<Option<LineFound>, ProtoError> {
     let from = scan.scanned.min(buf.len());
     let mut nl = memchr::memchr(b'\n', &buf[from..]).map(|i| from + i);
-    if let (Some(n), Some((_, sep, name_len))) = (nl, scan.verb) {
-        if takes_lf_as_argument(buf, n, sep, name_len) {
+    if let (Some(n), Some((verb, sep, name_len))) = (nl, scan.verb) {
+        if takes_lf_as_argument(buf, n, verb, sep, name_len) {
             nl = memchr::memchr(b'\n', &buf[n + 1..]).map(|i| n + 1 + i);
         }
     }
@@ -383,7 +383,7 @@ fn scan_line(
                     let v = (spec.verb, spec.sep, spec.name.len());
                     scan.verb = Some(v);
                     if let Some(n) = nl {
-                        if takes_lf_as_argument(buf, n, spec.sep, spec.name.len()) {
+                        if takes_lf_as_argument(buf, n, spec.verb, spec.sep, spec.name.len()) {
                             nl = memchr::memchr(b'\n', &buf[n + 1..]).map(|i| n + 1 + i);
                         }
                     }
@@ -438,8 +438,13 @@ fn scan_line(
 /// Whether the `\n` at `n` is the first byte of the arguments rather than the line's end:
 /// nats-server, once past a verb and the blanks after it (none needed for `CONNECT{` and
 /// `INFO{`), takes whatever byte comes next as the start of the arguments, a `\n` included
-/// (`PUB \nfoo 5` publishes to `\nfoo`). Verbs that ignore the rest of their line end there.
-fn takes_lf_as_argument(buf: &[u8], n: usize, sep: Sep, name_len: usize) -> bool {
+/// (`PUB \nfoo 5` publishes to `\nfoo`). Verbs that ignore the rest of their line end there,
+/// and so does `-ERR`: its text is written back quoted, and a line that held its `\n` would not
+/// read back the same.
+fn takes_lf_as_argument(buf: &[u8], n: usize, verb: Verb, sep: Sep, name_len: usize) -> bool {
+    if verb == Verb::Err {
+        return false;
+    }
     let blanks = buf.get(name_len..n).unwrap_or_default();
     match sep {
         Sep::Ignore => false,
@@ -1596,8 +1601,9 @@ mod tests {
             client_all(b"PUB \n\n", BIG).1,
             Some(ProtoError::BadArgs(_))
         ));
-        // Verbs that ignore the rest of their line still end at it.
+        // Verbs that ignore the rest of their line still end at it, and so does -ERR.
         assert_eq!(client_all(b"PING \nPONG\r\n", BIG).0.len(), 2);
+        assert_eq!(server_all(b"-ERR \nPING\r\n", BIG).0.len(), 2);
     }
 
     #[test]
