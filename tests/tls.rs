@@ -490,6 +490,10 @@ async def main(url, ca, first):
         await msg.respond(b"pong:" + msg.data)
     await b.subscribe("py.data", cb=on_data)
     await b.subscribe("py.svc", cb=on_svc)
+    # nats-py's flush() writes its PING at once, ahead of a SUB still in its buffer: wait for
+    # the buffer to empty first, or the PONG can come back before the server has the SUBs.
+    while b.pending_data_size > 0:
+        await asyncio.sleep(0.01)
     await b.flush()
     await a.publish("py.data", b"hello from python")
     data = await asyncio.wait_for(got, 20)
