@@ -215,6 +215,18 @@ fn connect(rng: &mut Rng) -> Vec<u8> {
     op
 }
 
+/// `PUB`/`HPUB`, a subject and, now and then, a reply subject.
+fn publish_head(rng: &mut Rng, name: &str) -> Vec<u8> {
+    let mut head = verb(rng, name);
+    head.extend(blank(rng));
+    head.extend(subject(rng));
+    if rng.chance(30) {
+        head.extend(blank(rng));
+        head.extend(subject(rng));
+    }
+    head
+}
+
 /// One op after CONNECT; returns its bytes and whether it is a PING.
 fn op(rng: &mut Rng) -> (Vec<u8>, bool) {
     let mut op = Vec::new();
@@ -222,13 +234,7 @@ fn op(rng: &mut Rng) -> (Vec<u8>, bool) {
     match rng.below(12) {
         0..=3 => {
             // PUB subject [reply] size
-            op.extend(verb(rng, "PUB"));
-            op.extend(blank(rng));
-            op.extend(subject(rng));
-            if rng.chance(30) {
-                op.extend(blank(rng));
-                op.extend(subject(rng));
-            }
+            op.extend(publish_head(rng, "PUB"));
             let n = length(rng, MAX_PAYLOAD);
             op.extend(blank(rng));
             op.extend(size_token(rng, n));
@@ -243,13 +249,7 @@ fn op(rng: &mut Rng) -> (Vec<u8>, bool) {
             // HPUB subject [reply] hdr total
             let headers = header_block(rng);
             let n = length(rng, MAX_PAYLOAD.saturating_sub(headers.len()));
-            op.extend(verb(rng, "HPUB"));
-            op.extend(blank(rng));
-            op.extend(subject(rng));
-            if rng.chance(30) {
-                op.extend(blank(rng));
-                op.extend(subject(rng));
-            }
+            op.extend(publish_head(rng, "HPUB"));
             op.extend(blank(rng));
             op.extend(size_token(rng, headers.len()));
             op.extend(blank(rng));
