@@ -490,11 +490,30 @@ pub fn parse_upstream(url: &str) -> Result<Upstream, ConfigError> {
     if port == 0 || host.is_empty() {
         return Err(bad("expected HOST:PORT"));
     }
+    if !rest.starts_with('[') && host.parse::<std::net::Ipv4Addr>().is_err() && !is_dns_name(host) {
+        return Err(bad(
+            "the host is neither an IP address nor a DNS name (letters, digits, `-` and `_` in dot-separated labels)",
+        ));
+    }
     Ok(Upstream {
         host: host.to_owned(),
         port,
         tls,
     })
+}
+
+/// A host name the resolver can look up: dot-separated labels of at most 63 letters, digits,
+/// `-` or `_`, 253 characters in all. Anything else would only fail later, at the first dial.
+fn is_dns_name(host: &str) -> bool {
+    let name = host.strip_suffix('.').unwrap_or(host);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 /// Parses `500ms`, `2s`, `1m`, `3h`, `7d`.
@@ -605,6 +624,10 @@ mod tests {
             "[[r]",
             "[r]:5",
             "[127.0.0.1]:5",
+            "r!x'(m",
+            "a..b:5",
+            "a b:5",
+            "ex\u{e4}mple.org",
         ] {
             assert!(parse_upstream(url).is_err(), "{url}");
         }

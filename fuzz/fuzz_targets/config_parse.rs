@@ -37,8 +37,21 @@ fn literal_only(addr: Option<String>) -> Option<String> {
     addr.filter(|a| a.parse::<SocketAddr>().is_ok())
 }
 
+/// A TOML basic string. Written here rather than by `toml`'s serializer, whose writer counts
+/// runs of quotes in a `u8` and overflows on 256 in a row (toml_write 0.1.2).
 fn q(s: &str) -> String {
-    toml::Value::String(s.to_owned()).to_string()
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() && c != '\t' => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 fn qp(p: &Path) -> String {
