@@ -155,6 +155,10 @@ struct RunArgs {
     tls: TlsArgs,
     #[command(flatten)]
     upstream_tls: UpstreamTlsArgs,
+    /// AEAD code for envelopes under 4 KiB: audited (aws-lc-rs) or batched (hand-written
+    /// AVX-512, opt-in) [default: audited].
+    #[arg(long, value_name = "BACKEND")]
+    aead: Option<String>,
     /// Check the config and the root key, print a summary, and exit.
     #[arg(long)]
     check_config: bool,
@@ -408,6 +412,7 @@ fn run(args: RunArgs) -> ExitCode {
         tls_key: args.tls.tls_key,
         tls_client_ca: args.tls.tls_client_ca,
         tls_mode: args.tls.tls_mode,
+        aead: args.aead,
         ..upstream_overrides(args.upstream_tls)
     };
     let (config, root) = match load(args.config.as_deref(), flags) {
@@ -417,10 +422,11 @@ fn run(args: RunArgs) -> ExitCode {
     if args.check_config {
         let ups: Vec<String> = config.upstreams.iter().map(ToString::to_string).collect();
         println!(
-            "config ok: listen {}, upstream {}, root key fingerprint {}",
+            "config ok: listen {}, upstream {}, root key fingerprint {}, aead {}",
             config.listen,
             ups.join(","),
-            root.fingerprint()
+            root.fingerprint(),
+            config.aead.describe()
         );
         return ExitCode::SUCCESS;
     }

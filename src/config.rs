@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::envelope::AeadBackend;
 use crate::policy::{Policy, PolicyError, RuleConfig, DEFAULT_CONTROL_PREFIX};
 use crate::tls::{AgentTlsMode, ServerFiles, UpstreamFiles};
 
@@ -34,6 +35,8 @@ pub struct FileConfig {
     pub control_prefix: Option<String>,
     pub max_connections: Option<usize>,
     pub upstream_connect_timeout: Option<String>,
+    /// `audited` (the default) or `batched`; see [`AeadBackend`].
+    pub aead: Option<String>,
     #[serde(default)]
     pub tls: TlsSection,
     #[serde(default)]
@@ -197,6 +200,7 @@ pub struct Overrides {
     pub upstream_key: Option<PathBuf>,
     pub upstream_tls_first: bool,
     pub upstream_server_name: Option<String>,
+    pub aead: Option<String>,
 }
 
 /// One upstream server, as `host:port`.
@@ -239,6 +243,8 @@ pub struct Config {
     /// TLS on the agent listener, if any.
     pub agent_tls: Option<(AgentTlsMode, ServerFiles)>,
     pub upstream_tls: UpstreamFiles,
+    /// The AEAD backend asked for; what runs is [`AeadBackend::effective`].
+    pub aead: AeadBackend,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -269,6 +275,8 @@ pub enum ConfigError {
     Tls(&'static str),
     #[error("subject policy: {0}")]
     Policy(#[from] PolicyError),
+    #[error("aead {0:?} is not a backend (expected \"audited\" or \"batched\")")]
+    Aead(String),
 }
 
 impl FileConfig {
@@ -394,6 +402,11 @@ impl FileConfig {
             }
             _ => return Err(ConfigError::Tls("--tls-cert and --tls-key go together")),
         };
+        let aead = match flags.aead.or(self.aead).as_deref() {
+            None | Some("audited") => AeadBackend::Audited,
+            Some("batched") => AeadBackend::Batched,
+            Some(other) => return Err(ConfigError::Aead(other.to_owned())),
+        };
         let rotation = self.rotation.resolve()?;
         if flags.controller && state_dir.is_none() {
             return Err(ConfigError::ControllerNeedsStateDir);
@@ -402,6 +415,7 @@ impl FileConfig {
             .audit_log
             .or_else(|| state_dir.as_ref().map(|d| d.join("audit.jsonl")));
         Ok(Config {
+            aead,
             agent_tls,
             upstream_tls,
             rotation,

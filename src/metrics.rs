@@ -41,6 +41,11 @@ pub struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabel {
+    pub backend: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabel {
     pub direction: &'static str,
 }
@@ -67,6 +72,7 @@ pub struct Metrics {
     pub epochs: Family<StateLabel, Gauge>,
     pub key_age: Gauge,
     pub runtime_tasks: Gauge,
+    pub aead_backend: Family<BackendLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -97,6 +103,7 @@ impl Metrics {
             epochs: Family::default(),
             key_age: Gauge::default(),
             runtime_tasks: Gauge::default(),
+            aead_backend: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -192,6 +199,14 @@ impl Metrics {
             "Tasks alive in the proxy's async runtime (sessions, control plane, admin), for leak checks",
             m.runtime_tasks.clone(),
         );
+        registry.register(
+            "aead_backend",
+            "The AEAD code sealing and opening envelopes under 4 KiB: 1 for the backend in use",
+            m.aead_backend.clone(),
+        );
+        for backend in ["audited", "batched"] {
+            let _ = m.aead_backend.get_or_create(&BackendLabel { backend });
+        }
         for reason in OPEN_FAILURE_REASONS {
             let _ = m.open_failures.get_or_create(&ReasonLabel { reason });
         }
@@ -269,6 +284,19 @@ impl Metrics {
             .set(activated.map_or(0, |t| now.saturating_sub(t)) as i64);
     }
 
+    /// Marks `backend` as the one in use.
+    pub fn set_aead_backend(&self, backend: crate::envelope::AeadBackend) {
+        for b in [
+            crate::envelope::AeadBackend::Audited,
+            crate::envelope::AeadBackend::Batched,
+        ] {
+            let label = BackendLabel { backend: b.name() };
+            self.aead_backend
+                .get_or_create(&label)
+                .set(i64::from(b == backend));
+        }
+    }
+
     /// Counts the runtime's live tasks; called when metrics are scraped.
     pub fn refresh_runtime(&self) {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -302,6 +330,14 @@ mod tests {
         assert!(text.contains("cipherbus_open_failures_total{reason=\"plaintext\"} 0"));
         assert!(text.contains("cipherbus_active_epoch 7"));
         assert!(text.contains("cipherbus_sealed_bytes_total"));
+        assert!(text.contains("cipherbus_aead_backend{backend=\"batched\"} 0"));
+        m.set_aead_backend(crate::envelope::AeadBackend::Audited);
+        let text = m.render();
+        assert!(
+            text.contains("cipherbus_aead_backend{backend=\"audited\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("cipherbus_aead_backend{backend=\"batched\"} 0"));
         assert_eq!(m.open_failures_for("auth"), 1);
     }
 }

@@ -229,12 +229,14 @@ pub async fn start_with_keyring(
     let mut base = Base::start(&config, &keyring, "proxy", config.controller).await?;
     let shutdown_rx = base.shutdown_rx.clone();
     let metrics = base.metrics.clone();
+    metrics.set_aead_backend(config.aead.effective().0);
 
     let upstreams: Vec<String> = config.upstreams.iter().map(ToString::to_string).collect();
     tracing::info!(
         listen = %local_addr,
         upstream = %upstreams.join(","),
         active_epoch = keyring.snapshot().active.epoch,
+        aead = %config.aead.describe(),
         "cipherbus proxy listening"
     );
     base.tasks.push(tokio::spawn(probe_upstream(

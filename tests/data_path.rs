@@ -565,3 +565,128 @@ async fn an_agent_that_breaks_the_protocol_after_a_burst_loses_nothing_before_it
         "the bus saw {seen} of the {BURST} messages published before the bad op"
     );
 }
+
+/// Messages of every length around the block edges up to past the batching limit, with and
+/// without headers, written by a raw agent in one burst so that each read of the proxy holds
+/// many of them.
+fn mixed_burst(subject: &str) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let mut wire = Vec::new();
+    let mut sent = Vec::new();
+    for i in 0..600usize {
+        let len = match i % 4 {
+            0 => i % 130,
+            1 => 1000 + i,
+            2 => 4090 + i % 12,
+            _ => 128,
+        };
+        let body: Vec<u8> = plaintext(len + 17)[17..].to_vec();
+        if i % 3 == 0 {
+            let hdr = format!("NATS/1.0\r\nN: {i}\r\n\r\n");
+            let total = hdr.len() + body.len();
+            wire.extend_from_slice(format!("HPUB {subject} {} {total}\r\n", hdr.len()).as_bytes());
+            wire.extend_from_slice(hdr.as_bytes());
+        } else {
+            wire.extend_from_slice(format!("PUB {subject} {}\r\n", body.len()).as_bytes());
+        }
+        wire.extend_from_slice(&body);
+        wire.extend_from_slice(b"\r\n");
+        sent.push(body);
+    }
+    wire.extend_from_slice(b"PING\r\n");
+    (wire, sent)
+}
+
+/// The opt-in batched backend end to end, both ways against the default one: a burst sealed
+/// by a batched proxy opens behind an audited one and the other way round, in order and byte
+/// for byte, and only envelopes cross the bus. Each proxy's metric names its backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_batched_backend_and_the_audited_one_read_each_other() {
+    use std::io::{BufRead, BufReader, Write};
+    let server = NatsServer::start();
+    let batched = proxy_with(&server, "aead = \"batched\"", TEST_KEK).await;
+    let audited = proxy(&server).await;
+    let want_batched = if std::arch::is_x86_feature_detected!("avx512f") {
+        "batched"
+    } else {
+        "audited"
+    };
+    assert_eq!(
+        metric(
+            &batched,
+            &format!("cipherbus_aead_backend{{backend=\"{want_batched}\"}}")
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&audited, "cipherbus_aead_backend{backend=\"audited\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&audited, "cipherbus_aead_backend{backend=\"batched\"}"),
+        0.0
+    );
+    let observer = observer(&server).await;
+    for (from, to, subject) in [
+        (&batched, &audited, "mix.batched"),
+        (&audited, &batched, "mix.audited"),
+    ] {
+        let receiver = async_nats::ConnectOptions::new()
+            .subscription_capacity(4096)
+            .connect(proxy_url(to))
+            .await
+            .unwrap();
+        let mut sub = receiver.subscribe(subject.to_string()).await.unwrap();
+        let mut raw = observer.subscribe(subject.to_string()).await.unwrap();
+        sync(&receiver).await;
+        sync(&observer).await;
+
+        let (wire, sent) = mixed_burst(subject);
+        let addr = from.local_addr;
+        tokio::task::spawn_blocking(move || {
+            let mut s = std::net::TcpStream::connect(addr).expect("agent connects");
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            r.read_line(&mut line).expect("INFO");
+            s.write_all(b"CONNECT {\"verbose\":false,\"headers\":true}\r\n")
+                .unwrap();
+            s.write_all(&wire).unwrap();
+            line.clear();
+            r.read_line(&mut line).expect("PONG");
+            assert_eq!(line, "PONG\r\n");
+        })
+        .await
+        .unwrap();
+
+        for (i, body) in sent.iter().enumerate() {
+            let got = next(&mut sub).await;
+            assert!(
+                got.payload[..] == body[..],
+                "{subject}: message {i} differs"
+            );
+            if i % 3 == 0 {
+                let n = got.headers.as_ref().and_then(|h| h.get("N"));
+                assert_eq!(
+                    n.map(|v| v.as_str()),
+                    Some(&*i.to_string()),
+                    "{subject}: {i}"
+                );
+            }
+            let seen = next(&mut raw).await;
+            if body.is_empty() {
+                assert!(seen.payload.is_empty());
+            } else {
+                assert_eq!(seen.payload[0], MAGIC, "{subject}: message {i} sealed");
+                assert!(!contains(&seen.payload, b"plaintext-"), "{subject}: {i}");
+            }
+        }
+    }
+    assert_eq!(
+        metric(&audited, "cipherbus_open_failures_total{reason=\"auth\"}"),
+        0.0
+    );
+    assert_eq!(
+        metric(&batched, "cipherbus_open_failures_total{reason=\"auth\"}"),
+        0.0
+    );
+}

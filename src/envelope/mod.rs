@@ -32,7 +32,7 @@ pub use kdf::{derive_control_key, derive_epoch1, CONTROL_INFO, EPOCH1_INFO, HKDF
 pub use keys::{
     DataKey, RootKey, DATA_FINGERPRINT_LABEL, FINGERPRINT_BYTES, KEY_LEN, ROOT_FINGERPRINT_LABEL,
 };
-pub use multi::Batch;
+pub use multi::{AeadBackend, Batch, Path as BatchPath, BATCH_BELOW};
 pub use open::{Opener, DEFAULT_OPENER_CACHE};
 pub use seal::Sealer;
 pub use wrap::{unwrap_key, wrap_key, WRAPPED_LEN, WRAP_AAD_LABEL, WRAP_FORMAT_1};

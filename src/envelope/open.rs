@@ -121,7 +121,8 @@ impl Opener {
     /// message is queued. [`Batch::open`] over `out` then verifies and decrypts every queued
     /// message at once, and names those that fail (their bytes zeroed); until it has, `out`
     /// holds ciphertext. Envelopes of [`BATCH_BELOW`] bytes of plaintext or more are opened
-    /// at once, as by `open_into`.
+    /// at once, as by `open_into`, and so is every envelope when the batch does not defer
+    /// (the default, audited backend).
     #[allow(clippy::too_many_arguments)]
     pub fn open_deferred(
         &mut self,
@@ -133,7 +134,7 @@ impl Opener {
         out: &mut BytesMut,
         batch: &mut Batch,
     ) -> Result<(), EnvelopeError> {
-        if envelope.len() >= BATCH_BELOW + OVERHEAD {
+        if envelope.len() >= BATCH_BELOW + OVERHEAD || !batch.defers() {
             return self.open_into(key, header, envelope, subject, allow_unbound, out);
         }
         let bound = Self::check(header, envelope, allow_unbound)?;

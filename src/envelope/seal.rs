@@ -118,7 +118,8 @@ impl Sealer {
     /// plaintext where the ciphertext goes and room for the tag, and queues it.
     /// [`Batch::seal`] over `out` then finishes every queued envelope at once; until it has,
     /// `out` holds plaintext and must not be sent. Payloads of [`BATCH_BELOW`] bytes or
-    /// more are sealed at once, as by `seal_into`.
+    /// more are sealed at once, as by `seal_into`, and so is every payload when the batch
+    /// does not defer (the default, audited backend).
     pub fn seal_deferred(
         &mut self,
         subject: Option<&[u8]>,
@@ -126,7 +127,7 @@ impl Sealer {
         out: &mut BytesMut,
         batch: &mut Batch,
     ) -> Result<(), EnvelopeError> {
-        if plaintext.len() >= BATCH_BELOW {
+        if plaintext.len() >= BATCH_BELOW || !batch.defers() {
             return self.seal_into(subject, plaintext, out);
         }
         let (tail, header) = self.next_header(subject)?;

@@ -704,7 +704,7 @@ where
     parser.allow_headers(false);
     let mut buf = BytesMut::new();
     let mut out = BytesMut::new();
-    let mut outbound = Outbound::new();
+    let mut outbound = Outbound::new(shared.config.aead);
     let mut idle = Idle::new();
     let policy = &shared.config.policy;
     let metrics = &shared.metrics;
@@ -824,7 +824,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut out = BytesMut::new();
-    let mut inbound = Inbound::new();
+    let mut inbound = Inbound::new(shared.config.aead);
     let mut idle = Idle::new();
     let policy = &shared.config.policy;
     let metrics = &shared.metrics;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
 
-use crate::envelope::{self, Batch, Header, Opener, Sealer, OVERHEAD};
+use crate::envelope::{self, AeadBackend, Batch, Header, Opener, Sealer, OVERHEAD};
 use crate::keyring::{Keyring, Snapshot};
 use crate::metrics::Metrics;
 use crate::policy::{Decision, Mode, Policy};
@@ -175,16 +175,16 @@ pub struct Outbound {
 
 impl Default for Outbound {
     fn default() -> Self {
-        Self::new()
+        Self::new(AeadBackend::default())
     }
 }
 
 impl Outbound {
-    pub fn new() -> Self {
+    pub fn new(aead: AeadBackend) -> Self {
         Outbound {
             cache: PolicyCache::default(),
             sealer: None,
-            batch: Batch::default(),
+            batch: Batch::new(aead),
             generation: u64::MAX,
             tally: Tally::default(),
             notices: Vec::new(),
@@ -369,16 +369,16 @@ pub struct Inbound {
 
 impl Default for Inbound {
     fn default() -> Self {
-        Self::new()
+        Self::new(AeadBackend::default())
     }
 }
 
 impl Inbound {
-    pub fn new() -> Self {
+    pub fn new(aead: AeadBackend) -> Self {
         Inbound {
             cache: PolicyCache::default(),
             opener: Opener::new(),
-            batch: Batch::default(),
+            batch: Batch::new(aead),
             queued: Vec::new(),
             generation: u64::MAX,
             tally: Tally::default(),
@@ -880,7 +880,7 @@ mod tests {
             other => panic!("expected a PUB, got {other:?}"),
         };
 
-        let mut outbound = Outbound::new();
+        let mut outbound = Outbound::new(AeadBackend::Batched);
         let mut wire = BytesMut::new();
         publish(&mut outbound, &mut wire);
         let first = sealed(&mut wire);
@@ -898,7 +898,7 @@ mod tests {
             "a new sealer, with a new nonce prefix"
         );
 
-        let mut inbound = Inbound::new();
+        let mut inbound = Inbound::default();
         let mut delivered = BytesMut::new();
         for payload in [first, second] {
             let op = ServerOp::Msg {
@@ -937,7 +937,7 @@ mod tests {
             .expect("in-memory keyring");
         let snap = keyring.snapshot();
         let (policy, metrics, replies) = (Policy::default(), Metrics::new(), Replies::default());
-        let mut outbound = Outbound::new();
+        let mut outbound = Outbound::new(AeadBackend::Batched);
         let mut wire = BytesMut::new();
         for i in 0..6u8 {
             let payload = vec![b'a' + i; 100 + usize::from(i)];
@@ -974,7 +974,7 @@ mod tests {
             inbound.handle(op, &policy, &keyring, &snap, &replies, &metrics, out);
         };
         let mut batched = BytesMut::new();
-        let mut inbound = Inbound::new();
+        let mut inbound = Inbound::new(AeadBackend::Batched);
         for payload in &sealed {
             deliver(&mut inbound, &mut batched, payload);
         }
@@ -982,7 +982,7 @@ mod tests {
         inbound.flush_metrics(&metrics);
 
         let mut one_by_one = BytesMut::new();
-        let mut inbound = Inbound::new();
+        let mut inbound = Inbound::new(AeadBackend::Audited);
         for (i, payload) in sealed.iter().enumerate() {
             if i != 3 {
                 deliver(&mut inbound, &mut one_by_one, payload);

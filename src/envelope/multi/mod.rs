@@ -1,13 +1,16 @@
 //! Multi-buffer IETF ChaCha20-Poly1305: the messages of one read batch sealed or opened
 //! together, sixteen ChaCha20 blocks and eight Poly1305 chains at a time with AVX-512.
 //!
+//! This is hand-written AEAD arithmetic, so it is an opt-in ([`AeadBackend::Batched`],
+//! `aead = "batched"`): with the default [`AeadBackend::Audited`] a [`Batch`] queues nothing
+//! and every envelope goes through aws-lc-rs or OpenSSL as it is made.
+//!
 //! A short message costs one aws-lc call of a few hundred nanoseconds, nearly all of it the
 //! latency of ChaCha20's twenty rounds and of one Poly1305 chain, with most of the CPU's
 //! vector width idle. [`Batch`] collects the messages a session handles from one read and
 //! computes them side by side, so that latency is paid once for many. The result is RFC 8439
-//! ChaCha20-Poly1305, byte for byte: the tests check it against aws-lc, RustCrypto and the
-//! RFC's vectors, and on a CPU without AVX-512F the same batch is computed with aws-lc, one
-//! message at a time.
+//! ChaCha20-Poly1305, byte for byte: the tests check every [`Path`] against aws-lc,
+//! RustCrypto and the RFC's vectors.
 //!
 //! This module owns only the arithmetic over buffers it is handed: no key storage, no I/O.
 //!
@@ -54,6 +57,100 @@ pub(crate) fn available() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
+    }
+}
+
+/// Whether this CPU also runs the radix-2^44 IFMA Poly1305.
+fn ifma_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        available() && std::arch::is_x86_feature_detected!("avx512ifma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Which code computes the AEAD of envelopes under [`BATCH_BELOW`] bytes. Longer ones always
+/// go to OpenSSL.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AeadBackend {
+    /// aws-lc-rs, one message at a time: audited code only. The default.
+    #[default]
+    Audited,
+    /// This module's AVX-512 kernels over each read's messages: hand-written, opt-in. Runs
+    /// as [`AeadBackend::Audited`] on a CPU without AVX-512F.
+    Batched,
+}
+
+impl AeadBackend {
+    pub fn name(self) -> &'static str {
+        match self {
+            AeadBackend::Audited => "audited",
+            AeadBackend::Batched => "batched",
+        }
+    }
+
+    /// The backend this CPU runs when `self` is asked for, and why it is not `self`.
+    pub fn effective(self) -> (AeadBackend, Option<&'static str>) {
+        match self {
+            AeadBackend::Batched if !available() => (
+                AeadBackend::Audited,
+                Some("this CPU lacks AVX-512F, which the batched kernels need"),
+            ),
+            b => (b, None),
+        }
+    }
+
+    /// One line for the startup log and `--check-config`.
+    pub fn describe(self) -> String {
+        match self.effective() {
+            (AeadBackend::Audited, None) => {
+                "audited: aws-lc-rs below 4 KiB, OpenSSL from 4 KiB".to_owned()
+            }
+            (AeadBackend::Audited, Some(why)) => format!(
+                "audited (batched was asked for, but {why}): aws-lc-rs below 4 KiB, OpenSSL \
+                 from 4 KiB"
+            ),
+            (AeadBackend::Batched, _) => format!(
+                "batched (opt-in, hand-written): AVX-512 ChaCha20 with {} Poly1305 below \
+                 4 KiB, aws-lc-rs for batches of one or two, OpenSSL from 4 KiB",
+                if ifma_available() {
+                    "radix-2^44 IFMA"
+                } else {
+                    "radix-2^26"
+                }
+            ),
+        }
+    }
+}
+
+/// The four ways a [`Batch`] can compute a pass. Production picks one per pass; tests and
+/// benches pin one with [`Batch::pinned`] so every path runs on a CPU that has them all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// AVX-512 ChaCha20 and the radix-2^44 AVX-512 IFMA Poly1305.
+    Ifma,
+    /// AVX-512 ChaCha20 and the radix-2^26 AVX-512F Poly1305 (Skylake-SP, Cascade Lake).
+    Radix26,
+    /// aws-lc-rs one message at a time, under keys made from the batch's own subkeys.
+    Scalar,
+    /// aws-lc-rs one message at a time, under the keys the caller holds (the batch's own
+    /// where it holds none).
+    Held,
+}
+
+impl Path {
+    pub const ALL: [Path; 4] = [Path::Ifma, Path::Radix26, Path::Scalar, Path::Held];
+
+    /// Whether this CPU can run the path.
+    pub fn available(self) -> bool {
+        match self {
+            Path::Ifma => ifma_available(),
+            Path::Radix26 => available(),
+            Path::Scalar | Path::Held => true,
+        }
     }
 }
 
@@ -117,9 +214,10 @@ pub struct Batch {
     order: Vec<usize>,
     /// Open: jobs whose tag did not verify.
     failed: Vec<bool>,
-    /// Tests force the one-at-a-time path that CPUs without AVX-512F take.
-    #[cfg(test)]
-    scalar: bool,
+    /// Whether sealers and openers queue envelopes here ([`Batch::defers`]).
+    defers: bool,
+    /// The path every pass takes, for tests and benches.
+    pinned: Option<Path>,
 }
 
 impl std::fmt::Debug for Batch {
@@ -131,6 +229,31 @@ impl std::fmt::Debug for Batch {
 }
 
 impl Batch {
+    /// A batch for a session running `backend`: with [`AeadBackend::Audited`], or batched on
+    /// a CPU without AVX-512F, it queues nothing ([`Batch::defers`] is false).
+    pub fn new(backend: AeadBackend) -> Self {
+        let mut batch = Batch::default();
+        batch.defers = backend.effective().0 == AeadBackend::Batched;
+        batch
+    }
+
+    /// A batched batch whose every pass takes `path`, or `None` if this CPU cannot run it.
+    /// For tests and benches.
+    pub fn pinned(path: Path) -> Option<Self> {
+        path.available().then(|| {
+            let mut batch = Batch::default();
+            batch.defers = true;
+            batch.pinned = Some(path);
+            batch
+        })
+    }
+
+    /// Whether [`super::Sealer::seal_deferred`] and [`super::Opener::open_deferred`] queue
+    /// envelopes here; if not, they seal and open each at once.
+    pub fn defers(&self) -> bool {
+        self.defers
+    }
+
     pub fn is_empty(&self) -> bool {
         self.jobs.is_empty()
     }
@@ -143,12 +266,23 @@ impl Batch {
         if let Some(i) = self.keys.iter().rposition(|k| k.id == id) {
             return i;
         }
-        let mut words = [0u32; 8];
-        for (w, c) in words.iter_mut().zip(subkey.chunks_exact(4)) {
+        if self.keys.len() == self.keys.capacity() {
+            // Grown by hand: `push` would move the entries and free the old block unwiped.
+            // Dropping the old vector drops each entry in place, which wipes it.
+            let mut grown = Vec::with_capacity((2 * self.keys.capacity()).max(4));
+            grown.extend(self.keys.iter().map(|k| KeyEntry {
+                id: k.id,
+                words: k.words,
+            }));
+            self.keys = grown;
+        }
+        // Filled in place, so no copy of the words is left on the stack.
+        self.keys.push(KeyEntry { id, words: [0; 8] });
+        let last = self.keys.len() - 1;
+        for (w, c) in self.keys[last].words.iter_mut().zip(subkey.chunks_exact(4)) {
             *w = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
         }
-        self.keys.push(KeyEntry { id, words });
-        self.keys.len() - 1
+        last
     }
 
     /// Queues one message under `subkey` (named `key_id`) and the IETF nonce
@@ -232,10 +366,43 @@ impl Batch {
         self.seal_cached(buf, &|id| sealer.cached_key(id))
     }
 
-    /// Whether this batch is small enough, and its keys all held by the caller, to go one by
-    /// one.
-    fn small(&self, cached: &Cached<'_>) -> bool {
-        self.jobs.len() <= SMALL_BATCH && self.keys.iter().all(|k| cached(k.id).is_some())
+    /// The path of this pass: a pinned one, else one by one under the caller's keys for a
+    /// batch of at most [`SMALL_BATCH`] whose keys it all holds, else the best vector path.
+    fn path(&self, cached: &Cached<'_>) -> Path {
+        if let Some(p) = self.pinned {
+            return p;
+        }
+        if self.jobs.len() <= SMALL_BATCH && self.keys.iter().all(|k| cached(k.id).is_some()) {
+            Path::Held
+        } else if ifma_available() {
+            Path::Ifma
+        } else if available() {
+            Path::Radix26
+        } else {
+            Path::Scalar
+        }
+    }
+
+    /// Runs one pass of `seal` or open over `buf` on `path`; marks failures in `failed`.
+    fn run(&mut self, buf: &mut [u8], seal: bool, path: Path, cached: &Cached<'_>) {
+        match path {
+            Path::Held => self.scalar(buf, seal, cached),
+            Path::Scalar => self.scalar(buf, seal, &|_| None),
+            #[cfg(target_arch = "x86_64")]
+            Path::Ifma | Path::Radix26 if available() => {
+                // IFMA only where detected, whatever was pinned.
+                let ifma = path == Path::Ifma && ifma_available();
+                // Safety: AVX-512F is present (checked just above).
+                unsafe {
+                    if seal {
+                        self.seal_avx512(buf, ifma)
+                    } else {
+                        self.open_avx512(buf, ifma)
+                    }
+                }
+            }
+            Path::Ifma | Path::Radix26 => self.scalar(buf, seal, &|_| None),
+        }
     }
 
     fn seal_cached(
@@ -244,17 +411,8 @@ impl Batch {
         cached: &Cached<'_>,
     ) -> Result<(), super::EnvelopeError> {
         self.drop_out_of_bounds(buf.len(), true);
-        if self.small(cached) {
-            self.scalar(buf, true, cached);
-        } else if self.vectorised() {
-            // Safety: AVX-512F is present (`vectorised` checked it).
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                self.seal_avx512(buf)
-            };
-        } else {
-            self.scalar(buf, true, &|_| None);
-        }
+        let path = self.path(cached);
+        self.run(buf, true, path, cached);
         let complete = !self.failed.contains(&true);
         self.clear();
         if complete {
@@ -279,17 +437,8 @@ impl Batch {
 
     fn open_cached(&mut self, buf: &mut [u8], cached: &Cached<'_>, mut failed: impl FnMut(usize)) {
         self.drop_out_of_bounds(buf.len(), false);
-        if self.small(cached) {
-            self.scalar(buf, false, cached);
-        } else if self.vectorised() {
-            // Safety: AVX-512F is present (`vectorised` checked it).
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                self.open_avx512(buf)
-            };
-        } else {
-            self.scalar(buf, false, &|_| None);
-        }
+        let path = self.path(cached);
+        self.run(buf, false, path, cached);
         for (i, job) in self.jobs.iter().enumerate() {
             if self.failed[i] {
                 buf[job.text.clone()].zeroize();
@@ -309,14 +458,6 @@ impl Batch {
         self.tags = Vec::new();
         self.order = Vec::new();
         self.failed = Vec::new();
-    }
-
-    fn vectorised(&self) -> bool {
-        #[cfg(test)]
-        if self.scalar {
-            return false;
-        }
-        available()
     }
 
     /// Marks jobs whose ranges do not fit `len` as failed and empties their ranges, so the
@@ -344,6 +485,8 @@ impl Batch {
         self.arena.clear();
         wipe(&mut self.poly_keys);
         self.poly_keys.clear();
+        // After a failed open these are the valid tags for the forger's ciphertexts.
+        wipe(&mut self.tags);
         self.tags.clear();
         self.order.clear();
     }
@@ -485,7 +628,7 @@ impl Batch {
     /// Computes the tag of every job `want(job)` accepts, eight lanes at a time.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    fn authenticate(&mut self, buf: &[u8], want: impl Fn(usize) -> bool) {
+    fn authenticate(&mut self, buf: &[u8], ifma: bool, want: impl Fn(usize) -> bool) {
         self.sort_by_length();
         let mut group = [0usize; 8];
         let mut n = 0;
@@ -499,14 +642,15 @@ impl Batch {
             group[n] = j;
             n += 1;
             if n == 8 {
-                self.authenticate_group(buf, &group[..n], &mut keys, &mut tags);
+                self.authenticate_group(buf, &group[..n], ifma, &mut keys, &mut tags);
                 n = 0;
             }
         }
         if n > 0 {
-            self.authenticate_group(buf, &group[..n], &mut keys, &mut tags);
+            self.authenticate_group(buf, &group[..n], ifma, &mut keys, &mut tags);
         }
         keys.zeroize();
+        tags.zeroize();
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -515,6 +659,7 @@ impl Batch {
         &mut self,
         buf: &[u8],
         group: &[usize],
+        ifma: bool,
         keys: &mut [[u8; 32]; 8],
         tags: &mut [[u8; TAG_LEN]; 8],
     ) {
@@ -524,7 +669,14 @@ impl Batch {
             keys[lane] = self.poly_keys[j];
             inputs[lane] = self.poly_input(j, buf);
         }
-        poly::poly1305_lanes(&keys[..group.len()], &inputs[..group.len()], &mut tags[..]);
+        let (keys, inputs) = (&keys[..group.len()], &inputs[..group.len()]);
+        if ifma {
+            // Safety: the caller passes `ifma` only once AVX-512 IFMA was detected, and
+            // AVX-512F is enabled for this function.
+            unsafe { poly::poly1305_x8_ifma(keys, inputs, &mut tags[..]) }
+        } else {
+            poly::poly1305_x8(keys, inputs, &mut tags[..])
+        }
         for (lane, &j) in group.iter().enumerate() {
             self.tags[j] = tags[lane];
         }
@@ -539,12 +691,12 @@ impl Batch {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    fn seal_avx512(&mut self, buf: &mut [u8]) {
+    fn seal_avx512(&mut self, buf: &mut [u8], ifma: bool) {
         self.start_pass();
         let skip = std::mem::take(&mut self.failed);
         self.keystream(buf, 0, true, |j| !skip[j]);
         self.write_tails(buf);
-        self.authenticate(buf, |j| !skip[j]);
+        self.authenticate(buf, ifma, |j| !skip[j]);
         for (j, job) in self.jobs.iter().enumerate() {
             if !skip[j] {
                 buf[job.tag_at..job.tag_at + TAG_LEN].copy_from_slice(&self.tags[j]);
@@ -555,13 +707,13 @@ impl Batch {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    fn open_avx512(&mut self, buf: &mut [u8]) {
+    fn open_avx512(&mut self, buf: &mut [u8], ifma: bool) {
         self.start_pass();
         let mut failed = std::mem::take(&mut self.failed);
         // Poly1305 keys only: the ciphertext must be authenticated before it is decrypted.
         self.keystream(buf, 0, false, |j| !failed[j]);
         self.write_tails(buf);
-        self.authenticate(buf, |j| !failed[j]);
+        self.authenticate(buf, ifma, |j| !failed[j]);
         for (j, job) in self.jobs.iter().enumerate() {
             if !failed[j] && !crate::ct::eq_tag(&self.tags[j], &job.expected) {
                 failed[j] = true;
@@ -640,14 +792,15 @@ impl Batch {
     }
 }
 
-/// Zeroes a pass's Poly1305 keys, one volatile 32-byte store each. `Vec::zeroize` writes a byte
-/// at a time over the whole capacity, which cost 2% of the proxy's CPU at 128 B; the capacity
-/// beyond the keys in use was wiped when it was last in use (and `Drop` wipes all of it).
-fn wipe(keys: &mut [[u8; 32]]) {
-    for k in keys.iter_mut() {
+/// Zeroes a pass's Poly1305 keys or tags, one volatile store each. `Vec::zeroize` writes a
+/// byte at a time over the whole capacity, which cost 2% of the proxy's CPU at 128 B; the
+/// capacity beyond the entries in use was wiped when it was last in use (and `Drop` wipes all
+/// of it).
+fn wipe<const N: usize>(items: &mut [[u8; N]]) {
+    for k in items.iter_mut() {
         // Safety: `k` comes from a live exclusive reference, so it is valid, aligned and not
         // aliased.
-        unsafe { std::ptr::write_volatile(k, [0; 32]) };
+        unsafe { std::ptr::write_volatile(k, [0; N]) };
     }
     std::sync::atomic::compiler_fence(Ordering::SeqCst);
 }
@@ -655,11 +808,15 @@ fn wipe(keys: &mut [[u8; 32]]) {
 impl Drop for Batch {
     fn drop(&mut self) {
         self.poly_keys.zeroize();
+        self.tags.zeroize();
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
     use chacha20poly1305::aead::{AeadInPlace, KeyInit};
     use chacha20poly1305::ChaCha20Poly1305;
 
@@ -680,6 +837,32 @@ mod tests {
         fn bytes(&mut self, n: usize) -> Vec<u8> {
             (0..n).map(|_| self.next() as u8).collect()
         }
+        fn key(&mut self) -> [u8; 32] {
+            std::array::from_fn(|_| self.next() as u8)
+        }
+    }
+
+    /// Every path this CPU runs. With `CIPHERBUS_REQUIRE_ALL_KERNELS` set (CI sets it), a path
+    /// the CPU lacks fails the test instead of being skipped.
+    fn paths() -> Vec<Path> {
+        let require = std::env::var_os("CIPHERBUS_REQUIRE_ALL_KERNELS").is_some();
+        Path::ALL
+            .into_iter()
+            .filter(|p| {
+                assert!(
+                    p.available() || !require,
+                    "{p:?} is not available on this CPU"
+                );
+                if !p.available() {
+                    eprintln!("skipping {p:?}: this CPU cannot run it");
+                }
+                p.available()
+            })
+            .collect()
+    }
+
+    fn pinned(path: Path) -> Batch {
+        Batch::pinned(path).expect("paths() lists only available paths")
     }
 
     struct Msg {
@@ -691,38 +874,54 @@ mod tests {
         plain: Vec<u8>,
     }
 
+    /// Lengths where a block or a Poly1305 chunk starts or ends, and past the batching limit.
+    const EDGES: [usize; 16] = [
+        0, 1, 15, 16, 17, 63, 64, 65, 127, 128, 129, 1023, 1024, 4095, 4096, 4200,
+    ];
+
     /// A buffer of messages laid out as a session lays them out: each text followed by
-    /// room for its tag, with unrelated bytes in between.
-    fn messages(rng: &mut Rng, n: usize, max_len: usize) -> (Vec<[u8; 32]>, Vec<Msg>, Vec<u8>) {
-        let keys: Vec<[u8; 32]> = (0..3)
-            .map(|_| rng.bytes(32).try_into().expect("32 bytes"))
-            .collect();
+    /// room for its tag, with unrelated bytes in between. Texts are up to `max_len` bytes
+    /// (edge lengths among them), AADs up to `max_aad`, under `nkeys` subkeys.
+    fn messages_with(
+        rng: &mut Rng,
+        n: usize,
+        max_len: usize,
+        max_aad: usize,
+        nkeys: usize,
+    ) -> (Vec<[u8; 32]>, Vec<Msg>, Vec<u8>) {
+        let keys: Vec<[u8; 32]> = (0..nkeys).map(|_| rng.key()).collect();
         let mut buf = Vec::new();
         let mut msgs = Vec::new();
         for _ in 0..n {
             let gap = rng.below(20);
             buf.extend(rng.bytes(gap));
-            // Mostly one length, as a stream of one publisher's messages, some others.
-            let len = if rng.below(3) == 0 {
-                128
-            } else {
-                rng.below(max_len + 1)
+            // Mostly one length, as a stream of one publisher's messages, some edges, some
+            // anything.
+            let len = match rng.below(4) {
+                0 => 128.min(max_len),
+                1 => EDGES[rng.below(EDGES.len())].min(max_len),
+                _ => rng.below(max_len + 1),
             };
             let plain = rng.bytes(len);
-            let subject_len = rng.below(70);
+            let aad_len = rng.below(max_aad + 1);
+            let header_len = rng.below(aad_len + 1);
             let start = buf.len();
             buf.extend_from_slice(&plain);
             buf.extend_from_slice(&[0; TAG_LEN]);
             msgs.push(Msg {
                 key: rng.below(keys.len()),
                 tail: rng.bytes(8).try_into().expect("8 bytes"),
-                header: rng.bytes(32),
-                subject: rng.bytes(subject_len),
+                header: rng.bytes(header_len),
+                subject: rng.bytes(aad_len - header_len),
                 text: start..start + len,
                 plain,
             });
         }
         (keys, msgs, buf)
+    }
+
+    fn messages(rng: &mut Rng, n: usize, max_len: usize) -> (Vec<[u8; 32]>, Vec<Msg>, Vec<u8>) {
+        messages_with(rng, n, max_len, 100, 3)
     }
 
     fn reference(key: &[u8; 32], m: &Msg) -> (Vec<u8>, [u8; TAG_LEN]) {
@@ -736,12 +935,29 @@ mod tests {
         (ct, tag.into())
     }
 
-    fn seal_all(scalar: bool, keys: &[[u8; 32]], msgs: &[Msg], buf: &mut [u8]) {
-        let mut batch = Batch::default();
-        batch.scalar = scalar;
+    fn aws_key(key: &[u8; 32]) -> LessSafeKey {
+        LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, key).expect("32 bytes"))
+    }
+
+    /// The subkey id of key `i` in these tests.
+    fn id_of(i: usize) -> u64 {
+        i as u64 + 100
+    }
+
+    /// aws-lc keys for `keys`, as a session's sealer or opener holds them.
+    fn held(keys: &[[u8; 32]]) -> Vec<LessSafeKey> {
+        keys.iter().map(aws_key).collect()
+    }
+
+    fn lookup(held: &[LessSafeKey], id: u64) -> Option<&LessSafeKey> {
+        held.get(usize::try_from(id).ok()?.checked_sub(100)?)
+    }
+
+    fn seal_all(path: Path, keys: &[[u8; 32]], msgs: &[Msg], buf: &mut [u8]) {
+        let mut batch = pinned(path);
         for m in msgs {
             batch.push_seal(
-                m.key as u64 + 100,
+                id_of(m.key),
                 &keys[m.key],
                 m.tail,
                 [&m.header, &m.subject],
@@ -750,115 +966,131 @@ mod tests {
             );
         }
         assert_eq!(batch.len(), msgs.len());
-        batch.seal(buf).expect("every range fits");
+        let held = held(keys);
+        batch
+            .seal_cached(buf, &|id| lookup(&held, id))
+            .expect("every range fits");
         assert!(batch.is_empty());
     }
 
-    fn check_sealed(keys: &[[u8; 32]], msgs: &[Msg], buf: &[u8]) {
+    fn check_sealed(keys: &[[u8; 32]], msgs: &[Msg], buf: &[u8], what: &str) {
         for (i, m) in msgs.iter().enumerate() {
             let (ct, tag) = reference(&keys[m.key], m);
-            assert_eq!(&buf[m.text.clone()], &ct[..], "message {i} ciphertext");
+            assert_eq!(
+                &buf[m.text.clone()],
+                &ct[..],
+                "{what}: message {i} ciphertext"
+            );
             let tag_at = m.text.end;
-            assert_eq!(&buf[tag_at..tag_at + TAG_LEN], &tag, "message {i} tag");
+            assert_eq!(
+                &buf[tag_at..tag_at + TAG_LEN],
+                &tag,
+                "{what}: message {i} tag"
+            );
         }
     }
 
-    #[test]
-    fn batches_seal_exactly_as_rustcrypto_does() {
-        let mut rng = Rng(0x5eed_0001);
-        for round in 0..40 {
-            let n = 1 + rng.below(60);
-            let max_len = if round % 2 == 0 { 300 } else { BATCH_BELOW - 1 };
-            let (keys, msgs, buf) = messages(&mut rng, n, max_len);
-            for scalar in [false, true] {
-                let mut b = buf.clone();
-                seal_all(scalar, &keys, &msgs, &mut b);
-                check_sealed(&keys, &msgs, &b);
-            }
-        }
-    }
-
-    #[test]
-    fn every_length_around_the_block_edges_seals_and_opens() {
-        let mut rng = Rng(0x5eed_0002);
-        let keys = [[7u8; 32]];
-        for len in (0..200).chain([1023, 1024, 1025, 4095]) {
-            let plain = rng.bytes(len);
-            let mut buf = plain.clone();
-            buf.extend_from_slice(&[0; TAG_LEN]);
-            let m = Msg {
-                key: 0,
-                tail: [len as u8; 8],
-                header: rng.bytes(32),
-                subject: rng.bytes(len % 40),
-                text: 0..len,
-                plain,
-            };
-            let msgs = [m];
-            seal_all(false, &keys, &msgs, &mut buf);
-            check_sealed(&keys, &msgs, &buf);
-            let m = &msgs[0];
-            let mut batch = Batch::default();
-            let tag: [u8; 16] = buf[len..].try_into().expect("tag");
-            batch.push_open(1, &keys[0], m.tail, [&m.header, &m.subject], 0..len, tag);
-            let mut failures = 0;
-            batch.open(&mut buf[..len], |_| failures += 1);
-            assert_eq!(failures, 0, "length {len}");
-            assert_eq!(&buf[..len], &m.plain[..], "length {len}");
-        }
-    }
-
-    #[test]
-    fn batches_open_and_refuse_exactly_the_tampered_messages() {
-        let mut rng = Rng(0x5eed_0003);
-        for round in 0..30 {
-            let n = 1 + rng.below(50);
-            let (keys, msgs, mut buf) = messages(&mut rng, n, 1500);
-            seal_all(false, &keys, &msgs, &mut buf);
-            // Tamper with some: a ciphertext bit, a tag bit, the AAD, the nonce or the key.
-            let mut tampered = vec![None; n];
-            for (i, m) in msgs.iter().enumerate() {
-                if rng.below(4) == 0 {
-                    tampered[i] = Some(rng.below(5));
-                }
-                if tampered[i] == Some(0) && m.text.is_empty() {
-                    tampered[i] = Some(1);
-                }
-            }
-            for scalar in [false, true] {
-                let mut b = buf.clone();
-                let mut batch = Batch::default();
-                batch.scalar = scalar;
-                for (i, m) in msgs.iter().enumerate() {
-                    let mut tag: [u8; 16] = b[m.text.end..m.text.end + 16].try_into().expect("tag");
-                    let mut header = m.header.clone();
-                    let mut tail = m.tail;
-                    let mut key = keys[m.key];
-                    match tampered[i] {
-                        Some(0) => b[m.text.start + rng.below(m.text.len())] ^= 0x10,
-                        Some(1) => tag[rng.below(16)] ^= 0x01,
-                        Some(2) => header[rng.below(32)] ^= 0x80,
-                        Some(3) => tail[rng.below(8)] ^= 0x04,
-                        Some(_) => key[rng.below(32)] ^= 0x40,
-                        None => {}
+    /// Opens every message of `buf` (sealed) in one batch on `path`, with the messages in
+    /// `tampered` changed in one of five ways each; returns the messages refused.
+    fn open_all(
+        path: Path,
+        rng: &mut Rng,
+        keys: &[[u8; 32]],
+        msgs: &[Msg],
+        buf: &mut [u8],
+        tampered: &[usize],
+    ) -> Vec<usize> {
+        let mut batch = pinned(path);
+        for (i, m) in msgs.iter().enumerate() {
+            let mut tag: [u8; 16] = buf[m.text.end..m.text.end + 16].try_into().expect("tag");
+            let mut header = m.header.clone();
+            let mut tail = m.tail;
+            let mut key = keys[m.key];
+            let mut id = id_of(m.key);
+            if tampered.contains(&i) {
+                match rng.below(5) {
+                    0 if !m.text.is_empty() => buf[m.text.start + rng.below(m.text.len())] ^= 0x10,
+                    2 if !header.is_empty() => {
+                        let at = rng.below(header.len());
+                        header[at] ^= 0x80;
                     }
-                    let id = if tampered[i] == Some(4) {
-                        1000 + i as u64
-                    } else {
-                        m.key as u64
-                    };
-                    batch.push_open(id, &key, tail, [&header, &m.subject], m.text.clone(), tag);
+                    3 => tail[rng.below(8)] ^= 0x04,
+                    4 => {
+                        key[rng.below(32)] ^= 0x40;
+                        id = 1_000_000 + i as u64;
+                    }
+                    _ => tag[rng.below(16)] ^= 0x01,
                 }
-                let mut refused = Vec::new();
-                batch.open(&mut b, |i| refused.push(i));
-                let want: Vec<usize> = (0..n).filter(|&i| tampered[i].is_some()).collect();
-                assert_eq!(refused, want, "round {round}, scalar {scalar}");
+            }
+            batch.push_open(id, &key, tail, [&header, &m.subject], m.text.clone(), tag);
+        }
+        let held = held(keys);
+        let mut refused = Vec::new();
+        batch.open_cached(buf, &|id| lookup(&held, id), |i| refused.push(i));
+        assert!(batch.is_empty());
+        refused
+    }
+
+    /// The whole-batch differential test: on every path, batches of 1 to 64 messages of 0 to
+    /// 4200 bytes (edge lengths among them), AADs of 0 to 300 bytes, under one to five
+    /// subkeys, sealed as RustCrypto seals them and opened back, with one tampered message
+    /// refused alone and zeroed. `CIPHERBUS_BATCH_ROUNDS` sets the rounds per path (default
+    /// 60); docs/ENVELOPE.md gives the longer run.
+    #[test]
+    fn every_path_seals_and_opens_whole_batches_as_rustcrypto_does() {
+        let rounds: usize = std::env::var("CIPHERBUS_BATCH_ROUNDS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(60);
+        for path in paths() {
+            let mut rng = Rng(0x5eed_0016 ^ path as u64);
+            for round in 0..rounds {
+                let n = 1 + rng.below(64);
+                let nkeys = 1 + rng.below(5);
+                let (keys, msgs, buf) = messages_with(&mut rng, n, 4200, 300, nkeys);
+                let what = format!("{path:?}, round {round}, {n} messages");
+                let mut b = buf.clone();
+                seal_all(path, &keys, &msgs, &mut b);
+                check_sealed(&keys, &msgs, &b, &what);
+
+                let sealed = b.clone();
+                assert!(open_all(path, &mut rng, &keys, &msgs, &mut b, &[]).is_empty());
+                for m in &msgs {
+                    assert_eq!(&b[m.text.clone()], &m.plain[..], "{what}");
+                }
+
+                let mut b = sealed;
+                let bad = rng.below(n);
+                let refused = open_all(path, &mut rng, &keys, &msgs, &mut b, &[bad]);
+                assert_eq!(refused, [bad], "{what}");
                 for (i, m) in msgs.iter().enumerate() {
-                    if tampered[i].is_some() {
-                        assert!(
-                            b[m.text.clone()].iter().all(|&x| x == 0),
-                            "refused text zeroed"
-                        );
+                    if i == bad {
+                        assert!(b[m.text.clone()].iter().all(|&x| x == 0), "{what}: zeroed");
+                    } else {
+                        assert_eq!(&b[m.text.clone()], &m.plain[..], "{what}: message {i}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Several tampered messages in one batch, in the same Poly1305 group or not: exactly
+    /// those are refused and zeroed.
+    #[test]
+    fn batches_refuse_exactly_the_tampered_messages() {
+        for path in paths() {
+            let mut rng = Rng(0x5eed_0003);
+            for round in 0..30 {
+                let n = 1 + rng.below(50);
+                let (keys, msgs, buf) = messages(&mut rng, n, 1500);
+                let mut b = buf.clone();
+                seal_all(path, &keys, &msgs, &mut b);
+                let tampered: Vec<usize> = (0..n).filter(|_| rng.below(4) == 0).collect();
+                let refused = open_all(path, &mut rng, &keys, &msgs, &mut b, &tampered);
+                assert_eq!(refused, tampered, "{path:?}, round {round}");
+                for (i, m) in msgs.iter().enumerate() {
+                    if tampered.contains(&i) {
+                        assert!(b[m.text.clone()].iter().all(|&x| x == 0), "zeroed");
                     } else {
                         assert_eq!(&b[m.text.clone()], &m.plain[..], "message {i} opened");
                     }
@@ -867,125 +1099,241 @@ mod tests {
         }
     }
 
-    fn aws_key(key: &[u8; 32]) -> LessSafeKey {
-        LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, key).expect("32 bytes"))
+    #[test]
+    fn every_length_around_the_block_edges_seals_and_opens() {
+        for path in paths() {
+            let mut rng = Rng(0x5eed_0002);
+            let keys = [[7u8; 32]];
+            for len in (0..200).chain([1023, 1024, 1025, 4095]) {
+                let plain = rng.bytes(len);
+                let mut buf = plain.clone();
+                buf.extend_from_slice(&[0; TAG_LEN]);
+                let m = Msg {
+                    key: 0,
+                    tail: [len as u8; 8],
+                    header: rng.bytes(32),
+                    subject: rng.bytes(len % 40),
+                    text: 0..len,
+                    plain,
+                };
+                let msgs = [m];
+                let what = format!("{path:?}, length {len}");
+                seal_all(path, &keys, &msgs, &mut buf);
+                check_sealed(&keys, &msgs, &buf, &what);
+                let refused = open_all(path, &mut rng, &keys, &msgs, &mut buf, &[]);
+                assert!(refused.is_empty(), "{what}");
+                assert_eq!(&buf[..len], &msgs[0].plain[..], "{what}");
+            }
+        }
     }
 
-    /// Batches of up to SMALL_BATCH messages whose keys the caller holds go one by one under
-    /// those keys (a deliberately wrong held key shows which key sealed), larger ones or
-    /// ones with a key not held take the usual path; both open and refuse tampering.
+    /// Without a pin, a batch of at most SMALL_BATCH messages whose keys the caller holds
+    /// goes one by one under those keys (a deliberately wrong held key shows which key
+    /// sealed); larger ones, or ones with a key not held, take the batch's own copies.
     #[test]
     fn small_batches_use_the_keys_the_caller_holds() {
         let mut rng = Rng(0x5eed_0005);
         for n in 1..=SMALL_BATCH + 1 {
             let (keys, msgs, buf) = messages(&mut rng, n, 600);
-            let held: Vec<LessSafeKey> = keys.iter().map(aws_key).collect();
-            let cached = |id: u64| held.get(usize::try_from(id).ok()?.checked_sub(100)?);
-            let push = |batch: &mut Batch, keys: &[[u8; 32]]| {
+            let push = |batch: &mut Batch| {
                 for m in &msgs {
                     let (a, t) = ([&m.header[..], &m.subject[..]], m.text.clone());
-                    batch.push_seal(m.key as u64 + 100, &keys[m.key], m.tail, a, t, m.text.end);
+                    batch.push_seal(id_of(m.key), &keys[m.key], m.tail, a, t, m.text.end);
                 }
             };
-            let mut b = buf.clone();
-            let mut batch = Batch::default();
-            push(&mut batch, &keys);
-            batch.seal_cached(&mut b, &cached).expect("fits");
-            check_sealed(&keys, &msgs, &b);
-
-            // The held keys are wrong: only a batch that used them comes out under them.
             let wrong: Vec<[u8; 32]> = keys.iter().map(|k| k.map(|x| x ^ 1)).collect();
-            let wrong_held: Vec<LessSafeKey> = wrong.iter().map(aws_key).collect();
-            let wrong_cached =
-                |id: u64| wrong_held.get(usize::try_from(id).ok()?.checked_sub(100)?);
+            let wrong_held = held(&wrong);
             let mut w = buf.clone();
-            let mut batch = Batch::default();
-            push(&mut batch, &keys);
-            batch.seal_cached(&mut w, &wrong_cached).expect("fits");
+            let mut batch = Batch::new(AeadBackend::Batched);
+            push(&mut batch);
+            batch
+                .seal_cached(&mut w, &|id| lookup(&wrong_held, id))
+                .expect("fits");
             if n <= SMALL_BATCH {
-                check_sealed(&wrong, &msgs, &w);
+                check_sealed(&wrong, &msgs, &w, "held");
             } else {
-                check_sealed(&keys, &msgs, &w);
+                check_sealed(&keys, &msgs, &w, "batched");
             }
-            // A key the caller does not hold: the usual path, under the batch's own copy.
             let mut p = buf.clone();
-            let mut batch = Batch::default();
-            push(&mut batch, &keys);
+            let mut batch = Batch::new(AeadBackend::Batched);
+            push(&mut batch);
             batch.seal_cached(&mut p, &|_| None).expect("fits");
-            check_sealed(&keys, &msgs, &p);
-
-            // Open under the held keys, with the last message's tag flipped.
-            let mut batch = Batch::default();
-            for (i, m) in msgs.iter().enumerate() {
-                let mut tag: [u8; 16] = b[m.text.end..m.text.end + 16].try_into().expect("tag");
-                if i == n - 1 {
-                    tag[3] ^= 1;
-                }
-                let a = [&m.header[..], &m.subject[..]];
-                batch.push_open(
-                    m.key as u64 + 100,
-                    &keys[m.key],
-                    m.tail,
-                    a,
-                    m.text.clone(),
-                    tag,
-                );
-            }
-            let mut refused = Vec::new();
-            batch.open_cached(&mut b, &cached, |i| refused.push(i));
-            assert_eq!(refused, [n - 1], "{n} messages");
-            for m in &msgs[..n - 1] {
-                assert_eq!(&b[m.text.clone()], &m.plain[..]);
-            }
-            assert!(b[msgs[n - 1].text.clone()].iter().all(|&x| x == 0));
+            check_sealed(&keys, &msgs, &p, "not held");
         }
     }
 
     #[test]
     fn ranges_outside_the_buffer_fail_without_panicking() {
-        let mut batch = Batch::default();
-        batch.push_seal(1, &[1; 32], [0; 8], [b"h", b""], 10..20, 20);
-        let mut small = [0u8; 12];
-        assert!(batch.seal(&mut small).is_err());
-        assert!(batch.is_empty());
-        let mut batch = Batch::default();
-        batch.push_open(1, &[1; 32], [0; 8], [b"h", b""], 5..50, [0; 16]);
-        let mut refused = Vec::new();
-        batch.open(&mut small, |i| refused.push(i));
-        assert_eq!(refused, [0]);
+        for path in paths() {
+            let mut batch = pinned(path);
+            batch.push_seal(1, &[1; 32], [0; 8], [b"h", b""], 10..20, 20);
+            let mut small = [0u8; 12];
+            assert!(batch.seal(&mut small).is_err(), "{path:?}");
+            assert!(batch.is_empty());
+            let mut batch = pinned(path);
+            batch.push_open(1, &[1; 32], [0; 8], [b"h", b""], 5..50, [0; 16]);
+            let mut refused = Vec::new();
+            batch.open(&mut small, |i| refused.push(i));
+            assert_eq!(refused, [0], "{path:?}");
+        }
     }
 
     #[test]
-    fn the_batch_keeps_no_key_material_after_a_pass() {
-        let mut batch = Batch::default();
-        let mut buf = vec![0u8; 64 + TAG_LEN];
-        batch.push_seal(1, &[9; 32], [0; 8], [b"h", b"s"], 0..64, 64);
-        batch.seal(&mut buf).expect("fits");
-        assert!(batch.keys.is_empty() && batch.poly_keys.is_empty());
-        assert!(format!("{batch:?}").contains("jobs: 0"));
+    fn the_default_backend_queues_nothing() {
+        assert!(!Batch::default().defers());
+        assert!(!Batch::new(AeadBackend::Audited).defers());
+        assert_eq!(
+            Batch::new(AeadBackend::Batched).defers(),
+            AeadBackend::Batched.effective().0 == AeadBackend::Batched
+        );
+        assert_eq!(
+            AeadBackend::Audited.effective(),
+            (AeadBackend::Audited, None)
+        );
+    }
 
-        // Three messages through the vector pass: every Poly1305 key it held is zero now.
-        let mut buf = vec![0u8; 3 * (64 + TAG_LEN)];
-        for i in 0..3 {
-            let at = i * (64 + TAG_LEN);
-            batch.push_seal(
-                2,
-                &[9; 32],
-                [i as u8; 8],
-                [b"h", b"s"],
-                at..at + 64,
-                at + 64,
-            );
+    /// After a pass on a vector path, every Poly1305 key and every computed tag the batch
+    /// held is zero: after a failed open, a computed tag is the valid tag for the forger's
+    /// ciphertext.
+    #[test]
+    fn the_batch_keeps_no_key_material_or_tags_after_a_pass() {
+        for path in paths() {
+            if matches!(path, Path::Scalar | Path::Held) {
+                continue;
+            }
+            let mut batch = pinned(path);
+            let mut buf = vec![0u8; 3 * (64 + TAG_LEN)];
+            let push = |batch: &mut Batch, open: bool| {
+                for i in 0..3 {
+                    let at = i * (64 + TAG_LEN);
+                    let (tail, aad) = ([i as u8; 8], [&b"h"[..], &b"s"[..]]);
+                    if open {
+                        // A forged tag: the one the pass computes is the valid one.
+                        batch.push_open(2, &[9; 32], tail, aad, at..at + 64, [0xee; 16]);
+                    } else {
+                        batch.push_seal(2, &[9; 32], tail, aad, at..at + 64, at + 64);
+                    }
+                }
+            };
+            push(&mut batch, false);
+            batch.seal(&mut buf).expect("fits");
+            assert!(batch.keys.is_empty() && batch.poly_keys.is_empty());
+            push(&mut batch, true);
+            let mut refused = 0;
+            batch.open(&mut buf, |_| refused += 1);
+            assert_eq!(refused, 3);
+            // Only the slots the passes used: capacity beyond them was never initialised.
+            let poly_keys = batch.poly_keys.spare_capacity_mut();
+            assert!(poly_keys.len() >= 3);
+            for k in poly_keys.iter().take(3) {
+                // Safety: these slots held the pass's keys (`resize` initialised them) and
+                // `clear` does not de-initialise `[u8; 32]` values; reading them is sound.
+                assert_eq!(unsafe { k.assume_init_ref() }, &[0; 32], "{path:?}");
+            }
+            let tags = batch.tags.spare_capacity_mut();
+            assert!(tags.len() >= 3);
+            for t in tags.iter().take(3) {
+                // Safety: as above, for the tags.
+                assert_eq!(unsafe { t.assume_init_ref() }, &[0; 16], "{path:?}");
+            }
         }
-        batch.seal(&mut buf).expect("fits");
-        let spare = batch.poly_keys.spare_capacity_mut();
-        assert!(spare.len() >= 3 || !available());
-        // Only the slots the pass used: capacity beyond them was never initialised.
-        for k in spare.iter().take(if available() { 3 } else { 0 }) {
-            // Safety: these three slots held the pass's keys (`resize` initialised them) and
-            // `clear` does not de-initialise `[u8; 32]` values; reading them back is sound.
-            let k = unsafe { k.assume_init_ref() };
-            assert_eq!(k, &[0; 32]);
+    }
+
+    /// The allocator of this test binary: it passes everything to the system allocator, and
+    /// while a thread watches for a byte pattern, counts the blocks that thread frees or
+    /// moves with the pattern still in them.
+    struct Watching;
+
+    thread_local! {
+        static WATCHED: Cell<Option<[u8; 32]>> = const { Cell::new(None) };
+        static FREED_WITH_IT: Cell<usize> = const { Cell::new(0) };
+    }
+
+    impl Watching {
+        /// # Safety
+        /// `ptr` must point to a live block of `size` bytes.
+        unsafe fn check(ptr: *mut u8, size: usize) {
+            let Some(pattern) = WATCHED.with(Cell::get) else {
+                return;
+            };
+            // Safety: the caller's contract; the block is still allocated here.
+            let block = unsafe { std::slice::from_raw_parts(ptr, size) };
+            if block.windows(pattern.len()).any(|w| w == pattern) {
+                FREED_WITH_IT.with(|n| n.set(n.get() + 1));
+            }
         }
+    }
+
+    // Safety: every call goes to the system allocator unchanged; `check` only reads a block
+    // before it is freed or moved.
+    unsafe impl GlobalAlloc for Watching {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            // Safety: forwarded as the caller made it.
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // Safety: `ptr` is a live block of `layout.size()` bytes until the call below.
+            unsafe {
+                Self::check(ptr, layout.size());
+                System.dealloc(ptr, layout)
+            }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            // Safety: as for `dealloc`; a move leaves the old block behind.
+            unsafe {
+                Self::check(ptr, layout.size());
+                System.realloc(ptr, layout, new_size)
+            }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: Watching = Watching;
+
+    /// One pass with `distinct` subkeys on `path` while watching for the first subkey's bytes:
+    /// the number of blocks freed or moved with them still in.
+    fn blocks_freed_holding_a_subkey(path: Path, distinct: usize) -> usize {
+        let keys: Vec<[u8; 32]> = (0..distinct).map(|i| [0xa0 + i as u8; 32]).collect();
+        let mut buf = vec![0u8; distinct * (64 + TAG_LEN)];
+        FREED_WITH_IT.with(|n| n.set(0));
+        WATCHED.with(|w| w.set(Some(keys[0])));
+        {
+            let mut batch = pinned(path);
+            for (i, key) in keys.iter().enumerate() {
+                let at = i * (64 + TAG_LEN);
+                batch.push_seal(i as u64, key, [0; 8], [b"h", b""], at..at + 64, at + 64);
+            }
+            batch.seal(&mut buf).expect("fits");
+            batch.release();
+        }
+        WATCHED.with(|w| w.set(None));
+        FREED_WITH_IT.with(Cell::get)
+    }
+
+    /// A pass with more distinct subkeys than the key vector has room for grows it; the block
+    /// it leaves behind, and every other block the pass frees, holds no subkey.
+    #[test]
+    fn growing_the_key_vector_leaves_no_subkey_in_freed_memory() {
+        for path in paths() {
+            for distinct in [1, 4, 5, 9, 17] {
+                assert_eq!(
+                    blocks_freed_holding_a_subkey(path, distinct),
+                    0,
+                    "{path:?}, {distinct} subkeys"
+                );
+            }
+        }
+    }
+
+    /// The watch sees what it is meant to see: a vector grown by `push` leaves its keys behind.
+    #[test]
+    fn the_watching_allocator_sees_a_key_left_in_a_freed_block() {
+        let mut v: Vec<[u8; 32]> = vec![[0x5c; 32]];
+        FREED_WITH_IT.with(|n| n.set(0));
+        WATCHED.with(|w| w.set(Some([0x5c; 32])));
+        v.push([0; 32]);
+        WATCHED.with(|w| w.set(None));
+        v.zeroize();
+        assert_eq!(FREED_WITH_IT.with(Cell::get), 1);
     }
 }
