@@ -432,56 +432,75 @@ fn published_vectors_match() {
     assert_eq!(rustcrypto_open(e1.bytes(), &unbound, None), plaintext);
 }
 
+/// Every way a session can run a read's envelopes: the audited default (`None`, nothing
+/// deferred) and each batched path this CPU has.
+fn batch_kinds() -> Vec<Option<BatchPath>> {
+    std::iter::once(None)
+        .chain(
+            BatchPath::ALL
+                .into_iter()
+                .filter(|p| p.available())
+                .map(Some),
+        )
+        .collect()
+}
+
+fn new_batch(kind: Option<BatchPath>) -> Batch {
+    kind.map_or_else(Batch::default, |p| Batch::pinned(p).expect("available"))
+}
+
 /// Subjects as long as a control line allows (4096 bytes and more, up to the server's longer
 /// limit on lines it sends), through the deferred (batched) seal and open, both ways against
 /// RustCrypto.
 #[test]
 fn long_subjects_seal_and_open_in_batches() {
-    // More than the small-batch fallback, so the vector kernels run where the CPU has them.
-    const BATCHED: usize = 24;
-    let key = [7u8; 32];
-    let dk = DataKey::from_bytes(key);
-    for len in [
-        0usize, 1, 15, 16, 17, 63, 64, 65, 255, 256, 1000, 4090, 4096, 4100, 8192,
-    ] {
-        let subject = vec![b'l'; len];
-        for pt_len in [1usize, 5, 100] {
-            let pt = vec![0x5a; pt_len];
-            let mut sealer = Sealer::new(3, &dk).unwrap();
-            let mut out = BytesMut::new();
-            let mut batch = Batch::default();
-            for _ in 0..BATCHED {
-                sealer
-                    .seal_deferred(Some(&subject), &pt, &mut out, &mut batch)
-                    .unwrap();
-            }
-            batch.seal_with(&mut out[..], &sealer).unwrap();
-            let one = pt_len + OVERHEAD;
-            for env in out.chunks(one) {
+    for kind in batch_kinds() {
+        // More than the small-batch fallback, so the vector kernels run where the CPU has them.
+        const BATCHED: usize = 24;
+        let key = [7u8; 32];
+        let dk = DataKey::from_bytes(key);
+        for len in [
+            0usize, 1, 15, 16, 17, 63, 64, 65, 255, 256, 1000, 4090, 4096, 4100, 8192,
+        ] {
+            let subject = vec![b'l'; len];
+            for pt_len in [1usize, 5, 100] {
+                let pt = vec![0x5a; pt_len];
+                let mut sealer = Sealer::new(3, &dk).unwrap();
+                let mut out = BytesMut::new();
+                let mut batch = new_batch(kind);
+                for _ in 0..BATCHED {
+                    sealer
+                        .seal_deferred(Some(&subject), &pt, &mut out, &mut batch)
+                        .unwrap();
+                }
+                batch.seal_with(&mut out[..], &sealer).unwrap();
+                let one = pt_len + OVERHEAD;
+                for env in out.chunks(one) {
+                    assert_eq!(
+                        rustcrypto_open(&key, env, Some(&subject)),
+                        pt,
+                        "{kind:?}: subject of {len} bytes, payload of {pt_len}"
+                    );
+                }
+                // And opened again in a batch, as the session opens deliveries.
+                let mut opened = BytesMut::new();
+                let mut opener = Opener::new();
+                let mut batch = new_batch(kind);
+                for env in out.chunks(one) {
+                    let h = Header::parse(env).unwrap();
+                    opener
+                        .open_deferred(&dk, &h, env, &subject, false, &mut opened, &mut batch)
+                        .unwrap();
+                }
+                let mut failed = Vec::new();
+                batch.open_with(&mut opened[..], &opener, |i| failed.push(i));
+                assert!(failed.is_empty(), "subject of {len} bytes: {failed:?}");
                 assert_eq!(
-                    rustcrypto_open(&key, env, Some(&subject)),
-                    pt,
-                    "subject of {len} bytes, payload of {pt_len}"
+                    &opened[..],
+                    &pt.repeat(BATCHED)[..],
+                    "subject of {len} bytes"
                 );
             }
-            // And opened again in a batch, as the session opens deliveries.
-            let mut opened = BytesMut::new();
-            let mut opener = Opener::new();
-            let mut batch = Batch::default();
-            for env in out.chunks(one) {
-                let h = Header::parse(env).unwrap();
-                opener
-                    .open_deferred(&dk, &h, env, &subject, false, &mut opened, &mut batch)
-                    .unwrap();
-            }
-            let mut failed = Vec::new();
-            batch.open_with(&mut opened[..], &opener, |i| failed.push(i));
-            assert!(failed.is_empty(), "subject of {len} bytes: {failed:?}");
-            assert_eq!(
-                &opened[..],
-                &pt.repeat(BATCHED)[..],
-                "subject of {len} bytes"
-            );
         }
     }
 }
@@ -489,40 +508,42 @@ fn long_subjects_seal_and_open_in_batches() {
 /// Subjects and payloads of mixed lengths, as in one read of deliveries, opened in one batch.
 #[test]
 fn a_batch_of_mixed_subjects_and_payloads_opens_in_a_batch() {
-    let key = [12u8; 32];
-    let dk = DataKey::from_bytes(key);
-    let shapes: &[&[(usize, usize)]] = &[
-        &[(4094, 5), (10, 2048)],
-        &[(4094, 5), (10, 2048), (4095, 5)],
-        &[(4094, 5), (10, 2048), (4095, 5), (3, 3)],
-        &[(10, 2048), (4094, 5), (3, 3), (4095, 5), (1, 1000)],
-        &[(200, 5), (10, 2048), (300, 5)],
-    ];
-    for shape in shapes {
-        let envelopes: Vec<(Vec<u8>, Vec<u8>)> = shape
-            .iter()
-            .enumerate()
-            .map(|(i, &(slen, plen))| {
-                let subject = vec![b's'; slen];
-                let env =
-                    rustcrypto_seal(&key, 5, [i as u8; 24], Some(&subject), &vec![0x44; plen]);
-                (subject, env)
-            })
-            .collect();
-        let mut opener = Opener::new();
-        let mut batch = Batch::default();
-        let mut out = BytesMut::new();
-        for (subject, env) in &envelopes {
-            let h = Header::parse(env).unwrap();
-            opener
-                .open_deferred(&dk, &h, env, subject, false, &mut out, &mut batch)
-                .unwrap();
+    for kind in batch_kinds() {
+        let key = [12u8; 32];
+        let dk = DataKey::from_bytes(key);
+        let shapes: &[&[(usize, usize)]] = &[
+            &[(4094, 5), (10, 2048)],
+            &[(4094, 5), (10, 2048), (4095, 5)],
+            &[(4094, 5), (10, 2048), (4095, 5), (3, 3)],
+            &[(10, 2048), (4094, 5), (3, 3), (4095, 5), (1, 1000)],
+            &[(200, 5), (10, 2048), (300, 5)],
+        ];
+        for shape in shapes {
+            let envelopes: Vec<(Vec<u8>, Vec<u8>)> = shape
+                .iter()
+                .enumerate()
+                .map(|(i, &(slen, plen))| {
+                    let subject = vec![b's'; slen];
+                    let env =
+                        rustcrypto_seal(&key, 5, [i as u8; 24], Some(&subject), &vec![0x44; plen]);
+                    (subject, env)
+                })
+                .collect();
+            let mut opener = Opener::new();
+            let mut batch = new_batch(kind);
+            let mut out = BytesMut::new();
+            for (subject, env) in &envelopes {
+                let h = Header::parse(env).unwrap();
+                opener
+                    .open_deferred(&dk, &h, env, subject, false, &mut out, &mut batch)
+                    .unwrap();
+            }
+            let mut failed = Vec::new();
+            batch.open_with(&mut out[..], &opener, |i| failed.push(i));
+            assert!(failed.is_empty(), "{kind:?}, shape {shape:?}: {failed:?} failed");
+            let want: Vec<u8> = shape.iter().flat_map(|&(_, p)| vec![0x44; p]).collect();
+            assert_eq!(&out[..], &want[..], "shape {shape:?}");
         }
-        let mut failed = Vec::new();
-        batch.open_with(&mut out[..], &opener, |i| failed.push(i));
-        assert!(failed.is_empty(), "shape {shape:?}: {failed:?} failed");
-        let want: Vec<u8> = shape.iter().flat_map(|&(_, p)| vec![0x44; p]).collect();
-        assert_eq!(&out[..], &want[..], "shape {shape:?}");
     }
 }
 
@@ -530,43 +551,45 @@ fn a_batch_of_mixed_subjects_and_payloads_opens_in_a_batch() {
 /// limit, sealed together, each opened by RustCrypto.
 #[test]
 fn random_batches_with_long_subjects_match_rustcrypto() {
-    let key = [13u8; 32];
-    let dk = DataKey::from_bytes(key);
-    let mut x: u64 = 0x1234_5678;
-    let mut next = |n: usize| {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        (x % n as u64) as usize
-    };
-    for round in 0..400 {
-        let jobs = 1 + next(30);
-        let mut sealer = Sealer::new(5, &dk).unwrap();
-        let mut out = BytesMut::new();
-        let mut batch = Batch::default();
-        let mut spans = Vec::new();
-        for _ in 0..jobs {
-            let slen = match next(4) {
-                0 => next(5000),
-                1 => 4090 + next(10),
-                _ => next(40),
-            };
-            let plen = 1 + next(2100);
-            let start = out.len();
-            let subject = vec![b'a' + next(26) as u8; slen];
-            sealer
-                .seal_deferred(Some(&subject), &vec![0x55; plen], &mut out, &mut batch)
-                .unwrap();
-            spans.push((start, out.len(), subject));
-        }
-        batch.seal_with(&mut out[..], &sealer).unwrap();
-        for (start, end, subject) in &spans {
-            assert_eq!(
-                rustcrypto_open(&key, &out[*start..*end], Some(subject)),
-                vec![0x55; end - start - OVERHEAD],
-                "round {round}: subject {} bytes",
-                subject.len()
-            );
+    for kind in batch_kinds() {
+        let key = [13u8; 32];
+        let dk = DataKey::from_bytes(key);
+        let mut x: u64 = 0x1234_5678;
+        let mut next = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        for round in 0..400 {
+            let jobs = 1 + next(30);
+            let mut sealer = Sealer::new(5, &dk).unwrap();
+            let mut out = BytesMut::new();
+            let mut batch = new_batch(kind);
+            let mut spans = Vec::new();
+            for _ in 0..jobs {
+                let slen = match next(4) {
+                    0 => next(5000),
+                    1 => 4090 + next(10),
+                    _ => next(40),
+                };
+                let plen = 1 + next(2100);
+                let start = out.len();
+                let subject = vec![b'a' + next(26) as u8; slen];
+                sealer
+                    .seal_deferred(Some(&subject), &vec![0x55; plen], &mut out, &mut batch)
+                    .unwrap();
+                spans.push((start, out.len(), subject));
+            }
+            batch.seal_with(&mut out[..], &sealer).unwrap();
+            for (start, end, subject) in &spans {
+                assert_eq!(
+                    rustcrypto_open(&key, &out[*start..*end], Some(subject)),
+                    vec![0x55; end - start - OVERHEAD],
+                    "{kind:?}, round {round}: subject {} bytes",
+                    subject.len()
+                );
+            }
         }
     }
 }
@@ -574,34 +597,37 @@ fn random_batches_with_long_subjects_match_rustcrypto() {
 /// Deliveries sealed by several proxies (one subkey each) opened in one batch.
 #[test]
 fn a_batch_from_many_sealers_opens() {
-    let key = [14u8; 32];
-    let dk = DataKey::from_bytes(key);
-    for sealers in 1..12usize {
-        for slen in [3usize, 4094] {
-            let subject = vec![b'l'; slen];
-            let mut envs = Vec::new();
-            for i in 0..sealers * 2 {
-                let mut s = Sealer::with_prefix(5, &dk, [(i % sealers) as u8 + 1; 16], i as u64);
+    for kind in batch_kinds() {
+        let key = [14u8; 32];
+        let dk = DataKey::from_bytes(key);
+        for sealers in 1..12usize {
+            for slen in [3usize, 4094] {
+                let subject = vec![b'l'; slen];
+                let mut envs = Vec::new();
+                for i in 0..sealers * 2 {
+                    let mut s =
+                        Sealer::with_prefix(5, &dk, [(i % sealers) as u8 + 1; 16], i as u64);
+                    let mut out = BytesMut::new();
+                    s.seal_into(Some(&subject), b"hello", &mut out).unwrap();
+                    envs.push(out.to_vec());
+                }
+                let mut opener = Opener::new();
+                let mut batch = new_batch(kind);
                 let mut out = BytesMut::new();
-                s.seal_into(Some(&subject), b"hello", &mut out).unwrap();
-                envs.push(out.to_vec());
+                for env in &envs {
+                    let h = Header::parse(env).unwrap();
+                    opener
+                        .open_deferred(&dk, &h, env, &subject, false, &mut out, &mut batch)
+                        .unwrap();
+                }
+                let mut failed = Vec::new();
+                batch.open_with(&mut out[..], &opener, |i| failed.push(i));
+                assert!(
+                    failed.is_empty(),
+                    "{kind:?}: {sealers} sealers, subject {slen}: {failed:?}"
+                );
+                assert_eq!(&out[..], &b"hello".repeat(envs.len())[..]);
             }
-            let mut opener = Opener::new();
-            let mut batch = Batch::default();
-            let mut out = BytesMut::new();
-            for env in &envs {
-                let h = Header::parse(env).unwrap();
-                opener
-                    .open_deferred(&dk, &h, env, &subject, false, &mut out, &mut batch)
-                    .unwrap();
-            }
-            let mut failed = Vec::new();
-            batch.open_with(&mut out[..], &opener, |i| failed.push(i));
-            assert!(
-                failed.is_empty(),
-                "{sealers} sealers, subject {slen}: {failed:?}"
-            );
-            assert_eq!(&out[..], &b"hello".repeat(envs.len())[..]);
         }
     }
 }
