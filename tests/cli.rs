@@ -213,6 +213,12 @@ fn bad_startup_settings_exit_with_code_2_and_one_sentence() {
             good(&["--upstream", "http://127.0.0.1:4222"]),
             "http://127.0.0.1:4222",
         ),
+        (
+            "bad upstream host",
+            good(&["--upstream", "nats://no host!:4222"]),
+            "neither an IP address nor a DNS name",
+        ),
+        ("unknown AEAD backend", good(&["--aead", "fast"]), "\"fast\""),
     ];
     for (what, args, mention) in cases {
         let mut p = spawn(Command::new(BIN).args(&args));
@@ -264,6 +270,33 @@ fn check_config_validates_and_exits_0_without_dialling() {
         stdout.contains("127.0.0.1:4999"),
         "the summary shows the listen address: {stdout:?}"
     );
+    assert!(
+        stdout.contains("aead audited: aws-lc-rs below 4 KiB, OpenSSL from 4 KiB"),
+        "the summary names the default AEAD backend: {stdout:?}"
+    );
+
+    // The opt-in, from the file: named as such, or as the fallback and why on a CPU without
+    // AVX-512F.
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.insert_str(0, "aead = \"batched\"\n");
+    std::fs::write(&config, text).unwrap();
+    let mut p = spawn(&mut cipherbus(&[
+        "run",
+        "--check-config",
+        "--config",
+        path_str(&config),
+        "--kek-file",
+        path_str(&kek),
+    ]));
+    let status = p.wait_exit(WAIT).expect("--check-config exits");
+    assert_eq!(status.code(), Some(0), "stderr: {}", p.stderr());
+    let stdout = p.stdout();
+    let want = if std::arch::is_x86_feature_detected!("avx512f") {
+        "aead batched (opt-in, hand-written): AVX-512 ChaCha20"
+    } else {
+        "aead audited (batched was asked for, but this CPU lacks AVX-512F"
+    };
+    assert!(stdout.contains(want), "{stdout:?}");
 }
 
 #[test]
