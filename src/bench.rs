@@ -38,12 +38,15 @@ const LATENCY_HEADROOM: f64 = 0.5;
 /// A run fails when the subscribers make no progress for this long.
 const STALL: Duration = Duration::from_secs(15);
 
-/// The three ways an agent can reach the server.
+/// The ways an agent can reach the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PathKind {
     Direct,
     Forwarder,
+    /// cipherbus with its default, audited AEAD backend.
     Cipherbus,
+    /// cipherbus with `--aead batched`, the opt-in hand-written AVX-512 backend.
+    CipherbusBatched,
 }
 
 impl PathKind {
@@ -52,6 +55,7 @@ impl PathKind {
             PathKind::Direct => "direct",
             PathKind::Forwarder => "forwarder",
             PathKind::Cipherbus => "cipherbus",
+            PathKind::CipherbusBatched => "cipherbus-batched",
         }
     }
 }
@@ -364,7 +368,10 @@ impl Bench {
                     let state = self.scratch.dir.join(format!("state-{n}"));
                     cmd.arg("--controller").arg("--state-dir").arg(&state);
                 }
-                "cipherbus"
+                if kind == PathKind::CipherbusBatched {
+                    cmd.args(["--aead", "batched"]);
+                }
+                kind.name()
             }
         };
         let log = self.scratch.dir.join(format!("{name}-{n}.log"));
@@ -902,12 +909,21 @@ fn ratios(results: &[(String, PathResult)]) -> Value {
     if let (Some(r), Some(c)) = (rate("cipherbus+rotation"), rate("cipherbus")) {
         v["rotating_over_cipherbus"] = json!(r / c);
     }
+    if let (Some(b), Some(f)) = (rate("cipherbus-batched"), rate("forwarder")) {
+        v["batched_over_forwarder"] = json!(b / f);
+    }
+    if let (Some(b), Some(c)) = (rate("cipherbus-batched"), rate("cipherbus")) {
+        v["batched_over_cipherbus"] = json!(b / c);
+    }
     let p99 = |n: &str| find(results, n).and_then(|r| r.latency).map(|l| l.p99);
     if let (Some(c), Some(d)) = (p99("cipherbus"), p99("direct")) {
         v["cipherbus_p99_added_us"] = json!(c - d);
     }
     if let (Some(f), Some(d)) = (p99("forwarder"), p99("direct")) {
         v["forwarder_p99_added_us"] = json!(f - d);
+    }
+    if let (Some(b), Some(d)) = (p99("cipherbus-batched"), p99("direct")) {
+        v["batched_p99_added_us"] = json!(b - d);
     }
     v
 }
@@ -922,6 +938,8 @@ fn ratio_lines(results: &[(String, PathResult)]) -> Vec<String> {
         ("cipherbus_over_direct", "cipherbus/direct"),
         ("forwarder_over_direct", "forwarder/direct"),
         ("rotating_over_cipherbus", "rotating/steady"),
+        ("batched_over_forwarder", "cipherbus-batched/forwarder"),
+        ("batched_over_cipherbus", "batched/audited"),
     ] {
         if let Some(x) = get(k) {
             parts.push(format!("{label} {x:.2}"));
@@ -934,7 +952,10 @@ fn ratio_lines(results: &[(String, PathResult)]) -> Vec<String> {
         let f = get("forwarder_p99_added_us")
             .map(|f| format!(" (forwarder {f:+.0}µs)"))
             .unwrap_or_default();
-        out.push(format!("p99 added over direct: cipherbus {x:+.0}µs{f}"));
+        let b = get("batched_p99_added_us")
+            .map(|b| format!(", cipherbus-batched {b:+.0}µs"))
+            .unwrap_or_default();
+        out.push(format!("p99 added over direct: cipherbus {x:+.0}µs{b}{f}"));
     }
     out
 }
