@@ -4,16 +4,15 @@
 //! IFMA the accumulator and key are in radix 2^26 (five 26-bit limbs, the
 //! poly1305-donna-32 schedule), multiplied with `vpmuludq`; with IFMA they are in radix
 //! 2^44 (limbs of 44, 44 and 42 bits), multiplied with `vpmadd52luq`/`vpmadd52huq`, nine
-//! products per block instead of twenty-five. [`poly1305_lanes`] picks one at run time.
-//! Lanes of different lengths run in lockstep; a lane that has run out of blocks is masked
+//! products per block instead of twenty-five. The batch in `envelope::multi` picks one per
+//! pass. Lanes of different lengths run in lockstep; a lane that has run out of blocks is masked
 //! so its accumulator stays as it is. The final reduction and the addition of `s` are
 //! scalar and constant time.
 //!
-//! The `unsafe` is the 16-byte loads of message blocks, the move of a finished accumulator
-//! vector into a `[u64; 8]` and the call of the IFMA kernel once IFMA was detected.
+//! The `unsafe` is the 16-byte loads of message blocks and the move of a finished accumulator
+//! vector into a `[u64; 8]`; callers detect IFMA before they call the IFMA kernel.
 
 #![cfg(target_arch = "x86_64")]
-// The batch sealer in `envelope::multi` is the caller; until it is wired in, only the tests are.
 
 use core::arch::x86_64::{
     __m128i, __m512i, __mmask8, _mm256_set_m128i, _mm512_add_epi64, _mm512_and_si512,
@@ -30,27 +29,53 @@ const MASK44: u64 = (1 << 44) - 1;
 const MASK42: u64 = (1 << 42) - 1;
 const CLAMP: u128 = 0x0fff_fffc_0fff_fffc_0fff_fffc_0fff_ffff;
 
+/// `below!(bound, what, v, ..)`: in debug builds, panics unless every lane of every vector
+/// `v` is below `bound`. In release builds it is nothing, not even the evaluation of `v`.
+macro_rules! below {
+    ($bound:expr, $what:expr, $($v:expr),+ $(,)?) => {
+        #[cfg(debug_assertions)]
+        check_below(&[$($v),+], $bound, $what);
+    };
+}
+
+/// The check behind [`below!`]. It looks at all eight lanes, not only the active ones: a
+/// masked lane computes on its own kept accumulator, which meets the entry bounds, and on a
+/// copy of an active lane's block, so its values obey the same bounds; lanes past `n` have
+/// r = 0 and h = 0.
+#[cfg(debug_assertions)]
+#[target_feature(enable = "avx512f")]
+fn check_below(vs: &[__m512i], bound: u64, what: &str) {
+    for &v in vs {
+        for (lane, x) in to_lanes(v).into_iter().enumerate() {
+            debug_assert!(x < bound, "{what}: lane {lane} not below {bound:#x}");
+        }
+    }
+}
+
+/// Whether limbs of `radix` bits, the last one at weight 2^(radix * (len - 1)), hold a value
+/// below p = 2^130 - 5. Limbs may exceed `radix` bits a little. Only `debug_assert!`s call it.
+fn is_reduced(limbs: &[u64], radix: u32) -> bool {
+    let Some((&top, rest)) = limbs.split_last() else {
+        return true;
+    };
+    let at = radix * rest.len() as u32;
+    let low = rest
+        .iter()
+        .rev()
+        .fold(0u128, |acc, &limb| (acc << radix) + u128::from(limb));
+    let top = u128::from(top) + (low >> at);
+    let low = low & ((1 << at) - 1);
+    // p = (2^(130 - at) - 1) * 2^at + (2^at - 5).
+    let p_top = (1 << (130 - at)) - 1;
+    top < p_top || (top == p_top && low < (1 << at) - 5)
+}
+
 /// One message's Poly1305 input: up to three runs of whole 16-byte blocks, processed in
 /// order parts[0], parts[1], parts[2]. Every part's length is a multiple of 16 (the caller
 /// pads), so every block is a full block and gets the 2^128 bit. Empty parts are allowed.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct PolyInput<'a> {
     pub(crate) parts: [&'a [u8]; 3],
-}
-
-/// Poly1305 of up to eight messages with the fastest kernel this CPU has.
-/// Same contract as [`poly1305_x8`].
-// The batch sealer in `envelope::multi` still calls `poly1305_x8` directly; it switches to
-// this in its own change.
-#[target_feature(enable = "avx512f")]
-pub(crate) fn poly1305_lanes(keys: &[[u8; 32]], inputs: &[PolyInput<'_>], tags: &mut [[u8; 16]]) {
-    if std::arch::is_x86_feature_detected!("avx512ifma") {
-        // Safety: AVX-512 IFMA was just detected and AVX-512F is enabled for this function,
-        // so every feature the kernel is compiled for is present.
-        unsafe { poly1305_x8_ifma(keys, inputs, tags) }
-    } else {
-        poly1305_x8(keys, inputs, tags)
-    }
 }
 
 /// Poly1305 tags of up to eight messages at once: tags[i] = Poly1305(keys[i], inputs[i]),
@@ -69,7 +94,8 @@ pub(crate) fn poly1305_x8(keys: &[[u8; 32]], inputs: &[PolyInput<'_>], tags: &mu
     }
 
     // Per-lane clamped r as five limbs (limb-major, for the vector loads) and s.
-    // Lanes n..8 keep r = 0; they are never active anyway.
+    // Lanes n..8 keep r = 0; they are never active anyway. The clamp clears bits 124..127,
+    // so r4 (bits 104..129) < 2^20; r0..r3 < 2^26.
     let mut r_limbs = [[0u64; LANES]; 5];
     let mut pads = [0u128; LANES];
     for (lane, key) in keys.iter().take(n).enumerate() {
@@ -82,8 +108,13 @@ pub(crate) fn poly1305_x8(keys: &[[u8; 32]], inputs: &[PolyInput<'_>], tags: &mu
     }
     let mut r = r_limbs.map(|l| from_lanes(&l));
     r_limbs.zeroize();
-    // 5 * r1 .. 5 * r4: a limb product at weight 2^130 folds back as 5 times itself.
+    // 5 * r1 .. 5 * r4: a limb product at weight 2^130 folds back as 5 times itself
+    // (2^130 = 5 mod p). 5 r1..5 r3 < 5 * 2^26 < 2^28.33, 5 r4 < 5 * 2^20 < 2^22.33.
     let mut s5 = [r[1], r[2], r[3], r[4]].map(|v| _mm512_add_epi64(_mm512_slli_epi64::<2>(v), v));
+    below!(1 << 26, "r0..r3", r[0], r[1], r[2], r[3]);
+    below!(1 << 20, "r4", r[4]);
+    below!(5 << 26, "5 r1..5 r3", s5[0], s5[1], s5[2]);
+    below!(5 << 20, "5 r4", s5[3]);
 
     let mut h = [_mm512_setzero_si512(); 5];
     let mut feed = Feed::new(inputs, n);
@@ -116,8 +147,10 @@ pub(crate) fn poly1305_x8(keys: &[[u8; 32]], inputs: &[PolyInput<'_>], tags: &mu
 /// h = (h + m) * r mod 2^130 - 5 for the lanes in `active`, h unchanged in the others.
 /// `lo`/`hi` are the two little-endian halves of each lane's 16-byte block.
 ///
-/// Limb bounds: h enters with limbs < 2^26 + 2^10, adding a block keeps them < 2^27,
-/// so every product is < 2^27 * 5 * 2^26 < 2^56 and a sum of five < 2^59.
+/// Limb bounds (docs/ENVELOPE.md has the argument; `below!` checks them in debug builds).
+/// On entry and exit h0, h2, h3, h4 < 2^26 and h1 < 2^26 + 2^6; r0..r3 < 2^26, r4 < 2^20.
+/// `vpmuludq` reads only the low 32 bits of each operand: every operand is < 2^28.33.
+/// Every product is < 2^27 * 5 * 2^26 < 2^55.33, every sum < 2^57, far from 2^64.
 #[target_feature(enable = "avx512f")]
 #[inline]
 fn absorb(
@@ -129,22 +162,38 @@ fn absorb(
     active: __mmask8,
 ) {
     let mask = _mm512_set1_epi64(MASK26 as i64);
+    // 2^128 is bit 24 of limb 4: 128 = 4 * 26 + 24.
     let hibit = _mm512_set1_epi64(1 << 24);
     let mul = _mm512_mul_epu32;
     let add = _mm512_add_epi64;
 
-    let h0 = add(h[0], _mm512_and_si512(lo, mask));
-    let h1 = add(h[1], _mm512_and_si512(_mm512_srli_epi64::<26>(lo), mask));
-    let h2 = add(
-        h[2],
-        _mm512_and_si512(
-            _mm512_or_si512(_mm512_srli_epi64::<52>(lo), _mm512_slli_epi64::<12>(hi)),
-            mask,
-        ),
+    // m0..m3 < 2^26; m4 < 2^25: 24 bits of the block and the 2^128 bit.
+    let m0 = _mm512_and_si512(lo, mask);
+    let m1 = _mm512_and_si512(_mm512_srli_epi64::<26>(lo), mask);
+    let m2 = _mm512_and_si512(
+        _mm512_or_si512(_mm512_srli_epi64::<52>(lo), _mm512_slli_epi64::<12>(hi)),
+        mask,
     );
-    let h3 = add(h[3], _mm512_and_si512(_mm512_srli_epi64::<14>(hi), mask));
-    let h4 = add(h[4], _mm512_or_si512(_mm512_srli_epi64::<40>(hi), hibit));
+    let m3 = _mm512_and_si512(_mm512_srli_epi64::<14>(hi), mask);
+    let m4 = _mm512_or_si512(_mm512_srli_epi64::<40>(hi), hibit);
+    below!(1 << 26, "absorb: m0..m3", m0, m1, m2, m3);
+    below!(1 << 25, "absorb: m4", m4);
 
+    // h0, h2, h3 < 2^27, h1 < 2^27 + 2^6, h4 < 2^26 + 2^25 < 2^26.59: all below 2^32, so
+    // vpmuludq sees them whole.
+    let h0 = add(h[0], m0);
+    let h1 = add(h[1], m1);
+    let h2 = add(h[2], m2);
+    let h3 = add(h[3], m3);
+    let h4 = add(h[4], m4);
+    below!(1 << 27, "absorb: h0, h2, h3 + m", h0, h2, h3);
+    below!((1 << 27) + (1 << 6), "absorb: h1 + m1", h1);
+    below!((1 << 26) + (1 << 25), "absorb: h4 + m4", h4);
+
+    // Products: h_i r_j < 2^53 (h1's < 2^53 + 2^32), h_i 5 r_j < 2^27 * 5 * 2^26 < 2^55.33
+    // (h4's < 2^54.91), h0 r4 < 2^47, h_i 5 r4 < 2^49.33. Sums of five: d0 < 2^56.9,
+    // d1 < 2^56.44 < 3 * 2^55, d2 < 2^55.78, d3 < 2^55 + 2^32 + 2^48.91 < 2^55 + 2^49,
+    // d4 < 2^54.92.
     let [r0, r1, r2, r3, r4] = *r;
     let [s1, s2, s3, s4] = *s5;
     let d0 = add(
@@ -167,8 +216,14 @@ fn absorb(
         add(add(mul(h0, r4), mul(h1, r3)), add(mul(h2, r2), mul(h3, r1))),
         mul(h4, r0),
     );
+    below!(1 << 57, "absorb: d0", d0);
+    below!(3 << 55, "absorb: d1", d1);
+    below!(1 << 56, "absorb: d2", d2);
+    below!((1 << 55) + (1 << 49), "absorb: d3", d3);
+    below!(1 << 55, "absorb: d4", d4);
 
-    // Partial carry: limbs back under 2^26, except h1 which may get up to 2^10 more.
+    // Partial carry: h0..h3 < 2^26. The carries in are < 2^30.9, 2^30.45, 2^29.78 and
+    // 2^29.03, too small to move d1..d4 past the bounds above.
     let d1 = add(d1, _mm512_srli_epi64::<26>(d0));
     let h0 = _mm512_and_si512(d0, mask);
     let d2 = add(d2, _mm512_srli_epi64::<26>(d1));
@@ -177,10 +232,18 @@ fn absorb(
     let h2 = _mm512_and_si512(d2, mask);
     let d4 = add(d4, _mm512_srli_epi64::<26>(d3));
     let h3 = _mm512_and_si512(d3, mask);
-    // The carry out of d4 can exceed 32 bits, so 5 * c is a shift and an add, not vpmuludq.
+    below!(3 << 55, "absorb: d1 + carry", d1);
+    below!(1 << 56, "absorb: d2 + carry", d2);
+    below!((1 << 55) + (1 << 49), "absorb: d3 + carry", d3);
+    below!(1 << 55, "absorb: d4 + carry", d4);
+    // c, the part of h at 2^130 and above, is < 2^28.92. It would fit vpmuludq, but 5 * c
+    // as a shift and an add is the shorter dependency chain.
     let c = _mm512_srli_epi64::<26>(d4);
     let h4 = _mm512_and_si512(d4, mask);
+    below!(1 << 29, "absorb: c", c);
+    // h0 + 5 c < 2^26 + 5 * 2^29 < 2^31.36, so it carries at most 40 into h1.
     let h0 = add(h0, add(_mm512_slli_epi64::<2>(c), c));
+    below!((1 << 26) + (5 << 29), "absorb: h0 + 5 c", h0);
     let h1 = add(h1, _mm512_srli_epi64::<26>(h0));
     let h0 = _mm512_and_si512(h0, mask);
 
@@ -189,11 +252,27 @@ fn absorb(
     h[2] = _mm512_mask_mov_epi64(h[2], active, h2);
     h[3] = _mm512_mask_mov_epi64(h[3], active, h3);
     h[4] = _mm512_mask_mov_epi64(h[4], active, h4);
+    // The exit bounds, in every lane: masked lanes kept an accumulator that met them.
+    below!(
+        1 << 26,
+        "absorb: exit h0, h2, h3, h4",
+        h[0],
+        h[2],
+        h[3],
+        h[4]
+    );
+    below!((1 << 26) + (1 << 6), "absorb: exit h1", h[1]);
 }
 
 /// The tag from one lane's accumulator limbs: full carry, reduce mod 2^130 - 5 in
 /// constant time, add s mod 2^128. Leaves its working values in `h` for the caller to wipe.
+/// On entry h0, h2, h3, h4 < 2^26 and h1 < 2^26 + 2^6, as `absorb` leaves them.
 fn finish(h: &mut [u64; 5], s: u128) -> [u8; 16] {
+    debug_assert!(
+        h[1] < (1 << 26) + (1 << 6) && [h[0], h[2], h[3], h[4]].iter().all(|&l| l < 1 << 26),
+        "finish: entry"
+    );
+    // Each carry is 0 or 1, so each limb is at most 2^26 before its mask.
     let mut c = h[1] >> 26;
     h[1] &= MASK26;
     for limb in &mut h[2..] {
@@ -201,11 +280,19 @@ fn finish(h: &mut [u64; 5], s: u128) -> [u8; 16] {
         c = *limb >> 26;
         *limb &= MASK26;
     }
+    // The top carry is 1 only if h4 was exactly 2^26, so h4 is now 0.
+    debug_assert!(c == 0 || (c == 1 && h[4] == 0), "finish: top carry");
+    // h0 < 2^26 + 5; it carries 1 into h1 only after a top carry, so h1 <= 2^26.
     h[0] += c * 5;
     c = h[0] >> 26;
     h[0] &= MASK26;
     h[1] += c;
-    // h < 2^130 < 2 p now, so one conditional subtraction of p reduces it:
+    debug_assert!(
+        h[1] <= 1 << 26 && [h[0], h[2], h[3], h[4]].iter().all(|&l| l < 1 << 26),
+        "finish: carried"
+    );
+    // h < 2^130: without a top carry every limb is below 2^26, with one h4 = 0. As
+    // 2^130 < 2 p, one conditional subtraction of p reduces it:
     // g = h + 5 - 2^130, kept iff it is not negative.
     let mut g = [0u64; 5];
     c = 5;
@@ -214,13 +301,17 @@ fn finish(h: &mut [u64; 5], s: u128) -> [u8; 16] {
         c = *g >> 26;
         *g &= MASK26;
     }
+    // h4 + c <= 2^26; g4 wraps, setting bit 63, iff h < p.
     g[4] = (h[4] + c).wrapping_sub(1 << 26);
     let keep_g = (g[4] >> 63).wrapping_sub(1);
     for (h, g) in h.iter_mut().zip(&g) {
         *h = (*h & !keep_g) | (g & keep_g);
     }
     g.zeroize();
-    // Added, not or-ed: h1 may still be exactly 2^26 when h was kept. Mod 2^128 from here.
+    // Kept h < p, or g = h - p <= 4: either way the canonical value mod p.
+    debug_assert!(is_reduced(h, 26), "finish: not below p");
+    // Added, not or-ed: h1 may still be exactly 2^26 when h was kept. Mod 2^128 from here:
+    // bits 128 and 129 of h and the carry out of the addition of s drop off (RFC 8439).
     let mut acc = h.iter().rev().fold(0u128, |acc, &limb| {
         (acc << 26).wrapping_add(u128::from(limb))
     });
@@ -237,7 +328,8 @@ pub(crate) fn poly1305_x8_ifma(keys: &[[u8; 32]], inputs: &[PolyInput<'_>], tags
         return;
     }
 
-    // Clamped r as limbs of 44, 44 and 36 bits (the clamp clears bits 124..127), and s.
+    // Clamped r as limbs of 44, 44 and 36 bits (the clamp clears bits 124..127), and s:
+    // r0, r1 < 2^44, r2 < 2^36.
     let mut r_limbs = [[0u64; LANES]; 3];
     let mut pads = [0u128; LANES];
     for (lane, key) in keys.iter().take(n).enumerate() {
@@ -250,10 +342,14 @@ pub(crate) fn poly1305_x8_ifma(keys: &[[u8; 32]], inputs: &[PolyInput<'_>], tags
     }
     let mut r = r_limbs.map(|l| from_lanes(&l));
     r_limbs.zeroize();
-    // 20 * r1 < 2^49, 20 * r2 < 2^41: a limb product at weight 2^132 = 4 * 2^130 folds
-    // back as 20 times itself.
+    // 20 * r1 < 2^48.33, 20 * r2 < 2^40.33: a limb product at weight 2^132 = 4 * 2^130
+    // folds back as 20 times itself (2^130 = 5 mod p).
     let mut s20 = [r[1], r[2]]
         .map(|v| _mm512_add_epi64(_mm512_slli_epi64::<4>(v), _mm512_slli_epi64::<2>(v)));
+    below!(1 << 44, "r0, r1", r[0], r[1]);
+    below!(1 << 36, "r2", r[2]);
+    below!(20 << 44, "20 r1", s20[0]);
+    below!(20 << 36, "20 r2", s20[1]);
 
     let mut h = [_mm512_setzero_si512(); 3];
     let mut feed = Feed::new(inputs, n);
@@ -281,14 +377,11 @@ pub(crate) fn poly1305_x8_ifma(keys: &[[u8; 32]], inputs: &[PolyInput<'_>], tags
 /// `lo`/`hi` are the two little-endian halves of each lane's 16-byte block.
 ///
 /// IFMA multiplies only the low 52 bits of its operands, so every operand must be below
-/// 2^52. Invariant on entry and exit: h0 < 2^51, h1 < 2^44, h2 < 2^42 (h0 is not carried
-/// after the fold of the top; the bounds below show that is safe). With r0, r1 < 2^44,
-/// r2 < 2^36, s1 = 20 r1 < 2^48.4, s2 = 20 r2 < 2^40.4:
-/// - after adding m: h0 < 2^51.01, h1 < 2^45, h2 < 2^42 + 2^41 < 2^43, all < 2^52;
-/// - each 104-bit product splits into lo < 2^52 and hi; a sum of three lo < 2^53.6;
-/// - d0hi < 2^43.01 + 2^33.4 + 2^39.4 < 2^43.2, d1hi < 2^43.1, d2hi < 2^37.6;
-/// - carries: c0 < 2^51.3, c1 < 2^51.1, c2 = d2 >> 42 + d2hi << 10 < 2^47.7, and
-///   h0 = (d0 mod 2^44) + 5 c2 < 2^44 + 2^50.03 < 2^51. No 64-bit sum comes near 2^64.
+/// 2^52. Limb bounds (docs/ENVELOPE.md has the argument; `below!` checks them in debug
+/// builds): on entry and exit h0 < 2^50, h1 < 2^44, h2 < 2^42 (h0 is not carried after
+/// the fold of the top); r0, r1 < 2^44, r2 < 2^36, s1 = 20 r1 < 2^48.33,
+/// s2 = 20 r2 < 2^40.33. The largest operand is h0 + m0 < 2^50.03, the largest sum
+/// < 2^53.72.
 #[target_feature(enable = "avx512f,avx512ifma")]
 #[inline]
 fn absorb44(
@@ -301,6 +394,7 @@ fn absorb44(
 ) {
     let mask44 = _mm512_set1_epi64(MASK44 as i64);
     let mask42 = _mm512_set1_epi64(MASK42 as i64);
+    // 2^128 is bit 40 of limb 2: 128 = 2 * 44 + 40.
     let hibit = _mm512_set1_epi64(1 << 40);
     let add = _mm512_add_epi64;
     let mlo = _mm512_madd52lo_epu64;
@@ -308,18 +402,33 @@ fn absorb44(
     let zero = _mm512_setzero_si512();
 
     // m = lo[0..44] + (lo[44..64] | hi[0..24]) << 44 + (hi[24..64] | 2^40) << 88.
-    let h0 = add(h[0], _mm512_and_si512(lo, mask44));
+    // m0, m1 < 2^44; m2 < 2^41: 40 bits of the block and the 2^128 bit.
+    let m0 = _mm512_and_si512(lo, mask44);
     // (a | b) & c
     let m1 = _mm512_ternarylogic_epi64::<0xa8>(
         _mm512_srli_epi64::<44>(lo),
         _mm512_slli_epi64::<20>(hi),
         mask44,
     );
+    let m2 = _mm512_or_si512(_mm512_srli_epi64::<24>(hi), hibit);
+    below!(1 << 44, "absorb44: m0, m1", m0, m1);
+    below!(1 << 41, "absorb44: m2", m2);
+
+    // h0 < 2^50 + 2^44, h1 < 2^45, h2 < 2^42 + 2^41: all below 2^52, whole IFMA operands.
+    let h0 = add(h[0], m0);
     let h1 = add(h[1], m1);
-    let h2 = add(h[2], _mm512_or_si512(_mm512_srli_epi64::<24>(hi), hibit));
+    let h2 = add(h[2], m2);
+    below!((1 << 50) + (1 << 44), "absorb44: h0 + m0", h0);
+    below!(1 << 45, "absorb44: h1 + m1", h1);
+    below!((1 << 42) + (1 << 41), "absorb44: h2 + m2", h2);
 
     // d_k collects the low halves at weight 2^(44 k), t_k the high halves at 2^(44 k + 52).
     // h0 goes last in each chain: it is the last limb ready from the previous block.
+    // Products: h0 r0, h0 r1 < 2^94.03, h0 r2 < 2^86.03, h1 r0, h1 r1 < 2^89,
+    // h1 s2 < 2^85.33, h2 s1 < 2^90.91, h2 r0 < 2^86.59, h2 s2 < 2^82.91. Each low half is
+    // < 2^52, so d_k < 3 * 2^52; t0 < 2^42.03 + 2^38.91 + 2^33.33 < 2^42.19 < 5 * 2^40,
+    // t1 < 2^42.03 + 2^37 + 2^30.91 < 2^42.07, t2 < 2^37 + 2^34.59 + 2^34.03 < 2^37.4
+    // < 3 * 2^36.
     let [r0, r1, r2] = *r;
     let [s1, s2] = *s20;
     let d0 = mlo(mlo(mlo(zero, h1, s2), h2, s1), h0, r0);
@@ -328,32 +437,53 @@ fn absorb44(
     let t1 = mhi(mhi(mhi(zero, h1, r0), h2, s2), h0, r1);
     let d2 = mlo(mlo(mlo(zero, h1, r1), h2, r0), h0, r2);
     let t2 = mhi(mhi(mhi(zero, h1, r1), h2, r0), h0, r2);
+    below!(3 << 52, "absorb44: d0..d2", d0, d1, d2);
+    below!(5 << 40, "absorb44: t0, t1", t0, t1);
+    below!(3 << 36, "absorb44: t2", t2);
 
     // A high half at 2^(44 k + 52) is 2^8 into limb k + 1; limb 2 is 42 bits wide, so its
     // high half is 2^10 above 2^130 and folds back times 5, as does d2 >> 42.
+    // d1 + (t0 << 8) + (d0 >> 44) < 3 * 2^52 + 2^50.19 + 2^9.59 < 2^53.72 < 7 * 2^51;
+    // h0 < 2^44.
     let d1 = add(
         d1,
         add(_mm512_slli_epi64::<8>(t0), _mm512_srli_epi64::<44>(d0)),
     );
     let h0 = _mm512_and_si512(d0, mask44);
+    // d2 + (t1 << 8) + (d1 >> 44) < 3 * 2^52 + 2^50.07 + 2^9.72 < 2^53.71; h1 < 2^44.
     let d2 = add(
         d2,
         add(_mm512_slli_epi64::<8>(t1), _mm512_srli_epi64::<44>(d1)),
     );
     let h1 = _mm512_and_si512(d1, mask44);
+    below!(7 << 51, "absorb44: d1, d2 + carries", d1, d2);
+    // c, the part of h at 2^130 and above: (t2 << 10) + (d2 >> 42) < 2^47.4 < 3 * 2^46;
+    // h2 < 2^42.
     let c = add(_mm512_slli_epi64::<10>(t2), _mm512_srli_epi64::<42>(d2));
     let h2 = _mm512_and_si512(d2, mask42);
+    below!(3 << 46, "absorb44: c", c);
+    // h0 + 5 c < 2^44 + 2^49.72 < 2^49.75 (with c < 3 * 2^46 alone, < 2^44 + 15 * 2^46):
+    // below 2^50 without a carry.
     let h0 = add(h0, add(_mm512_slli_epi64::<2>(c), c));
 
     h[0] = _mm512_mask_mov_epi64(h[0], active, h0);
     h[1] = _mm512_mask_mov_epi64(h[1], active, h1);
     h[2] = _mm512_mask_mov_epi64(h[2], active, h2);
+    // The exit bounds, in every lane: masked lanes kept an accumulator that met them.
+    below!(1 << 50, "absorb44: exit h0", h[0]);
+    below!(1 << 44, "absorb44: exit h1", h[1]);
+    below!(1 << 42, "absorb44: exit h2", h[2]);
 }
 
-/// The tag from one lane's radix-2^44 limbs (h0 < 2^51, h1 < 2^44, h2 < 2^42): full carry,
-/// reduce mod 2^130 - 5 in constant time, add s mod 2^128. Leaves its working values in `h`
-/// for the caller to wipe.
+/// The tag from one lane's radix-2^44 limbs (h0 < 2^50, h1 < 2^44, h2 < 2^42, as
+/// `absorb44` leaves them): full carry, reduce mod 2^130 - 5 in constant time, add s mod
+/// 2^128. Leaves its working values in `h` for the caller to wipe.
 fn finish44(h: &mut [u64; 3], s: u128) -> [u8; 16] {
+    debug_assert!(
+        h[0] < 1 << 50 && h[1] < 1 << 44 && h[2] < 1 << 42,
+        "finish44: entry"
+    );
+    // h0 >> 44 < 2^6, so h1 < 2^44 + 2^6 and its carry is 0 or 1; h2 <= 2^42.
     let mut c = h[0] >> 44;
     h[0] &= MASK44;
     h[1] += c;
@@ -362,12 +492,20 @@ fn finish44(h: &mut [u64; 3], s: u128) -> [u8; 16] {
     h[2] += c;
     c = h[2] >> 42;
     h[2] &= MASK42;
+    // The top carry is 1 only if h2 was exactly 2^42, so h2 is now 0.
+    debug_assert!(c == 0 || (c == 1 && h[2] == 0), "finish44: top carry");
+    // h0 < 2^44 + 5; it carries 1 into h1 only after a top carry, so h1 <= 2^44.
     h[0] += c * 5;
     c = h[0] >> 44;
     h[0] &= MASK44;
     h[1] += c;
-    // h1 <= 2^44 and h < 2^130 + 2^44 < 2 p now, so one conditional subtraction of p
-    // reduces it: g = h + 5 - 2^130, kept iff it is not negative.
+    debug_assert!(
+        h[0] < 1 << 44 && h[1] <= 1 << 44 && h[2] < 1 << 42,
+        "finish44: carried"
+    );
+    // h < 2^130: without a top carry every limb is below its width, with one h2 = 0. As
+    // 2^130 < 2 p, one conditional subtraction of p reduces it:
+    // g = h + 5 - 2^130, kept iff it is not negative.
     let mut g = [0u64; 3];
     g[0] = h[0] + 5;
     c = g[0] >> 44;
@@ -375,13 +513,18 @@ fn finish44(h: &mut [u64; 3], s: u128) -> [u8; 16] {
     g[1] = h[1] + c;
     c = g[1] >> 44;
     g[1] &= MASK44;
+    // h2 + c <= 2^42; g2 wraps, setting bit 63, iff h < p.
     g[2] = (h[2] + c).wrapping_sub(1 << 42);
     let keep_g = (g[2] >> 63).wrapping_sub(1);
     for (h, g) in h.iter_mut().zip(&g) {
         *h = (*h & !keep_g) | (g & keep_g);
     }
     g.zeroize();
-    // Added, not or-ed: h1 may be exactly 2^44 when h was kept. Mod 2^128 from here.
+    // Kept h < p, or g = h - p <= 4: either way the canonical value mod p.
+    debug_assert!(is_reduced(h, 44), "finish44: not below p");
+    // Added, not or-ed: h1 may be exactly 2^44 when h was kept. Mod 2^128 from here:
+    // bits 128 and 129 of h (the shift drops them) and the carry out of the addition of s
+    // drop off (RFC 8439).
     let mut acc = u128::from(h[0])
         .wrapping_add(u128::from(h[1]) << 44)
         .wrapping_add(u128::from(h[2]) << 88);
@@ -503,7 +646,7 @@ fn to_lanes(v: __m512i) -> [u64; LANES] {
 
 #[cfg(test)]
 mod tests {
-    use super::{poly1305_lanes, poly1305_x8, poly1305_x8_ifma, PolyInput};
+    use super::{poly1305_x8, poly1305_x8_ifma, PolyInput};
     use poly1305::universal_hash::KeyInit;
     use poly1305::Poly1305;
     use std::arch::is_x86_feature_detected;
@@ -551,10 +694,6 @@ mod tests {
             all.push(Kernel {
                 name: "poly1305_x8",
                 f: poly1305_x8,
-            });
-            all.push(Kernel {
-                name: "poly1305_lanes",
-                f: poly1305_lanes,
             });
         }
         all.extend(ifma());
@@ -938,14 +1077,41 @@ mod tests {
         }
     }
 
+    /// All-ones keys (the largest r the clamp leaves, and s all ones) and all-ones blocks
+    /// (the largest m in every block) over up to 4096 blocks, in both kernels: the limbs,
+    /// products and sums come close to the bounds that `below!` and the `debug_assert!`s of
+    /// `finish`/`finish44` check in debug builds. The first block differs in each lane, so
+    /// the eight accumulators take different paths; the lengths differ, so lanes drop out
+    /// and are masked while the others go on.
+    #[test]
+    fn limbs_at_their_bounds() {
+        let keys = [[0xffu8; 32]; 8];
+        let lens = [4096usize, 4096, 4095, 4000, 2048, 1000, 17, 1];
+        let msgs: Vec<Vec<u8>> = lens
+            .iter()
+            .enumerate()
+            .map(|(lane, &blocks)| {
+                let mut m = vec![0xffu8; blocks * 16];
+                m[0] -= lane as u8;
+                m
+            })
+            .collect();
+        let inputs: Vec<_> = msgs
+            .iter()
+            .map(|m| PolyInput {
+                parts: [&m[..16], &m[16..], &[]],
+            })
+            .collect();
+        for k in kernels() {
+            check_all(k, &keys, &msgs, &inputs);
+        }
+    }
+
     /// Rough throughput: `cargo test --release --lib envelope::multi::poly -- --ignored --nocapture`.
     #[test]
     #[ignore]
     fn timing() {
-        let kernels: Vec<Kernel> = kernels()
-            .into_iter()
-            .filter(|k| k.name != "poly1305_lanes")
-            .collect();
+        let kernels = kernels();
         if kernels.is_empty() {
             return;
         }
