@@ -118,6 +118,7 @@ fn render(c: &Config, rules: &[RuleConfig]) -> String {
         "upstream_connect_timeout = {}",
         dur(c.upstream_connect_timeout)
     ));
+    line(format!("aead = {}", q(c.aead.name())));
 
     line("[upstream]".into());
     let servers: Vec<String> = c

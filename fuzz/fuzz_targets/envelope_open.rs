@@ -9,16 +9,21 @@
 //!   if the bytes are exactly what the sealer would have produced for that header.
 //!
 //! On every failure, the output buffer is left exactly as it was. Every open and every seal is
-//! also done the batched way (`open_deferred`/`seal_deferred` then one `Batch` pass, as the
-//! sessions do), which must give the same result byte for byte.
+//! also done the deferred way (`open_deferred`/`seal_deferred` then one `Batch` pass, as the
+//! sessions do), which must give the same result byte for byte. The other seven bits of the
+//! first byte pick the [`Way`] that batch runs: the batched backend choosing its path (for one
+//! or two messages, one by one under the keys the sealer or opener holds), the audited default
+//! (nothing deferred), or one batched path pinned (IFMA, radix 2^26, aws-lc under the batch's
+//! own keys, aws-lc under held keys). A deferred open shares its pass with a genuine envelope
+//! queued before it, which must open whatever happens to the fuzzed one.
 
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
 use bytes::BytesMut;
 use cipherbus::envelope::{
-    derive_epoch1, is_envelope, Batch, DataKey, EnvelopeError, Header, Opener, RootKey, Sealer,
-    HEADER_LEN, MAGIC,
+    derive_epoch1, is_envelope, AeadBackend, Batch, BatchPath, DataKey, EnvelopeError, Header,
+    Opener, RootKey, Sealer, BATCH_BELOW, HEADER_LEN, MAGIC, OVERHEAD,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -30,6 +35,69 @@ const VECTOR_KEK: [u8; 32] = [
 
 /// Bytes already in the output buffer, which a failed open must not touch.
 const SENTINEL: &[u8] = b"kept";
+
+/// The plaintext of the genuine envelope queued before the fuzzed one. Not a multiple of 16
+/// bytes, so its Poly1305 lane ends in a partial block.
+const COMPANION: &[u8] = b"the message before it in the same read";
+
+/// One way to finish the envelopes of a read.
+#[derive(Debug, Clone, Copy)]
+enum Way {
+    /// `Batch::default()`: the audited backend, which defers nothing.
+    Audited,
+    /// The batched backend choosing its path for each pass, as a session does.
+    Batched,
+    /// The batched backend on one path.
+    Pinned(BatchPath),
+}
+
+impl Way {
+    /// The way `n` names. One way per input rather than all six: running every way on every
+    /// input made the target about eight times slower. A path this CPU lacks runs as the
+    /// batched backend would here, so an input names the same way on every machine.
+    fn pick(n: u8) -> Way {
+        const WAYS: [Way; 6] = [
+            Way::Batched,
+            Way::Audited,
+            Way::Pinned(BatchPath::Ifma),
+            Way::Pinned(BatchPath::Radix26),
+            Way::Pinned(BatchPath::Scalar),
+            Way::Pinned(BatchPath::Held),
+        ];
+        match WAYS[usize::from(n) % WAYS.len()] {
+            Way::Pinned(p) if !p.available() => Way::Batched,
+            way => way,
+        }
+    }
+
+    fn batch(self) -> Batch {
+        match self {
+            Way::Audited => Batch::default(),
+            Way::Batched => Batch::new(AeadBackend::Batched),
+            Way::Pinned(p) => Batch::pinned(p).expect("only available paths are picked"),
+        }
+    }
+}
+
+/// A genuine envelope for the same key, epoch and nonce prefix as `header`, bound to
+/// `subject`: it shares the opener's cached subkey with the envelope under test, so the
+/// batched backend still takes the held-keys path for the pair.
+fn companion(key: &DataKey, header: &Header, subject: &[u8]) -> (Header, Vec<u8>) {
+    // Another counter than the header's; `u64::MAX` is never a sealer's counter.
+    let counter = match header.counter() {
+        0 => 1,
+        c => c - 1,
+    };
+    let mut out = BytesMut::new();
+    Sealer::with_prefix(header.epoch, key, header.nonce_prefix(), counter)
+        .seal_into(Some(subject), COMPANION, &mut out)
+        .expect("sealing a short message cannot fail");
+    let envelope = out.to_vec();
+    (
+        Header::parse(&envelope).expect("a sealed header parses"),
+        envelope,
+    )
+}
 
 #[derive(Debug, Arbitrary)]
 enum Mutation {
@@ -82,6 +150,7 @@ fn other_key() -> DataKey {
 /// Parses the header and opens into a buffer that already holds [`SENTINEL`].
 fn open(
     opener: &mut Opener,
+    way: Way,
     key: &DataKey,
     envelope: &[u8],
     subject: &[u8],
@@ -90,11 +159,15 @@ fn open(
     let header = Header::parse(envelope)?;
     let mut out = BytesMut::from(SENTINEL);
     let result = opener.open_into(key, &header, envelope, subject, allow_unbound, &mut out);
-    let batched = open_batched(opener, key, &header, envelope, subject, allow_unbound);
+    let batched = open_batched(opener, way, key, &header, envelope, subject, allow_unbound);
     match (&result, &batched) {
-        (Ok(()), Ok(pt)) => assert_eq!(&out[SENTINEL.len()..], &pt[..], "batched open differs"),
-        (Err(a), Err(b)) => assert_eq!(a, b, "batched open failed differently"),
-        _ => panic!("batched open disagrees: {result:?} vs {batched:?}"),
+        (Ok(()), Ok(pt)) => assert_eq!(
+            &out[SENTINEL.len()..],
+            &pt[..],
+            "{way:?}: batched open differs"
+        ),
+        (Err(a), Err(b)) => assert_eq!(a, b, "{way:?}: batched open failed differently"),
+        _ => panic!("{way:?}: batched open disagrees: {result:?} vs {batched:?}"),
     }
     match result {
         Ok(()) => {
@@ -112,19 +185,28 @@ fn open(
     }
 }
 
-/// The same open as the sessions do it: queued behind another message, then one batch pass.
-/// A failed tag is reported by the pass, and the queued bytes are zeroed.
+/// The same open as the sessions do it, `way`: queued behind bytes already in the buffer and
+/// behind a genuine envelope, then one pass with the opener's keys. A failed tag is reported
+/// by the pass for that message alone, and its queued bytes are zeroed.
 fn open_batched(
     opener: &mut Opener,
+    way: Way,
     key: &DataKey,
     header: &Header,
     envelope: &[u8],
     subject: &[u8],
     allow_unbound: bool,
 ) -> Result<Vec<u8>, EnvelopeError> {
-    let mut batch = Batch::default();
+    let before = companion(key, header, subject);
+    let mut batch = way.batch();
     let mut out = BytesMut::from(SENTINEL);
-    opener.open_deferred(
+    opener
+        .open_deferred(
+            key, &before.0, &before.1, subject, false, &mut out, &mut batch,
+        )
+        .expect("a genuine envelope is queued");
+    let start = out.len();
+    let result = opener.open_deferred(
         key,
         header,
         envelope,
@@ -132,31 +214,52 @@ fn open_batched(
         allow_unbound,
         &mut out,
         &mut batch,
-    )?;
+    );
+    if result.is_err() {
+        assert_eq!(
+            out.len(),
+            start,
+            "{way:?}: a refused open wrote to the buffer"
+        );
+    }
     let queued = batch.len();
+    // The audited backend opens at once; the batched one defers what is short enough.
+    let deferred = batch.defers() && envelope.len() < BATCH_BELOW + OVERHEAD;
+    assert_eq!(
+        queued,
+        usize::from(batch.defers()) + usize::from(deferred && result.is_ok()),
+        "{way:?}: deferred the wrong messages"
+    );
     let mut failed = Vec::new();
-    batch.open(&mut out, |i| failed.push(i));
+    batch.open_with(&mut out, opener, |i| failed.push(i));
     assert_eq!(
         &out[..SENTINEL.len()],
         SENTINEL,
-        "batched open overwrote the buffer"
+        "{way:?}: batched open overwrote the buffer"
     );
-    let text = &out[SENTINEL.len()..];
+    assert_eq!(
+        &out[SENTINEL.len()..start],
+        COMPANION,
+        "{way:?}: the envelope before it did not open"
+    );
+    result?;
+    let text = &out[start..];
     if failed.is_empty() {
         Ok(text.to_vec())
     } else {
-        assert_eq!((failed, queued), (vec![0], 1));
+        assert_eq!((failed, queued), (vec![1], 2), "{way:?}");
         assert!(
             text.iter().all(|&b| b == 0),
-            "refused bytes were not zeroed"
+            "{way:?}: refused bytes were not zeroed"
         );
         Err(EnvelopeError::Auth)
     }
 }
 
-/// Seals with a sealer at `prefix` and `counter`, once at once and once batched (behind
-/// bytes already in the buffer); both must give the same envelope.
+/// Seals with a sealer at `prefix` and `counter`, once at once and once deferred `way`
+/// (behind bytes already in the buffer); both must give the same envelope.
 fn seal(
+    way: Way,
     epoch: u32,
     key: &DataKey,
     prefix: [u8; 16],
@@ -168,22 +271,33 @@ fn seal(
     Sealer::with_prefix(epoch, key, prefix, counter)
         .seal_into(subject, plaintext, &mut out)
         .expect("sealing a fuzz-sized message cannot fail");
-    let mut batch = Batch::default();
+    let mut batch = way.batch();
     let mut queued = BytesMut::from(SENTINEL);
-    Sealer::with_prefix(epoch, key, prefix, counter)
+    let mut sealer = Sealer::with_prefix(epoch, key, prefix, counter);
+    sealer
         .seal_deferred(subject, plaintext, &mut queued, &mut batch)
         .expect("queueing a fuzz-sized message cannot fail");
-    batch.seal(&mut queued).expect("every queued range fits");
-    assert_eq!(&queued[..SENTINEL.len()], SENTINEL);
-    assert_eq!(&queued[SENTINEL.len()..], &out[..], "batched seal differs");
+    let deferred = batch.defers() && plaintext.len() < BATCH_BELOW;
+    assert_eq!(batch.len(), usize::from(deferred), "{way:?}");
+    // With the sealer's key, as the sessions finish a pass: the held-keys path uses it.
+    batch
+        .seal_with(&mut queued, &sealer)
+        .expect("every queued range fits");
+    assert_eq!(&queued[..SENTINEL.len()], SENTINEL, "{way:?}");
+    assert_eq!(
+        &queued[SENTINEL.len()..],
+        &out[..],
+        "{way:?}: batched seal differs"
+    );
     out.to_vec()
 }
 
-fn sealed_then_mutated(input: Sealed) {
+fn sealed_then_mutated(input: Sealed, way: Way) {
     let key = key();
     let counter = input.counter.min(u64::MAX - 1);
     let bound_to = input.bound.then_some(&input.subject[..]);
     let original = seal(
+        way,
         input.epoch,
         &key,
         input.prefix,
@@ -196,16 +310,23 @@ fn sealed_then_mutated(input: Sealed) {
     // The unmodified envelope opens, through a fresh opener and again from its cache.
     let mut cached = Opener::with_capacity(2);
     for _ in 0..2 {
-        let pt = open(&mut cached, &key, &original, &input.subject, !input.bound);
+        let pt = open(
+            &mut cached,
+            way,
+            &key,
+            &original,
+            &input.subject,
+            !input.bound,
+        );
         assert_eq!(pt.as_deref(), Ok(&input.plaintext[..]));
     }
     if !input.bound {
         // Unbound envelopes need the caller's permission, and then open on any subject.
         assert_eq!(
-            open(&mut cached, &key, &original, &input.subject, false),
+            open(&mut cached, way, &key, &original, &input.subject, false),
             Err(EnvelopeError::Unbound)
         );
-        let pt = open(&mut cached, &key, &original, b"elsewhere", true);
+        let pt = open(&mut cached, way, &key, &original, b"elsewhere", true);
         assert_eq!(pt.as_deref(), Ok(&input.plaintext[..]));
     }
 
@@ -238,7 +359,7 @@ fn sealed_then_mutated(input: Sealed) {
     let open_key = if other { other_key() } else { key.clone() };
 
     for opener in [&mut cached, &mut Opener::new()] {
-        let got = open(opener, &open_key, &envelope, &subject, true);
+        let got = open(opener, way, &open_key, &envelope, &subject, true);
         if modified {
             assert!(got.is_err(), "a modified envelope opened: {got:?}");
         } else {
@@ -252,12 +373,19 @@ fn sealed_then_mutated(input: Sealed) {
         } else {
             DataKey::from_bytes([header.epoch as u8; 32])
         };
-        let got = open(&mut Opener::new(), &by_epoch, &envelope, &subject, true);
+        let got = open(
+            &mut Opener::new(),
+            way,
+            &by_epoch,
+            &envelope,
+            &subject,
+            true,
+        );
         assert_eq!(got.is_ok(), !modified, "{got:?}");
     }
 }
 
-fn raw(data: &[u8]) {
+fn raw(data: &[u8], way: Way) {
     let Some((&n, rest)) = data.split_first() else {
         return;
     };
@@ -277,7 +405,7 @@ fn raw(data: &[u8]) {
     assert_eq!(header.encode()[..], envelope[..HEADER_LEN]);
     let key = key();
     for k in [&key, &other_key()] {
-        let Ok(pt) = open(&mut Opener::new(), k, envelope, subject, true) else {
+        let Ok(pt) = open(&mut Opener::new(), way, k, envelope, subject, true) else {
             continue;
         };
         // Only a genuine envelope opens: resealing its plaintext under the header's nonce
@@ -285,7 +413,7 @@ fn raw(data: &[u8]) {
         assert!(k == &key, "opened under a key that never sealed anything");
         let bound_to = header.subject_bound().then_some(subject);
         let (prefix, counter) = (header.nonce_prefix(), header.counter());
-        let again = seal(header.epoch, k, prefix, counter, bound_to, &pt);
+        let again = seal(way, header.epoch, k, prefix, counter, bound_to, &pt);
         assert_eq!(again, envelope, "an envelope the sealer never made opened");
     }
 }
@@ -294,11 +422,12 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
+    let way = Way::pick(mode >> 1);
     if mode & 1 == 0 {
         if let Ok(input) = Sealed::arbitrary_take_rest(Unstructured::new(rest)) {
-            sealed_then_mutated(input);
+            sealed_then_mutated(input, way);
         }
     } else {
-        raw(rest);
+        raw(rest, way);
     }
 });
