@@ -120,10 +120,27 @@ struct BenchArgs {
 
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
-    /// Check the hash chain of an audit log; names the first bad line.
+    /// Check an audit log file, the deployment's audit stream, or both against each other;
+    /// names the first bad entry.
     Verify {
-        /// The audit log (JSON lines).
-        file: PathBuf,
+        /// The audit log file (JSON lines).
+        file: Option<PathBuf>,
+        /// Also read the audit stream from the bus (and compare it with FILE).
+        #[arg(long)]
+        stream: bool,
+        #[command(flatten)]
+        bus: AuthorityArgs,
+    },
+    /// Print the audit stream's entries, checked as they come, and follow it.
+    Tail {
+        /// The first entry to print.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// Stop after the entries already there instead of following.
+        #[arg(long)]
+        no_follow: bool,
+        #[command(flatten)]
+        bus: AuthorityArgs,
     },
 }
 
@@ -275,22 +292,16 @@ pub fn main() -> ExitCode {
             reason,
         } => revoke(epoch, authority, reason),
         Command::Audit {
-            command: AuditCommand::Verify { file },
-        } => match crate::audit::verify(&file) {
-            Ok(v) => {
-                println!(
-                    "{}: {} entries, chain intact (last hash {})",
-                    file.display(),
-                    v.entries,
-                    v.last_hash
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("cipherbus: {e}");
-                ExitCode::FAILURE
-            }
-        },
+            command: AuditCommand::Verify { file, stream, bus },
+        } => audit_verify(file, stream, bus),
+        Command::Audit {
+            command:
+                AuditCommand::Tail {
+                    from,
+                    no_follow,
+                    bus,
+                },
+        } => audit_tail(from, !no_follow, bus),
         Command::Bench(args) => bench(args),
         Command::Forward { listen, upstream } => match crate::bench::forward(&listen, &upstream) {
             Ok(()) => ExitCode::SUCCESS,
@@ -537,41 +548,213 @@ fn rotate(args: RotateArgs) -> ExitCode {
 }
 
 /// Resolves `AuthorityArgs` and runs one request against the authority within the timeout.
+/// What the operator commands need to reach the bus.
+struct Bus {
+    timeout: std::time::Duration,
+    upstreams: Vec<String>,
+    root: RootKey,
+    tls: crate::tls::UpstreamFiles,
+    prefix: String,
+}
+
+impl Bus {
+    fn from_args(args: AuthorityArgs) -> Result<Self, ExitCode> {
+        let timeout = crate::config::parse_duration(&args.timeout).ok_or_else(|| {
+            fail(&format!(
+                "--timeout {:?} is not a valid duration (examples: 30s, 2m)",
+                args.timeout
+            ))
+        })?;
+        let mut upstreams = Vec::new();
+        let raw = if args.upstream.is_empty() {
+            vec![crate::config::DEFAULT_UPSTREAM.to_owned()]
+        } else {
+            args.upstream
+        };
+        for entry in &raw {
+            for url in entry.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                let u = crate::config::parse_upstream(url).map_err(|e| fail(&e))?;
+                let scheme = if u.tls { "tls" } else { "nats" };
+                upstreams.push(format!("{scheme}://{u}"));
+            }
+        }
+        let root = KekFile(args.kek_file).load().map_err(|e| fail(&e))?;
+        let t = args.tls;
+        let tls = crate::tls::UpstreamFiles {
+            ca: t.upstream_ca,
+            cert: t.upstream_cert,
+            key: t.upstream_key,
+            first: t.upstream_tls_first,
+            server_name: t.upstream_server_name,
+        };
+        Ok(Bus {
+            timeout,
+            upstreams,
+            root,
+            tls,
+            prefix: args.control_prefix,
+        })
+    }
+
+    async fn connect(&self) -> Result<async_nats::Client, String> {
+        crate::tls::install_default_provider();
+        let opts = self
+            .tls
+            .apply(async_nats::ConnectOptions::new())
+            .map_err(|e| e.to_string())?;
+        let connect = opts.name("cipherbus-cli").connect(self.upstreams.clone());
+        match tokio::time::timeout(self.timeout, connect).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(format!("cannot reach the bus: {e}")),
+            Err(_) => Err("cannot reach the bus in time".to_owned()),
+        }
+    }
+
+    /// The deployment's audit stream, verified.
+    async fn audit_stream(&self) -> Result<crate::audit::Verified, String> {
+        let client = self.connect().await?;
+        let stream = crate::audit::stream::AuditStream::existing(&client, &self.prefix)
+            .await
+            .map_err(|e| e.to_string())?;
+        let lines = stream.lines().await.map_err(|e| e.to_string())?;
+        let key = crate::audit::AuditKey::new(&self.root);
+        crate::audit::verify_lines(&key, &format!("stream {}", stream.name()), lines)
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn audit_verify(file: Option<PathBuf>, stream: bool, args: AuthorityArgs) -> ExitCode {
+    if file.is_none() && !stream {
+        return fail(&"audit verify needs a FILE, --stream, or both");
+    }
+    let bus = match Bus::from_args(args) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    let key = crate::audit::AuditKey::new(&bus.root);
+    let from_file = match &file {
+        Some(f) => match crate::audit::verify(f, &key) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                eprintln!("cipherbus: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let from_stream = if stream {
+        let rt = match runtime() {
+            Ok(rt) => rt,
+            Err(code) => return code,
+        };
+        match rt.block_on(bus.audit_stream()) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                eprintln!("cipherbus: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let stream_name = crate::audit::stream::stream_name(&bus.prefix);
+    if let (Some(f), Some(s), Some(path)) = (&from_file, &from_stream, &file) {
+        let file_name = path.display().to_string();
+        let stream_name = format!("stream {stream_name}");
+        if let Some(why) = crate::audit::compare(&file_name, f, &stream_name, s) {
+            eprintln!("cipherbus: {why}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if let (Some(v), Some(path)) = (&from_file, &file) {
+        println!(
+            "{}: {} entries, authenticated and chained (deployment {})",
+            path.display(),
+            v.entries,
+            key.deployment()
+        );
+    }
+    if let Some(v) = &from_stream {
+        println!(
+            "stream {stream_name}: {} entries, authenticated and chained (deployment {})",
+            v.entries,
+            key.deployment()
+        );
+    }
+    if from_file.is_some() && from_stream.is_some() {
+        println!("the file and the stream hold the same entries");
+    }
+    ExitCode::SUCCESS
+}
+
+fn audit_tail(from: u64, follow: bool, args: AuthorityArgs) -> ExitCode {
+    use futures::StreamExt;
+    let bus = match Bus::from_args(args) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let result: Result<(), String> = rt.block_on(async {
+        let client = bus.connect().await?;
+        let stream = crate::audit::stream::AuditStream::existing(&client, &bus.prefix)
+            .await
+            .map_err(|e| e.to_string())?;
+        let key = crate::audit::AuditKey::new(&bus.root);
+        let name = format!("stream {}", stream.name());
+        let mut chain = crate::audit::Chain::new(&key, name);
+        // Checked from the first entry, so every printed line is known to follow its chain.
+        let existing = stream.lines().await.map_err(|e| e.to_string())?;
+        let mut next = 1u64;
+        for line in existing {
+            chain.check(&line).map_err(|e| e.to_string())?;
+            if next >= from {
+                println!("{}", String::from_utf8_lossy(&line));
+            }
+            next += 1;
+        }
+        if !follow {
+            return Ok(());
+        }
+        let mut live = stream.follow(next).await.map_err(|e| e.to_string())?;
+        while let Some(item) = live.next().await {
+            let (seq, line) = item.map_err(|e| e.to_string())?;
+            if seq != next {
+                return Err(format!("expected entry {next}, the stream sent {seq}"));
+            }
+            chain.check(&line).map_err(|e| e.to_string())?;
+            if seq >= from {
+                println!("{}", String::from_utf8_lossy(&line));
+            }
+            next += 1;
+        }
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cipherbus: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn ask_authority(
     args: AuthorityArgs,
     subject: impl FnOnce(&str) -> String,
     body: crate::control::message::Body,
 ) -> Result<crate::control::message::Body, ExitCode> {
-    let timeout = crate::config::parse_duration(&args.timeout).ok_or_else(|| {
-        fail(&format!(
-            "--timeout {:?} is not a valid duration (examples: 30s, 2m)",
-            args.timeout
-        ))
-    })?;
-    let mut upstreams = Vec::new();
-    let raw = if args.upstream.is_empty() {
-        vec![crate::config::DEFAULT_UPSTREAM.to_owned()]
-    } else {
-        args.upstream
-    };
-    for entry in &raw {
-        for url in entry.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let u = crate::config::parse_upstream(url).map_err(|e| fail(&e))?;
-            let scheme = if u.tls { "tls" } else { "nats" };
-            upstreams.push(format!("{scheme}://{u}"));
-        }
-    }
-    let root = KekFile(args.kek_file).load().map_err(|e| fail(&e))?;
-    let t = args.tls;
-    let tls = crate::tls::UpstreamFiles {
-        ca: t.upstream_ca,
-        cert: t.upstream_cert,
-        key: t.upstream_key,
-        first: t.upstream_tls_first,
-        server_name: t.upstream_server_name,
-    };
+    let Bus {
+        timeout,
+        upstreams,
+        root,
+        tls,
+        prefix,
+    } = Bus::from_args(args)?;
     let rt = runtime()?;
-    let subject = subject(&args.control_prefix);
+    let subject = subject(&prefix);
     let answer = rt.block_on(async {
         tokio::time::timeout(
             timeout,
@@ -587,8 +770,7 @@ fn ask_authority(
         }
         Err(_) => {
             eprintln!(
-                "cipherbus: no answer from the key authority within {}; is `cipherbus controller` or `run --controller` running on this bus?",
-                args.timeout
+                "cipherbus: no answer from the key authority within {timeout:?}; is `cipherbus controller` or `run --controller` running on this bus?"
             );
             Err(ExitCode::FAILURE)
         }

@@ -73,6 +73,8 @@ pub struct Metrics {
     pub key_age: Gauge,
     pub runtime_tasks: Gauge,
     pub aead_backend: Family<BackendLabel, Gauge>,
+    pub audit_failures: Family<ReasonLabel, Counter>,
+    pub rotations_refused: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -104,6 +106,8 @@ impl Metrics {
             key_age: Gauge::default(),
             runtime_tasks: Gauge::default(),
             aead_backend: Family::default(),
+            audit_failures: Family::default(),
+            rotations_refused: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -204,6 +208,22 @@ impl Metrics {
             "The AEAD code sealing and opening envelopes under 4 KiB: 1 for the backend in use",
             m.aead_backend.clone(),
         );
+        registry.register(
+            "audit_failures",
+            "Audit entries that could not be written, by where: the local file or the audit stream",
+            m.audit_failures.clone(),
+        );
+        registry.register(
+            "rotations_refused",
+            "Rotations, revocations and destructions the key authority refused, by reason",
+            m.rotations_refused.clone(),
+        );
+        for reason in ["file", "stream"] {
+            let _ = m.audit_failures.get_or_create(&ReasonLabel { reason });
+        }
+        let _ = m
+            .rotations_refused
+            .get_or_create(&ReasonLabel { reason: "audit" });
         for backend in ["audited", "batched"] {
             let _ = m.aead_backend.get_or_create(&BackendLabel { backend });
         }

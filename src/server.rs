@@ -34,11 +34,14 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
 }
 
-fn open_audit(config: &Config) -> Result<Option<Arc<crate::audit::AuditLog>>, StartError> {
+fn open_audit(
+    config: &Config,
+    root: &RootKey,
+) -> Result<Option<Arc<crate::audit::AuditLog>>, StartError> {
     Ok(config
         .audit_log
         .as_deref()
-        .map(crate::audit::AuditLog::open)
+        .map(|path| crate::audit::AuditLog::open(path, crate::audit::AuditKey::new(root)))
         .transpose()?
         .map(Arc::new))
 }
@@ -76,6 +79,7 @@ impl Drop for ProxyHandle {
 /// Opens the keyring from the state directory. A damaged one stops the start, and the refusal
 /// goes to the audit log beside the key events (best effort: the log may be on the same disk).
 fn open_keyring(config: &Config, root: RootKey, role: &str) -> Result<Keyring, StartError> {
+    let audit_key = crate::audit::AuditKey::new(&root);
     Keyring::open(root, config.state_dir.as_deref(), config.retired_cache).map_err(|e| {
         if let Some(path) = config.audit_log.as_deref() {
             let event = crate::audit::Event {
@@ -85,7 +89,7 @@ fn open_keyring(config: &Config, root: RootKey, role: &str) -> Result<Keyring, S
                 actor: node_id(role),
                 reason: format!("keyring not opened, not starting: {e}"),
             };
-            let logged = crate::audit::AuditLog::open(path)
+            let logged = crate::audit::AuditLog::open(path, audit_key)
                 .map_err(|e| e.to_string())
                 .and_then(|log| log.append(event).map_err(|e| e.to_string()));
             if let Err(why) = logged {
@@ -130,7 +134,7 @@ impl Base {
         role: &str,
         controller: bool,
     ) -> Result<Self, StartError> {
-        let audit = open_audit(config)?;
+        let audit = open_audit(config, keyring.root())?;
         let node = node_id(role);
         if let Some(log) = &audit {
             keyring.set_audit(log.clone(), node.clone());

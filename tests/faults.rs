@@ -335,7 +335,7 @@ async fn a_damaged_state_directory_stops_the_start_naming_the_file_and_is_audite
             line.contains("\"event\":\"refused\"") && line.contains(&damaged.display().to_string()),
             "{case}: audited: {log}"
         );
-        cipherbus::audit::verify(&audit).unwrap();
+        cipherbus::audit::verify(&audit, &test_audit_key()).unwrap();
     }
 }
 
@@ -430,7 +430,7 @@ async fn a_rotation_the_full_disk_cannot_hold_is_not_activated_and_says_why() {
     );
     assert_eq!(persisted_epochs(dir_b.path()), [1, 2]);
     assert!(key_path(dir_b.path(), 2).exists());
-    cipherbus::audit::verify(&dir_b.path().join("audit.jsonl")).unwrap();
+    cipherbus::audit::verify(&dir_b.path().join("audit.jsonl"), &test_audit_key()).unwrap();
 
     // The authority's own disk is full: it refuses to rotate rather than announce a key it
     // could lose, and says so to the operator and in its audit log.
@@ -458,7 +458,7 @@ async fn a_rotation_the_full_disk_cannot_hold_is_not_activated_and_says_why() {
         last.contains("\"event\":\"refused\"") && last.contains("No space left on device"),
         "{last}"
     );
-    cipherbus::audit::verify(&dir_a.path().join("audit.jsonl")).unwrap();
+    cipherbus::audit::verify(&dir_a.path().join("audit.jsonl"), &test_audit_key()).unwrap();
 }
 
 /// Seals `body` as a key authority would and publishes it on the announce subject.

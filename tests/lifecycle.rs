@@ -395,7 +395,8 @@ async fn a_proxy_cut_off_during_rotations_catches_up_when_it_returns() {
 fn audit_verify_names_the_first_bad_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
-    let log = cipherbus::audit::AuditLog::open(&path).unwrap();
+    let kek = write_kek(dir.path(), TEST_KEK);
+    let log = cipherbus::audit::AuditLog::open(&path, test_audit_key()).unwrap();
     for epoch in 1..=3 {
         log.append(cipherbus::audit::Event {
             kind: cipherbus::audit::EventKind::Activated,
@@ -406,20 +407,32 @@ fn audit_verify_names_the_first_bad_line() {
         })
         .unwrap();
     }
-    let verify = || {
+    let verify = |kek: &std::path::Path| {
         std::process::Command::new(env!("CARGO_BIN_EXE_cipherbus"))
             .args(["audit", "verify"])
             .arg(&path)
+            .arg("--kek-file")
+            .arg(kek)
             .output()
             .unwrap()
     };
-    let ok = verify();
-    assert!(ok.status.success());
-    assert!(String::from_utf8_lossy(&ok.stdout).contains("3 entries, chain intact"));
+    let ok = verify(&kek);
+    assert!(ok.status.success(), "{ok:?}");
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(stdout.contains("3 entries, authenticated and chained"), "{stdout}");
+
+    // Another deployment's root key: every entry is foreign.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = write_kek(other_dir.path(), [0x17; 32]);
+    let foreign = verify(&other);
+    assert!(!foreign.status.success());
+    let stderr = String::from_utf8_lossy(&foreign.stderr);
+    assert!(stderr.contains("entry 1: written by another deployment"), "{stderr}");
+
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, text.replacen("\"epoch\":2", "\"epoch\":7", 1)).unwrap();
-    let bad = verify();
+    let bad = verify(&kek);
     assert!(!bad.status.success());
     let stderr = String::from_utf8_lossy(&bad.stderr);
-    assert!(stderr.contains("line 2"), "{stderr}");
+    assert!(stderr.contains("entry 2: MAC does not match"), "{stderr}");
 }

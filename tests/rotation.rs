@@ -325,7 +325,7 @@ async fn rotate_command_runs_two_phase_rotations_under_load() {
     }
     assert_eq!(pa.metrics.rotations.get(), 5);
     let audit = state_a.path().join("audit.jsonl");
-    let verified = cipherbus::audit::verify(&audit).unwrap();
+    let verified = cipherbus::audit::verify(&audit, &test_audit_key()).unwrap();
     assert!(
         verified.entries >= 5 * 4,
         "generated, staged, activated, retired per rotation"

@@ -1,12 +1,20 @@
-//! The audit trail: a hash-chained JSON-lines log of key events.
+//! The audit trail: an authenticated, hash-chained JSON-lines log of key events, kept in a
+//! local file and, where the bus has JetStream, in a stream that refuses deletes and purges.
 //!
-//! This module owns the log's format, appending to it, and verifying it. Each line is one JSON
-//! object, written as `BODY` with `,"hash":"<hex>"}` spliced in before its closing brace, where
-//! `hash = SHA-256(BODY)` over the exact bytes of `BODY`, and `BODY` carries `prev`, the hash
-//! of the line before (64 zeros for the first). Changing, removing, reordering or inserting a
-//! line breaks the chain at that line. Entries carry epochs and key fingerprints, never key
-//! bytes.
+//! This module owns the entry format, appending to the file, and verifying a log. Each line is
+//! one JSON object, written as `BODY` with `,"mac":"<hex>"}` spliced in before its closing
+//! brace, where `mac = HMAC-SHA256(audit key, BODY)` over the exact bytes of `BODY`. The audit
+//! key is derived from the root key (`envelope::derive_audit_key`), so only a holder of the
+//! root can write an entry that verifies. `BODY` carries `prev`, the MAC of the line before
+//! (64 zeros for the first), and `deployment`, the root key's fingerprint. Changing, removing,
+//! reordering or inserting a line breaks the chain at that line, and recomputing the chain
+//! needs the root. Cutting lines off the end of a file leaves a valid shorter chain: the
+//! stream copy ([`stream`]) is what shows that. Entries carry epochs and key fingerprints,
+//! never key bytes.
 
+pub mod stream;
+
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -14,11 +22,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use aws_lc_rs::hmac;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+
+use crate::envelope::RootKey;
 
 /// `prev` of the first line.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Lines written to the file but not yet confirmed by the stream, at most; past this the
+/// oldest are dropped from the queue (they stay in the file) and the copies are told apart
+/// at the next start.
+const MAX_PENDING: usize = 100_000;
 
 /// What happened to a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,7 +59,7 @@ pub struct Event {
     pub reason: String,
 }
 
-/// One line of the log, without its hash.
+/// One line of the log, without its MAC.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Entry {
@@ -58,7 +73,43 @@ pub struct Entry {
     pub fingerprint: Option<String>,
     pub actor: String,
     pub reason: String,
+    /// The root key's fingerprint: which deployment wrote the entry.
+    pub deployment: String,
     pub prev: String,
+}
+
+/// The key that authenticates entries, and the deployment it belongs to.
+pub struct AuditKey {
+    key: hmac::Key,
+    deployment: String,
+}
+
+impl std::fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditKey")
+            .field("deployment", &self.deployment)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuditKey {
+    pub fn new(root: &RootKey) -> Self {
+        // The derived key is zeroized when it drops here; aws-lc keeps its own copy, cleansed
+        // when the HMAC key is freed.
+        let derived = crate::envelope::derive_audit_key(root);
+        AuditKey {
+            key: hmac::Key::new(hmac::HMAC_SHA256, derived.bytes()),
+            deployment: root.fingerprint(),
+        }
+    }
+
+    pub fn deployment(&self) -> &str {
+        &self.deployment
+    }
+
+    fn mac(&self, body: &[u8]) -> String {
+        hex::encode(hmac::sign(&self.key, body))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,18 +120,23 @@ pub enum AuditError {
         #[source]
         source: std::io::Error,
     },
-    #[error("audit log {path}, line {line}: {why}")]
+    #[error("audit log {source_name}, entry {line}: {why}")]
     Broken {
-        path: PathBuf,
+        source_name: String,
         line: u64,
-        why: &'static str,
+        why: String,
     },
+    #[error("audit stream {stream}: {why}")]
+    Stream { stream: String, why: String },
+    #[error("{0}")]
+    Mismatch(String),
 }
 
-/// An open, append-only audit log.
+/// An open, append-only audit log file.
 #[derive(Debug)]
 pub struct AuditLog {
     path: PathBuf,
+    key: AuditKey,
     inner: Mutex<Tail>,
 }
 
@@ -88,13 +144,15 @@ pub struct AuditLog {
 struct Tail {
     file: File,
     seq: u64,
-    hash: String,
+    mac: String,
+    /// With a stream attached: lines not yet confirmed by it, oldest first.
+    pending: Option<VecDeque<(u64, String)>>,
 }
 
 impl AuditLog {
-    /// Opens (or creates) the log, sets it to mode 0600, and verifies the chain so far, so a
-    /// damaged log is reported instead of extended.
-    pub fn open(path: &Path) -> Result<Self, AuditError> {
+    /// Opens (or creates) the log, sets it to mode 0600, and verifies it so far, so a damaged
+    /// log, or one another deployment wrote, is reported instead of extended.
+    pub fn open(path: &Path, key: AuditKey) -> Result<Self, AuditError> {
         let io = |source| AuditError::Io {
             path: path.to_owned(),
             source,
@@ -109,13 +167,16 @@ impl AuditLog {
         // Set explicitly: `mode` is masked by the umask and ignored for an existing file.
         file.set_permissions(std::fs::Permissions::from_mode(0o600))
             .map_err(io)?;
-        let (seq, hash) = match verify(path)? {
-            Verified { entries: 0, .. } => (0, GENESIS.to_owned()),
-            Verified { entries, last_hash } => (entries, last_hash),
-        };
+        let verified = verify(path, &key)?;
         Ok(AuditLog {
             path: path.to_owned(),
-            inner: Mutex::new(Tail { file, seq, hash }),
+            key,
+            inner: Mutex::new(Tail {
+                file,
+                seq: verified.entries,
+                mac: verified.last_mac().to_owned(),
+                pending: None,
+            }),
         })
     }
 
@@ -123,9 +184,17 @@ impl AuditLog {
         &self.path
     }
 
+    pub fn key(&self) -> &AuditKey {
+        &self.key
+    }
+
+    fn tail(&self) -> std::sync::MutexGuard<'_, Tail> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Appends one event and syncs it to disk.
     pub fn append(&self, event: Event) -> Result<Entry, AuditError> {
-        let mut tail = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tail = self.tail();
         let entry = Entry {
             seq: tail.seq + 1,
             time: rfc3339_now(),
@@ -134,89 +203,249 @@ impl AuditLog {
             fingerprint: event.fingerprint,
             actor: event.actor,
             reason: event.reason,
-            prev: tail.hash.clone(),
+            deployment: self.key.deployment.clone(),
+            prev: tail.mac.clone(),
         };
-        let (line, hash) = seal_line(&entry);
+        let (line, mac) = seal_line(&self.key, &entry);
+        self.write_line(&mut tail, &line)?;
+        tail.seq = entry.seq;
+        tail.mac = mac;
+        if let Some(pending) = &mut tail.pending {
+            if pending.len() >= MAX_PENDING {
+                pending.pop_front();
+            }
+            pending.push_back((entry.seq, line));
+        }
+        Ok(entry)
+    }
+
+    fn write_line(&self, tail: &mut Tail, line: &str) -> Result<(), AuditError> {
         let io = |source| AuditError::Io {
             path: self.path.clone(),
             source,
         };
         tail.file.write_all(line.as_bytes()).map_err(io)?;
-        tail.file.sync_data().map_err(io)?;
-        tail.seq = entry.seq;
-        tail.hash = hash;
-        Ok(entry)
+        tail.file.write_all(b"\n").map_err(io)?;
+        tail.file.sync_data().map_err(io)
+    }
+
+    /// The number of entries, and the MAC of the last.
+    pub fn head(&self) -> (u64, String) {
+        let tail = self.tail();
+        (tail.seq, tail.mac.clone())
+    }
+
+    /// Ties this file to the stream copy `remote` (verified): their common entries must agree;
+    /// entries only the stream has are appended here, and entries only this file has, and
+    /// every entry appended from now on, are queued for the stream ([`AuditLog::next_pending`]).
+    pub fn attach(&self, remote_name: &str, remote: &Verified) -> Result<(), AuditError> {
+        let mut tail = self.tail();
+        let local = verify(&self.path, &self.key)?;
+        let local_name = self.path.display().to_string();
+        let common = local.lines.len().min(remote.lines.len());
+        if let Some(why) = compare(
+            &local_name,
+            &Verified {
+                entries: common as u64,
+                lines: local.lines[..common].to_vec(),
+            },
+            remote_name,
+            &Verified {
+                entries: common as u64,
+                lines: remote.lines[..common].to_vec(),
+            },
+        ) {
+            return Err(AuditError::Mismatch(why));
+        }
+        for (seq, line, mac) in &remote.lines[common..] {
+            self.write_line(&mut tail, line)?;
+            tail.seq = *seq;
+            tail.mac = mac.clone();
+        }
+        let pending: VecDeque<(u64, String)> = local.lines[common..]
+            .iter()
+            .map(|(seq, line, _)| (*seq, line.clone()))
+            .collect();
+        tail.pending = Some(pending);
+        Ok(())
+    }
+
+    /// The oldest line the stream has not confirmed.
+    pub fn next_pending(&self) -> Option<(u64, String)> {
+        self.tail().pending.as_ref()?.front().cloned()
+    }
+
+    /// The stream confirmed line `seq`.
+    pub fn confirmed(&self, seq: u64) {
+        if let Some(pending) = &mut self.tail().pending {
+            if pending.front().is_some_and(|(s, _)| *s == seq) {
+                pending.pop_front();
+            }
+        }
     }
 }
 
-/// The line for an entry (with its newline) and its hash.
-fn seal_line(entry: &Entry) -> (String, String) {
+/// The line for an entry (without a newline) and its MAC.
+fn seal_line(key: &AuditKey, entry: &Entry) -> (String, String) {
     // A struct of strings and integers always serializes.
     let body = serde_json::to_string(entry).expect("audit entry serializes");
-    let hash = hex::encode(Sha256::digest(body.as_bytes()));
+    let mac = key.mac(body.as_bytes());
     let open = &body[..body.len() - 1];
-    (format!("{open},\"hash\":\"{hash}\"}}\n"), hash)
+    (format!("{open},\"mac\":\"{mac}\"}}"), mac)
 }
 
-/// What a successful verification found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verified {
-    pub entries: u64,
-    pub last_hash: String,
+/// A log read and checked entry by entry.
+#[derive(Debug)]
+pub struct Chain<'k> {
+    key: &'k AuditKey,
+    source_name: String,
+    prev: String,
+    count: u64,
 }
 
-/// Checks every line's hash, its link to the line before, and the sequence numbers. The error
-/// names the first bad line (1-based).
-pub fn verify(path: &Path) -> Result<Verified, AuditError> {
-    let file = File::open(path).map_err(|source| AuditError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    let mut prev = GENESIS.to_owned();
-    let mut count = 0u64;
-    for (i, line) in BufReader::new(file).split(b'\n').enumerate() {
-        let line_no = i as u64 + 1;
-        let broken = |why| AuditError::Broken {
-            path: path.to_owned(),
-            line: line_no,
-            why,
+impl<'k> Chain<'k> {
+    pub fn new(key: &'k AuditKey, source_name: impl Into<String>) -> Self {
+        Chain {
+            key,
+            source_name: source_name.into(),
+            prev: GENESIS.to_owned(),
+            count: 0,
+        }
+    }
+
+    /// Checks the next line: its MAC, its deployment, its link to the line before and its
+    /// sequence number. Returns the entry and its MAC.
+    pub fn check(&mut self, line: &[u8]) -> Result<(Entry, String), AuditError> {
+        let broken = |why: &str| AuditError::Broken {
+            source_name: self.source_name.clone(),
+            line: self.count + 1,
+            why: why.to_owned(),
         };
-        let line = line.map_err(|source| AuditError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        const SUFFIX_LEN: usize = ",\"hash\":\"\"}".len() + 64;
+        const SUFFIX_LEN: usize = ",\"mac\":\"\"}".len() + 64;
         if line.len() < SUFFIX_LEN + 2 {
             return Err(broken("not an audit entry"));
         }
         let (head, suffix) = line.split_at(line.len() - SUFFIX_LEN);
-        let stated = suffix
-            .strip_prefix(b",\"hash\":\"")
+        let Some(stated) = suffix
+            .strip_prefix(b",\"mac\":\"")
             .and_then(|s| s.strip_suffix(b"\"}"))
-            .ok_or_else(|| broken("no hash at the end of the line"))?;
+        else {
+            return Err(broken(
+                "no MAC at the end of the line (an unauthenticated entry, or one from before \
+                 version 2 of the format)",
+            ));
+        };
         let mut body = head.to_vec();
         body.push(b'}');
-        let actual = hex::encode(Sha256::digest(&body));
-        if !crate::ct::eq(actual.as_bytes(), stated) {
-            return Err(broken("hash does not match the line's contents"));
+        let stated_bytes = hex::decode(stated).map_err(|_| broken("the MAC is not hex"))?;
+        let entry: Option<Entry> = serde_json::from_slice(&body).ok();
+        if let Some(e) = &entry {
+            if e.deployment != self.key.deployment {
+                return Err(broken(&format!(
+                    "written by another deployment (root key {}, not {})",
+                    e.deployment, self.key.deployment
+                )));
+            }
         }
-        let entry: Entry =
-            serde_json::from_slice(&body).map_err(|_| broken("not an audit entry"))?;
-        if !crate::ct::eq_str(&entry.prev, &prev) {
+        if hmac::verify(&self.key.key, &body, &stated_bytes).is_err() {
             return Err(broken(
-                "does not follow the line before it (prev hash differs)",
+                "MAC does not match the line's contents (edited, or not written with this root key)",
             ));
         }
-        if entry.seq != count + 1 {
+        let entry = entry.ok_or_else(|| broken("not an audit entry"))?;
+        if !crate::ct::eq_str(&entry.prev, &self.prev) {
+            return Err(broken(
+                "does not follow the entry before it (prev differs): an entry was removed, \
+                 inserted or moved",
+            ));
+        }
+        if entry.seq != self.count + 1 {
             return Err(broken("sequence number out of order"));
         }
-        prev = actual;
-        count += 1;
+        // `stated` verified, so it is 64 hex digits.
+        let mac = String::from_utf8_lossy(stated).into_owned();
+        self.prev = mac.clone();
+        self.count += 1;
+        Ok((entry, mac))
     }
-    Ok(Verified {
-        entries: count,
-        last_hash: prev,
-    })
+
+    pub fn entries(&self) -> u64 {
+        self.count
+    }
+}
+
+/// What a successful verification found: every entry's line and MAC, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Verified {
+    pub entries: u64,
+    /// `(seq, line, mac)` of every entry.
+    pub lines: Vec<(u64, String, String)>,
+}
+
+impl Verified {
+    /// The MAC of the last entry, or [`GENESIS`].
+    pub fn last_mac(&self) -> &str {
+        self.lines.last().map_or(GENESIS, |(_, _, m)| m.as_str())
+    }
+}
+
+/// Checks a sequence of lines from `source_name`; the error names the first bad entry.
+pub fn verify_lines(
+    key: &AuditKey,
+    source_name: &str,
+    lines: impl IntoIterator<Item = Vec<u8>>,
+) -> Result<Verified, AuditError> {
+    let mut chain = Chain::new(key, source_name);
+    let mut out = Verified::default();
+    for line in lines {
+        let (entry, mac) = chain.check(&line)?;
+        out.lines
+            .push((entry.seq, String::from_utf8_lossy(&line).into_owned(), mac));
+    }
+    out.entries = chain.entries();
+    Ok(out)
+}
+
+/// Checks every line of the file at `path`; the error names the first bad line (1-based).
+pub fn verify(path: &Path, key: &AuditKey) -> Result<Verified, AuditError> {
+    let io = |source| AuditError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    let mut lines = Vec::new();
+    for line in BufReader::new(file).split(b'\n') {
+        lines.push(line.map_err(io)?);
+    }
+    verify_lines(key, &path.display().to_string(), lines)
+}
+
+/// Where two verified copies of one log part ways, as a sentence, or `None` if they hold the
+/// same entries. `a` is the copy being checked (a file), `b` the reference (the stream).
+pub fn compare(a_name: &str, a: &Verified, b_name: &str, b: &Verified) -> Option<String> {
+    let common = a.lines.len().min(b.lines.len());
+    if let Some(i) = (0..common).find(|&i| !crate::ct::eq_str(&a.lines[i].2, &b.lines[i].2)) {
+        return Some(format!(
+            "{a_name} and {b_name} differ at entry {}: one of them was rewritten",
+            i + 1
+        ));
+    }
+    match a.lines.len().cmp(&b.lines.len()) {
+        std::cmp::Ordering::Less => Some(format!(
+            "{a_name} ends at entry {} but {b_name} goes on to entry {}: its tail was cut, or it \
+             is an older copy",
+            a.entries, b.entries
+        )),
+        std::cmp::Ordering::Greater => Some(format!(
+            "{b_name} ends at entry {} but {a_name} goes on to entry {}: entries {} to {} are \
+             missing from {b_name}",
+            b.entries,
+            a.entries,
+            b.entries + 1,
+            a.entries
+        )),
+        std::cmp::Ordering::Equal => None,
+    }
 }
 
 fn rfc3339_now() -> String {
@@ -251,6 +480,10 @@ pub fn rfc3339(secs: u64, millis: u32) -> String {
 mod tests {
     use super::*;
 
+    fn key() -> AuditKey {
+        AuditKey::new(&RootKey::from_bytes([5; 32]))
+    }
+
     fn event(kind: EventKind, epoch: u32) -> Event {
         Event {
             kind,
@@ -262,10 +495,14 @@ mod tests {
     }
 
     fn write_log(path: &Path, n: u32) {
-        let log = AuditLog::open(path).unwrap();
+        let log = AuditLog::open(path, key()).unwrap();
         for e in 1..=n {
             log.append(event(EventKind::Staged, e)).unwrap();
         }
+    }
+
+    fn err_of(path: &Path) -> String {
+        verify(path, &key()).unwrap_err().to_string()
     }
 
     #[test]
@@ -274,23 +511,22 @@ mod tests {
         let path = dir.path().join("audit.jsonl");
         write_log(&path, 3);
         // Reopening continues the chain.
-        let log = AuditLog::open(&path).unwrap();
+        let log = AuditLog::open(&path, key()).unwrap();
         let e = log.append(event(EventKind::Activated, 3)).unwrap();
         assert_eq!(e.seq, 4);
-        assert_eq!(verify(&path).unwrap().entries, 4);
-        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(e.deployment, RootKey::from_bytes([5; 32]).fingerprint());
+        assert_eq!(verify(&path, &key()).unwrap().entries, 4);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
     }
 
     #[test]
     fn an_existing_log_readable_by_others_is_tightened() {
-        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         std::fs::write(&path, b"").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        AuditLog::open(&path).unwrap();
+        AuditLog::open(&path, key()).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
     }
@@ -305,34 +541,87 @@ mod tests {
 
         let edited = text.replacen("\"epoch\":3", "\"epoch\":9", 1);
         std::fs::write(&path, edited).unwrap();
-        let err = verify(&path).unwrap_err().to_string();
-        assert!(err.contains("line 3"), "{err}");
+        assert!(err_of(&path).contains("entry 3: MAC does not match"));
 
         let mut dropped = lines.clone();
         dropped.remove(1);
         std::fs::write(&path, dropped.join("\n") + "\n").unwrap();
-        let err = verify(&path).unwrap_err().to_string();
-        assert!(err.contains("line 2"), "{err}");
+        assert!(err_of(&path).contains("entry 2: does not follow"));
 
         let mut swapped = lines.clone();
         swapped.swap(3, 4);
         std::fs::write(&path, swapped.join("\n") + "\n").unwrap();
-        let err = verify(&path).unwrap_err().to_string();
-        assert!(err.contains("line 4"), "{err}");
-
-        std::fs::write(&path, lines[..4].join("\n") + "\n").unwrap();
-        assert_eq!(
-            verify(&path).unwrap().entries,
-            4,
-            "a truncated tail still verifies"
-        );
-        assert!(AuditLog::open(&path).is_ok());
+        assert!(err_of(&path).contains("entry 4"));
 
         std::fs::write(&path, "garbage\n").unwrap();
         assert!(
-            AuditLog::open(&path).is_err(),
+            AuditLog::open(&path, key()).is_err(),
             "a damaged log is not extended"
         );
+    }
+
+    /// What the unkeyed chain allowed: edit an entry and recompute everything after it. With
+    /// the MAC, that needs the root key; SHA-256 recomputed over the edit does not verify.
+    #[test]
+    fn an_edit_with_its_hashes_recomputed_is_reported() {
+        use sha2::{Digest, Sha256};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        write_log(&path, 3);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut out = String::new();
+        let mut prev = GENESIS.to_owned();
+        for line in text.lines() {
+            let (body, _) = line.rsplit_once(",\"mac\":").unwrap();
+            let mut entry: Entry = serde_json::from_str(&format!("{body}}}")).unwrap();
+            entry.reason = "nothing to see".into();
+            entry.prev = prev.clone();
+            let body = serde_json::to_string(&entry).unwrap();
+            prev = hex::encode(Sha256::digest(body.as_bytes()));
+            out.push_str(&format!("{},\"mac\":\"{prev}\"}}\n", &body[..body.len() - 1]));
+        }
+        std::fs::write(&path, out).unwrap();
+        assert!(err_of(&path).contains("entry 1: MAC does not match"), "{}", err_of(&path));
+    }
+
+    #[test]
+    fn a_log_of_another_deployment_or_an_old_format_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        write_log(&path, 2);
+        let other = AuditKey::new(&RootKey::from_bytes([6; 32]));
+        let err = verify(&path, &other).unwrap_err().to_string();
+        assert!(err.contains("entry 1: written by another deployment"), "{err}");
+        assert!(AuditLog::open(&path, other).is_err());
+
+        std::fs::write(
+            &path,
+            "{\"seq\":1,\"time\":\"t\",\"event\":\"staged\",\"actor\":\"a\",\"reason\":\"r\",\
+             \"prev\":\"0000000000000000000000000000000000000000000000000000000000000000\",\
+             \"hash\":\"0000000000000000000000000000000000000000000000000000000000000000\"}\n",
+        )
+        .unwrap();
+        assert!(err_of(&path).contains("no MAC"), "{}", err_of(&path));
+    }
+
+    #[test]
+    fn copies_are_compared_entry_by_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        write_log(&path, 4);
+        let full = verify(&path, &key()).unwrap();
+        let mut short = full.clone();
+        short.lines.truncate(2);
+        short.entries = 2;
+        assert_eq!(compare("file", &full, "stream", &full), None);
+        let cut = compare("file", &short, "stream", &full).unwrap();
+        assert!(cut.contains("file ends at entry 2 but stream goes on to entry 4"), "{cut}");
+        let missing = compare("file", &full, "stream", &short).unwrap();
+        assert!(missing.contains("entries 3 to 4 are missing from stream"), "{missing}");
+        let mut other = full.clone();
+        other.lines[1].2 = GENESIS.to_owned();
+        let differ = compare("file", &other, "stream", &full).unwrap();
+        assert!(differ.contains("differ at entry 2"), "{differ}");
     }
 
     #[test]

@@ -18,11 +18,12 @@ use tokio::sync::watch;
 
 use super::member::Subjects;
 use super::message::{self, Body, ControlError, ControlSealer, ReplayGuard};
+use crate::audit::stream::AuditStream;
 use crate::audit::{AuditLog, Event, EventKind};
 use crate::config::Rotation;
 use crate::envelope::{self, DataKey, Opener};
 use crate::keyring::{KeyState, Keyring};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ReasonLabel};
 
 /// A proxy is live while its last heartbeat is younger than this many intervals.
 const LIVE_INTERVALS: u32 = 3;
@@ -96,6 +97,8 @@ struct Authority {
     opener: Opener,
     guard: ReplayGuard,
     audit: Option<Arc<AuditLog>>,
+    /// The audit trail's copy on the bus, where the bus has JetStream.
+    audit_stream: Option<AuditStream>,
     /// Audit entries written but not yet published for collectors.
     unpublished: Vec<crate::audit::Entry>,
     proxies: HashMap<String, Proxy>,
@@ -145,6 +148,22 @@ pub async fn run(
             return;
         }
     };
+    // The bus may not be up yet (the client retries): the audit stream needs it.
+    tokio::select! {
+        _ = client.flush() => {}
+        _ = shutdown.changed() => return,
+    }
+    let audit_stream = match &audit {
+        Some(log) => match attach_audit_stream(&client, &cfg.prefix, log).await {
+            Ok(s) => s,
+            Err(e) => {
+                metrics.audit_failures.get_or_create(&ReasonLabel { reason: "stream" }).inc();
+                tracing::error!(error = %e, "key authority not started: its audit trail cannot be tied to the audit stream");
+                return;
+            }
+        },
+        None => None,
+    };
     let subjects = Subjects::new(&cfg.prefix);
     let mut authority = Authority {
         keyring,
@@ -156,6 +175,7 @@ pub async fn run(
         opener: Opener::new(),
         guard: ReplayGuard::default(),
         audit,
+        audit_stream,
         unpublished: Vec::new(),
         proxies: HashMap::new(),
         retired_usage: HashMap::new(),
@@ -169,6 +189,27 @@ pub async fn run(
     if let Err(e) = authority.serve(&mut shutdown).await {
         tracing::error!(error = %e, "key authority stopped");
     }
+}
+
+/// Opens (or creates) the audit stream and ties the file to it; `None` on a bus without
+/// JetStream, where the file is the only copy.
+async fn attach_audit_stream(
+    client: &async_nats::Client,
+    prefix: &str,
+    log: &AuditLog,
+) -> Result<Option<AuditStream>, crate::audit::AuditError> {
+    let Some(stream) = AuditStream::open(client, prefix).await? else {
+        tracing::warn!(
+            file = %log.path().display(),
+            "the bus has no JetStream: the audit trail is kept in the local file only, where a cut tail cannot be detected"
+        );
+        return Ok(None);
+    };
+    let name = format!("stream {}", stream.name());
+    let remote = crate::audit::verify_lines(log.key(), &name, stream.lines().await?)?;
+    log.attach(&name, &remote)?;
+    tracing::info!(stream = stream.name(), entries = remote.entries, "audit stream attached");
+    Ok(Some(stream))
 }
 
 impl Authority {
@@ -291,6 +332,9 @@ impl Authority {
                 _ = shutdown.changed() => return Ok(()),
             }
             if !self.unpublished.is_empty() {
+                if let Err(e) = self.flush_audit().await {
+                    tracing::warn!(error = %e, "audit entries wait for the audit stream");
+                }
                 self.publish_audit().await;
             }
         }
@@ -400,15 +444,25 @@ impl Authority {
             }
             Some(_) => {}
         }
-        self.audit(self.event(EventKind::Revoked, epoch, None, reason));
+        let revoked = self.event(EventKind::Revoked, epoch, None, reason);
+        if let Err(e) = self.audit_now(revoked).await {
+            return Err(self.refuse_unaudited("revocation", &e));
+        }
         self.destroy(epoch, &format!("revoked: {reason}")).await?;
         Ok(self.keyring.snapshot().active.epoch)
     }
 
     async fn destroy(&mut self, epoch: u32, reason: &str) -> Result<(), String> {
-        self.keyring.destroy(epoch).map_err(|e| e.to_string())?;
+        let destroyed = self.event(EventKind::Destroyed, epoch, None, reason);
+        if let Err(e) = self.audit_now(destroyed).await {
+            return Err(self.refuse_unaudited("destruction", &e));
+        }
+        if let Err(e) = self.keyring.destroy(epoch) {
+            let why = format!("recorded as destroyed, but not destroyed: {e}");
+            self.audit(self.event(EventKind::Refused, epoch, None, &why));
+            return Err(why);
+        }
         self.retired_usage.remove(&epoch);
-        self.audit(self.event(EventKind::Destroyed, epoch, None, reason));
         self.announce(Body::Destroy {
             epoch,
             reason: reason.to_owned(),
@@ -534,13 +588,68 @@ impl Authority {
                 .is_some_and(|max| bytes >= max)
     }
 
+    /// Writes an event to the file; the stream gets it at the next flush. For events that
+    /// are only reported (refusals, laggards); key events go through [`Authority::audit_now`].
     fn audit(&mut self, event: Event) {
-        if let Some(log) = &self.audit {
-            match log.append(event) {
-                Ok(entry) => self.unpublished.push(entry),
-                Err(e) => tracing::error!(error = %e, "cannot write the audit log"),
+        if let Err(e) = self.append_audit(event) {
+            tracing::error!(error = %e, "cannot write the audit log");
+        }
+    }
+
+    fn append_audit(&mut self, event: Event) -> Result<(), String> {
+        let Some(log) = &self.audit else {
+            return Ok(());
+        };
+        match log.append(event) {
+            Ok(entry) => {
+                self.unpublished.push(entry);
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics
+                    .audit_failures
+                    .get_or_create(&ReasonLabel { reason: "file" })
+                    .inc();
+                Err(e.to_string())
             }
         }
+    }
+
+    /// Writes a key event to the file and the stream, and returns only once both hold it: a
+    /// key event that cannot be audited does not happen.
+    async fn audit_now(&mut self, event: Event) -> Result<(), String> {
+        self.append_audit(event)?;
+        self.flush_audit().await
+    }
+
+    /// Sends the stream every entry the file holds that it has not confirmed, oldest first.
+    async fn flush_audit(&mut self) -> Result<(), String> {
+        let (Some(log), Some(stream)) = (&self.audit, &self.audit_stream) else {
+            return Ok(());
+        };
+        while let Some((seq, line)) = log.next_pending() {
+            if let Err(e) = stream.append(seq, &line).await {
+                self.metrics
+                    .audit_failures
+                    .get_or_create(&ReasonLabel { reason: "stream" })
+                    .inc();
+                return Err(e.to_string());
+            }
+            log.confirmed(seq);
+        }
+        Ok(())
+    }
+
+    /// A key event refused because it could not be audited: counted, logged, and the
+    /// sentence the operator gets.
+    fn refuse_unaudited(&self, what: &str, why: &str) -> String {
+        self.metrics
+            .rotations_refused
+            .get_or_create(&ReasonLabel { reason: "audit" })
+            .inc();
+        let sentence = format!("{what} refused: the audit trail cannot record it ({why})");
+        tracing::error!(reason = "audit", "{sentence}");
+        sentence
     }
 
     /// Publishes audit entries, sealed, on `<prefix>.audit` for collectors.
@@ -644,19 +753,21 @@ impl Authority {
             .ok_or("no epochs left")?;
         let key = DataKey::generate().map_err(|e| e.to_string())?;
         let fingerprint = key.fingerprint();
-        self.audit(self.event(
-            EventKind::Generated,
-            epoch,
-            Some(fingerprint.clone()),
-            reason,
-        ));
+        let generated = self.event(EventKind::Generated, epoch, Some(fingerprint.clone()), reason);
+        if let Err(e) = self.audit_now(generated).await {
+            return Err(self.refuse_unaudited("rotation", &e));
+        }
         // Persisted before anyone is told, so the authority never announces a key it could lose.
         if let Err(e) = self.keyring.stage(epoch, key) {
             let why = format!("not staged, so not announced: {e}");
             self.audit(self.event(EventKind::Refused, epoch, Some(fingerprint), &why));
             return Err(why);
         }
-        self.audit(self.event(EventKind::Staged, epoch, Some(fingerprint.clone()), reason));
+        let staged = self.event(EventKind::Staged, epoch, Some(fingerprint.clone()), reason);
+        if let Err(e) = self.audit_now(staged).await {
+            // Staged here only, never announced: it opens nothing anywhere else.
+            return Err(self.refuse_unaudited("rotation", &e));
+        }
         let stage = self
             .stage_body(epoch)
             .ok_or("the staged key cannot be wrapped")?;
@@ -705,6 +816,20 @@ impl Authority {
             .filter(|p| p.active == old)
             .map(|p| p.sealed_messages)
             .sum();
+        // Recorded before it happens, so an activation the trail cannot hold does not happen.
+        let activated = self.event(EventKind::Activated, epoch, Some(fingerprint.clone()), reason);
+        if let Err(e) = self.audit_now(activated).await {
+            return Err(self.refuse_unaudited("activation", &e));
+        }
+        let retired = self.event(
+            EventKind::Retired,
+            old,
+            None,
+            &format!("superseded by epoch {epoch}"),
+        );
+        if let Err(e) = self.audit_now(retired).await {
+            return Err(self.refuse_unaudited("activation", &e));
+        }
         if let Err(e) = self.keyring.activate(epoch) {
             let why = format!("staged but not activated: {e}");
             self.audit(self.event(EventKind::Refused, epoch, Some(fingerprint), &why));
@@ -715,13 +840,6 @@ impl Authority {
         self.announce(Body::Activate { epoch }).await;
         self.activated = Instant::now();
         self.metrics.rotations.inc();
-        self.audit(self.event(EventKind::Activated, epoch, Some(fingerprint), reason));
-        self.audit(self.event(
-            EventKind::Retired,
-            old,
-            None,
-            &format!("superseded by epoch {epoch}"),
-        ));
         tracing::info!(
             epoch,
             acked = acked.len(),

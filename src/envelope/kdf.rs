@@ -16,6 +16,8 @@ pub const EPOCH1_INFO: &[u8] = b"cipherbus-v1 data-key epoch 1";
 pub const CONTROL_INFO: &[u8] = b"cipherbus-v1 control-key";
 /// HKDF info for the key that wraps data keys of later epochs.
 pub const WRAP_INFO: &[u8] = b"cipherbus-v1 wrap-key";
+/// HKDF info for the key that authenticates audit entries.
+pub const AUDIT_INFO: &[u8] = b"cipherbus-v1 audit-key";
 
 /// `HKDF-SHA256(ikm = root, salt = HKDF_SALT, info, L = 32)`.
 fn derive(root: &RootKey, info: &[u8]) -> DataKey {
@@ -38,6 +40,11 @@ pub fn derive_control_key(root: &RootKey) -> DataKey {
     derive(root, CONTROL_INFO)
 }
 
+/// The key that authenticates the audit trail's entries (HMAC-SHA256).
+pub fn derive_audit_key(root: &RootKey) -> DataKey {
+    derive(root, AUDIT_INFO)
+}
+
 /// The key that wraps data keys for storage and announcement.
 pub(crate) fn derive_wrap_key(root: &RootKey) -> DataKey {
     derive(root, WRAP_INFO)
@@ -53,6 +60,10 @@ mod tests {
         let e1 = derive_epoch1(&root);
         let ctl = derive_control_key(&root);
         let wrap = derive_wrap_key(&root);
+        let audit = derive_audit_key(&root);
+        assert_ne!(audit, e1);
+        assert_ne!(audit, ctl);
+        assert_ne!(audit, wrap);
         assert_ne!(e1, ctl);
         assert_ne!(e1, wrap);
         assert_ne!(ctl, wrap);

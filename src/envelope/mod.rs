@@ -28,7 +28,10 @@ mod wrap;
 mod tests;
 
 pub use error::EnvelopeError;
-pub use kdf::{derive_control_key, derive_epoch1, CONTROL_INFO, EPOCH1_INFO, HKDF_SALT, WRAP_INFO};
+pub use kdf::{
+    derive_audit_key, derive_control_key, derive_epoch1, AUDIT_INFO, CONTROL_INFO, EPOCH1_INFO,
+    HKDF_SALT, WRAP_INFO,
+};
 pub use keys::{
     DataKey, RootKey, DATA_FINGERPRINT_LABEL, FINGERPRINT_BYTES, KEY_LEN, ROOT_FINGERPRINT_LABEL,
 };

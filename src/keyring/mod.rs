@@ -788,7 +788,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ring = Keyring::open(root(), Some(dir.path()), 1).unwrap();
         let audit_path = dir.path().join("audit.log");
-        let log = Arc::new(crate::audit::AuditLog::open(&audit_path).unwrap());
+        let log = Arc::new(
+            crate::audit::AuditLog::open(&audit_path, crate::audit::AuditKey::new(&root()))
+                .unwrap(),
+        );
         ring.set_audit(log, "proxy-test".into());
         for epoch in 2..=4 {
             ring.stage(epoch, DataKey::generate().unwrap()).unwrap();
@@ -819,7 +822,7 @@ mod tests {
             assert_eq!(ring.lookup(&snap, 2).err(), Some(KeyMiss::Unavailable));
         }
         assert_eq!(entries(), 1, "audited once, not once per message");
-        crate::audit::verify(&audit_path).unwrap();
+        crate::audit::verify(&audit_path, &crate::audit::AuditKey::new(&root())).unwrap();
 
         // Once the interval has passed it is tried again, and a good file opens.
         ring.unavailable.lock().unwrap().get_mut(&2).unwrap().since -= UNAVAILABLE_RETRY;

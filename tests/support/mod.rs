@@ -360,6 +360,11 @@ pub fn init_logs() {
 /// The root key every test proxy shares unless a test says otherwise.
 pub const TEST_KEK: [u8; 32] = [0x42; 32];
 
+/// The key that authenticates audit entries under the shared test root key.
+pub fn test_audit_key() -> cipherbus::audit::AuditKey {
+    cipherbus::audit::AuditKey::new(&RootKey::from_bytes(TEST_KEK))
+}
+
 /// Starts an in-process proxy in front of `upstream` with the shared test root key.
 pub async fn proxy(upstream: &NatsServer) -> ProxyHandle {
     proxy_with(upstream, "", TEST_KEK).await
