@@ -108,10 +108,14 @@ async fn every_key_event_is_in_the_stream_which_keeps_it_and_vouches_for_the_fil
     assert_eq!(rotate(&d.server, "second").await, Ok(3));
     let file = d.file();
     let full = lines(&file);
-    assert!(full.len() >= 8, "generated, staged, activated, retired twice: {full:?}");
+    assert!(
+        full.len() >= 8,
+        "generated, staged, activated, retired twice: {full:?}"
+    );
 
     // The file and the stream agree, entry for entry.
-    let (ok, stdout, stderr) = audit_cli(&d.server, &d.kek, &["verify", path_str(&file), "--stream"]);
+    let (ok, stdout, stderr) =
+        audit_cli(&d.server, &d.kek, &["verify", path_str(&file), "--stream"]);
     assert!(ok, "{stderr}");
     assert!(
         stdout.contains("the file and the stream hold the same entries"),
@@ -119,7 +123,11 @@ async fn every_key_event_is_in_the_stream_which_keeps_it_and_vouches_for_the_fil
     );
     let (ok, tail, stderr) = audit_cli(&d.server, &d.kek, &["tail", "--no-follow"]);
     assert!(ok, "{stderr}");
-    assert_eq!(tail.lines().collect::<Vec<_>>(), full, "tail prints the stream as stored");
+    assert_eq!(
+        tail.lines().collect::<Vec<_>>(),
+        full,
+        "tail prints the stream as stored"
+    );
 
     // The server refuses to remove anything from the stream.
     let observer = observer(&d.server).await;
@@ -128,7 +136,10 @@ async fn every_key_event_is_in_the_stream_which_keeps_it_and_vouches_for_the_fil
         .get_stream(cipherbus::audit::stream::stream_name(PREFIX))
         .await
         .unwrap();
-    assert!(stream.delete_message(1).await.is_err(), "deletes are denied");
+    assert!(
+        stream.delete_message(1).await.is_err(),
+        "deletes are denied"
+    );
     assert!(stream.purge().await.is_err(), "purges are denied");
     let info = stream.info().await.unwrap();
     assert!(info.config.deny_delete && info.config.deny_purge);
@@ -154,7 +165,10 @@ async fn every_key_event_is_in_the_stream_which_keeps_it_and_vouches_for_the_fil
     write_lines(&file, &after_one);
     let (ok, _, stderr) = audit_cli(&d.server, &d.kek, &["verify", path_str(&file), "--stream"]);
     assert!(!ok);
-    assert!(stderr.contains("its tail was cut, or it is an older copy"), "{stderr}");
+    assert!(
+        stderr.contains("its tail was cut, or it is an older copy"),
+        "{stderr}"
+    );
 
     // A rewritten entry, even one re-chained: reported at that entry.
     let mut edited = full.clone();
@@ -173,9 +187,17 @@ async fn a_lost_audit_file_comes_back_from_the_stream_when_the_authority_restart
     let before = lines(&d.file());
     std::fs::remove_file(d.file()).unwrap();
     d.restart_authority().await;
-    assert_eq!(lines(&d.file()), before, "the file is restored from the stream");
+    assert_eq!(
+        lines(&d.file()),
+        before,
+        "the file is restored from the stream"
+    );
     assert_eq!(rotate(&d.server, "after the loss").await, Ok(3));
-    let (ok, stdout, stderr) = audit_cli(&d.server, &d.kek, &["verify", path_str(&d.file()), "--stream"]);
+    let (ok, stdout, stderr) = audit_cli(
+        &d.server,
+        &d.kek,
+        &["verify", path_str(&d.file()), "--stream"],
+    );
     assert!(ok, "{stderr}");
     assert!(stdout.contains("the same entries"), "{stdout}");
 }

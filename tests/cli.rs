@@ -218,7 +218,11 @@ fn bad_startup_settings_exit_with_code_2_and_one_sentence() {
             good(&["--upstream", "nats://no host!:4222"]),
             "neither an IP address nor a DNS name",
         ),
-        ("unknown AEAD backend", good(&["--aead", "fast"]), "\"fast\""),
+        (
+            "unknown AEAD backend",
+            good(&["--aead", "fast"]),
+            "\"fast\"",
+        ),
     ];
     for (what, args, mention) in cases {
         let mut p = spawn(Command::new(BIN).args(&args));

@@ -274,6 +274,40 @@ async fn a_second_authority_stands_by() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(rotate(&server).await, 4);
     assert_eq!(second.metrics.rotations.get(), 1);
+
+    // Only the authority holding the role wrote the audit stream. The second's file, which
+    // recorded its standing by, was kept aside when it took over, and its file now continues
+    // the stream's chain.
+    let key = test_audit_key();
+    let client = observer(&server).await;
+    let stream = cipherbus::audit::stream::AuditStream::existing(&client, PREFIX)
+        .await
+        .unwrap();
+    let remote =
+        cipherbus::audit::verify_lines(&key, "stream", stream.lines().await.unwrap()).unwrap();
+    let file = cipherbus::audit::verify(&dir_c.path().join("audit.jsonl"), &key).unwrap();
+    assert_eq!(
+        cipherbus::audit::compare("file", &file, "stream", &remote),
+        None
+    );
+    assert!(remote
+        .lines
+        .iter()
+        .all(|(_, l, _)| !l.contains("standing by")));
+    assert!(remote
+        .lines
+        .last()
+        .unwrap()
+        .1
+        .contains("\"event\":\"retired\",\"epoch\":3"));
+    let aside: Vec<_> = std::fs::read_dir(dir_c.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".diverged-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the standing-by file is kept");
+    let kept = std::fs::read_to_string(aside[0].path()).unwrap();
+    assert!(kept.contains("standing by"));
 }
 
 /// A TCP relay in front of the server that can be cut and restored, to cut one proxy off.
@@ -419,7 +453,10 @@ fn audit_verify_names_the_first_bad_line() {
     let ok = verify(&kek);
     assert!(ok.status.success(), "{ok:?}");
     let stdout = String::from_utf8_lossy(&ok.stdout);
-    assert!(stdout.contains("3 entries, authenticated and chained"), "{stdout}");
+    assert!(
+        stdout.contains("3 entries, authenticated and chained"),
+        "{stdout}"
+    );
 
     // Another deployment's root key: every entry is foreign.
     let other_dir = tempfile::tempdir().unwrap();
@@ -427,7 +464,10 @@ fn audit_verify_names_the_first_bad_line() {
     let foreign = verify(&other);
     assert!(!foreign.status.success());
     let stderr = String::from_utf8_lossy(&foreign.stderr);
-    assert!(stderr.contains("entry 1: written by another deployment"), "{stderr}");
+    assert!(
+        stderr.contains("entry 1: written by another deployment"),
+        "{stderr}"
+    );
 
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, text.replacen("\"epoch\":2", "\"epoch\":7", 1)).unwrap();

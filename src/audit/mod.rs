@@ -235,39 +235,62 @@ impl AuditLog {
         (tail.seq, tail.mac.clone())
     }
 
-    /// Ties this file to the stream copy `remote` (verified): their common entries must agree;
-    /// entries only the stream has are appended here, and entries only this file has, and
-    /// every entry appended from now on, are queued for the stream ([`AuditLog::next_pending`]).
-    pub fn attach(&self, remote_name: &str, remote: &Verified) -> Result<(), AuditError> {
+    /// Ties this file to the stream copy `remote` (verified). Entries only the stream has are
+    /// appended here; entries only this file has, and every entry appended from now on, are
+    /// queued for the stream ([`AuditLog::next_pending`]). Where the two part ways (another
+    /// authority wrote the stream while this one stood by), this file is kept aside as
+    /// `<file>.diverged-<unix time>`, still verifiable on its own, and rebuilt from the
+    /// stream; returns the name it was kept under.
+    pub fn attach(&self, remote: &Verified) -> Result<Option<PathBuf>, AuditError> {
         let mut tail = self.tail();
         let local = verify(&self.path, &self.key)?;
-        let local_name = self.path.display().to_string();
         let common = local.lines.len().min(remote.lines.len());
-        if let Some(why) = compare(
-            &local_name,
-            &Verified {
-                entries: common as u64,
-                lines: local.lines[..common].to_vec(),
-            },
-            remote_name,
-            &Verified {
-                entries: common as u64,
-                lines: remote.lines[..common].to_vec(),
-            },
-        ) {
-            return Err(AuditError::Mismatch(why));
-        }
-        for (seq, line, mac) in &remote.lines[common..] {
+        let diverged =
+            (0..common).any(|i| !crate::ct::eq_str(&local.lines[i].2, &remote.lines[i].2));
+        let io = |source| AuditError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut kept = None;
+        let from = if diverged {
+            let secs = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let aside = PathBuf::from(format!("{}.diverged-{secs}", self.path.display()));
+            std::fs::rename(&self.path, &aside).map_err(io)?;
+            tail.file = OpenOptions::new()
+                .create_new(true)
+                .append(true)
+                .mode(0o600)
+                .open(&self.path)
+                .map_err(io)?;
+            tail.seq = 0;
+            tail.mac = GENESIS.to_owned();
+            kept = Some(aside);
+            0
+        } else {
+            common
+        };
+        for (seq, line, mac) in &remote.lines[from..] {
             self.write_line(&mut tail, line)?;
             tail.seq = *seq;
             tail.mac = mac.clone();
         }
-        let pending: VecDeque<(u64, String)> = local.lines[common..]
-            .iter()
-            .map(|(seq, line, _)| (*seq, line.clone()))
-            .collect();
+        let pending: VecDeque<(u64, String)> = if diverged {
+            VecDeque::new()
+        } else {
+            local.lines[common..]
+                .iter()
+                .map(|(seq, line, _)| (*seq, line.clone()))
+                .collect()
+        };
         tail.pending = Some(pending);
-        Ok(())
+        Ok(kept)
+    }
+
+    /// Stops queueing lines for the stream (another authority writes it now).
+    pub fn detach(&self) {
+        self.tail().pending = None;
     }
 
     /// The oldest line the stream has not confirmed.
@@ -578,10 +601,17 @@ mod tests {
             entry.prev = prev.clone();
             let body = serde_json::to_string(&entry).unwrap();
             prev = hex::encode(Sha256::digest(body.as_bytes()));
-            out.push_str(&format!("{},\"mac\":\"{prev}\"}}\n", &body[..body.len() - 1]));
+            out.push_str(&format!(
+                "{},\"mac\":\"{prev}\"}}\n",
+                &body[..body.len() - 1]
+            ));
         }
         std::fs::write(&path, out).unwrap();
-        assert!(err_of(&path).contains("entry 1: MAC does not match"), "{}", err_of(&path));
+        assert!(
+            err_of(&path).contains("entry 1: MAC does not match"),
+            "{}",
+            err_of(&path)
+        );
     }
 
     #[test]
@@ -591,7 +621,10 @@ mod tests {
         write_log(&path, 2);
         let other = AuditKey::new(&RootKey::from_bytes([6; 32]));
         let err = verify(&path, &other).unwrap_err().to_string();
-        assert!(err.contains("entry 1: written by another deployment"), "{err}");
+        assert!(
+            err.contains("entry 1: written by another deployment"),
+            "{err}"
+        );
         assert!(AuditLog::open(&path, other).is_err());
 
         std::fs::write(
@@ -615,9 +648,15 @@ mod tests {
         short.entries = 2;
         assert_eq!(compare("file", &full, "stream", &full), None);
         let cut = compare("file", &short, "stream", &full).unwrap();
-        assert!(cut.contains("file ends at entry 2 but stream goes on to entry 4"), "{cut}");
+        assert!(
+            cut.contains("file ends at entry 2 but stream goes on to entry 4"),
+            "{cut}"
+        );
         let missing = compare("file", &full, "stream", &short).unwrap();
-        assert!(missing.contains("entries 3 to 4 are missing from stream"), "{missing}");
+        assert!(
+            missing.contains("entries 3 to 4 are missing from stream"),
+            "{missing}"
+        );
         let mut other = full.clone();
         other.lines[1].2 = GENESIS.to_owned();
         let differ = compare("file", &other, "stream", &full).unwrap();

@@ -99,6 +99,9 @@ struct Authority {
     audit: Option<Arc<AuditLog>>,
     /// The audit trail's copy on the bus, where the bus has JetStream.
     audit_stream: Option<AuditStream>,
+    /// Whether the file is tied to the stream as it is now: not after standing by, while
+    /// another authority wrote it.
+    audit_attached: bool,
     /// Audit entries written but not yet published for collectors.
     unpublished: Vec<crate::audit::Entry>,
     proxies: HashMap<String, Proxy>,
@@ -157,7 +160,10 @@ pub async fn run(
         Some(log) => match attach_audit_stream(&client, &cfg.prefix, log).await {
             Ok(s) => s,
             Err(e) => {
-                metrics.audit_failures.get_or_create(&ReasonLabel { reason: "stream" }).inc();
+                metrics
+                    .audit_failures
+                    .get_or_create(&ReasonLabel { reason: "stream" })
+                    .inc();
                 tracing::error!(error = %e, "key authority not started: its audit trail cannot be tied to the audit stream");
                 return;
             }
@@ -175,6 +181,7 @@ pub async fn run(
         opener: Opener::new(),
         guard: ReplayGuard::default(),
         audit,
+        audit_attached: audit_stream.is_some(),
         audit_stream,
         unpublished: Vec::new(),
         proxies: HashMap::new(),
@@ -205,11 +212,27 @@ async fn attach_audit_stream(
         );
         return Ok(None);
     };
+    attach(&stream, log).await?;
+    Ok(Some(stream))
+}
+
+/// Ties the file to the stream as it is now (see [`AuditLog::attach`]).
+async fn attach(stream: &AuditStream, log: &AuditLog) -> Result<(), crate::audit::AuditError> {
     let name = format!("stream {}", stream.name());
     let remote = crate::audit::verify_lines(log.key(), &name, stream.lines().await?)?;
-    log.attach(&name, &remote)?;
-    tracing::info!(stream = stream.name(), entries = remote.entries, "audit stream attached");
-    Ok(Some(stream))
+    if let Some(aside) = log.attach(&remote)? {
+        tracing::warn!(
+            kept = %aside.display(),
+            stream = stream.name(),
+            "this authority's audit file parted ways with the audit stream (another authority wrote it); the file is kept aside and rebuilt from the stream"
+        );
+    }
+    tracing::info!(
+        stream = stream.name(),
+        entries = remote.entries,
+        "audit stream attached"
+    );
+    Ok(())
 }
 
 impl Authority {
@@ -618,12 +641,47 @@ impl Authority {
     /// Writes a key event to the file and the stream, and returns only once both hold it: a
     /// key event that cannot be audited does not happen.
     async fn audit_now(&mut self, event: Event) -> Result<(), String> {
+        // Tied first, so the entry follows the stream's chain.
+        self.ensure_attached().await?;
         self.append_audit(event)?;
         self.flush_audit().await
     }
 
+    /// Ties the file to the stream again after standing by or after a failed append, when
+    /// another authority may have written it meanwhile.
+    async fn ensure_attached(&mut self) -> Result<(), String> {
+        let (Some(log), Some(stream)) = (&self.audit, &self.audit_stream) else {
+            return Ok(());
+        };
+        if self.audit_attached || self.standing_by() {
+            return Ok(());
+        }
+        if let Err(e) = attach(stream, log).await {
+            self.metrics
+                .audit_failures
+                .get_or_create(&ReasonLabel { reason: "stream" })
+                .inc();
+            return Err(e.to_string());
+        }
+        self.audit_attached = true;
+        Ok(())
+    }
+
     /// Sends the stream every entry the file holds that it has not confirmed, oldest first.
+    /// Only the authority holding the role writes the stream; one that stood by ties its file
+    /// to the stream again first.
     async fn flush_audit(&mut self) -> Result<(), String> {
+        let (Some(log), Some(_)) = (&self.audit, &self.audit_stream) else {
+            return Ok(());
+        };
+        if self.standing_by() {
+            if self.audit_attached {
+                log.detach();
+                self.audit_attached = false;
+            }
+            return Ok(());
+        }
+        self.ensure_attached().await?;
         let (Some(log), Some(stream)) = (&self.audit, &self.audit_stream) else {
             return Ok(());
         };
@@ -633,6 +691,9 @@ impl Authority {
                     .audit_failures
                     .get_or_create(&ReasonLabel { reason: "stream" })
                     .inc();
+                // Read the stream again before the next attempt: another authority may have
+                // written the entry this one tried to.
+                self.audit_attached = false;
                 return Err(e.to_string());
             }
             log.confirmed(seq);
@@ -753,7 +814,12 @@ impl Authority {
             .ok_or("no epochs left")?;
         let key = DataKey::generate().map_err(|e| e.to_string())?;
         let fingerprint = key.fingerprint();
-        let generated = self.event(EventKind::Generated, epoch, Some(fingerprint.clone()), reason);
+        let generated = self.event(
+            EventKind::Generated,
+            epoch,
+            Some(fingerprint.clone()),
+            reason,
+        );
         if let Err(e) = self.audit_now(generated).await {
             return Err(self.refuse_unaudited("rotation", &e));
         }
@@ -817,7 +883,12 @@ impl Authority {
             .map(|p| p.sealed_messages)
             .sum();
         // Recorded before it happens, so an activation the trail cannot hold does not happen.
-        let activated = self.event(EventKind::Activated, epoch, Some(fingerprint.clone()), reason);
+        let activated = self.event(
+            EventKind::Activated,
+            epoch,
+            Some(fingerprint.clone()),
+            reason,
+        );
         if let Err(e) = self.audit_now(activated).await {
             return Err(self.refuse_unaudited("activation", &e));
         }

@@ -540,7 +540,10 @@ fn a_batch_of_mixed_subjects_and_payloads_opens_in_a_batch() {
             }
             let mut failed = Vec::new();
             batch.open_with(&mut out[..], &opener, |i| failed.push(i));
-            assert!(failed.is_empty(), "{kind:?}, shape {shape:?}: {failed:?} failed");
+            assert!(
+                failed.is_empty(),
+                "{kind:?}, shape {shape:?}: {failed:?} failed"
+            );
             let want: Vec<u8> = shape.iter().flat_map(|&(_, p)| vec![0x44; p]).collect();
             assert_eq!(&out[..], &want[..], "shape {shape:?}");
         }
