@@ -238,3 +238,77 @@ async fn a_rotation_the_audit_stream_cannot_record_does_not_happen() {
     assert_eq!(after.len(), before.len() + 1, "{after:?}");
     assert!(after[before.len()].contains("\"event\":\"generated\""));
 }
+
+/// Sends the stream what `log` holds that it has not confirmed, as the authority does.
+async fn flush(
+    stream: &cipherbus::audit::stream::AuditStream,
+    log: &cipherbus::audit::AuditLog,
+) -> Result<(), cipherbus::audit::AuditError> {
+    while let Some((seq, line)) = log.next_pending() {
+        stream.append(seq, &line).await?;
+        log.confirmed(seq);
+    }
+    Ok(())
+}
+
+/// The fencing the audit stream gives: two authorities that both believe they hold the role
+/// (a split) each read the stream, then record `generated` for the next epoch. The server takes
+/// only the first (it checks the last sequence); the second, reading the stream again, sees
+/// that epoch taken and would generate the one after it. So no epoch is generated twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_authorities_cannot_both_generate_one_epoch() {
+    use cipherbus::audit::stream::AuditStream;
+    use cipherbus::audit::{verify_lines, AuditLog, Event, EventKind};
+    let server = NatsServer::start();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let client = observer(&server).await;
+    let stream = AuditStream::open(&client, PREFIX).await.unwrap().unwrap();
+    let open = |dir: &Path| AuditLog::open(&dir.join("audit.jsonl"), test_audit_key()).unwrap();
+    let (a, b) = (open(dir_a.path()), open(dir_b.path()));
+    let read = || async {
+        verify_lines(&test_audit_key(), "stream", stream.lines().await.unwrap()).unwrap()
+    };
+    // Both read the stream as it is: empty.
+    a.attach(&read().await).unwrap();
+    b.attach(&read().await).unwrap();
+    let generated = |who: &str, epoch: u32| Event {
+        kind: EventKind::Generated,
+        epoch: Some(epoch),
+        fingerprint: Some(format!("{who}-key")),
+        actor: who.into(),
+        reason: "split".into(),
+    };
+    let next_epoch = |log: &AuditLog| log.max_generated().max(1) + 1;
+    assert_eq!((next_epoch(&a), next_epoch(&b)), (2, 2));
+    a.append(generated("a", next_epoch(&a))).unwrap();
+    b.append(generated("b", next_epoch(&b))).unwrap();
+    flush(&stream, &a).await.expect("the first one lands");
+    let err = flush(&stream, &b)
+        .await
+        .expect_err("the second one is refused");
+    assert!(err.to_string().contains("wrong last sequence"), "{err}");
+
+    // B reads the stream again: its own entry is kept aside, and epoch 2 is taken.
+    let kept = b.attach(&read().await).unwrap();
+    assert!(kept.is_some(), "b's file parted ways and is kept aside");
+    assert_eq!(next_epoch(&b), 3);
+    b.append(generated("b", 3)).unwrap();
+    flush(&stream, &b)
+        .await
+        .expect("b's next epoch lands after a's");
+    let all = read().await;
+    let epochs: Vec<&str> = all
+        .lines
+        .iter()
+        .map(|(_, l, _)| {
+            l.split("\"epoch\":")
+                .nth(1)
+                .unwrap()
+                .split(',')
+                .next()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(epochs, ["2", "3"], "each epoch generated once");
+    assert!(all.lines[0].1.contains("a-key") && all.lines[1].1.contains("b-key"));
+}

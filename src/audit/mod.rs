@@ -145,6 +145,8 @@ struct Tail {
     file: File,
     seq: u64,
     mac: String,
+    /// The highest epoch a `generated` entry of this file or its stream names.
+    max_generated: u32,
     /// With a stream attached: lines not yet confirmed by it, oldest first.
     pending: Option<VecDeque<(u64, String)>>,
 }
@@ -175,6 +177,7 @@ impl AuditLog {
                 file,
                 seq: verified.entries,
                 mac: verified.last_mac().to_owned(),
+                max_generated: verified.max_generated,
                 pending: None,
             }),
         })
@@ -210,6 +213,9 @@ impl AuditLog {
         self.write_line(&mut tail, &line)?;
         tail.seq = entry.seq;
         tail.mac = mac;
+        if entry.event == EventKind::Generated {
+            tail.max_generated = tail.max_generated.max(entry.epoch.unwrap_or(0));
+        }
         if let Some(pending) = &mut tail.pending {
             if pending.len() >= MAX_PENDING {
                 pending.pop_front();
@@ -285,7 +291,19 @@ impl AuditLog {
                 .collect()
         };
         tail.pending = Some(pending);
+        // The file's own entries count too, kept aside or not: an epoch number is never
+        // handed out twice, even one whose generation was refused.
+        tail.max_generated = tail
+            .max_generated
+            .max(local.max_generated)
+            .max(remote.max_generated);
         Ok(kept)
+    }
+
+    /// The highest epoch any `generated` entry seen here names: the next rotation takes a
+    /// higher one.
+    pub fn max_generated(&self) -> u32 {
+        self.tail().max_generated
     }
 
     /// Stops queueing lines for the stream (another authority writes it now).
@@ -403,6 +421,8 @@ pub struct Verified {
     pub entries: u64,
     /// `(seq, line, mac)` of every entry.
     pub lines: Vec<(u64, String, String)>,
+    /// The highest epoch a `generated` entry names (0 if none).
+    pub max_generated: u32,
 }
 
 impl Verified {
@@ -422,6 +442,9 @@ pub fn verify_lines(
     let mut out = Verified::default();
     for line in lines {
         let (entry, mac) = chain.check(&line)?;
+        if entry.event == EventKind::Generated {
+            out.max_generated = out.max_generated.max(entry.epoch.unwrap_or(0));
+        }
         out.lines
             .push((entry.seq, String::from_utf8_lossy(&line).into_owned(), mac));
     }

@@ -803,6 +803,14 @@ impl Authority {
         reason: &str,
         acks: &mut async_nats::Subscriber,
     ) -> Result<Rotated, String> {
+        // The stream as it is now first: with it, the epoch number below is above every one
+        // another authority generated, and the `generated` entry lands only if no other
+        // entry landed since (the server checks the last sequence), so no epoch number is
+        // ever generated twice.
+        if let Err(e) = self.ensure_attached().await {
+            return Err(self.refuse_unaudited("rotation", &e));
+        }
+        let recorded = self.audit.as_ref().map_or(0, |log| log.max_generated());
         let epoch = self
             .keyring
             .records()
@@ -810,6 +818,7 @@ impl Authority {
             .map(|r| r.epoch)
             .max()
             .unwrap_or(1)
+            .max(recorded)
             .checked_add(1)
             .ok_or("no epochs left")?;
         let key = DataKey::generate().map_err(|e| e.to_string())?;
