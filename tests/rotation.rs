@@ -510,3 +510,48 @@ async fn a_proxy_that_missed_the_announcements_fetches_the_key_and_delivers() {
     assert_eq!(pb.metrics.open_failures_for("unknown_epoch"), 1);
     answering.abort();
 }
+
+/// The first rotation after an authority starts counts every live proxy: membership is
+/// learned from the heartbeats heard while the authority listens before it serves, not from
+/// whichever heartbeat happens to be read before the request. Proxies started first beat once
+/// before the authority listens (lost) and once while it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_rotation_after_a_start_waits_for_every_live_proxy() {
+    const BEAT: &str = "[rotation]\nheartbeat_every = \"1s\"\nstage_timeout = \"5s\"\n";
+    let server = NatsServer::start();
+    let pb = proxy_with(&server, BEAT, TEST_KEK).await;
+    let pc = proxy_with(&server, BEAT, TEST_KEK).await;
+    let state = tempfile::tempdir().unwrap();
+    let pa = proxy_full(&server, BEAT, TEST_KEK, Some(state.path()), true).await;
+    // Asked as soon as the authority listens (until then nothing answers the request): it
+    // waits until the authority serves.
+    let started = std::time::Instant::now();
+    let rotated = loop {
+        let r = cipherbus::control::authority::request_rotation(
+            vec![server.url()],
+            &RootKey::from_bytes(TEST_KEK),
+            PREFIX,
+            "right after the start",
+        )
+        .await;
+        match r {
+            Err(e)
+                if e.contains("no key authority")
+                    && started.elapsed() < Duration::from_secs(10) =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            r => break r.expect("rotation succeeds"),
+        }
+    };
+    assert_eq!(rotated.epoch, 2);
+    assert_eq!(
+        (rotated.acked.len(), rotated.laggards.len()),
+        (3, 0),
+        "every proxy acknowledged before the activation: {rotated:?}"
+    );
+    for p in [&pa, &pb, &pc] {
+        assert_eq!(p.metrics.open_failures_for("unknown_epoch"), 0);
+        assert!(active_epoch(p, 2).await);
+    }
+}

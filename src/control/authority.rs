@@ -254,11 +254,18 @@ impl Authority {
         let mut revoke_cmds = self.client.subscribe(revoke_subject(&prefix)).await?;
         let mut syncs = self.client.subscribe(sync_subject(&prefix)).await?;
         let mut hellos = self.client.subscribe(hello_subject(&prefix)).await?;
-        // Listen before acting, so a running authority is heard before this one writes.
+        // Listen before acting, so a running authority is heard before this one writes, and
+        // every live proxy (each beats at least once in two intervals) is known before the
+        // first rotation counts acknowledgements: requests wait meanwhile.
         self.say_hello().await;
         let listen_until = tokio::time::Instant::now() + self.cfg.rotation.heartbeat_every * 2;
-        while let Ok(Some(m)) = tokio::time::timeout_at(listen_until, hellos.next()).await {
-            self.on_hello(&m.payload);
+        loop {
+            tokio::select! {
+                Some(m) = hellos.next() => self.on_hello(&m.payload),
+                Some(m) = heartbeats.next() => self.on_heartbeat(&m.payload),
+                _ = tokio::time::sleep_until(listen_until) => break,
+                _ = shutdown.changed() => return Ok(()),
+            }
         }
         let mut tick = tokio::time::interval(self.cfg.rotation.heartbeat_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
