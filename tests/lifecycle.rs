@@ -239,6 +239,55 @@ async fn retention_destroys_retired_epochs_on_every_proxy() {
     assert_eq!(pb.metrics.open_failures_for("destroyed"), 1);
 }
 
+/// The authority and every proxy restart at once, and the authority stays down. A brand-new
+/// proxy with an empty state directory reads the keyring from the bus's KV bucket, where the
+/// authority last wrote it (sealed), and opens new traffic and all stored history within 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_proxy_catches_up_from_the_keyring_bucket_with_no_authority_running() {
+    let server = NatsServer::start();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let pa = proxy_full(&server, FAST, TEST_KEK, Some(dir_a.path()), true).await;
+    let pb = proxy_full(&server, FAST, TEST_KEK, Some(dir_b.path()), false).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    create_history_stream(&pa).await;
+    store(&pa, "e1").await;
+    for epoch in 2..=3 {
+        assert_eq!(rotate(&server).await, epoch);
+        store(&pa, &format!("e{epoch}")).await;
+    }
+    pa.shutdown().await;
+    pb.shutdown().await;
+    let pb = proxy_full(&server, FAST, TEST_KEK, Some(dir_b.path()), false).await;
+
+    let dir_c = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let pc = proxy_full(&server, FAST, TEST_KEK, Some(dir_c.path()), false).await;
+    assert!(
+        eventually(Duration::from_secs(2), || pc
+            .keyring
+            .snapshot()
+            .active
+            .epoch
+            == 3)
+        .await,
+        "the new proxy has the keyring within 2 s"
+    );
+    let want: Vec<String> = (1..=3).map(|e| format!("e{e}")).collect();
+    assert_eq!(history(&pc).await, want, "all stored history opens");
+    let (publisher, receiver) = (agent(&pb).await, agent(&pc).await);
+    let mut inbox = receiver.subscribe("fresh.traffic").await.unwrap();
+    sync(&receiver).await;
+    assert!(round_trip(&publisher, "fresh.traffic", &mut inbox).await);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "new traffic and history within 2 s: {:?}",
+        started.elapsed()
+    );
+    for reason in ["unknown_epoch", "key_unavailable", "auth"] {
+        assert_eq!(pc.metrics.open_failures_for(reason), 0, "{reason}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_authority_stands_by() {
     let server = NatsServer::start();

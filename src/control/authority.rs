@@ -48,6 +48,21 @@ pub fn sync_subject(prefix: &str) -> String {
     format!("{prefix}.sync")
 }
 
+/// The JetStream KV bucket that holds the keyring as the authority last wrote it, sealed.
+pub fn keyring_bucket(prefix: &str) -> String {
+    let mut name = crate::audit::stream::stream_name(prefix);
+    name.truncate(name.len() - "_AUDIT".len());
+    name.push_str("_KEYRING");
+    name
+}
+
+/// The bucket's one key, and the subject its value is sealed for.
+pub const KEYRING_KEY: &str = "keyring";
+
+pub fn keyring_subject(prefix: &str) -> String {
+    format!("{prefix}.keyring")
+}
+
 /// Where audit events are published for collectors.
 pub fn audit_subject(prefix: &str) -> String {
     format!("{prefix}.audit")
@@ -99,6 +114,8 @@ struct Authority {
     audit: Option<Arc<AuditLog>>,
     /// The audit trail's copy on the bus, where the bus has JetStream.
     audit_stream: Option<AuditStream>,
+    /// Where the keyring is kept for proxies to read with no authority running.
+    keyring_kv: Option<async_nats::jetstream::kv::Store>,
     /// Whether the file is tied to the stream as it is now: not after standing by, while
     /// another authority wrote it.
     audit_attached: bool,
@@ -170,6 +187,7 @@ pub async fn run(
         },
         None => None,
     };
+    let keyring_kv = open_keyring_bucket(&client, &cfg.prefix).await;
     let subjects = Subjects::new(&cfg.prefix);
     let mut authority = Authority {
         keyring,
@@ -183,6 +201,7 @@ pub async fn run(
         audit,
         audit_attached: audit_stream.is_some(),
         audit_stream,
+        keyring_kv,
         unpublished: Vec::new(),
         proxies: HashMap::new(),
         retired_usage: HashMap::new(),
@@ -195,6 +214,39 @@ pub async fn run(
     };
     if let Err(e) = authority.serve(&mut shutdown).await {
         tracing::error!(error = %e, "key authority stopped");
+    }
+}
+
+/// Opens (or creates) the keyring bucket; `None` on a bus without JetStream, or if it cannot
+/// be made (logged: proxies then sync from a running authority only).
+async fn open_keyring_bucket(
+    client: &async_nats::Client,
+    prefix: &str,
+) -> Option<async_nats::jetstream::kv::Store> {
+    use async_nats::jetstream::{kv, stream::StorageType};
+    if !client.server_info().jetstream {
+        return None;
+    }
+    let js = async_nats::jetstream::new(client.clone());
+    let bucket = keyring_bucket(prefix);
+    let made = match js.get_key_value(&bucket).await {
+        Ok(kv) => Ok(kv),
+        Err(_) => {
+            js.create_key_value(kv::Config {
+                bucket: bucket.clone(),
+                history: 1,
+                storage: StorageType::File,
+                ..Default::default()
+            })
+            .await
+        }
+    };
+    match made {
+        Ok(kv) => Some(kv),
+        Err(e) => {
+            tracing::warn!(bucket, error = %e, "cannot open the keyring bucket; proxies sync from a running authority only");
+            None
+        }
     }
 }
 
@@ -274,6 +326,7 @@ impl Authority {
             active_epoch = self.keyring.snapshot().active.epoch,
             "key authority running"
         );
+        self.publish_keyring().await;
         loop {
             tokio::select! {
                 Some(m) = hellos.next() => self.on_hello(&m.payload),
@@ -498,6 +551,7 @@ impl Authority {
             reason: reason.to_owned(),
         })
         .await;
+        self.publish_keyring().await;
         tracing::warn!(epoch, reason, "destroyed a data key");
         Ok(())
     }
@@ -708,6 +762,29 @@ impl Authority {
         Ok(())
     }
 
+    /// Writes the keyring, sealed, to the bucket proxies read at start when no authority
+    /// answers. Wrapped keys are under the root key, the whole under the control key.
+    async fn publish_keyring(&mut self) {
+        if self.standing_by() {
+            return;
+        }
+        let Some(kv) = self.keyring_kv.clone() else {
+            return;
+        };
+        let subject = keyring_subject(&self.cfg.prefix);
+        let body = Body::SyncReply {
+            epochs: self.epochs(true),
+        };
+        match self.sealer.seal(&subject, body) {
+            Ok(sealed) => {
+                if let Err(e) = kv.put(KEYRING_KEY, sealed.into()).await {
+                    tracing::warn!(error = %e, "cannot write the keyring bucket");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot seal the keyring for the bucket"),
+        }
+    }
+
     /// A key event refused because it could not be audited: counted, logged, and the
     /// sentence the operator gets.
     fn refuse_unaudited(&self, what: &str, why: &str) -> String {
@@ -853,6 +930,7 @@ impl Authority {
         let stage = self
             .stage_body(epoch)
             .ok_or("the staged key cannot be wrapped")?;
+        self.publish_keyring().await;
 
         let expected = self.live();
         let mut acked: Vec<String> = Vec::new();
@@ -927,6 +1005,7 @@ impl Authority {
         self.announce(Body::Activate { epoch }).await;
         self.activated = Instant::now();
         self.metrics.rotations.inc();
+        self.publish_keyring().await;
         tracing::info!(
             epoch,
             acked = acked.len(),

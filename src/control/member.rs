@@ -269,20 +269,22 @@ async fn sync(
     let request = async_nats::Request::new()
         .payload(sealed.into())
         .timeout(Some(std::time::Duration::from_secs(5)));
-    let reply = match client.send_request(subject, request).await {
-        Ok(r) => r,
+    let (from, sealed_for, payload) = match client.send_request(subject, request).await {
+        Ok(r) => ("the key authority", r.subject.to_string(), r.payload),
         Err(e) => {
-            tracing::debug!(error = %e, "no keyring sync (no authority answered)");
-            return;
+            tracing::debug!(error = %e, "no keyring sync from an authority; trying the keyring bucket");
+            match keyring_from_bucket(client, prefix).await {
+                Some(value) => (
+                    "the keyring bucket",
+                    super::authority::keyring_subject(prefix),
+                    value,
+                ),
+                None => return,
+            }
         }
     };
     let control_key = member.control_key().clone();
-    let opened = message::open(
-        &mut Opener::new(),
-        &control_key,
-        reply.subject.as_str(),
-        &reply.payload,
-    );
+    let opened = message::open(&mut Opener::new(), &control_key, &sealed_for, &payload);
     match opened {
         Ok(message::ControlMessage {
             body: Body::SyncReply { epochs },
@@ -290,7 +292,8 @@ async fn sync(
         }) => match member.apply_sync(&epochs) {
             Ok(()) => tracing::info!(
                 active_epoch = member.keyring.snapshot().active.epoch,
-                "keyring synced from the key authority"
+                from,
+                "keyring synced"
             ),
             Err(e) => {
                 metrics.control_refused(e.reason());
@@ -300,6 +303,19 @@ async fn sync(
         Ok(_) => metrics.control_refused("malformed"),
         Err(e) => metrics.control_refused(e.reason()),
     }
+}
+
+/// The keyring as the authority last wrote it to the bucket (sealed), if the bus has one.
+async fn keyring_from_bucket(client: &async_nats::Client, prefix: &str) -> Option<bytes::Bytes> {
+    if !client.server_info().jetstream {
+        return None;
+    }
+    let js = async_nats::jetstream::new(client.clone());
+    let kv = js
+        .get_key_value(super::authority::keyring_bucket(prefix))
+        .await
+        .ok()?;
+    kv.get(super::authority::KEYRING_KEY).await.ok().flatten()
 }
 
 /// Follows announcements on `upstream` until shutdown, acknowledging staged keys. Syncs the
