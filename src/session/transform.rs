@@ -852,6 +852,60 @@ mod tests {
         assert_eq!(delivery_subject(b""), b"");
     }
 
+    /// With the default backend, a session seals and opens each message as it handles it:
+    /// nothing waits in its batch for the hand-written kernels; with `batched`, it does.
+    #[test]
+    fn the_default_backend_leaves_nothing_for_the_batch() {
+        let keyring = Keyring::open(crate::envelope::RootKey::from_bytes([7; 32]), None, 4)
+            .expect("in-memory keyring");
+        let snap = keyring.snapshot();
+        let (policy, metrics, replies) = (Policy::default(), Metrics::new(), Replies::default());
+        for (aead, queues) in [
+            (AeadBackend::Audited, false),
+            (
+                AeadBackend::Batched,
+                crate::envelope::BatchPath::Radix26.available(),
+            ),
+        ] {
+            let mut outbound = Outbound::new(aead);
+            let mut wire = BytesMut::new();
+            for _ in 0..4 {
+                let op = ClientOp::Pub {
+                    subject: &b"orders"[..],
+                    reply: None,
+                    payload: &b"secret"[..],
+                };
+                outbound
+                    .handle(op, &policy, &snap, &replies, &metrics, &mut wire)
+                    .expect("handled");
+            }
+            assert_eq!(!outbound.batch.is_empty(), queues, "{aead:?} outbound");
+            outbound.finish(&mut wire).expect("sealed");
+            let mut payloads = Vec::new();
+            let mut parser = proto::ClientParser::new();
+            while let Some((ClientOp::Pub { payload, .. }, len)) =
+                parser.parse(&wire, 1 << 20).expect("well-formed")
+            {
+                payloads.push(Bytes::copy_from_slice(payload));
+                wire.advance(len);
+            }
+            let mut inbound = Inbound::new(aead);
+            let mut out = BytesMut::new();
+            for payload in &payloads {
+                let op = ServerOp::Msg {
+                    subject: &b"orders"[..],
+                    sid: &b"1"[..],
+                    reply: None,
+                    payload: &payload[..],
+                };
+                inbound.handle(op, &policy, &keyring, &snap, &replies, &metrics, &mut out);
+            }
+            assert_eq!(!inbound.batch.is_empty(), queues, "{aead:?} inbound");
+            inbound.finish(&mut out, &metrics);
+            assert_eq!(String::from_utf8_lossy(&out).matches("secret").count(), 4);
+        }
+    }
+
     #[test]
     fn forgotten_keys_are_gone_and_come_back_with_the_next_message() {
         let keyring = Keyring::open(crate::envelope::RootKey::from_bytes([7; 32]), None, 4)
