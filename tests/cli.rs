@@ -258,17 +258,20 @@ fn check_config_validates_and_exits_0_without_dialling() {
          [[policy]]\nsubject = \"public.>\"\nmode = \"plaintext\"\n",
     )
     .unwrap();
-    let mut p = spawn(&mut cipherbus(&[
-        "run",
-        "--check-config",
-        "--config",
-        path_str(&config),
-        "--kek-file",
-        path_str(&kek),
-    ]));
-    let status = p.wait_exit(WAIT).expect("--check-config exits");
-    assert_eq!(status.code(), Some(0), "stderr: {}", p.stderr());
-    let stdout = p.stdout();
+    let check = || {
+        let mut p = spawn(&mut cipherbus(&[
+            "run",
+            "--check-config",
+            "--config",
+            path_str(&config),
+            "--kek-file",
+            path_str(&kek),
+        ]));
+        let status = p.wait_exit(WAIT).expect("--check-config exits");
+        assert_eq!(status.code(), Some(0), "stderr: {}", p.stderr());
+        p.stdout()
+    };
+    let stdout = check();
     assert!(stdout.contains("config ok"), "{stdout:?}");
     assert!(
         stdout.contains("127.0.0.1:4999"),
@@ -284,17 +287,7 @@ fn check_config_validates_and_exits_0_without_dialling() {
     let mut text = std::fs::read_to_string(&config).unwrap();
     text.insert_str(0, "aead = \"batched\"\n");
     std::fs::write(&config, text).unwrap();
-    let mut p = spawn(&mut cipherbus(&[
-        "run",
-        "--check-config",
-        "--config",
-        path_str(&config),
-        "--kek-file",
-        path_str(&kek),
-    ]));
-    let status = p.wait_exit(WAIT).expect("--check-config exits");
-    assert_eq!(status.code(), Some(0), "stderr: {}", p.stderr());
-    let stdout = p.stdout();
+    let stdout = check();
     let want = if std::arch::is_x86_feature_detected!("avx512f") {
         "aead batched (opt-in, hand-written): AVX-512 ChaCha20"
     } else {

@@ -61,19 +61,31 @@ fn key_files(dir: &Path) -> Vec<String> {
     names
 }
 
+/// An authority (state in `dir_a`) and a proxy (`dir_b`), and one stored message `eN` under each
+/// epoch from 1 to `last`.
+async fn history_over_rotations(
+    server: &NatsServer,
+    dir_a: &Path,
+    dir_b: &Path,
+    last: u32,
+) -> (ProxyHandle, ProxyHandle) {
+    let pa = proxy_full(server, FAST, TEST_KEK, Some(dir_a), true).await;
+    let pb = proxy_full(server, FAST, TEST_KEK, Some(dir_b), false).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    create_history_stream(&pa).await;
+    store(&pa, "e1").await;
+    for epoch in 2..=last {
+        assert_eq!(rotate(server).await, epoch);
+        store(&pa, &format!("e{epoch}")).await;
+    }
+    (pa, pb)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_joiners_and_restarted_proxies_open_stored_history() {
     let server = NatsServer::start();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let pa = proxy_full(&server, FAST, TEST_KEK, Some(dir_a.path()), true).await;
-    let pb = proxy_full(&server, FAST, TEST_KEK, Some(dir_b.path()), false).await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    create_history_stream(&pa).await;
-    store(&pa, "e1").await;
-    for epoch in 2..=4 {
-        assert_eq!(rotate(&server).await, epoch);
-        store(&pa, &format!("e{epoch}")).await;
-    }
+    let (pa, pb) = history_over_rotations(&server, dir_a.path(), dir_b.path(), 4).await;
     let want: Vec<String> = (1..=4).map(|e| format!("e{e}")).collect();
     assert_eq!(
         history(&pb).await,
@@ -246,15 +258,7 @@ async fn retention_destroys_retired_epochs_on_every_proxy() {
 async fn a_new_proxy_catches_up_from_the_keyring_bucket_with_no_authority_running() {
     let server = NatsServer::start();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let pa = proxy_full(&server, FAST, TEST_KEK, Some(dir_a.path()), true).await;
-    let pb = proxy_full(&server, FAST, TEST_KEK, Some(dir_b.path()), false).await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    create_history_stream(&pa).await;
-    store(&pa, "e1").await;
-    for epoch in 2..=3 {
-        assert_eq!(rotate(&server).await, epoch);
-        store(&pa, &format!("e{epoch}")).await;
-    }
+    let (pa, pb) = history_over_rotations(&server, dir_a.path(), dir_b.path(), 3).await;
     pa.shutdown().await;
     pb.shutdown().await;
     let pb = proxy_full(&server, FAST, TEST_KEK, Some(dir_b.path()), false).await;
