@@ -292,6 +292,41 @@ async fn a_new_proxy_catches_up_from_the_keyring_bucket_with_no_authority_runnin
     }
 }
 
+/// Two authorities started at the same instant: the lease (created only if absent) goes to
+/// one, and only that one writes epochs; across both state directories no epoch has two keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_authorities_started_at_once_one_writes() {
+    let server = NatsServer::start();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (pa, pb) = tokio::join!(
+        proxy_full(&server, FAST, TEST_KEK, Some(dir_a.path()), true),
+        proxy_full(&server, FAST, TEST_KEK, Some(dir_b.path()), true),
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for epoch in 2..=3 {
+        assert_eq!(rotate(&server).await, epoch);
+    }
+    let counts = (pa.metrics.rotations.get(), pb.metrics.rotations.get());
+    assert!(
+        counts == (2, 0) || counts == (0, 2),
+        "exactly one writes: {counts:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            pa.keyring.snapshot().active.epoch == 3 && pb.keyring.snapshot().active.epoch == 3
+        })
+        .await
+    );
+    let fingerprints = |p: &ProxyHandle| -> Vec<(u32, String)> {
+        p.keyring
+            .records()
+            .into_iter()
+            .map(|r| (r.epoch, r.fingerprint))
+            .collect()
+    };
+    assert_eq!(fingerprints(&pa), fingerprints(&pb), "one key per epoch");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_authority_stands_by() {
     let server = NatsServer::start();
@@ -528,4 +563,65 @@ fn audit_verify_names_the_first_bad_line() {
     assert!(!bad.status.success());
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(stderr.contains("entry 2: MAC does not match"), "{stderr}");
+}
+
+/// An authority cut off from the bus loses the lease to the standby; restored, it finds the
+/// lease held and stands by, instead of taking the role back (with hellos alone, the earlier
+/// start would win again). No epoch ever has two keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authority_cut_off_and_restored_does_not_take_the_role_back() {
+    let server = NatsServer::start();
+    let mut relay = Relay::start(server.addr());
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let pb = proxy_upstreams(vec![relay.url()], FAST, TEST_KEK, Some(dir_b.path()), true).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pa = proxy_full(&server, FAST, TEST_KEK, Some(dir_a.path()), true).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(rotate(&server).await, 2);
+    assert_eq!(
+        pb.metrics.rotations.get(),
+        1,
+        "the first started holds the role"
+    );
+
+    relay.cut();
+    // Its lease lapses (three heartbeats) and the standby takes it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(rotate(&server).await, 3);
+    assert_eq!(pa.metrics.rotations.get(), 1, "the standby took over");
+
+    relay.restore();
+    assert!(
+        eventually(Duration::from_secs(15), || pb
+            .keyring
+            .snapshot()
+            .active
+            .epoch
+            == 3)
+        .await,
+        "the restored authority catches up as a proxy"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for epoch in 4..=5 {
+        assert_eq!(rotate(&server).await, epoch);
+    }
+    assert_eq!(
+        (pa.metrics.rotations.get(), pb.metrics.rotations.get()),
+        (3, 1),
+        "the restored authority stands by"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            pa.keyring.snapshot().active.epoch == 5 && pb.keyring.snapshot().active.epoch == 5
+        })
+        .await
+    );
+    let fingerprints = |p: &ProxyHandle| -> Vec<(u32, String)> {
+        p.keyring
+            .records()
+            .into_iter()
+            .map(|r| (r.epoch, r.fingerprint))
+            .collect()
+    };
+    assert_eq!(fingerprints(&pa), fingerprints(&pb), "one key per epoch");
 }

@@ -59,6 +59,27 @@ pub fn keyring_bucket(prefix: &str) -> String {
 /// The bucket's one key, and the subject its value is sealed for.
 pub const KEYRING_KEY: &str = "keyring";
 
+/// The JetStream KV bucket whose one key is the key authority's lease.
+pub fn leader_bucket(prefix: &str) -> String {
+    let mut name = keyring_bucket(prefix);
+    name.truncate(name.len() - "_KEYRING".len());
+    name.push_str("_LEADER");
+    name
+}
+
+/// The lease's key: its value is the holder's node id.
+pub const LEADER_KEY: &str = "leader";
+
+/// The leadership lease: created only if absent, renewed by revision, gone when its holder has
+/// not renewed it for the bucket's `max_age`.
+struct Lease {
+    kv: async_nats::jetstream::kv::Store,
+    /// The revision of this authority's last write, while it holds the lease.
+    revision: Option<u64>,
+    /// Whether standing by was already logged and audited.
+    told: bool,
+}
+
 pub fn keyring_subject(prefix: &str) -> String {
     format!("{prefix}.keyring")
 }
@@ -116,6 +137,8 @@ struct Authority {
     audit_stream: Option<AuditStream>,
     /// Where the keyring is kept for proxies to read with no authority running.
     keyring_kv: Option<async_nats::jetstream::kv::Store>,
+    /// Where the bus has JetStream, the lease decides who acts; hellos decide elsewhere.
+    lease: Option<Lease>,
     /// Whether the file is tied to the stream as it is now: not after standing by, while
     /// another authority wrote it.
     audit_attached: bool,
@@ -188,6 +211,17 @@ pub async fn run(
         None => None,
     };
     let keyring_kv = open_keyring_bucket(&client, &cfg.prefix).await;
+    let lease = open_lease(
+        &client,
+        &cfg.prefix,
+        cfg.rotation.heartbeat_every * LIVE_INTERVALS,
+    )
+    .await
+    .map(|kv| Lease {
+        kv,
+        revision: None,
+        told: false,
+    });
     let subjects = Subjects::new(&cfg.prefix);
     let mut authority = Authority {
         keyring,
@@ -202,6 +236,7 @@ pub async fn run(
         audit_attached: audit_stream.is_some(),
         audit_stream,
         keyring_kv,
+        lease,
         unpublished: Vec::new(),
         proxies: HashMap::new(),
         retired_usage: HashMap::new(),
@@ -214,6 +249,41 @@ pub async fn run(
     };
     if let Err(e) = authority.serve(&mut shutdown).await {
         tracing::error!(error = %e, "key authority stopped");
+    }
+}
+
+/// Opens (or creates) the lease bucket, whose entries expire after `ttl`; `None` on a bus
+/// without JetStream (hellos decide there) or if it cannot be made (logged).
+async fn open_lease(
+    client: &async_nats::Client,
+    prefix: &str,
+    ttl: Duration,
+) -> Option<async_nats::jetstream::kv::Store> {
+    use async_nats::jetstream::{kv, stream::StorageType};
+    if !client.server_info().jetstream {
+        return None;
+    }
+    let js = async_nats::jetstream::new(client.clone());
+    let bucket = leader_bucket(prefix);
+    let made = match js.get_key_value(&bucket).await {
+        Ok(kv) => Ok(kv),
+        Err(_) => {
+            js.create_key_value(kv::Config {
+                bucket: bucket.clone(),
+                history: 1,
+                max_age: ttl,
+                storage: StorageType::File,
+                ..Default::default()
+            })
+            .await
+        }
+    };
+    match made {
+        Ok(kv) => Some(kv),
+        Err(e) => {
+            tracing::warn!(bucket, error = %e, "cannot open the lease bucket; hellos decide which authority acts");
+            None
+        }
     }
 }
 
@@ -310,6 +380,7 @@ impl Authority {
         // every live proxy (each beats at least once in two intervals) is known before the
         // first rotation counts acknowledgements: requests wait meanwhile.
         self.say_hello().await;
+        self.hold_lease().await;
         let listen_until = tokio::time::Instant::now() + self.cfg.rotation.heartbeat_every * 2;
         loop {
             tokio::select! {
@@ -401,6 +472,7 @@ impl Authority {
                 Some(_) = acks.next() => {} // Late acks outside a rotation carry no news.
                 _ = tick.tick() => {
                     self.say_hello().await;
+                    self.hold_lease().await;
                     if self.standing_by() {
                         continue;
                     }
@@ -412,7 +484,10 @@ impl Authority {
                         }
                     }
                 }
-                _ = shutdown.changed() => return Ok(()),
+                _ = shutdown.changed() => {
+                    self.release_lease().await;
+                    return Ok(());
+                }
             }
             if !self.unpublished.is_empty() {
                 if let Err(e) = self.flush_audit().await {
@@ -440,8 +515,76 @@ impl Authority {
         }
     }
 
+    /// Takes or renews the lease; returns whether this authority holds it. A renewal that
+    /// fails (the lease expired) tries to take it again, so a lone authority keeps it through
+    /// a long rotation; one that another authority took meanwhile is lost.
+    async fn hold_lease(&mut self) -> bool {
+        let node = self.cfg.node.clone();
+        let Some(lease) = &mut self.lease else {
+            return true;
+        };
+        if let Some(rev) = lease.revision {
+            match lease.kv.update(LEADER_KEY, node.clone().into(), rev).await {
+                Ok(r) => {
+                    lease.revision = Some(r);
+                    return true;
+                }
+                Err(_) => lease.revision = None,
+            }
+        }
+        match lease.kv.create(LEADER_KEY, node.into()).await {
+            Ok(r) => {
+                lease.revision = Some(r);
+                lease.told = false;
+                tracing::info!("holding the key authority lease");
+                true
+            }
+            Err(_) => {
+                if !lease.told {
+                    lease.told = true;
+                    let holder = match lease.kv.get(LEADER_KEY).await {
+                        Ok(Some(v)) => String::from_utf8_lossy(&v).into_owned(),
+                        _ => "another authority".to_owned(),
+                    };
+                    tracing::warn!(holder = %holder, "another key authority holds the lease; standing by");
+                    self.audit(Event {
+                        kind: EventKind::Refused,
+                        epoch: None,
+                        fingerprint: None,
+                        actor: self.cfg.node.clone(),
+                        reason: format!("standing by: authority {holder} holds the lease"),
+                    });
+                }
+                false
+            }
+        }
+    }
+
+    /// Gives the lease back on a clean stop, so a restarted or standby authority takes it at
+    /// once instead of after it lapses. Only the revision this authority wrote is deleted.
+    async fn release_lease(&mut self) {
+        if let Some(Lease {
+            kv,
+            revision: Some(rev),
+            ..
+        }) = &mut self.lease
+        {
+            if kv
+                .delete_expect_revision(LEADER_KEY, Some(*rev))
+                .await
+                .is_ok()
+            {
+                tracing::info!("gave the key authority lease back");
+            }
+        }
+    }
+
     /// Another authority that started earlier (ties: the smaller node id) keeps the role.
+    /// Only where there is no lease.
     fn on_hello(&mut self, payload: &[u8]) {
+        if self.lease.is_some() {
+            return;
+        }
         let subject = hello_subject(&self.cfg.prefix);
         let Ok(msg) = self.open_msg(&subject, payload) else {
             return;
@@ -468,8 +611,12 @@ impl Authority {
         }
     }
 
-    /// Standing by while the authority holding the role has been heard recently.
+    /// Standing by while another authority holds the lease or, with no lease, while the
+    /// authority holding the role has been heard recently.
     fn standing_by(&self) -> bool {
+        if let Some(lease) = &self.lease {
+            return lease.revision.is_none();
+        }
         let horizon = self.cfg.rotation.heartbeat_every * LIVE_INTERVALS;
         self.standing_by_for
             .as_ref()
@@ -936,6 +1083,13 @@ impl Authority {
         let mut acked: Vec<String> = Vec::new();
         let deadline = Instant::now() + self.cfg.rotation.stage_timeout;
         'stage: while expected.iter().any(|n| !acked.contains(n)) && Instant::now() < deadline {
+            // Renewed while waiting, so a long wait does not let the lease lapse; lost to
+            // another authority, the rotation stops short of activating.
+            if !self.hold_lease().await {
+                return Err(format!(
+                    "lost the key authority lease while staging epoch {epoch}; not activated"
+                ));
+            }
             self.announce(stage.clone()).await;
             let until = tokio::time::Instant::now() + RESTAGE_EVERY;
             loop {
@@ -976,6 +1130,11 @@ impl Authority {
             .filter(|p| p.active == old)
             .map(|p| p.sealed_messages)
             .sum();
+        if !self.hold_lease().await {
+            return Err(format!(
+                "lost the key authority lease while staging epoch {epoch}; not activated"
+            ));
+        }
         // Recorded before it happens, so an activation the trail cannot hold does not happen.
         let activated = self.event(
             EventKind::Activated,
