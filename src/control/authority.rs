@@ -67,6 +67,12 @@ pub fn leader_bucket(prefix: &str) -> String {
     name
 }
 
+/// How long the lease outlives its last renewal: three heartbeats, and never under 2 s, so a
+/// holder that a busy machine delays by a few hundred milliseconds does not lose it.
+pub fn lease_ttl(heartbeat_every: Duration) -> Duration {
+    (heartbeat_every * LIVE_INTERVALS).max(Duration::from_secs(2))
+}
+
 /// The lease's key: its value is the holder's node id.
 pub const LEADER_KEY: &str = "leader";
 
@@ -214,7 +220,7 @@ pub async fn run(
     let lease = open_lease(
         &client,
         &cfg.prefix,
-        cfg.rotation.heartbeat_every * LIVE_INTERVALS,
+        lease_ttl(cfg.rotation.heartbeat_every),
     )
     .await
     .map(|kv| Lease {
