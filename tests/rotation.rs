@@ -555,3 +555,42 @@ async fn the_first_rotation_after_a_start_waits_for_every_live_proxy() {
         assert!(active_epoch(p, 2).await);
     }
 }
+
+/// A cold start of the authority and three proxies at the default heartbeat (5 s): a rotation
+/// asked 1 s later completes within 2 s, acknowledged by every proxy. The authority holds the
+/// lease, so it calls the roll instead of listening for two heartbeat intervals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_one_second_after_a_cold_start_completes_within_two_seconds() {
+    let server = NatsServer::start();
+    let state = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let (pa, pb, pc, pd) = tokio::join!(
+        proxy_full(&server, "", TEST_KEK, Some(state.path()), true),
+        proxy_with(&server, "", TEST_KEK),
+        proxy_with(&server, "", TEST_KEK),
+        proxy_with(&server, "", TEST_KEK),
+    );
+    tokio::time::sleep(Duration::from_secs(1).saturating_sub(started.elapsed())).await;
+    let asked = std::time::Instant::now();
+    let rotated = cipherbus::control::authority::request_rotation(
+        vec![server.url()],
+        &RootKey::from_bytes(TEST_KEK),
+        PREFIX,
+        "one second after a cold start",
+    )
+    .await
+    .expect("rotation succeeds");
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(
+        (rotated.epoch, rotated.acked.len(), rotated.laggards.len()),
+        (2, 4, 0),
+        "the three proxies and the authority's own: {rotated:?}"
+    );
+    for p in [&pa, &pb, &pc, &pd] {
+        assert!(active_epoch(p, 2).await);
+    }
+}

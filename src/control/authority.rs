@@ -27,6 +27,8 @@ use crate::metrics::{Metrics, ReasonLabel};
 
 /// A proxy is live while its last heartbeat is younger than this many intervals.
 const LIVE_INTERVALS: u32 = 3;
+/// How long an authority holding the lease listens for answers to its roll call at start.
+const ROLL_CALL_WINDOW: Duration = Duration::from_millis(500);
 /// How often a staged key is announced again while acknowledgements are missing.
 const RESTAGE_EVERY: Duration = Duration::from_millis(250);
 
@@ -382,12 +384,19 @@ impl Authority {
         let mut revoke_cmds = self.client.subscribe(revoke_subject(&prefix)).await?;
         let mut syncs = self.client.subscribe(sync_subject(&prefix)).await?;
         let mut hellos = self.client.subscribe(hello_subject(&prefix)).await?;
-        // Listen before acting, so a running authority is heard before this one writes, and
-        // every live proxy (each beats at least once in two intervals) is known before the
-        // first rotation counts acknowledgements: requests wait meanwhile.
+        // Listen before acting, so every live proxy is known before the first rotation counts
+        // acknowledgements (requests wait meanwhile) and, without a lease, a running authority
+        // is heard before this one writes. With the lease, a roll call brings every live
+        // proxy's heartbeat at once; without it, every proxy beats at least once in two
+        // intervals.
         self.say_hello().await;
-        self.hold_lease().await;
-        let listen_until = tokio::time::Instant::now() + self.cfg.rotation.heartbeat_every * 2;
+        let listen = if self.hold_lease().await && self.lease.is_some() {
+            self.announce(Body::RollCall {}).await;
+            self.cfg.rotation.heartbeat_every.min(ROLL_CALL_WINDOW)
+        } else {
+            self.cfg.rotation.heartbeat_every * 2
+        };
+        let listen_until = tokio::time::Instant::now() + listen;
         loop {
             tokio::select! {
                 Some(m) = hellos.next() => self.on_hello(&m.payload),

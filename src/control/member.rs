@@ -111,6 +111,8 @@ impl std::fmt::Debug for Member {
 pub enum Reply {
     None,
     Ack(u32),
+    /// Send a heartbeat now (a roll call).
+    Beat,
 }
 
 impl Member {
@@ -181,6 +183,7 @@ impl Member {
                 }
                 Ok(Reply::None)
             }
+            Body::RollCall {} => Ok(Reply::Beat),
             _ => Ok(Reply::None),
         }
     }
@@ -446,6 +449,7 @@ pub async fn run(
                         .await;
                 }
             }
+            Ok(Reply::Beat) => heartbeat.reset_immediately(),
             Ok(Reply::None) => {}
             Err(e) => {
                 metrics.control_refused(e.reason());

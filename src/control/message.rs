@@ -78,6 +78,9 @@ pub enum Body {
         /// When this authority started (Unix ms): the earliest one keeps the role.
         since_ms: u64,
     },
+    /// An authority that holds the lease asks every proxy for a heartbeat now, to learn who
+    /// is live without waiting for their next one.
+    RollCall {},
     /// One audit log entry (its JSON line, without the hash), for collectors.
     AuditEvent {
         entry: String,
