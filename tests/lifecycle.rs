@@ -292,6 +292,27 @@ async fn a_new_proxy_catches_up_from_the_keyring_bucket_with_no_authority_runnin
     }
 }
 
+/// Both keyrings reach `active` as their active epoch, and hold the same epochs with the same
+/// key fingerprints: no epoch has two keys.
+async fn assert_converge(a: &ProxyHandle, b: &ProxyHandle, active: u32) {
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            a.keyring.snapshot().active.epoch == active
+                && b.keyring.snapshot().active.epoch == active
+        })
+        .await,
+        "both reach epoch {active}"
+    );
+    let fingerprints = |p: &ProxyHandle| -> Vec<(u32, String)> {
+        p.keyring
+            .records()
+            .into_iter()
+            .map(|r| (r.epoch, r.fingerprint))
+            .collect()
+    };
+    assert_eq!(fingerprints(a), fingerprints(b), "one key per epoch");
+}
+
 /// Two authorities started at the same instant: the lease (created only if absent) goes to
 /// one, and only that one writes epochs; across both state directories no epoch has two keys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,20 +332,7 @@ async fn two_authorities_started_at_once_one_writes() {
         counts == (2, 0) || counts == (0, 2),
         "exactly one writes: {counts:?}"
     );
-    assert!(
-        eventually(Duration::from_secs(5), || {
-            pa.keyring.snapshot().active.epoch == 3 && pb.keyring.snapshot().active.epoch == 3
-        })
-        .await
-    );
-    let fingerprints = |p: &ProxyHandle| -> Vec<(u32, String)> {
-        p.keyring
-            .records()
-            .into_iter()
-            .map(|r| (r.epoch, r.fingerprint))
-            .collect()
-    };
-    assert_eq!(fingerprints(&pa), fingerprints(&pb), "one key per epoch");
+    assert_converge(&pa, &pb, 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -612,18 +620,5 @@ async fn an_authority_cut_off_and_restored_does_not_take_the_role_back() {
         (3, 1),
         "the restored authority stands by"
     );
-    assert!(
-        eventually(Duration::from_secs(5), || {
-            pa.keyring.snapshot().active.epoch == 5 && pb.keyring.snapshot().active.epoch == 5
-        })
-        .await
-    );
-    let fingerprints = |p: &ProxyHandle| -> Vec<(u32, String)> {
-        p.keyring
-            .records()
-            .into_iter()
-            .map(|r| (r.epoch, r.fingerprint))
-            .collect()
-    };
-    assert_eq!(fingerprints(&pa), fingerprints(&pb), "one key per epoch");
+    assert_converge(&pa, &pb, 5).await;
 }

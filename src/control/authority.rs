@@ -218,11 +218,18 @@ pub async fn run(
         },
         None => None,
     };
-    let keyring_kv = open_keyring_bucket(&client, &cfg.prefix).await;
-    let lease = open_lease(
+    let keyring_kv = open_bucket(
         &client,
-        &cfg.prefix,
+        keyring_bucket(&cfg.prefix),
+        Duration::ZERO,
+        "proxies sync from a running authority only",
+    )
+    .await;
+    let lease = open_bucket(
+        &client,
+        leader_bucket(&cfg.prefix),
         lease_ttl(cfg.rotation.heartbeat_every),
+        "hellos decide which authority acts",
     )
     .await
     .map(|kv| Lease {
@@ -260,26 +267,27 @@ pub async fn run(
     }
 }
 
-/// Opens (or creates) the lease bucket, whose entries expire after `ttl`; `None` on a bus
-/// without JetStream (hellos decide there) or if it cannot be made (logged).
-async fn open_lease(
+/// Opens (or creates) a one-key bucket whose entries expire after `max_age` (zero: never);
+/// `None` on a bus without JetStream, or if it cannot be made (logged with `without`, what the
+/// deployment does without it).
+async fn open_bucket(
     client: &async_nats::Client,
-    prefix: &str,
-    ttl: Duration,
+    bucket: String,
+    max_age: Duration,
+    without: &str,
 ) -> Option<async_nats::jetstream::kv::Store> {
     use async_nats::jetstream::{kv, stream::StorageType};
     if !client.server_info().jetstream {
         return None;
     }
     let js = async_nats::jetstream::new(client.clone());
-    let bucket = leader_bucket(prefix);
     let made = match js.get_key_value(&bucket).await {
         Ok(kv) => Ok(kv),
         Err(_) => {
             js.create_key_value(kv::Config {
                 bucket: bucket.clone(),
                 history: 1,
-                max_age: ttl,
+                max_age,
                 storage: StorageType::File,
                 ..Default::default()
             })
@@ -289,40 +297,7 @@ async fn open_lease(
     match made {
         Ok(kv) => Some(kv),
         Err(e) => {
-            tracing::warn!(bucket, error = %e, "cannot open the lease bucket; hellos decide which authority acts");
-            None
-        }
-    }
-}
-
-/// Opens (or creates) the keyring bucket; `None` on a bus without JetStream, or if it cannot
-/// be made (logged: proxies then sync from a running authority only).
-async fn open_keyring_bucket(
-    client: &async_nats::Client,
-    prefix: &str,
-) -> Option<async_nats::jetstream::kv::Store> {
-    use async_nats::jetstream::{kv, stream::StorageType};
-    if !client.server_info().jetstream {
-        return None;
-    }
-    let js = async_nats::jetstream::new(client.clone());
-    let bucket = keyring_bucket(prefix);
-    let made = match js.get_key_value(&bucket).await {
-        Ok(kv) => Ok(kv),
-        Err(_) => {
-            js.create_key_value(kv::Config {
-                bucket: bucket.clone(),
-                history: 1,
-                storage: StorageType::File,
-                ..Default::default()
-            })
-            .await
-        }
-    };
-    match made {
-        Ok(kv) => Some(kv),
-        Err(e) => {
-            tracing::warn!(bucket, error = %e, "cannot open the keyring bucket; proxies sync from a running authority only");
+            tracing::warn!(bucket, error = %e, "cannot open a control-plane bucket; {without}");
             None
         }
     }
