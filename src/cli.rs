@@ -450,11 +450,17 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => return fail(&format!("cannot start the runtime: {e}")),
     };
     runtime.block_on(async move {
-        let handle = match crate::server::start(config, root).await {
+        let mut handle = match crate::server::start(config, root).await {
             Ok(h) => h,
             Err(e) => return fail(&e),
         };
-        wait_for_signal().await;
+        tokio::select! {
+            () = wait_for_signal() => {}
+            why = handle.failed() => {
+                handle.shutdown().await;
+                return fail(&why);
+            }
+        }
         tracing::info!("shutting down");
         handle.shutdown().await;
         ExitCode::SUCCESS
@@ -496,11 +502,17 @@ fn controller(args: ControllerArgs) -> ExitCode {
         Err(code) => return code,
     };
     rt.block_on(async move {
-        let handle = match crate::server::start_controller(config, root).await {
+        let mut handle = match crate::server::start_controller(config, root).await {
             Ok(h) => h,
             Err(e) => return fail(&e),
         };
-        wait_for_signal().await;
+        tokio::select! {
+            () = wait_for_signal() => {}
+            why = handle.failed() => {
+                handle.shutdown().await;
+                return fail(&why);
+            }
+        }
         handle.shutdown().await;
         ExitCode::SUCCESS
     })

@@ -105,12 +105,20 @@ pub struct RotationSection {
     pub heartbeat_every: Option<String>,
     /// How long a retired epoch still opens: a duration, or "forever".
     pub retain_retired: Option<String>,
+    /// How long the key authority's lease outlives its last renewal.
+    pub lease_ttl: Option<String>,
+    /// Whether the key authority refuses a bus without JetStream (the default).
+    pub require_jetstream: Option<bool>,
 }
 
 /// Default interval between proxy heartbeats on the control plane.
 pub const DEFAULT_HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 /// Default time the authority waits for every live proxy to acknowledge a staged key.
 pub const DEFAULT_STAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default lease: a standby takes over within about 1.5 times this after the holder dies.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(2);
+/// Below this, a busy machine's scheduling delays would make the lease change hands.
+pub const MIN_LEASE_TTL: Duration = Duration::from_secs(1);
 
 /// Validated rotation settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +130,9 @@ pub struct Rotation {
     pub heartbeat_every: Duration,
     /// `None`: retired epochs are kept forever.
     pub retain_retired: Option<Duration>,
+    pub lease_ttl: Duration,
+    /// Without JetStream there is no lease and no fencing, so two authorities can both write.
+    pub require_jetstream: bool,
 }
 
 impl Default for Rotation {
@@ -133,6 +144,8 @@ impl Default for Rotation {
             stage_timeout: DEFAULT_STAGE_TIMEOUT,
             heartbeat_every: DEFAULT_HEARTBEAT_EVERY,
             retain_retired: None,
+            lease_ttl: DEFAULT_LEASE_TTL,
+            require_jetstream: true,
         }
     }
 }
@@ -154,8 +167,19 @@ impl RotationSection {
             None | Some("forever") => None,
             Some(_) => dur("rotation.retain_retired", self.retain_retired, None)?,
         };
+        let lease_ttl = dur(
+            "rotation.lease_ttl",
+            self.lease_ttl,
+            Some(DEFAULT_LEASE_TTL),
+        )?
+        .unwrap_or(DEFAULT_LEASE_TTL);
+        if lease_ttl < MIN_LEASE_TTL {
+            return Err(ConfigError::LeaseTooShort);
+        }
         Ok(Rotation {
             retain_retired,
+            lease_ttl,
+            require_jetstream: self.require_jetstream.unwrap_or(true),
             rotate_every: dur("rotation.rotate_every", self.rotate_every, None)?,
             max_messages_per_epoch: positive(
                 "rotation.max_messages_per_epoch",
@@ -267,6 +291,8 @@ pub enum ConfigError {
     Duration { what: &'static str, value: String },
     #[error("{what} must be at least {min}")]
     TooSmall { what: &'static str, min: usize },
+    #[error("rotation.lease_ttl must be at least 1s: shorter leases change hands whenever the machine is busy")]
+    LeaseTooShort,
     #[error(
         "the key authority needs a state directory (--state-dir) to persist the keys it creates"
     )]

@@ -55,9 +55,29 @@ pub struct ProxyHandle {
     pub keyring: Arc<Keyring>,
     shutdown: Option<watch::Sender<()>>,
     tasks: Vec<JoinHandle<()>>,
+    /// Set once, with one sentence, when a part the process cannot run without stopped.
+    fatal: watch::Receiver<Option<String>>,
 }
 
 impl ProxyHandle {
+    /// Waits until a part the process cannot run without stops (the key authority on a bus
+    /// that cannot host it safely), and returns the sentence to stop with.
+    pub async fn failed(&mut self) -> String {
+        loop {
+            if let Some(why) = self.fatal.borrow_and_update().clone() {
+                return why;
+            }
+            if self.fatal.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// The sentence a part the process cannot run without stopped with, if one did.
+    pub fn failure(&self) -> Option<String> {
+        self.fatal.borrow().clone()
+    }
+
     /// Stops accepting, closes every session, and waits for the listener tasks to end.
     pub async fn shutdown(mut self) {
         self.shutdown.take();
@@ -125,6 +145,7 @@ struct Base {
     shutdown_tx: watch::Sender<()>,
     shutdown_rx: watch::Receiver<()>,
     tasks: Vec<JoinHandle<()>>,
+    fatal: watch::Receiver<Option<String>>,
 }
 
 impl Base {
@@ -169,11 +190,14 @@ impl Base {
                 heartbeat_every: config.rotation.heartbeat_every,
                 tls: config.upstream_tls.clone(),
             },
-            audit.clone(),
+            // Beside an authority, the authority records every key event itself; this proxy
+            // may apply a commit first, from the bucket, and must not record it twice.
+            if controller { None } else { audit.clone() },
             shutdown_rx.clone(),
         )));
+        let (fatal_tx, fatal) = watch::channel(None);
         if controller {
-            tasks.push(tokio::spawn(crate::control::authority::run(
+            let authority = crate::control::authority::run(
                 keyring.clone(),
                 metrics.clone(),
                 upstream_urls(config),
@@ -185,9 +209,15 @@ impl Base {
                 },
                 audit,
                 shutdown_rx.clone(),
-            )));
+            );
+            tasks.push(tokio::spawn(async move {
+                if let Err(why) = authority.await {
+                    let _ = fatal_tx.send(Some(why));
+                }
+            }));
         }
         Ok(Base {
+            fatal,
             metrics,
             admin_addr,
             shutdown_tx,
@@ -204,6 +234,7 @@ impl Base {
             keyring,
             shutdown: Some(self.shutdown_tx),
             tasks: self.tasks,
+            fatal: self.fatal,
         }
     }
 }

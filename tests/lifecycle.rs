@@ -17,8 +17,11 @@ const FAST: &str = "[rotation]\nheartbeat_every = \"200ms\"\nstage_timeout = \"3
 
 async fn rotate(server: &NatsServer) -> u32 {
     let root = RootKey::from_bytes(TEST_KEK);
-    cipherbus::control::authority::request_rotation(vec![server.url()], &root, PREFIX, "test")
+    let asked =
+        cipherbus::control::authority::request_rotation(vec![server.url()], &root, PREFIX, "test");
+    tokio::time::timeout(Duration::from_secs(30), asked)
         .await
+        .expect("an answer within 30 s")
         .expect("rotation succeeds")
         .epoch
 }
@@ -580,6 +583,7 @@ fn audit_verify_names_the_first_bad_line() {
 /// start would win again). No epoch ever has two keys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_authority_cut_off_and_restored_does_not_take_the_role_back() {
+    init_logs();
     let server = NatsServer::start();
     let mut relay = Relay::start(server.addr());
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());

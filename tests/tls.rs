@@ -550,7 +550,9 @@ async fn rotation_works_with_tls_on_both_sides() {
     let (cert, key) = pki.issue("authority-proxy", 11, false, false);
     let (up_cert, up_key) = pki.issue("authority-client", 12, true, false);
     let file: FileConfig =
-        toml::from_str("[rotation]\nheartbeat_every = \"200ms\"\nstage_timeout = \"5s\"\n")
+        toml::from_str(
+            "[rotation]\nheartbeat_every = \"200ms\"\nstage_timeout = \"5s\"\nrequire_jetstream = false\n",
+        )
             .unwrap();
     let config = file
         .resolve(Overrides {
@@ -742,7 +744,9 @@ async fn the_control_plane_verifies_the_configured_server_name() {
     let url = format!("nats://127.0.0.1:{}", server.port);
     let state = tempfile::tempdir().unwrap();
     let file: FileConfig =
-        toml::from_str("[rotation]\nheartbeat_every = \"200ms\"\nstage_timeout = \"5s\"\n")
+        toml::from_str(
+            "[rotation]\nheartbeat_every = \"200ms\"\nstage_timeout = \"5s\"\nrequire_jetstream = false\n",
+        )
             .unwrap();
     let config = file
         .resolve(Overrides {

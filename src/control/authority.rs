@@ -31,6 +31,9 @@ const LIVE_INTERVALS: u32 = 3;
 const ROLL_CALL_WINDOW: Duration = Duration::from_millis(500);
 /// How often a staged key is announced again while acknowledgements are missing.
 const RESTAGE_EVERY: Duration = Duration::from_millis(250);
+/// How long a standby keeps an operator's request for in case it takes office.
+const HOLD_REQUESTS_FOR: Duration = Duration::from_secs(10);
+const MAX_HELD_REQUESTS: usize = 16;
 
 /// The subject operators send rotation requests to.
 pub fn rotate_subject(prefix: &str) -> String {
@@ -58,34 +61,37 @@ pub fn keyring_bucket(prefix: &str) -> String {
     name
 }
 
-/// The bucket's one key, and the subject its value is sealed for.
+/// The bucket key that holds the keyring, and the subject its value is sealed for.
 pub const KEYRING_KEY: &str = "keyring";
 
-/// The JetStream KV bucket whose one key is the key authority's lease.
-pub fn leader_bucket(prefix: &str) -> String {
-    let mut name = keyring_bucket(prefix);
-    name.truncate(name.len() - "_KEYRING".len());
-    name.push_str("_LEADER");
-    name
-}
-
-/// How long the lease outlives its last renewal: three heartbeats, and never under 2 s, so a
-/// holder that a busy machine delays by a few hundred milliseconds does not lose it.
-pub fn lease_ttl(heartbeat_every: Duration) -> Duration {
-    (heartbeat_every * LIVE_INTERVALS).max(Duration::from_secs(2))
-}
-
-/// The lease's key: its value is the holder's node id.
+/// The bucket key that holds the key authority's lease: its value is the holder's node id. It
+/// sits in the keyring's bucket so that every keyring write can be conditioned on it.
 pub const LEADER_KEY: &str = "leader";
 
-/// The leadership lease: created only if absent, renewed by revision, gone when its holder has
-/// not renewed it for the bucket's `max_age`.
-struct Lease {
+/// The control bucket: the keyring as the authority last committed it, and beside it the lease
+/// every keyring write is fenced by. The server checks a keyring write against the lease's
+/// revision, so an authority that lost the lease cannot write, whatever its clock says.
+struct ControlBucket {
     kv: async_nats::jetstream::kv::Store,
-    /// The revision of this authority's last write, while it holds the lease.
-    revision: Option<u64>,
+    js: async_nats::jetstream::Context,
+    ttl: Duration,
+    /// While held: the revision of this authority's last lease write, and when it was sent.
+    held: Option<(u64, Instant)>,
+    /// While another holds it: the revision last read, and when this authority first saw it.
+    /// The lease is taken once that revision has not changed for `ttl` on this clock, so no
+    /// two clocks are compared.
+    seen: Option<(u64, Instant)>,
     /// Whether standing by was already logged and audited.
     told: bool,
+}
+
+impl ControlBucket {
+    fn subject(&self, key: &str) -> String {
+        format!(
+            "{}{key}",
+            self.kv.put_prefix.as_ref().unwrap_or(&self.kv.prefix)
+        )
+    }
 }
 
 pub fn keyring_subject(prefix: &str) -> String {
@@ -100,6 +106,14 @@ pub fn audit_subject(prefix: &str) -> String {
 /// Where authorities announce themselves.
 pub fn hello_subject(prefix: &str) -> String {
     format!("{prefix}.authority")
+}
+
+/// A keyring change, committed to the bucket before it is made.
+enum Change<'a> {
+    None,
+    Stage(u32, &'a DataKey),
+    Activate(u32),
+    Destroy(u32),
 }
 
 /// Destroyed epochs announced again with each re-announcement, for proxies that missed one.
@@ -143,10 +157,9 @@ struct Authority {
     audit: Option<Arc<AuditLog>>,
     /// The audit trail's copy on the bus, where the bus has JetStream.
     audit_stream: Option<AuditStream>,
-    /// Where the keyring is kept for proxies to read with no authority running.
-    keyring_kv: Option<async_nats::jetstream::kv::Store>,
-    /// Where the bus has JetStream, the lease decides who acts; hellos decide elsewhere.
-    lease: Option<Lease>,
+    /// Where the bus has JetStream: the keyring for proxies to follow, and the lease that
+    /// decides who acts. Without it (allowed only by `require_jetstream = false`), hellos decide.
+    control: Option<ControlBucket>,
     /// Whether the file is tied to the stream as it is now: not after standing by, while
     /// another authority wrote it.
     audit_attached: bool,
@@ -159,9 +172,14 @@ struct Authority {
     since_ms: u64,
     /// Another authority that holds the role: its node id and when it was last heard.
     standing_by_for: Option<(String, Instant)>,
+    /// Operators' requests heard while standing by, served if this one takes office soon.
+    held_requests: std::collections::VecDeque<(Instant, async_nats::Message)>,
+    /// When the last holder's last renewal was seen, on taking the lease over from it.
+    holder_renewed: Option<Instant>,
 }
 
-/// Runs the authority until shutdown.
+/// Runs the authority until shutdown. An error is the one sentence the process stops with:
+/// an authority that cannot act safely does not run at all.
 pub async fn run(
     keyring: Arc<Keyring>,
     metrics: Arc<Metrics>,
@@ -169,40 +187,30 @@ pub async fn run(
     cfg: AuthorityConfig,
     audit: Option<Arc<AuditLog>>,
     mut shutdown: watch::Receiver<()>,
-) {
+) -> Result<(), String> {
+    let stopped = |e: &dyn std::fmt::Display| format!("the key authority cannot start: {e}");
     let control_key = envelope::derive_control_key(keyring.root());
-    let sealer = match ControlSealer::new(cfg.node.clone(), &control_key) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "key authority not started");
-            return;
-        }
-    };
-    let opts = match cfg.tls.apply(async_nats::ConnectOptions::new()) {
-        Ok(o) => o,
-        Err(e) => {
-            tracing::error!(error = %e, "key authority not started");
-            return;
-        }
-    };
+    let sealer = ControlSealer::new(cfg.node.clone(), &control_key).map_err(|e| stopped(&e))?;
+    let opts = cfg
+        .tls
+        .apply(async_nats::ConnectOptions::new())
+        .map_err(|e| stopped(&e))?;
     let client = tokio::select! {
         c = opts
             .name("cipherbus-authority")
             .retry_on_initial_connect()
             .connect(upstreams) => c,
-        _ = shutdown.changed() => return,
+        _ = shutdown.changed() => return Ok(()),
     };
-    let client = match client {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "key authority cannot reach the bus");
-            return;
-        }
-    };
-    // The bus may not be up yet (the client retries): the audit stream needs it.
+    let client = client.map_err(|e| stopped(&format!("cannot reach the bus ({e})")))?;
+    // The bus may not be up yet (the client retries): what it offers is known once connected.
     tokio::select! {
         _ = client.flush() => {}
-        _ = shutdown.changed() => return,
+        _ = shutdown.changed() => return Ok(()),
+    }
+    let jetstream = client.server_info().jetstream;
+    if !jetstream && cfg.rotation.require_jetstream {
+        return Err("the key authority needs JetStream on the bus for its lease and keyring (start nats-server with -js), or set require_jetstream = false under [rotation] to run with no fencing between authorities".to_owned());
     }
     let audit_stream = match &audit {
         Some(log) => match attach_audit_stream(&client, &cfg.prefix, log).await {
@@ -212,31 +220,29 @@ pub async fn run(
                     .audit_failures
                     .get_or_create(&ReasonLabel { reason: "stream" })
                     .inc();
-                tracing::error!(error = %e, "key authority not started: its audit trail cannot be tied to the audit stream");
-                return;
+                return Err(stopped(&format!(
+                    "its audit trail cannot be tied to the audit stream ({e})"
+                )));
             }
         },
         None => None,
     };
-    let keyring_kv = open_bucket(
-        &client,
-        keyring_bucket(&cfg.prefix),
-        Duration::ZERO,
-        "proxies sync from a running authority only",
-    )
-    .await;
-    let lease = open_bucket(
-        &client,
-        leader_bucket(&cfg.prefix),
-        lease_ttl(cfg.rotation.heartbeat_every),
-        "hellos decide which authority acts",
-    )
-    .await
-    .map(|kv| Lease {
-        kv,
-        revision: None,
-        told: false,
-    });
+    let control = if jetstream {
+        let kv = open_bucket(&client, keyring_bucket(&cfg.prefix))
+            .await
+            .map_err(|e| stopped(&e))?;
+        Some(ControlBucket {
+            kv,
+            js: async_nats::jetstream::new(client.clone()),
+            ttl: cfg.rotation.lease_ttl,
+            held: None,
+            seen: None,
+            told: false,
+        })
+    } else {
+        tracing::warn!("the bus has no JetStream: no lease and no fencing, so hellos decide which authority acts, and two can both write after a partition");
+        None
+    };
     let subjects = Subjects::new(&cfg.prefix);
     let mut authority = Authority {
         keyring,
@@ -250,8 +256,7 @@ pub async fn run(
         audit,
         audit_attached: audit_stream.is_some(),
         audit_stream,
-        keyring_kv,
-        lease,
+        control,
         unpublished: Vec::new(),
         proxies: HashMap::new(),
         retired_usage: HashMap::new(),
@@ -260,47 +265,52 @@ pub async fn run(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
         standing_by_for: None,
+        held_requests: std::collections::VecDeque::new(),
+        holder_renewed: None,
         cfg,
     };
     if let Err(e) = authority.serve(&mut shutdown).await {
         tracing::error!(error = %e, "key authority stopped");
     }
+    Ok(())
 }
 
-/// Opens (or creates) a one-key bucket whose entries expire after `max_age` (zero: never);
-/// `None` on a bus without JetStream, or if it cannot be made (logged with `without`, what the
-/// deployment does without it).
+/// Opens (or creates) the control bucket, replicated on up to three servers where the bus
+/// is a cluster. Entries never expire: the lease lapses by its holder's silence, not by age.
 async fn open_bucket(
     client: &async_nats::Client,
     bucket: String,
-    max_age: Duration,
-    without: &str,
-) -> Option<async_nats::jetstream::kv::Store> {
+) -> Result<async_nats::jetstream::kv::Store, String> {
     use async_nats::jetstream::{kv, stream::StorageType};
-    if !client.server_info().jetstream {
-        return None;
-    }
     let js = async_nats::jetstream::new(client.clone());
-    let made = match js.get_key_value(&bucket).await {
-        Ok(kv) => Ok(kv),
-        Err(_) => {
-            js.create_key_value(kv::Config {
+    if let Ok(kv) = js.get_key_value(&bucket).await {
+        return Ok(kv);
+    }
+    let mut last = String::new();
+    for replicas in [3, 1] {
+        match js
+            .create_key_value(kv::Config {
                 bucket: bucket.clone(),
                 history: 1,
-                max_age,
+                num_replicas: replicas,
                 storage: StorageType::File,
                 ..Default::default()
             })
             .await
-        }
-    };
-    match made {
-        Ok(kv) => Some(kv),
-        Err(e) => {
-            tracing::warn!(bucket, error = %e, "cannot open a control-plane bucket; {without}");
-            None
+        {
+            Ok(kv) => return Ok(kv),
+            // A lone server refuses three replicas; a cluster may have been faster to create it.
+            Err(e) => {
+                if let Ok(kv) = js.get_key_value(&bucket).await {
+                    return Ok(kv);
+                }
+                last = e.to_string();
+            }
         }
     }
+    Err(format!(
+        "cannot create the control bucket {bucket} ({last})"
+    ))
 }
 
 /// Opens (or creates) the audit stream and ties the file to it; `None` on a bus without
@@ -359,35 +369,41 @@ impl Authority {
         let mut revoke_cmds = self.client.subscribe(revoke_subject(&prefix)).await?;
         let mut syncs = self.client.subscribe(sync_subject(&prefix)).await?;
         let mut hellos = self.client.subscribe(hello_subject(&prefix)).await?;
-        // Listen before acting, so every live proxy is known before the first rotation counts
-        // acknowledgements (requests wait meanwhile) and, without a lease, a running authority
-        // is heard before this one writes. With the lease, a roll call brings every live
-        // proxy's heartbeat at once; without it, every proxy beats at least once in two
-        // intervals.
         self.say_hello().await;
-        let listen = if self.hold_lease().await && self.lease.is_some() {
-            self.announce(Body::RollCall {}).await;
-            self.cfg.rotation.heartbeat_every.min(ROLL_CALL_WINDOW)
+        if self.control.is_some() {
+            if self.hold_lease().await && !self.take_office(&mut heartbeats, shutdown).await {
+                return Ok(());
+            }
         } else {
-            self.cfg.rotation.heartbeat_every * 2
-        };
-        let listen_until = tokio::time::Instant::now() + listen;
-        loop {
-            tokio::select! {
-                Some(m) = hellos.next() => self.on_hello(&m.payload),
-                Some(m) = heartbeats.next() => self.on_heartbeat(&m.payload),
-                _ = tokio::time::sleep_until(listen_until) => break,
-                _ = shutdown.changed() => return Ok(()),
+            // No lease: listen before acting, so a running authority is heard before this one
+            // writes, and every proxy (which beats at least once in two intervals) is known
+            // before the first rotation counts acknowledgements. Requests wait meanwhile.
+            let listen_until = tokio::time::Instant::now() + self.cfg.rotation.heartbeat_every * 2;
+            loop {
+                tokio::select! {
+                    Some(m) = hellos.next() => self.on_hello(&m.payload),
+                    Some(m) = heartbeats.next() => self.on_heartbeat(&m.payload),
+                    _ = tokio::time::sleep_until(listen_until) => break,
+                    _ = shutdown.changed() => return Ok(()),
+                }
             }
         }
         let mut tick = tokio::time::interval(self.cfg.rotation.heartbeat_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The holder renews four times per TTL; a standby looks as often, so it takes over
+        // within 1.25 TTL of the holder's last renewal.
+        let lease_every = self
+            .control
+            .as_ref()
+            .map_or(self.cfg.rotation.heartbeat_every, |c| c.ttl / 4);
+        let mut lease_tick = tokio::time::interval(lease_every);
+        lease_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!(
             node = %self.cfg.node,
             active_epoch = self.keyring.snapshot().active.epoch,
+            standing_by = self.standing_by(),
             "key authority running"
         );
-        self.publish_keyring().await;
         loop {
             tokio::select! {
                 Some(m) = hellos.next() => self.on_hello(&m.payload),
@@ -422,50 +438,35 @@ impl Authority {
                     }
                 }
                 Some(m) = revoke_cmds.next() => {
-                    // A standing-by authority drops requests; they are not kept for later.
                     if self.standing_by() {
+                        self.hold_request(m);
                         continue;
                     }
-                    let subject = revoke_subject(&self.cfg.prefix);
-                    let body = match self.open(&subject, &m.payload) {
-                        Ok(Body::RevokeRequest { epoch, reason }) => match self.revoke(epoch, &reason, &mut acks).await {
-                            Ok(active) => Body::RevokeReply { active, error: None },
-                            Err(e) => Body::RevokeReply { active: 0, error: Some(e) },
-                        },
-                        Ok(_) => Body::RevokeReply { active: 0, error: Some("not a revoke request".into()) },
-                        Err(e) => Body::RevokeReply { active: 0, error: Some(e.to_string()) },
-                    };
-                    if let Some(reply) = m.reply {
-                        self.reply(reply, body).await;
-                    }
+                    self.serve_revoke(m, &mut acks).await;
                 }
                 Some(m) = commands.next() => {
-                    // A standing-by authority drops requests; they are not kept for later.
                     if self.standing_by() {
+                        self.hold_request(m);
                         continue;
                     }
-                    let reply = m.reply.clone();
-                    let subject = rotate_subject(&self.cfg.prefix);
-                    let result = match self.open(&subject, &m.payload) {
-                        Ok(Body::RotateRequest { reason }) => self.rotate(&format!("requested: {reason}"), &mut acks).await,
-                        Ok(_) => Err("not a rotate request".to_owned()),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    if let Some(reply) = reply {
-                        let body = match result {
-                            Ok(r) => Body::RotateReply { epoch: r.epoch, acked: r.acked, laggards: r.laggards, error: None },
-                            Err(e) => Body::RotateReply { epoch: 0, acked: vec![], laggards: vec![], error: Some(e) },
-                        };
-                        self.reply(reply, body).await;
-                    }
+                    self.serve_rotate(m, &mut acks).await;
                 }
                 Some(_) = acks.next() => {} // Late acks outside a rotation carry no news.
+                _ = lease_tick.tick(), if self.control.is_some() => {
+                    let held = !self.standing_by();
+                    if self.hold_lease().await && !held {
+                        if !self.take_office(&mut heartbeats, shutdown).await {
+                            return Ok(());
+                        }
+                        self.serve_held(&mut acks).await;
+                    }
+                }
                 _ = tick.tick() => {
                     self.say_hello().await;
-                    self.hold_lease().await;
                     if self.standing_by() {
                         continue;
                     }
+                    self.serve_held(&mut acks).await;
                     self.enforce_retention().await;
                     self.reannounce().await;
                     if self.cfg.rotation.rotate_every.is_some_and(|every| self.activated.elapsed() >= every) {
@@ -488,6 +489,96 @@ impl Authority {
         }
     }
 
+    async fn serve_rotate(&mut self, m: async_nats::Message, acks: &mut async_nats::Subscriber) {
+        let reply = m.reply.clone();
+        let subject = rotate_subject(&self.cfg.prefix);
+        let result = match self.open(&subject, &m.payload) {
+            Ok(Body::RotateRequest { reason }) => {
+                self.rotate(&format!("requested: {reason}"), acks).await
+            }
+            Ok(_) => Err("not a rotate request".to_owned()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Some(reply) = reply {
+            let body = match result {
+                Ok(r) => Body::RotateReply {
+                    epoch: r.epoch,
+                    acked: r.acked,
+                    laggards: r.laggards,
+                    error: None,
+                },
+                Err(e) => Body::RotateReply {
+                    epoch: 0,
+                    acked: vec![],
+                    laggards: vec![],
+                    error: Some(e),
+                },
+            };
+            self.reply(reply, body).await;
+        }
+    }
+
+    async fn serve_revoke(&mut self, m: async_nats::Message, acks: &mut async_nats::Subscriber) {
+        let subject = revoke_subject(&self.cfg.prefix);
+        let body = match self.open(&subject, &m.payload) {
+            Ok(Body::RevokeRequest { epoch, reason }) => {
+                match self.revoke(epoch, &reason, acks).await {
+                    Ok(active) => Body::RevokeReply {
+                        active,
+                        error: None,
+                    },
+                    Err(e) => Body::RevokeReply {
+                        active: 0,
+                        error: Some(e),
+                    },
+                }
+            }
+            Ok(_) => Body::RevokeReply {
+                active: 0,
+                error: Some("not a revoke request".into()),
+            },
+            Err(e) => Body::RevokeReply {
+                active: 0,
+                error: Some(e.to_string()),
+            },
+        };
+        if let Some(reply) = m.reply {
+            self.reply(reply, body).await;
+        }
+    }
+
+    /// Keeps an operator's request that arrived while standing by. A request sent while the
+    /// holder had just died would otherwise go unanswered: the standby serves it if it takes
+    /// office within `HOLD_REQUESTS_FOR`, unless the holder was seen alive after it arrived
+    /// (and so answered it).
+    fn hold_request(&mut self, m: async_nats::Message) {
+        if m.reply.is_none() {
+            return;
+        }
+        while self.held_requests.len() >= MAX_HELD_REQUESTS {
+            self.held_requests.pop_front();
+        }
+        self.held_requests.push_back((Instant::now(), m));
+    }
+
+    /// Serves the requests held while standing by that are still recent, oldest first.
+    async fn serve_held(&mut self, acks: &mut async_nats::Subscriber) {
+        let rotate = rotate_subject(&self.cfg.prefix);
+        let holder_heard = self
+            .holder_renewed
+            .or(self.standing_by_for.as_ref().map(|(_, at)| *at));
+        while let Some((at, m)) = self.held_requests.pop_front() {
+            if at.elapsed() > HOLD_REQUESTS_FOR || holder_heard.is_some_and(|h| at <= h) {
+                continue;
+            }
+            if m.subject.as_str() == rotate {
+                self.serve_rotate(m, acks).await;
+            } else {
+                self.serve_revoke(m, acks).await;
+            }
+        }
+    }
+
     async fn reply(&mut self, reply: async_nats::Subject, body: Body) {
         if let Ok(sealed) = self.sealer.seal(reply.as_str(), body) {
             let _ = self.client.publish(reply, sealed.into()).await;
@@ -505,59 +596,159 @@ impl Authority {
         }
     }
 
-    /// Takes or renews the lease; returns whether this authority holds it. A renewal that
-    /// fails (the lease expired) tries to take it again, so a lone authority keeps it through
-    /// a long rotation; one that another authority took meanwhile is lost.
+    /// Renews the lease, or takes it where it is free, released, or its holder has not renewed
+    /// it for the lease's TTL; returns whether this authority holds it.
     async fn hold_lease(&mut self) -> bool {
+        use async_nats::jetstream::kv::Operation;
         let node = self.cfg.node.clone();
-        let Some(lease) = &mut self.lease else {
+        let Some(c) = &mut self.control else {
             return true;
         };
-        if let Some(rev) = lease.revision {
-            match lease.kv.update(LEADER_KEY, node.clone().into(), rev).await {
+        if let Some((rev, _)) = c.held {
+            let sent = Instant::now();
+            match c.kv.update(LEADER_KEY, node.clone().into(), rev).await {
                 Ok(r) => {
-                    lease.revision = Some(r);
+                    c.held = Some((r, sent));
                     return true;
                 }
-                Err(_) => lease.revision = None,
-            }
-        }
-        match lease.kv.create(LEADER_KEY, node.into()).await {
-            Ok(r) => {
-                lease.revision = Some(r);
-                lease.told = false;
-                tracing::info!("holding the key authority lease");
-                true
-            }
-            Err(_) => {
-                if !lease.told {
-                    lease.told = true;
-                    let holder = match lease.kv.get(LEADER_KEY).await {
-                        Ok(Some(v)) => String::from_utf8_lossy(&v).into_owned(),
-                        _ => "another authority".to_owned(),
-                    };
-                    tracing::warn!(holder = %holder, "another key authority holds the lease; standing by");
-                    self.audit(Event {
-                        kind: EventKind::Refused,
-                        epoch: None,
-                        fingerprint: None,
-                        actor: self.cfg.node.clone(),
-                        reason: format!("standing by: authority {holder} holds the lease"),
-                    });
+                Err(e) => {
+                    c.held = None;
+                    tracing::warn!(error = %e, "lost the key authority lease");
                 }
-                false
             }
         }
+        let sent = Instant::now();
+        let mut holder = None;
+        let taken = match c.kv.entry(LEADER_KEY).await {
+            Ok(None) => c.kv.create(LEADER_KEY, node.clone().into()).await.ok(),
+            // Released, or this authority's own write whose answer was lost.
+            Ok(Some(e)) if e.operation != Operation::Put || e.value == node.as_bytes() => {
+                c.kv.update(LEADER_KEY, node.clone().into(), e.revision)
+                    .await
+                    .ok()
+            }
+            Ok(Some(e)) => {
+                holder = Some(String::from_utf8_lossy(&e.value).into_owned());
+                match c.seen {
+                    Some((rev, since)) if rev == e.revision && since.elapsed() >= c.ttl => {
+                        c.kv.update(LEADER_KEY, node.clone().into(), e.revision)
+                            .await
+                            .ok()
+                    }
+                    Some((rev, _)) if rev == e.revision => None,
+                    _ => {
+                        c.seen = Some((e.revision, Instant::now()));
+                        None
+                    }
+                }
+            }
+            Err(_) => None,
+        };
+        if let Some(r) = taken {
+            c.held = Some((r, sent));
+            self.holder_renewed = c.seen.take().map(|(_, at)| at);
+            c.told = false;
+            match holder {
+                Some(h) => {
+                    tracing::warn!(silent = %h, "took the key authority lease over from a holder that stopped renewing it")
+                }
+                None => tracing::info!("holding the key authority lease"),
+            }
+            return true;
+        }
+        if !c.told {
+            c.told = true;
+            let holder = holder.unwrap_or_else(|| "another authority".to_owned());
+            tracing::warn!(holder = %holder, "another key authority holds the lease; standing by");
+            self.audit(Event {
+                kind: EventKind::Refused,
+                epoch: None,
+                fingerprint: None,
+                actor: self.cfg.node.clone(),
+                reason: format!("standing by: authority {holder} holds the lease"),
+            });
+        }
+        false
+    }
+
+    /// Taking the role, at start or from a holder that went away: first the keyring as the
+    /// bucket holds it, so no epoch the last holder committed is lost or generated again; then
+    /// a roll call, so the first rotation waits for every live proxy and for none that left
+    /// with the last holder. Returns false on shutdown.
+    async fn take_office(
+        &mut self,
+        heartbeats: &mut async_nats::Subscriber,
+        shutdown: &mut watch::Receiver<()>,
+    ) -> bool {
+        if let Err(e) = self.adopt_committed().await {
+            // Acting on a keyring older than the bucket's could generate an epoch twice.
+            tracing::warn!(error = %e, "cannot read the committed keyring; not acting yet");
+            if let Some(c) = &mut self.control {
+                c.held = None;
+                c.told = false;
+            }
+            return true;
+        }
+        self.proxies.clear();
+        self.announce(Body::RollCall {}).await;
+        let until =
+            tokio::time::Instant::now() + self.cfg.rotation.heartbeat_every.min(ROLL_CALL_WINDOW);
+        loop {
+            tokio::select! {
+                Some(m) = heartbeats.next() => self.on_heartbeat(&m.payload),
+                _ = tokio::time::sleep_until(until) => break,
+                _ = shutdown.changed() => return false,
+            }
+        }
+        if let Err(e) = self.commit_keyring(Change::None).await {
+            tracing::warn!(error = %e, "cannot write the keyring bucket");
+        }
+        self.reannounce().await;
+        tracing::info!(
+            live_proxies = self.live().len(),
+            active_epoch = self.keyring.snapshot().active.epoch,
+            "key authority acting"
+        );
+        true
+    }
+
+    /// Brings this authority's keyring in line with the one committed to the bucket.
+    async fn adopt_committed(&mut self) -> Result<(), String> {
+        use async_nats::jetstream::kv::Operation;
+        let Some(c) = &self.control else {
+            return Ok(());
+        };
+        let entry =
+            c.kv.entry(KEYRING_KEY)
+                .await
+                .map_err(|e| format!("the keyring bucket did not answer ({e})"))?;
+        let Some(entry) = entry.filter(|e| e.operation == Operation::Put) else {
+            return Ok(());
+        };
+        let subject = keyring_subject(&self.cfg.prefix);
+        let msg = message::open(
+            &mut Opener::new(),
+            &self.control_key,
+            &subject,
+            &entry.value,
+        )
+        .map_err(|e| format!("the committed keyring was refused ({e})"))?;
+        let Body::SyncReply { epochs } = msg.body else {
+            return Err("the keyring bucket holds something else".to_owned());
+        };
+        super::member::Member::new(self.keyring.clone(), &self.cfg.prefix)
+            .apply_sync(&epochs)
+            .map_err(|e| format!("the committed keyring cannot be applied ({e})"))
     }
 
     /// Gives the lease back on a clean stop, so a restarted or standby authority takes it at
     /// once instead of after it lapses. Only the revision this authority wrote is deleted.
     async fn release_lease(&mut self) {
-        if let Some(Lease {
+        if let Some(ControlBucket {
             kv,
-            revision: Some(rev),
+            held: Some((rev, _)),
             ..
-        }) = &mut self.lease
+        }) = &mut self.control
         {
             if kv
                 .delete_expect_revision(LEADER_KEY, Some(*rev))
@@ -572,7 +763,7 @@ impl Authority {
     /// Another authority that started earlier (ties: the smaller node id) keeps the role.
     /// Only where there is no lease.
     fn on_hello(&mut self, payload: &[u8]) {
-        if self.lease.is_some() {
+        if self.control.is_some() {
             return;
         }
         let subject = hello_subject(&self.cfg.prefix);
@@ -604,8 +795,8 @@ impl Authority {
     /// Standing by while another authority holds the lease or, with no lease, while the
     /// authority holding the role has been heard recently.
     fn standing_by(&self) -> bool {
-        if let Some(lease) = &self.lease {
-            return lease.revision.is_none();
+        if let Some(c) = &self.control {
+            return c.held.is_none();
         }
         let horizon = self.cfg.rotation.heartbeat_every * LIVE_INTERVALS;
         self.standing_by_for
@@ -615,6 +806,11 @@ impl Authority {
 
     /// The keyring as the authority describes it; with `wrapped`, for proxies to install.
     fn epochs(&self, wrapped: bool) -> Vec<message::EpochInfo> {
+        self.epochs_with(wrapped, &Change::None)
+    }
+
+    /// The keyring as it will be once `change` is made.
+    fn epochs_with(&self, wrapped: bool, change: &Change<'_>) -> Vec<message::EpochInfo> {
         let snap = self.keyring.snapshot();
         let active_usage: u64 = self
             .proxies
@@ -622,15 +818,23 @@ impl Authority {
             .filter(|p| p.active == snap.active.epoch)
             .map(|p| p.sealed_messages)
             .sum();
-        self.keyring
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let wrap = |epoch: u32, key: &DataKey| {
+            envelope::wrap_key(self.keyring.root(), epoch, key)
+                .ok()
+                .map(|w| base64::engine::general_purpose::STANDARD.encode(w))
+        };
+        let mut epochs: Vec<message::EpochInfo> = self
+            .keyring
             .records()
             .into_iter()
             .map(|r| {
                 let wrapped = (wrapped && r.state != KeyState::Destroyed)
                     .then(|| self.keyring.lookup(&snap, r.epoch).ok())
                     .flatten()
-                    .and_then(|k| envelope::wrap_key(self.keyring.root(), r.epoch, &k.key).ok())
-                    .map(|w| base64::engine::general_purpose::STANDARD.encode(w));
+                    .and_then(|k| wrap(r.epoch, &k.key));
                 message::EpochInfo {
                     epoch: r.epoch,
                     state: r.state,
@@ -644,7 +848,37 @@ impl Authority {
                     wrapped,
                 }
             })
-            .collect()
+            .collect();
+        match change {
+            Change::None => {}
+            Change::Stage(epoch, key) => epochs.push(message::EpochInfo {
+                epoch: *epoch,
+                state: KeyState::Staged,
+                sealed_messages: None,
+                fingerprint: key.fingerprint(),
+                created: now,
+                activated: None,
+                wrapped: wrapped.then(|| wrap(*epoch, key)).flatten(),
+            }),
+            Change::Activate(epoch) => {
+                for e in &mut epochs {
+                    if e.state == KeyState::Active {
+                        e.state = KeyState::Retired;
+                    } else if e.epoch == *epoch {
+                        e.state = KeyState::Active;
+                        e.activated = Some(now);
+                        e.sealed_messages = Some(0);
+                    }
+                }
+            }
+            Change::Destroy(epoch) => {
+                for e in epochs.iter_mut().filter(|e| e.epoch == *epoch) {
+                    e.state = KeyState::Destroyed;
+                    e.wrapped = None;
+                }
+            }
+        }
+        epochs
     }
 
     /// Destroys an epoch everywhere; the active one is first replaced by a new epoch.
@@ -677,6 +911,11 @@ impl Authority {
         if let Err(e) = self.audit_now(destroyed).await {
             return Err(self.refuse_unaudited("destruction", &e));
         }
+        if let Err(e) = self.commit_keyring(Change::Destroy(epoch)).await {
+            let why = format!("recorded as destroyed, but not destroyed: {e}");
+            self.audit(self.event(EventKind::Refused, epoch, None, &why));
+            return Err(why);
+        }
         if let Err(e) = self.keyring.destroy(epoch) {
             let why = format!("recorded as destroyed, but not destroyed: {e}");
             self.audit(self.event(EventKind::Refused, epoch, None, &why));
@@ -688,7 +927,6 @@ impl Authority {
             reason: reason.to_owned(),
         })
         .await;
-        self.publish_keyring().await;
         tracing::warn!(epoch, reason, "destroyed a data key");
         Ok(())
     }
@@ -899,26 +1137,55 @@ impl Authority {
         Ok(())
     }
 
-    /// Writes the keyring, sealed, to the bucket proxies read at start when no authority
-    /// answers. Wrapped keys are under the root key, the whole under the control key.
-    async fn publish_keyring(&mut self) {
-        if self.standing_by() {
-            return;
-        }
-        let Some(kv) = self.keyring_kv.clone() else {
-            return;
+    /// Commits the keyring with `change` applied, sealed, to the bucket proxies follow. The
+    /// server stores it only while this authority's lease revision is still the last one, so
+    /// the write fails once another authority took the lease. Every change is committed here
+    /// before it is made locally or announced: whatever a proxy is ever told, the bucket held
+    /// first, under the lease.
+    async fn commit_keyring(&mut self, change: Change<'_>) -> Result<(), String> {
+        use async_nats::jetstream::context::PublishErrorKind;
+        let epochs = self.epochs_with(true, &change);
+        let Some(c) = &self.control else {
+            return Ok(());
+        };
+        let Some((lease, _)) = c.held else {
+            return Err("this authority does not hold the lease".to_owned());
         };
         let subject = keyring_subject(&self.cfg.prefix);
-        let body = Body::SyncReply {
-            epochs: self.epochs(true),
+        let sealed = self
+            .sealer
+            .seal(&subject, Body::SyncReply { epochs })
+            .map_err(|e| format!("cannot seal the keyring ({e})"))?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            lease.to_string().as_str(),
+        );
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence-Subject",
+            format!("{}{LEADER_KEY}", c.kv.prefix).as_str(),
+        );
+        let stored = match c
+            .js
+            .publish_with_headers(c.subject(KEYRING_KEY), headers, sealed.into())
+            .await
+        {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
         };
-        match self.sealer.seal(&subject, body) {
-            Ok(sealed) => {
-                if let Err(e) = kv.put(KEYRING_KEY, sealed.into()).await {
-                    tracing::warn!(error = %e, "cannot write the keyring bucket");
+        match stored {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                if let Some(c) = &mut self.control {
+                    c.held = None;
+                    c.told = false;
                 }
+                tracing::warn!(
+                    "another key authority took the lease; this one's keyring write was refused"
+                );
+                Err("another key authority took the lease".to_owned())
             }
-            Err(e) => tracing::warn!(error = %e, "cannot seal the keyring for the bucket"),
+            Err(e) => Err(format!("the keyring bucket did not store it ({e})")),
         }
     }
 
@@ -1053,21 +1320,30 @@ impl Authority {
         if let Err(e) = self.audit_now(generated).await {
             return Err(self.refuse_unaudited("rotation", &e));
         }
-        // Persisted before anyone is told, so the authority never announces a key it could lose.
-        if let Err(e) = self.keyring.stage(epoch, key) {
+        // Recorded before it happens, like every key event.
+        let staged = self.event(EventKind::Staged, epoch, Some(fingerprint.clone()), reason);
+        if let Err(e) = self.audit_now(staged).await {
+            return Err(self.refuse_unaudited("rotation", &e));
+        }
+        // Committed under the lease before anyone is told: a deposed authority stops here, and
+        // no epoch can be committed with two keys.
+        if let Err(e) = self.commit_keyring(Change::Stage(epoch, &key)).await {
             let why = format!("not staged, so not announced: {e}");
             self.audit(self.event(EventKind::Refused, epoch, Some(fingerprint), &why));
             return Err(why);
         }
-        let staged = self.event(EventKind::Staged, epoch, Some(fingerprint.clone()), reason);
-        if let Err(e) = self.audit_now(staged).await {
-            // Staged here only, never announced: it opens nothing anywhere else.
-            return Err(self.refuse_unaudited("rotation", &e));
+        // Persisted before anyone is told, so the authority never announces a key it could lose.
+        // This process's own proxy may have applied the commit already, from the bucket.
+        if let Err(e) = self.keyring.stage(epoch, key) {
+            if self.keyring.snapshot().state(epoch) != Some(KeyState::Staged) {
+                let why = format!("not staged, so not announced: {e}");
+                self.audit(self.event(EventKind::Refused, epoch, Some(fingerprint), &why));
+                return Err(why);
+            }
         }
         let stage = self
             .stage_body(epoch)
             .ok_or("the staged key cannot be wrapped")?;
-        self.publish_keyring().await;
 
         let expected = self.live();
         let mut acked: Vec<String> = Vec::new();
@@ -1144,17 +1420,23 @@ impl Authority {
         if let Err(e) = self.audit_now(retired).await {
             return Err(self.refuse_unaudited("activation", &e));
         }
-        if let Err(e) = self.keyring.activate(epoch) {
+        if let Err(e) = self.commit_keyring(Change::Activate(epoch)).await {
             let why = format!("staged but not activated: {e}");
             self.audit(self.event(EventKind::Refused, epoch, Some(fingerprint), &why));
             return Err(why);
+        }
+        if let Err(e) = self.keyring.activate(epoch) {
+            if self.keyring.snapshot().active.epoch != epoch {
+                let why = format!("staged but not activated: {e}");
+                self.audit(self.event(EventKind::Refused, epoch, Some(fingerprint), &why));
+                return Err(why);
+            }
         }
         self.retired_usage.insert(old, old_usage);
         // Heard once by everyone in the common case; the periodic re-announcement covers loss.
         self.announce(Body::Activate { epoch }).await;
         self.activated = Instant::now();
         self.metrics.rotations.inc();
-        self.publish_keyring().await;
         tracing::info!(
             epoch,
             acked = acked.len(),

@@ -96,6 +96,7 @@ pub struct Member {
     opener: Opener,
     guard: ReplayGuard,
     subjects: Subjects,
+    keyring_subject: String,
 }
 
 impl std::fmt::Debug for Member {
@@ -124,6 +125,7 @@ impl Member {
             opener: Opener::new(),
             guard: ReplayGuard::default(),
             subjects: Subjects::new(prefix),
+            keyring_subject: super::authority::keyring_subject(prefix),
         }
     }
 
@@ -321,6 +323,78 @@ async fn keyring_from_bucket(client: &async_nats::Client, prefix: &str) -> Optio
     kv.get(super::authority::KEYRING_KEY).await.ok().flatten()
 }
 
+/// Opens a watch on the keyring bucket, starting at the value the authority last committed,
+/// if the bus has JetStream and the bucket exists yet.
+async fn follow_bucket(
+    client: &async_nats::Client,
+    prefix: &str,
+) -> Option<async_nats::jetstream::kv::Watch> {
+    if !client.server_info().jetstream {
+        return None;
+    }
+    let js = async_nats::jetstream::new(client.clone());
+    let kv = js
+        .get_key_value(super::authority::keyring_bucket(prefix))
+        .await
+        .ok()?;
+    match kv.watch_with_history(super::authority::KEYRING_KEY).await {
+        Ok(w) => {
+            tracing::debug!("following the keyring bucket");
+            Some(w)
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot follow the keyring bucket yet");
+            None
+        }
+    }
+}
+
+/// The next change in the keyring bucket; pending forever while there is no watch.
+async fn next_commit(
+    watch: &mut Option<async_nats::jetstream::kv::Watch>,
+) -> Option<async_nats::jetstream::kv::Entry> {
+    let Some(w) = watch.as_mut() else {
+        return std::future::pending().await;
+    };
+    match w.next().await {
+        Some(Ok(entry)) => Some(entry),
+        Some(Err(e)) => {
+            tracing::debug!(error = %e, "the keyring bucket watch failed; reopening it");
+            *watch = None;
+            None
+        }
+        None => {
+            *watch = None;
+            None
+        }
+    }
+}
+
+impl Member {
+    /// Applies a keyring the authority committed to the bucket, and returns the staged epochs
+    /// this proxy now holds, to acknowledge.
+    pub fn apply_commit(&mut self, sealed: &[u8]) -> Result<Vec<u32>, ApplyError> {
+        let msg = message::open(
+            &mut Opener::new(),
+            &self.control_key,
+            &self.keyring_subject,
+            sealed,
+        )?;
+        let Body::SyncReply { epochs } = msg.body else {
+            return Err(ControlError::Malformed.into());
+        };
+        self.apply_sync(&epochs)?;
+        let snap = self.keyring.snapshot();
+        Ok(epochs
+            .iter()
+            .filter(|i| {
+                i.state == KeyState::Staged && snap.state(i.epoch) == Some(KeyState::Staged)
+            })
+            .map(|i| i.epoch)
+            .collect())
+    }
+}
+
 /// Follows announcements on `upstream` until shutdown, acknowledging staged keys. Syncs the
 /// whole keyring from the authority on start and after every reconnect.
 pub async fn run(
@@ -404,12 +478,39 @@ pub async fn run(
     let mut epoch_seen = member.keyring.snapshot().active.epoch;
     let mut base = (0u64, 0u64);
     sync(&client, &mut member, &mut sealer, &prefix, &metrics).await;
+    // The bucket carries every committed change in order, including those announced while this
+    // proxy was away; announcements stay for buses without JetStream.
+    let mut commits = follow_bucket(&client, &prefix).await;
     let mut heartbeat = tokio::time::interval(heartbeat_every);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let before = member.keyring.snapshot().active.epoch;
         let msg = tokio::select! {
+            entry = next_commit(&mut commits) => {
+                let Some(entry) = entry else { continue };
+                if entry.operation != async_nats::jetstream::kv::Operation::Put {
+                    continue;
+                }
+                match member.apply_commit(&entry.value) {
+                    Ok(staged) => {
+                        for epoch in staged {
+                            let ack = sealer.seal(&member.subjects().ack, Body::Ack { epoch });
+                            if let Ok(ack) = ack {
+                                let _ = client
+                                    .publish(member.subjects().ack.clone(), ack.into())
+                                    .await;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        metrics.control_refused(e.reason());
+                        tracing::warn!(reason = e.reason(), error = %e, "refused the committed keyring");
+                    }
+                }
+                None
+            }
             m = announcements.next() => match m {
-                Some(m) => m,
+                Some(m) => Some(m),
                 None => return,
             },
             () = member.keyring.sync_wanted() => {
@@ -421,6 +522,9 @@ pub async fn run(
                 continue;
             }
             _ = heartbeat.tick() => {
+                if commits.is_none() {
+                    commits = follow_bucket(&client, &prefix).await;
+                }
                 let active = member.keyring.snapshot().active.epoch;
                 let totals = (metrics.messages_sealed.get(), metrics.bytes_sealed.get());
                 if active != epoch_seen {
@@ -439,8 +543,11 @@ pub async fn run(
             }
             _ = shutdown.changed() => return,
         };
-        let before = member.keyring.snapshot().active.epoch;
-        match member.apply(&msg.payload) {
+        let result = match msg {
+            Some(msg) => member.apply(&msg.payload),
+            None => Ok(Reply::None),
+        };
+        match result {
             Ok(Reply::Ack(epoch)) => {
                 let ack = sealer.seal(&member.subjects().ack, Body::Ack { epoch });
                 if let Ok(ack) = ack {
