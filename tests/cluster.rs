@@ -178,3 +178,140 @@ async fn rotations_reach_proxies_attached_to_different_nodes() {
         }
     }
 }
+
+/// The control plane on a three-node JetStream cluster: the authority sits behind node 1, the
+/// other proxies behind nodes 2 and 3, and node 2 is killed while a rotation runs. The keyring
+/// bucket is replicated, so the rotation completes or is refused whole; the next ones work;
+/// every proxy, including the one whose node died, ends with the same key for every epoch;
+/// and every message the stream acknowledged opens through another proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_during_a_rotation_loses_no_key_and_no_message() {
+    use async_nats::jetstream::{self, stream};
+    let mut cluster = tokio::task::block_in_place(|| NatsCluster::start(3));
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut proxies = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        let p = proxy_upstreams(
+            from_node(&cluster, i),
+            FAST,
+            TEST_KEK,
+            Some(dir.path()),
+            i == 0,
+        );
+        proxies.push(p.await);
+    }
+    let (writer, _) = watched_agent(&proxy_url(&proxies[0]), "writer").await;
+    let (reader, _) = watched_agent(&proxy_url(&proxies[2]), "reader").await;
+    let js = jetstream::new(writer.clone());
+    js.create_stream(stream::Config {
+        name: "SPREAD".into(),
+        subjects: vec!["kept.>".into()],
+        num_replicas: 3,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // A writer that keeps publishing through the whole test; it records what was acknowledged.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writing = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut acked = Vec::new();
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let text = format!("m{n}");
+                let sent = tokio::time::timeout(Duration::from_secs(5), async {
+                    js.publish("kept.x", text.clone().into()).await?.await
+                })
+                .await;
+                if matches!(sent, Ok(Ok(_))) {
+                    acked.push(text);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            acked
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let urls = from_node(&cluster, 0);
+    let ask = |urls: Vec<String>| {
+        let root = RootKey::from_bytes(TEST_KEK);
+        async move {
+            let asked = cipherbus::control::authority::request_rotation(
+                urls,
+                &root,
+                "cipherbus.ctl",
+                "test",
+            );
+            tokio::time::timeout(Duration::from_secs(30), asked)
+                .await
+                .unwrap_or_else(|_| Err("no answer within 30 s".into()))
+        }
+    };
+    let during = tokio::spawn(ask(urls.clone()));
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    cluster.nodes[1].kill();
+    let during = during.await.unwrap();
+    // Whole or not at all: a refused rotation names why; a completed one is epoch 2.
+    if let Ok(r) = &during {
+        assert_eq!(r.epoch, 2, "{during:?}");
+    }
+    let mut last = during.as_ref().map_or(1, |r| r.epoch);
+    for _ in 0..2 {
+        let start = std::time::Instant::now();
+        let r = loop {
+            match ask(urls.clone()).await {
+                Ok(r) => break r,
+                Err(e) => {
+                    assert!(start.elapsed() < Duration::from_secs(20), "{e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        };
+        assert!(r.epoch > last, "{r:?} after {last}");
+        last = r.epoch;
+    }
+    assert!(
+        eventually(Duration::from_secs(15), || proxies.iter().all(|p| p
+            .keyring
+            .snapshot()
+            .active
+            .epoch
+            == last))
+        .await,
+        "every proxy reaches epoch {last}, the one whose node died too: {:?}",
+        proxies
+            .iter()
+            .map(|p| p.keyring.snapshot().active.epoch)
+            .collect::<Vec<_>>()
+    );
+    let fingerprints = |p: &cipherbus::server::ProxyHandle| -> Vec<(u32, String)> {
+        p.keyring
+            .records()
+            .into_iter()
+            .map(|r| (r.epoch, r.fingerprint))
+            .collect()
+    };
+    for p in &proxies[1..] {
+        assert_eq!(
+            fingerprints(&proxies[0]),
+            fingerprints(p),
+            "one key per epoch"
+        );
+    }
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = writing.await.unwrap();
+    assert!(acked.len() > 20, "the writer kept going: {}", acked.len());
+    let replayed = replay_stream(&reader, "SPREAD").await;
+    for text in &acked {
+        assert!(
+            replayed.contains(text),
+            "{text} was acknowledged but does not open through another proxy"
+        );
+    }
+}

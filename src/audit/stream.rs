@@ -80,11 +80,21 @@ impl AuditStream {
             ..Default::default()
         };
         let s = AuditStream { js, name, subject };
-        tokio::time::timeout(WAIT, s.js.get_or_create_stream(config))
-            .await
-            .map_err(|_| s.err("no answer from JetStream"))?
-            .map_err(|e| s.err(e))?;
-        Ok(Some(s))
+        // Replicated like the keyring bucket where the bus is a cluster; a lone server refuses
+        // three replicas and gets one.
+        let mut last = None;
+        for num_replicas in [3, 1] {
+            let config = stream::Config {
+                num_replicas,
+                ..config.clone()
+            };
+            match tokio::time::timeout(WAIT, s.js.get_or_create_stream(config)).await {
+                Ok(Ok(_)) => return Ok(Some(s)),
+                Ok(Err(e)) => last = Some(s.err(e)),
+                Err(_) => last = Some(s.err("no answer from JetStream")),
+            }
+        }
+        Err(last.unwrap_or_else(|| s.err("no answer from JetStream")))
     }
 
     /// Opens an existing stream (for `audit verify` and `audit tail`).

@@ -153,6 +153,14 @@ impl NatsServer {
     }
 
     fn start_inner(extra: &str, jetstream: bool) -> Self {
+        let server = Self::spawn_inner(extra, jetstream);
+        server.wait_ready();
+        server
+    }
+
+    /// Spawns the server without waiting for it: clustered JetStream is ready only once a
+    /// quorum of nodes runs.
+    fn spawn_inner(extra: &str, jetstream: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let monitor_port = free_port();
@@ -168,14 +176,12 @@ impl NatsServer {
             format!("listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor_port}\n{js}\n{extra}\n");
         std::fs::write(dir.path().join("server.conf"), conf).expect("write server.conf");
         let child = spawn_nats(dir.path());
-        let server = NatsServer {
+        NatsServer {
             child,
             port,
             monitor_port,
             dir,
-        };
-        server.wait_ready();
-        server
+        }
     }
 
     fn wait_ready(&self) {
@@ -273,8 +279,9 @@ pub struct NatsCluster {
 }
 
 impl NatsCluster {
-    /// Starts `n` nodes named `n1`…`nN` and waits until every node has a route to every other.
-    /// Lame duck here grants 1 s of grace, then evicts clients over 30 s (the server's minimum).
+    /// Starts `n` nodes named `n1`…`nN`, with clustered JetStream, and waits until every node
+    /// has a route to every other and JetStream answers on each. Lame duck here grants 1 s of
+    /// grace, then evicts clients over 30 s (the server's minimum).
     pub fn start(n: usize) -> Self {
         let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let routes: Vec<String> = cluster_ports
@@ -283,15 +290,18 @@ impl NatsCluster {
             .collect();
         let nodes: Vec<NatsServer> = (0..n)
             .map(|i| {
-                NatsServer::start_core(&format!(
+                NatsServer::spawn_inner(&format!(
                     "server_name: n{}\nlame_duck_grace_period: \"1s\"\nlame_duck_duration: \"30s\"\n\
                      cluster {{\n  name: cb\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
                     i + 1,
                     cluster_ports[i],
                     routes.join(", ")
-                ))
+                ), true)
             })
             .collect();
+        for node in &nodes {
+            node.wait_ready();
+        }
         let start = Instant::now();
         for node in &nodes {
             loop {
