@@ -307,6 +307,19 @@ async fn a_node_killed_during_a_rotation_loses_no_key_and_no_message() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let acked = writing.await.unwrap();
     assert!(acked.len() > 20, "the writer kept going: {}", acked.len());
+    // The stream's leader may have been on the dead node: wait until it answers again.
+    let started = std::time::Instant::now();
+    while jetstream::new(reader.clone())
+        .get_stream("SPREAD")
+        .await
+        .is_err()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the stream never answered again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let replayed = replay_stream(&reader, "SPREAD").await;
     for text in &acked {
         assert!(
