@@ -807,3 +807,147 @@ async fn a_thousand_agents_through_one_proxy_each_publish_and_subscribe() {
         .await
     );
 }
+
+/// Two `cipherbus run --controller` processes with the default settings: the one holding the
+/// lease is killed (SIGKILL) while an agent streams through the other. The standby leads within
+/// 5 s, the next rotation works, and every message of the stream arrives, core and JetStream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_within_five_seconds_and_the_stream_loses_nothing() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kek = write_kek(dir.path(), TEST_KEK);
+    let spawn = |name: &str| {
+        let mut cmd = run_command(BIN, &kek, &[server.url()], Some(&dir.path().join(name)));
+        cmd.arg("--controller");
+        ProxyProcess::start(cmd, local_addr())
+    };
+    let mut leader = spawn("leader");
+    assert!(
+        leader
+            .wait_log(Duration::from_secs(10), |l| l
+                .contains("key authority acting"))
+            .is_some(),
+        "{}",
+        leader.stderr()
+    );
+    let standby = spawn("standby");
+    assert!(
+        standby
+            .wait_log(Duration::from_secs(10), |l| l.contains("standing by"))
+            .is_some(),
+        "{}",
+        standby.stderr()
+    );
+    let rotate = || async {
+        let args = ["rotate", "--timeout", "20s", "--upstream", &server.url()];
+        operator_cli(BIN, &args, &kek).await
+    };
+    let out = rotate().await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (agent, _) = watched_agent(&standby.url(), "streamer").await;
+    let js = jetstream::new(agent.clone());
+    js.create_stream(stream::Config {
+        name: "KEPT".into(),
+        subjects: vec!["kept.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut live = agent.subscribe("live.x").await.unwrap();
+    sync(&agent).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writing = tokio::spawn({
+        let (stop, agent, js) = (stop.clone(), agent.clone(), js.clone());
+        async move {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                agent.publish("live.x", n.to_string().into()).await.unwrap();
+                js.publish("kept.x", n.to_string().into())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            n
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    leader.kill();
+    let killed = Instant::now();
+    let took = standby.wait_log(Duration::from_secs(5), |l| {
+        l.contains("key authority acting")
+    });
+    let after = killed.elapsed();
+    assert!(
+        took.is_some(),
+        "the standby did not lead within 5 s: {}",
+        standby.stderr()
+    );
+    eprintln!("the standby led {after:?} after the leader was killed");
+    let out = rotate().await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || standby
+            .metric("cipherbus_active_epoch")
+            == Some(3.0))
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = writing.await.unwrap();
+    sync(&agent).await;
+
+    let mut got = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), live.next()).await {
+        got.push(String::from_utf8_lossy(&m.payload).into_owned());
+        if got.len() == sent as usize {
+            break;
+        }
+    }
+    let expected: Vec<String> = (1..=sent).map(|n| n.to_string()).collect();
+    assert_eq!(got, expected, "every core message, in order");
+    assert_eq!(
+        replay_stream(&agent, "KEPT").await,
+        expected,
+        "every stored message opens"
+    );
+}
+
+/// An authority needs JetStream for its lease and keyring: against a bus without it,
+/// `cipherbus controller` stops at once with one sentence and exit code 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_on_a_bus_without_jetstream_stops_with_one_sentence() {
+    let server = NatsServer::start_core("");
+    let dir = tempfile::tempdir().unwrap();
+    let kek = write_kek(dir.path(), TEST_KEK);
+    let state = dir.path().join("state");
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(["controller", "--upstream", &server.url(), "--kek-file"])
+        .arg(&kek)
+        .arg("--state-dir")
+        .arg(&state)
+        .stdout(std::process::Stdio::null());
+    let mut p = Spawned::spawn(&mut cmd);
+    let status = p
+        .wait_exit(Duration::from_secs(15))
+        .expect("it stops by itself");
+    assert_eq!(status.code(), Some(2), "{}", p.stderr());
+    let last = p.stderr().lines().last().unwrap_or_default().to_owned();
+    assert!(
+        last.starts_with("cipherbus: ") && last.contains("needs JetStream") && last.contains("-js"),
+        "{}",
+        p.stderr()
+    );
+}
