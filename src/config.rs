@@ -750,6 +750,26 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn lease_settings() {
+        let c = FileConfig::default().resolve(flags_with_kek()).unwrap();
+        assert_eq!(c.rotation.lease_ttl, DEFAULT_LEASE_TTL);
+        assert!(
+            c.rotation.require_jetstream,
+            "JetStream is required by default"
+        );
+        let set: FileConfig =
+            toml::from_str("[rotation]\nlease_ttl = \"5s\"\nrequire_jetstream = false").unwrap();
+        let set = set.resolve(flags_with_kek()).unwrap();
+        assert_eq!(set.rotation.lease_ttl, Duration::from_secs(5));
+        assert!(!set.rotation.require_jetstream);
+        let short: FileConfig = toml::from_str("[rotation]\nlease_ttl = \"500ms\"").unwrap();
+        assert!(matches!(
+            short.resolve(flags_with_kek()),
+            Err(ConfigError::LeaseTooShort)
+        ));
+    }
+
     /// Found by the config_parse fuzz target: "0s" was accepted and then refused every agent.
     #[test]
     fn zero_connect_timeout_is_refused() {
