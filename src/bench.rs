@@ -329,6 +329,8 @@ impl Bench {
         let port = free_port()?;
         let mut cmd = Command::new(&params.nats_server);
         cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+        // JetStream, which an authority needs for its lease and keyring (`--rotate-every`).
+        cmd.arg("-js").arg("-sd").arg(scratch.dir.join("js"));
         let server_addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut server = Proc::spawn("nats-server", cmd, scratch.dir.join("nats-server.log"))?;
         server.wait_listening(server_addr)?;
@@ -694,6 +696,9 @@ async fn latency(
     })
 }
 
+/// How long one rotation may take before the run is called failed.
+const ROTATION_ANSWER: Duration = Duration::from_secs(30);
+
 /// Asks the authority in the publishing proxy to rotate, again and again, until told to stop.
 async fn keep_rotating(
     url: String,
@@ -711,14 +716,16 @@ async fn keep_rotating(
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        crate::control::authority::request_rotation(
+        let asked = crate::control::authority::request_rotation(
             vec![url.clone()],
             &root,
             crate::policy::DEFAULT_CONTROL_PREFIX,
             "bench",
-        )
-        .await
-        .map_err(|e| err(format!("rotation failed: {e}")))?;
+        );
+        tokio::time::timeout(ROTATION_ANSWER, asked)
+            .await
+            .map_err(|_| err("rotation failed: no answer from the key authority"))?
+            .map_err(|e| err(format!("rotation failed: {e}")))?;
         done += 1;
     }
     Ok(done)

@@ -31,6 +31,14 @@ const LIVE_INTERVALS: u32 = 3;
 const ROLL_CALL_WINDOW: Duration = Duration::from_millis(500);
 /// How often a staged key is announced again while acknowledgements are missing.
 const RESTAGE_EVERY: Duration = Duration::from_millis(250);
+/// An operator's request heard while standing by.
+struct HeldRequest {
+    at: Instant,
+    /// The lease revision when it arrived.
+    revision: Option<u64>,
+    msg: async_nats::Message,
+}
+
 /// How long a standby keeps an operator's request for in case it takes office.
 const HOLD_REQUESTS_FOR: Duration = Duration::from_secs(10);
 const MAX_HELD_REQUESTS: usize = 16;
@@ -173,9 +181,9 @@ struct Authority {
     /// Another authority that holds the role: its node id and when it was last heard.
     standing_by_for: Option<(String, Instant)>,
     /// Operators' requests heard while standing by, served if this one takes office soon.
-    held_requests: std::collections::VecDeque<(Instant, async_nats::Message)>,
-    /// When the last holder's last renewal was seen, on taking the lease over from it.
-    holder_renewed: Option<Instant>,
+    held_requests: std::collections::VecDeque<HeldRequest>,
+    /// The lease revision this authority took over, when it took the lease from a holder.
+    taken_over: Option<u64>,
 }
 
 /// Runs the authority until shutdown. An error is the one sentence the process stops with:
@@ -266,7 +274,7 @@ pub async fn run(
             .map_or(0, |d| d.as_millis() as u64),
         standing_by_for: None,
         held_requests: std::collections::VecDeque::new(),
-        holder_renewed: None,
+        taken_over: None,
         cfg,
     };
     if let Err(e) = authority.serve(&mut shutdown).await {
@@ -439,14 +447,14 @@ impl Authority {
                 }
                 Some(m) = revoke_cmds.next() => {
                     if self.standing_by() {
-                        self.hold_request(m);
+                        self.hold_request(m).await;
                         continue;
                     }
                     self.serve_revoke(m, &mut acks).await;
                 }
                 Some(m) = commands.next() => {
                     if self.standing_by() {
-                        self.hold_request(m);
+                        self.hold_request(m).await;
                         continue;
                     }
                     self.serve_rotate(m, &mut acks).await;
@@ -547,34 +555,54 @@ impl Authority {
         }
     }
 
-    /// Keeps an operator's request that arrived while standing by. A request sent while the
-    /// holder had just died would otherwise go unanswered: the standby serves it if it takes
-    /// office within `HOLD_REQUESTS_FOR`, unless the holder was seen alive after it arrived
-    /// (and so answered it).
-    fn hold_request(&mut self, m: async_nats::Message) {
+    /// Keeps an operator's request that arrived while standing by, with the lease revision
+    /// current when it arrived. A request sent just after the holder died would otherwise go
+    /// unanswered: the standby serves it on taking office if the holder never renewed after
+    /// it arrived. A holder that renewed later was alive, and answered it.
+    async fn hold_request(&mut self, m: async_nats::Message) {
         if m.reply.is_none() {
             return;
         }
+        let revision = match &self.control {
+            Some(c) => {
+                c.kv.entry(LEADER_KEY)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|e| e.revision)
+            }
+            None => None,
+        };
         while self.held_requests.len() >= MAX_HELD_REQUESTS {
             self.held_requests.pop_front();
         }
-        self.held_requests.push_back((Instant::now(), m));
+        self.held_requests.push_back(HeldRequest {
+            at: Instant::now(),
+            revision,
+            msg: m,
+        });
     }
 
-    /// Serves the requests held while standing by that are still recent, oldest first.
+    /// Serves the requests held while standing by that the last holder cannot have answered,
+    /// oldest first.
     async fn serve_held(&mut self, acks: &mut async_nats::Subscriber) {
         let rotate = rotate_subject(&self.cfg.prefix);
-        let holder_heard = self
-            .holder_renewed
-            .or(self.standing_by_for.as_ref().map(|(_, at)| *at));
-        while let Some((at, m)) = self.held_requests.pop_front() {
-            if at.elapsed() > HOLD_REQUESTS_FOR || holder_heard.is_some_and(|h| at <= h) {
+        let heard = self.standing_by_for.as_ref().map(|(_, at)| *at);
+        while let Some(held) = self.held_requests.pop_front() {
+            let unanswered = match (&self.control, self.taken_over) {
+                // The lease moved on from the revision the request saw only by this takeover.
+                (Some(_), Some(taken)) => held.revision.is_none_or(|r| r == taken),
+                // Absent when taken: no holder ever answered.
+                (Some(_), None) => held.revision.is_none(),
+                (None, _) => heard.is_none_or(|h| held.at > h),
+            };
+            if held.at.elapsed() > HOLD_REQUESTS_FOR || !unanswered {
                 continue;
             }
-            if m.subject.as_str() == rotate {
-                self.serve_rotate(m, acks).await;
+            if held.msg.subject.as_str() == rotate {
+                self.serve_rotate(held.msg, acks).await;
             } else {
-                self.serve_revoke(m, acks).await;
+                self.serve_revoke(held.msg, acks).await;
             }
         }
     }
@@ -619,10 +647,12 @@ impl Authority {
         }
         let sent = Instant::now();
         let mut holder = None;
+        let mut taken_from = None;
         let taken = match c.kv.entry(LEADER_KEY).await {
             Ok(None) => c.kv.create(LEADER_KEY, node.clone().into()).await.ok(),
             // Released, or this authority's own write whose answer was lost.
             Ok(Some(e)) if e.operation != Operation::Put || e.value == node.as_bytes() => {
+                taken_from = Some(e.revision);
                 c.kv.update(LEADER_KEY, node.clone().into(), e.revision)
                     .await
                     .ok()
@@ -631,6 +661,7 @@ impl Authority {
                 holder = Some(String::from_utf8_lossy(&e.value).into_owned());
                 match c.seen {
                     Some((rev, since)) if rev == e.revision && since.elapsed() >= c.ttl => {
+                        taken_from = Some(e.revision);
                         c.kv.update(LEADER_KEY, node.clone().into(), e.revision)
                             .await
                             .ok()
@@ -646,7 +677,8 @@ impl Authority {
         };
         if let Some(r) = taken {
             c.held = Some((r, sent));
-            self.holder_renewed = c.seen.take().map(|(_, at)| at);
+            c.seen = None;
+            self.taken_over = taken_from;
             c.told = false;
             match holder {
                 Some(h) => {

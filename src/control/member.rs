@@ -208,6 +208,7 @@ impl Member {
                     self.keyring
                         .destroy(info.epoch)
                         .map_err(persisting(info.epoch))?;
+                    tracing::warn!(epoch = info.epoch, "destroyed a data key");
                 }
                 KeyState::Destroyed => {}
                 state if local.is_none() => {
@@ -225,9 +226,19 @@ impl Member {
                     } else {
                         KeyState::Staged
                     };
-                    self.keyring
-                        .adopt(epoch, key, as_state)
-                        .map_err(persisting(epoch))?;
+                    // An authority in this process may have installed it meanwhile.
+                    match self.keyring.adopt(epoch, key, as_state) {
+                        Ok(()) if as_state == KeyState::Staged => {
+                            tracing::info!(epoch, fingerprint = %info.fingerprint, "staged a new data key");
+                        }
+                        Ok(()) => {
+                            tracing::info!(epoch, fingerprint = %info.fingerprint, "installed a retired data key");
+                        }
+                        Err(e) if self.keyring.snapshot().state(epoch).is_none() => {
+                            return Err(persisting(epoch)(e));
+                        }
+                        Err(_) => {}
+                    }
                 }
                 _ => {}
             }
@@ -235,9 +246,13 @@ impl Member {
         drop(snap);
         if let Some(active) = epochs.iter().find(|i| i.state == KeyState::Active) {
             if active.epoch > self.keyring.snapshot().active.epoch {
-                self.keyring
-                    .activate(active.epoch)
-                    .map_err(persisting(active.epoch))?;
+                match self.keyring.activate(active.epoch) {
+                    Ok(()) => tracing::info!(epoch = active.epoch, "activated a new data key"),
+                    Err(e) if self.keyring.snapshot().active.epoch < active.epoch => {
+                        return Err(persisting(active.epoch)(e));
+                    }
+                    Err(_) => {}
+                }
             }
         }
         Ok(())
