@@ -626,3 +626,48 @@ async fn an_authority_cut_off_and_restored_does_not_take_the_role_back() {
     );
     assert_converge(&pa, &pb, 5).await;
 }
+
+/// Fencing at the server: the lease is taken from under a running authority (a write to the
+/// `leader` key it does not know of, as a new holder's takeover is). Its next keyring write is
+/// refused by the server, so the rotation it was asked for stops before any proxy is told, and
+/// the keyring in the bucket stays as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_authority_cannot_write_the_keyring() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    // A long lease: the authority does not renew (and notice) before it tries to write.
+    let slow = format!("{FAST}lease_ttl = \"60s\"\n");
+    let p = proxy_full(&server, &slow, TEST_KEK, Some(dir.path()), true).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(rotate(&server).await, 2);
+
+    let bus = observer(&server).await;
+    let kv = jetstream::new(bus)
+        .get_key_value("CIPHERBUS_CTL_KEYRING")
+        .await
+        .unwrap();
+    let before = kv.entry("keyring").await.unwrap().unwrap();
+    kv.put("leader", "another-authority".into()).await.unwrap();
+
+    let root = RootKey::from_bytes(TEST_KEK);
+    let asked =
+        cipherbus::control::authority::request_rotation(vec![server.url()], &root, PREFIX, "test");
+    let refused = tokio::time::timeout(Duration::from_secs(30), asked)
+        .await
+        .expect("an answer within 30 s")
+        .expect_err("a deposed authority does not rotate");
+    assert!(refused.contains("took the lease"), "{refused}");
+    let after = kv.entry("keyring").await.unwrap().unwrap();
+    assert_eq!(
+        after.revision, before.revision,
+        "the keyring was not written"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(p.keyring.snapshot().active.epoch, 2);
+    assert_eq!(
+        p.keyring.snapshot().state(3),
+        None,
+        "epoch 3 was never staged"
+    );
+    assert_eq!(p.metrics.rotations.get(), 1);
+}
