@@ -329,8 +329,6 @@ impl Bench {
         let port = free_port()?;
         let mut cmd = Command::new(&params.nats_server);
         cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
-        // JetStream, which an authority needs for its lease and keyring (`--rotate-every`).
-        cmd.arg("-js").arg("-sd").arg(scratch.dir.join("js"));
         let server_addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut server = Proc::spawn("nats-server", cmd, scratch.dir.join("nats-server.log"))?;
         server.wait_listening(server_addr)?;
@@ -368,7 +366,13 @@ impl Bench {
                     .env("CIPHERBUS_LOG", "warn");
                 if rotate {
                     let state = self.scratch.dir.join(format!("state-{n}"));
+                    // The bench's server runs without JetStream: what is measured is the data
+                    // path while keys change, not the lease.
+                    let config = self.scratch.dir.join("rotation.toml");
+                    std::fs::write(&config, "[rotation]\nrequire_jetstream = false\n")
+                        .map_err(|e| err(format!("cannot write {}: {e}", config.display())))?;
                     cmd.arg("--controller").arg("--state-dir").arg(&state);
+                    cmd.arg("--config").arg(&config);
                 }
                 if kind == PathKind::CipherbusBatched {
                     cmd.args(["--aead", "batched"]);
