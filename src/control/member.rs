@@ -325,16 +325,23 @@ async fn sync(
     }
 }
 
-/// The keyring as the authority last wrote it to the bucket (sealed), if the bus has one.
-async fn keyring_from_bucket(client: &async_nats::Client, prefix: &str) -> Option<bytes::Bytes> {
+/// The keyring bucket, if the bus has JetStream and an authority created it.
+async fn keyring_bucket(
+    client: &async_nats::Client,
+    prefix: &str,
+) -> Option<async_nats::jetstream::kv::Store> {
     if !client.server_info().jetstream {
         return None;
     }
-    let js = async_nats::jetstream::new(client.clone());
-    let kv = js
+    async_nats::jetstream::new(client.clone())
         .get_key_value(super::authority::keyring_bucket(prefix))
         .await
-        .ok()?;
+        .ok()
+}
+
+/// The keyring as the authority last wrote it to the bucket (sealed), if the bus has one.
+async fn keyring_from_bucket(client: &async_nats::Client, prefix: &str) -> Option<bytes::Bytes> {
+    let kv = keyring_bucket(client, prefix).await?;
     kv.get(super::authority::KEYRING_KEY).await.ok().flatten()
 }
 
@@ -344,14 +351,7 @@ async fn follow_bucket(
     client: &async_nats::Client,
     prefix: &str,
 ) -> Option<async_nats::jetstream::kv::Watch> {
-    if !client.server_info().jetstream {
-        return None;
-    }
-    let js = async_nats::jetstream::new(client.clone());
-    let kv = js
-        .get_key_value(super::authority::keyring_bucket(prefix))
-        .await
-        .ok()?;
+    let kv = keyring_bucket(client, prefix).await?;
     match kv.watch_with_history(super::authority::KEYRING_KEY).await {
         Ok(w) => {
             tracing::debug!("following the keyring bucket");
