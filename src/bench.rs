@@ -710,10 +710,7 @@ async fn keep_rotating(
     every: Duration,
     stop: Arc<AtomicBool>,
 ) -> Result<u64, BenchError> {
-    use crate::keyring::source::RootKeySource;
-    let root = crate::keyring::source::KekFile(kek)
-        .load()
-        .map_err(|e| err(e.to_string()))?;
+    let root = crate::kek::Root::from_file(&kek).map_err(|e| err(e.to_string()))?;
     let mut done = 0;
     while !stop.load(Ordering::Relaxed) {
         tokio::time::sleep(every).await;

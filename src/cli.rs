@@ -9,9 +9,11 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use std::sync::Arc;
+
 use crate::config::{Config, FileConfig, Overrides};
-use crate::envelope::RootKey;
-use crate::keyring::source::{write_new_kek, KekFile, RootKeySource};
+use crate::kek::{KekUri, Root};
+use crate::keyring::source::write_new_kek;
 
 /// Exit code for anything wrong with how cipherbus was started.
 pub const EXIT_USAGE: u8 = 2;
@@ -29,11 +31,20 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Write a new 256-bit root key (KEK) to a file with mode 0600.
+    /// Create a new 256-bit root key (KEK): in an HSM or KMS, or in a file with mode 0600.
+    /// An existing key is never overwritten.
     Keygen {
-        /// The file to create; an existing file is never overwritten.
+        /// Where to create it: pkcs11:..., vault-transit:NAME, aws-kms:alias/NAME, or file:PATH.
+        #[arg(
+            long,
+            value_name = "URI",
+            conflicts_with = "out",
+            required_unless_present = "out"
+        )]
+        kek: Option<String>,
+        /// Same as --kek file:FILE.
         #[arg(long, value_name = "FILE")]
-        out: PathBuf,
+        out: Option<PathBuf>,
     },
     /// Run the proxy.
     Run(RunArgs),
@@ -156,7 +167,10 @@ struct RunArgs {
     /// [default: nats://127.0.0.1:4222].
     #[arg(long, value_name = "URL")]
     upstream: Vec<String>,
-    /// File holding the root key.
+    /// Where the root key is: pkcs11:..., vault-transit:NAME, aws-kms:KEY or file:PATH.
+    #[arg(long, value_name = "URI")]
+    kek: Option<String>,
+    /// Same as --kek file:FILE.
     #[arg(long, value_name = "FILE")]
     kek_file: Option<PathBuf>,
     /// Directory for wrapped data keys and keyring state.
@@ -226,7 +240,10 @@ struct ControllerArgs {
     /// Upstream NATS server; repeat it or give a comma list.
     #[arg(long, value_name = "URL")]
     upstream: Vec<String>,
-    /// File holding the root key.
+    /// Where the root key is: pkcs11:..., vault-transit:NAME, aws-kms:KEY or file:PATH.
+    #[arg(long, value_name = "URI")]
+    kek: Option<String>,
+    /// Same as --kek file:FILE.
     #[arg(long, value_name = "FILE")]
     kek_file: Option<PathBuf>,
     /// Directory for wrapped data keys, keyring state and the audit log.
@@ -245,9 +262,17 @@ struct AuthorityArgs {
     /// A NATS server of the bus the authority is on [default: nats://127.0.0.1:4222].
     #[arg(long, value_name = "URL")]
     upstream: Vec<String>,
-    /// File holding the root key.
+    /// Where the root key is: pkcs11:..., vault-transit:NAME, aws-kms:KEY or file:PATH.
+    #[arg(
+        long,
+        value_name = "URI",
+        conflicts_with = "kek_file",
+        required_unless_present = "kek_file"
+    )]
+    kek: Option<String>,
+    /// Same as --kek file:FILE.
     #[arg(long, value_name = "FILE")]
-    kek_file: PathBuf,
+    kek_file: Option<PathBuf>,
     /// Prefix of the control subjects.
     #[arg(long, value_name = "P", default_value = crate::policy::DEFAULT_CONTROL_PREFIX)]
     control_prefix: String,
@@ -271,17 +296,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     match cli.command {
-        Command::Keygen { out } => match write_new_kek(&out) {
-            Ok(key) => {
-                println!(
-                    "wrote a new root key to {} (fingerprint {})",
-                    out.display(),
-                    key.fingerprint()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(&e),
-        },
+        Command::Keygen { kek, out } => keygen(kek, out),
         Command::Run(args) => run(args),
         Command::Controller(args) => controller(args),
         Command::Rotate(args) => rotate(args),
@@ -398,23 +413,83 @@ fn upstream_overrides(a: UpstreamTlsArgs) -> Overrides {
     }
 }
 
-/// Reads the config file, applies the flags, validates, and loads the root key.
-fn load(config: Option<&Path>, flags: Overrides) -> Result<(Config, RootKey), ExitCode> {
+fn keygen(kek: Option<String>, out: Option<PathBuf>) -> ExitCode {
+    let uri = match (kek, out) {
+        (Some(k), _) => match KekUri::parse(&k) {
+            Ok(u) => u,
+            Err(e) => return fail(&e),
+        },
+        (None, Some(out)) => KekUri::File(out),
+        (None, None) => return fail(&"keygen needs --kek URI (or --out FILE)"),
+    };
+    if let KekUri::File(out) = &uri {
+        return match write_new_kek(out) {
+            Ok(key) => {
+                println!(
+                    "wrote a new root key to {} (fingerprint {})",
+                    out.display(),
+                    key.fingerprint()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        };
+    }
+    let made = uri.open_kek().and_then(|kek| {
+        kek.create()?;
+        kek.check()?;
+        Ok(kek)
+    });
+    match made {
+        Ok(kek) => {
+            println!(
+                "created the root key {} ({}); the first controller started with it creates the deployment seed",
+                kek.describe(),
+                kek.kind()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// Reads the config file, applies the flags and validates.
+fn load(config: Option<&Path>, flags: Overrides) -> Result<Config, ExitCode> {
     let file = match config {
         Some(path) => FileConfig::load(path).map_err(|e| fail(&e))?,
         None => FileConfig::default(),
     };
-    let config = file.resolve(flags).map_err(|e| fail(&e))?;
-    let root = KekFile(config.kek_file.clone())
-        .load()
-        .map_err(|e| fail(&e))?;
-    Ok((config, root))
+    file.resolve(flags).map_err(|e| fail(&e))
+}
+
+/// Opens the root the config names. An HSM or KMS root is checked, and its deployment seed is
+/// read from the bus (created there by a controller, if it has none yet).
+async fn open_root(config: &Config, create: bool) -> Result<Arc<Root>, String> {
+    if config.kek.is_file() {
+        return crate::kek::seed::open_root(&config.kek, None, "", create).await;
+    }
+    crate::tls::install_default_provider();
+    let opts = config
+        .upstream_tls
+        .apply(async_nats::ConnectOptions::new())
+        .map_err(|e| e.to_string())?;
+    let connect = opts
+        .name("cipherbus-root")
+        .connect(crate::server::upstream_urls(config));
+    let client = match tokio::time::timeout(crate::kek::seed::START_RETRY, connect).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(format!("cannot reach the bus for the deployment seed: {e}")),
+        Err(_) => return Err("cannot reach the bus for the deployment seed in time".into()),
+    };
+    let prefix = config.policy.control_prefix().to_owned();
+    crate::kek::seed::open_root(&config.kek, Some(&client), &prefix, create).await
 }
 
 fn run(args: RunArgs) -> ExitCode {
     let flags = Overrides {
         listen: args.listen,
         upstream: args.upstream,
+        kek: args.kek,
         kek_file: args.kek_file,
         state_dir: args.state_dir,
         admin: args.admin,
@@ -426,30 +501,23 @@ fn run(args: RunArgs) -> ExitCode {
         aead: args.aead,
         ..upstream_overrides(args.upstream_tls)
     };
-    let (config, root) = match load(args.config.as_deref(), flags) {
+    let config = match load(args.config.as_deref(), flags) {
         Ok(x) => x,
         Err(code) => return code,
     };
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
     if args.check_config {
-        let ups: Vec<String> = config.upstreams.iter().map(ToString::to_string).collect();
-        println!(
-            "config ok: listen {}, upstream {}, root key fingerprint {}, aead {}",
-            config.listen,
-            ups.join(","),
-            root.fingerprint(),
-            config.aead.describe()
-        );
-        return ExitCode::SUCCESS;
+        return runtime.block_on(check_config(&config));
     }
     raise_fd_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => return fail(&format!("cannot start the runtime: {e}")),
-    };
     runtime.block_on(async move {
+        let root = match open_root(&config, config.controller).await {
+            Ok(r) => r,
+            Err(e) => return fail(&e),
+        };
         let mut handle = match crate::server::start(config, root).await {
             Ok(h) => h,
             Err(e) => return fail(&e),
@@ -476,6 +544,40 @@ fn raise_fd_limit() {
     }
 }
 
+/// `--check-config`: the config, and the root: a file is read; an HSM or KMS is asked, its key's
+/// type and permissions checked with a wrap and unwrap, and the deployment seed unwrapped.
+async fn check_config(config: &Config) -> ExitCode {
+    let ups: Vec<String> = config.upstreams.iter().map(ToString::to_string).collect();
+    let root = if config.kek.is_file() {
+        open_root(config, false).await
+    } else {
+        let uri = config.kek.clone();
+        let checked = crate::kek::blocking(|| {
+            let kek = uri.open_kek()?;
+            crate::kek::with_retry(crate::kek::seed::START_RETRY, || kek.check())
+        });
+        if let Err(e) = checked {
+            return fail(&e);
+        }
+        open_root(config, false).await
+    };
+    match root {
+        Ok(root) => {
+            println!(
+                "config ok: listen {}, upstream {}, root {} ({}) usable, deployment fingerprint {}, aead {}",
+                config.listen,
+                ups.join(","),
+                root.describe(),
+                root.kind(),
+                root.fingerprint(),
+                config.aead.describe()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -487,13 +589,14 @@ fn controller(args: ControllerArgs) -> ExitCode {
     let flags = Overrides {
         listen: None,
         upstream: args.upstream,
+        kek: args.kek,
         kek_file: args.kek_file,
         state_dir: args.state_dir,
         admin: args.admin,
         controller: true,
         ..upstream_overrides(args.upstream_tls)
     };
-    let (config, root) = match load(args.config.as_deref(), flags) {
+    let config = match load(args.config.as_deref(), flags) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -502,6 +605,10 @@ fn controller(args: ControllerArgs) -> ExitCode {
         Err(code) => return code,
     };
     rt.block_on(async move {
+        let root = match open_root(&config, true).await {
+            Ok(r) => r,
+            Err(e) => return fail(&e),
+        };
         let mut handle = match crate::server::start_controller(config, root).await {
             Ok(h) => h,
             Err(e) => return fail(&e),
@@ -559,12 +666,29 @@ fn rotate(args: RotateArgs) -> ExitCode {
     }
 }
 
-/// Resolves `AuthorityArgs` and runs one request against the authority within the timeout.
+/// A connection for the operator commands, within `timeout`.
+async fn connect(
+    tls: &crate::tls::UpstreamFiles,
+    upstreams: &[String],
+    timeout: std::time::Duration,
+) -> Result<async_nats::Client, String> {
+    crate::tls::install_default_provider();
+    let opts = tls
+        .apply(async_nats::ConnectOptions::new())
+        .map_err(|e| e.to_string())?;
+    let connect = opts.name("cipherbus-cli").connect(upstreams.to_vec());
+    match tokio::time::timeout(timeout, connect).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(format!("cannot reach the bus: {e}")),
+        Err(_) => Err("cannot reach the bus in time".to_owned()),
+    }
+}
+
 /// What the operator commands need to reach the bus.
 struct Bus {
     timeout: std::time::Duration,
     upstreams: Vec<String>,
-    root: RootKey,
+    root: Arc<Root>,
     tls: crate::tls::UpstreamFiles,
     prefix: String,
 }
@@ -590,7 +714,11 @@ impl Bus {
                 upstreams.push(format!("{scheme}://{u}"));
             }
         }
-        let root = KekFile(args.kek_file).load().map_err(|e| fail(&e))?;
+        let uri = match (args.kek, args.kek_file) {
+            (Some(k), _) => KekUri::parse(&k).map_err(|e| fail(&e))?,
+            (None, Some(f)) => KekUri::File(f),
+            (None, None) => return Err(fail(&"give --kek URI or --kek-file FILE")),
+        };
         let t = args.tls;
         let tls = crate::tls::UpstreamFiles {
             ca: t.upstream_ca,
@@ -599,27 +727,28 @@ impl Bus {
             first: t.upstream_tls_first,
             server_name: t.upstream_server_name,
         };
+        let prefix = args.control_prefix;
+        // An HSM or KMS root needs the bus for its deployment seed.
+        let root = runtime()?
+            .block_on(async {
+                if uri.is_file() {
+                    return crate::kek::seed::open_root(&uri, None, "", false).await;
+                }
+                let client = connect(&tls, &upstreams, timeout).await?;
+                crate::kek::seed::open_root(&uri, Some(&client), &prefix, false).await
+            })
+            .map_err(|e| fail(&e))?;
         Ok(Bus {
             timeout,
             upstreams,
             root,
             tls,
-            prefix: args.control_prefix,
+            prefix,
         })
     }
 
     async fn connect(&self) -> Result<async_nats::Client, String> {
-        crate::tls::install_default_provider();
-        let opts = self
-            .tls
-            .apply(async_nats::ConnectOptions::new())
-            .map_err(|e| e.to_string())?;
-        let connect = opts.name("cipherbus-cli").connect(self.upstreams.clone());
-        match tokio::time::timeout(self.timeout, connect).await {
-            Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(format!("cannot reach the bus: {e}")),
-            Err(_) => Err("cannot reach the bus in time".to_owned()),
-        }
+        connect(&self.tls, &self.upstreams, self.timeout).await
     }
 
     /// The deployment's audit stream, verified.
@@ -629,7 +758,7 @@ impl Bus {
             .await
             .map_err(|e| e.to_string())?;
         let lines = stream.lines().await.map_err(|e| e.to_string())?;
-        let key = crate::audit::AuditKey::new(&self.root);
+        let key = crate::audit::AuditKey::from_root(&self.root);
         crate::audit::verify_lines(&key, &format!("stream {}", stream.name()), lines)
             .map_err(|e| e.to_string())
     }
@@ -643,7 +772,7 @@ fn audit_verify(file: Option<PathBuf>, stream: bool, args: AuthorityArgs) -> Exi
         Ok(b) => b,
         Err(code) => return code,
     };
-    let key = crate::audit::AuditKey::new(&bus.root);
+    let key = crate::audit::AuditKey::from_root(&bus.root);
     let from_file = match &file {
         Some(f) => match crate::audit::verify(f, &key) {
             Ok(v) => Some(v),
@@ -714,7 +843,7 @@ fn audit_tail(from: u64, follow: bool, args: AuthorityArgs) -> ExitCode {
         let stream = crate::audit::stream::AuditStream::existing(&client, &bus.prefix)
             .await
             .map_err(|e| e.to_string())?;
-        let key = crate::audit::AuditKey::new(&bus.root);
+        let key = crate::audit::AuditKey::from_root(&bus.root);
         let name = format!("stream {}", stream.name());
         let mut chain = crate::audit::Chain::new(&key, name);
         // Checked from the first entry, so every printed line is known to follow its chain.

@@ -29,6 +29,10 @@ pub const DEFAULT_RETIRED_CACHE: usize = 64;
 pub struct FileConfig {
     pub listen: Option<String>,
     pub upstream: Option<UpstreamSection>,
+    /// Where the root key is: `file:PATH`, `pkcs11:...`, `vault-transit:NAME` or
+    /// `aws-kms:KEY` (docs/KEYS.md).
+    pub kek: Option<String>,
+    /// Same as `kek = "file:PATH"`.
     pub kek_file: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub admin: Option<String>,
@@ -210,6 +214,7 @@ impl RotationSection {
 pub struct Overrides {
     pub listen: Option<String>,
     pub upstream: Vec<String>,
+    pub kek: Option<String>,
     pub kek_file: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub admin: Option<String>,
@@ -251,7 +256,8 @@ impl std::fmt::Display for Upstream {
 pub struct Config {
     pub listen: SocketAddr,
     pub upstreams: Vec<Upstream>,
-    pub kek_file: PathBuf,
+    /// Where the root key is.
+    pub kek: crate::kek::KekUri,
     pub state_dir: Option<PathBuf>,
     pub admin: Option<SocketAddr>,
     pub policy: Policy,
@@ -285,8 +291,12 @@ pub enum ConfigError {
     Address { what: &'static str, value: String },
     #[error("upstream {value:?} is not valid: {why}")]
     UpstreamUrl { value: String, why: &'static str },
-    #[error("no root key file: pass --kek-file FILE or set kek_file in the config (create one with `cipherbus keygen --out FILE`)")]
+    #[error("no root key: pass --kek URI (or --kek-file FILE), or set kek in the config (create one with `cipherbus keygen --kek URI`)")]
     NoKek,
+    #[error("give the root key once: {0}")]
+    TwoKeks(&'static str),
+    #[error("{0}")]
+    Kek(#[from] crate::kek::KekError),
     #[error("{what} {value:?} is not a valid duration (examples: 500ms, 2s, 1m)")]
     Duration { what: &'static str, value: String },
     #[error("{what} must be at least {min}")]
@@ -361,7 +371,19 @@ impl FileConfig {
             });
         }
 
-        let kek_file = flags.kek_file.or(self.kek_file).ok_or(ConfigError::NoKek)?;
+        let kek = match (flags.kek, flags.kek_file, self.kek, self.kek_file) {
+            (Some(_), Some(_), _, _) => return Err(ConfigError::TwoKeks("--kek or --kek-file")),
+            (None, None, Some(_), Some(_)) => {
+                return Err(ConfigError::TwoKeks("kek or kek_file in the config"))
+            }
+            (Some(uri), None, _, _) | (None, None, Some(uri), None) => {
+                crate::kek::KekUri::parse(&uri)?
+            }
+            (None, Some(path), _, _) | (None, None, None, Some(path)) => {
+                crate::kek::KekUri::File(path)
+            }
+            (None, None, None, None) => return Err(ConfigError::NoKek),
+        };
         let state_dir = flags.state_dir.or(self.state_dir);
         let control_prefix = self
             .control_prefix
@@ -449,7 +471,7 @@ impl FileConfig {
             audit_log,
             listen,
             upstreams,
-            kek_file,
+            kek,
             state_dir,
             admin,
             policy,
@@ -617,7 +639,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(c.listen.port(), 2);
-        assert_eq!(c.kek_file, PathBuf::from("file-kek"));
+        assert_eq!(c.kek, crate::kek::KekUri::File("file-kek".into()));
         let ups: Vec<String> = c.upstreams.iter().map(ToString::to_string).collect();
         assert_eq!(ups, ["a:1", "b:2", "c:4222"]);
     }

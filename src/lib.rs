@@ -35,6 +35,7 @@ pub mod config;
 pub mod control;
 pub mod ct;
 pub mod envelope;
+pub mod kek;
 pub mod keyring;
 pub mod metrics;
 pub mod policy;

@@ -13,7 +13,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
-use crate::envelope::RootKey;
+use crate::kek::Root;
 use crate::keyring::{Keyring, KeyringError};
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::session::{self, Shared};
@@ -36,12 +36,12 @@ pub enum StartError {
 
 fn open_audit(
     config: &Config,
-    root: &RootKey,
+    root: &Root,
 ) -> Result<Option<Arc<crate::audit::AuditLog>>, StartError> {
     Ok(config
         .audit_log
         .as_deref()
-        .map(|path| crate::audit::AuditLog::open(path, crate::audit::AuditKey::new(root)))
+        .map(|path| crate::audit::AuditLog::open(path, crate::audit::AuditKey::from_root(root)))
         .transpose()?
         .map(Arc::new))
 }
@@ -98,8 +98,8 @@ impl Drop for ProxyHandle {
 
 /// Opens the keyring from the state directory. A damaged one stops the start, and the refusal
 /// goes to the audit log beside the key events (best effort: the log may be on the same disk).
-fn open_keyring(config: &Config, root: RootKey, role: &str) -> Result<Keyring, StartError> {
-    let audit_key = crate::audit::AuditKey::new(&root);
+fn open_keyring(config: &Config, root: Arc<Root>, role: &str) -> Result<Keyring, StartError> {
+    let audit_key = crate::audit::AuditKey::from_root(&root);
     Keyring::open(root, config.state_dir.as_deref(), config.retired_cache).map_err(|e| {
         if let Some(path) = config.audit_log.as_deref() {
             let event = crate::audit::Event {
@@ -121,16 +121,19 @@ fn open_keyring(config: &Config, root: RootKey, role: &str) -> Result<Keyring, S
 }
 
 /// Opens the keyring and starts a proxy with the given root key.
-pub async fn start(config: Config, root: RootKey) -> Result<ProxyHandle, StartError> {
+pub async fn start(config: Config, root: impl Into<Arc<Root>>) -> Result<ProxyHandle, StartError> {
     crate::tls::install_default_provider();
-    let keyring = Arc::new(open_keyring(&config, root, "proxy")?);
+    let keyring = Arc::new(open_keyring(&config, root.into(), "proxy")?);
     start_with_keyring(config, keyring).await
 }
 
 /// Starts the key authority alone: its keyring, the admin endpoint, no agent listener.
-pub async fn start_controller(config: Config, root: RootKey) -> Result<ProxyHandle, StartError> {
+pub async fn start_controller(
+    config: Config,
+    root: impl Into<Arc<Root>>,
+) -> Result<ProxyHandle, StartError> {
     crate::tls::install_default_provider();
-    let keyring = Arc::new(open_keyring(&config, root, "authority")?);
+    let keyring = Arc::new(open_keyring(&config, root.into(), "authority")?);
     // It follows the announcements like a proxy, so that if it is standing by it holds the
     // current keyring when it takes the role over.
     let base = Base::start(&config, &keyring, "authority-follower", true).await?;

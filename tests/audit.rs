@@ -17,7 +17,7 @@ const FAST: &str = "[rotation]\nheartbeat_every = \"200ms\"\nstage_timeout = \"5
 async fn rotate(server: &NatsServer, reason: &str) -> Result<u32, String> {
     cipherbus::control::authority::request_rotation(
         vec![server.url()],
-        &RootKey::from_bytes(TEST_KEK),
+        &cipherbus::kek::Root::from_key(&RootKey::from_bytes(TEST_KEK)),
         PREFIX,
         reason,
     )

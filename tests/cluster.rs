@@ -130,7 +130,7 @@ async fn rotations_reach_proxies_attached_to_different_nodes() {
     sync(&observer).await;
     tokio::time::sleep(Duration::from_millis(700)).await; // heartbeats reach the authority
 
-    let root = RootKey::from_bytes(TEST_KEK);
+    let root = cipherbus::kek::Root::from_key(&RootKey::from_bytes(TEST_KEK));
     for want in 2..=3u32 {
         let rotated = cipherbus::control::authority::request_rotation(
             vec![cluster.nodes[1].url()],
@@ -238,7 +238,7 @@ async fn a_node_killed_during_a_rotation_loses_no_key_and_no_message() {
 
     let urls = from_node(&cluster, 0);
     let ask = |urls: Vec<String>| {
-        let root = RootKey::from_bytes(TEST_KEK);
+        let root = cipherbus::kek::Root::from_key(&RootKey::from_bytes(TEST_KEK));
         async move {
             let asked = cipherbus::control::authority::request_rotation(
                 urls,

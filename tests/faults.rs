@@ -362,7 +362,7 @@ async fn a_rotation_the_full_disk_cannot_hold_is_not_activated_and_says_why() {
     std::os::unix::fs::symlink("/dev/full", &tmp).unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await; // heartbeats reach the authority
 
-    let root = RootKey::from_bytes(TEST_KEK);
+    let root = cipherbus::kek::Root::from_key(&RootKey::from_bytes(TEST_KEK));
     let rotated = cipherbus::control::authority::request_rotation(
         vec![server.url()],
         &root,
@@ -608,7 +608,7 @@ async fn a_rotation_into_a_read_only_state_directory_is_not_activated_and_says_w
     chmod(&state.join("keys"), 0o500);
     chmod(&state, 0o500);
 
-    let root = RootKey::from_bytes(TEST_KEK);
+    let root = cipherbus::kek::Root::from_key(&RootKey::from_bytes(TEST_KEK));
     let rotated = cipherbus::control::authority::request_rotation(
         vec![server.url()],
         &root,

@@ -16,7 +16,7 @@ const PREFIX: &str = "cipherbus.ctl";
 const FAST: &str = "[rotation]\nheartbeat_every = \"200ms\"\nstage_timeout = \"3s\"\n";
 
 async fn rotate(server: &NatsServer) -> u32 {
-    let root = RootKey::from_bytes(TEST_KEK);
+    let root = cipherbus::kek::Root::from_key(&RootKey::from_bytes(TEST_KEK));
     let asked =
         cipherbus::control::authority::request_rotation(vec![server.url()], &root, PREFIX, "test");
     tokio::time::timeout(Duration::from_secs(30), asked)
@@ -649,7 +649,7 @@ async fn a_deposed_authority_cannot_write_the_keyring() {
     let before = kv.entry("keyring").await.unwrap().unwrap();
     kv.put("leader", "another-authority".into()).await.unwrap();
 
-    let root = RootKey::from_bytes(TEST_KEK);
+    let root = cipherbus::kek::Root::from_key(&RootKey::from_bytes(TEST_KEK));
     let asked =
         cipherbus::control::authority::request_rotation(vec![server.url()], &root, PREFIX, "test");
     let refused = tokio::time::timeout(Duration::from_secs(30), asked)

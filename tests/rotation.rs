@@ -529,7 +529,7 @@ async fn the_first_rotation_after_a_start_waits_for_every_live_proxy() {
     let rotated = loop {
         let r = cipherbus::control::authority::request_rotation(
             vec![server.url()],
-            &RootKey::from_bytes(TEST_KEK),
+            &cipherbus::kek::Root::from_key(&RootKey::from_bytes(TEST_KEK)),
             PREFIX,
             "right after the start",
         )
@@ -574,7 +574,7 @@ async fn rotate_one_second_after_a_cold_start_completes_within_two_seconds() {
     let asked = std::time::Instant::now();
     let rotated = cipherbus::control::authority::request_rotation(
         vec![server.url()],
-        &RootKey::from_bytes(TEST_KEK),
+        &cipherbus::kek::Root::from_key(&RootKey::from_bytes(TEST_KEK)),
         PREFIX,
         "one second after a cold start",
     )

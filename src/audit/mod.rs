@@ -94,12 +94,15 @@ impl std::fmt::Debug for AuditKey {
 
 impl AuditKey {
     pub fn new(root: &RootKey) -> Self {
-        // The derived key is zeroized when it drops here; aws-lc keeps its own copy, cleansed
-        // when the HMAC key is freed.
-        let derived = crate::envelope::derive_audit_key(root);
+        Self::from_root(&crate::kek::Root::from_key(root))
+    }
+
+    /// The audit key of a root from any source.
+    pub fn from_root(root: &crate::kek::Root) -> Self {
+        // aws-lc keeps its own copy of the key, cleansed when the HMAC key is freed.
         AuditKey {
-            key: hmac::Key::new(hmac::HMAC_SHA256, derived.bytes()),
-            deployment: root.fingerprint(),
+            key: hmac::Key::new(hmac::HMAC_SHA256, root.audit_key().bytes()),
+            deployment: root.fingerprint().to_owned(),
         }
     }
 

@@ -21,7 +21,7 @@ use super::message::{self, Body, ControlError, ControlSealer, ReplayGuard};
 use crate::audit::stream::AuditStream;
 use crate::audit::{AuditLog, Event, EventKind};
 use crate::config::Rotation;
-use crate::envelope::{self, DataKey, Opener};
+use crate::envelope::{DataKey, Opener};
 use crate::keyring::{KeyState, Keyring};
 use crate::metrics::{Metrics, ReasonLabel};
 
@@ -197,7 +197,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<()>,
 ) -> Result<(), String> {
     let stopped = |e: &dyn std::fmt::Display| format!("the key authority cannot start: {e}");
-    let control_key = envelope::derive_control_key(keyring.root());
+    let control_key = keyring.root().control_key().clone();
     let sealer = ControlSealer::new(cfg.node.clone(), &control_key).map_err(|e| stopped(&e))?;
     let opts = cfg
         .tls
@@ -236,7 +236,7 @@ pub async fn run(
         None => None,
     };
     let control = if jetstream {
-        let kv = open_bucket(&client, keyring_bucket(&cfg.prefix))
+        let kv = open_bucket(&client, keyring_bucket(&cfg.prefix), true)
             .await
             .map_err(|e| stopped(&e))?;
         Some(ControlBucket {
@@ -283,16 +283,22 @@ pub async fn run(
     Ok(())
 }
 
-/// Opens (or creates) the control bucket, replicated on up to three servers where the bus
-/// is a cluster. Entries never expire: the lease lapses by its holder's silence, not by age.
-async fn open_bucket(
+/// Opens (or, with `create`, creates) the control bucket, replicated on up to three servers
+/// where the bus is a cluster. Entries never expire: the lease lapses by its holder's silence,
+/// not by age.
+pub(crate) async fn open_bucket(
     client: &async_nats::Client,
     bucket: String,
+    create: bool,
 ) -> Result<async_nats::jetstream::kv::Store, String> {
     use async_nats::jetstream::{kv, stream::StorageType};
     let js = async_nats::jetstream::new(client.clone());
-    if let Ok(kv) = js.get_key_value(&bucket).await {
-        return Ok(kv);
+    let first = match js.get_key_value(&bucket).await {
+        Ok(kv) => return Ok(kv),
+        Err(e) => e.to_string(),
+    };
+    if !create {
+        return Err(format!("cannot open the control bucket {bucket} ({first})"));
     }
     let mut last = String::new();
     for replicas in [3, 1] {
@@ -854,7 +860,8 @@ impl Authority {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let wrap = |epoch: u32, key: &DataKey| {
-            envelope::wrap_key(self.keyring.root(), epoch, key)
+            self.keyring
+                .wrapped(epoch, key)
                 .ok()
                 .map(|w| base64::engine::general_purpose::STANDARD.encode(w))
         };
@@ -1277,7 +1284,7 @@ impl Authority {
     fn stage_body(&self, epoch: u32) -> Option<Body> {
         let snap = self.keyring.snapshot();
         let key = self.keyring.lookup(&snap, epoch).ok()?;
-        let wrapped = envelope::wrap_key(self.keyring.root(), epoch, &key.key).ok()?;
+        let wrapped = self.keyring.wrapped(epoch, &key.key).ok()?;
         Some(Body::Stage {
             epoch,
             wrapped: base64::engine::general_purpose::STANDARD.encode(wrapped),
@@ -1489,7 +1496,7 @@ impl Authority {
 /// `rotate`, `keys` and `revoke`).
 pub async fn request(
     upstreams: Vec<String>,
-    root: &crate::envelope::RootKey,
+    root: &crate::kek::Root,
     tls: &crate::tls::UpstreamFiles,
     subject: String,
     body: Body,
@@ -1502,8 +1509,8 @@ pub async fn request(
         .connect(upstreams)
         .await
         .map_err(|e| format!("cannot reach the bus: {e}"))?;
-    let control_key = envelope::derive_control_key(root);
-    let mut sealer = ControlSealer::new(crate::server::node_id("cli"), &control_key)
+    let control_key = root.control_key();
+    let mut sealer = ControlSealer::new(crate::server::node_id("cli"), control_key)
         .map_err(|e| e.to_string())?;
     let sealed = sealer.seal(&subject, body).map_err(|e| e.to_string())?;
     // A rotation waits for acknowledgements, so the caller bounds the wait instead.
@@ -1521,7 +1528,7 @@ pub async fn request(
         })?;
     message::open(
         &mut Opener::new(),
-        &control_key,
+        control_key,
         reply.subject.as_str(),
         &reply.payload,
     )
@@ -1532,7 +1539,7 @@ pub async fn request(
 /// Asks the authority on the bus to rotate and waits for its answer.
 pub async fn request_rotation(
     upstreams: Vec<String>,
-    root: &crate::envelope::RootKey,
+    root: &crate::kek::Root,
     prefix: &str,
     reason: &str,
 ) -> Result<Rotated, String> {

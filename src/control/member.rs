@@ -13,7 +13,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use super::message::{self, Body, ControlError, ControlSealer, ReplayGuard};
-use crate::envelope::{self, DataKey, Opener};
+use crate::envelope::{DataKey, Opener};
 use crate::keyring::{KeyState, Keyring};
 use crate::metrics::Metrics;
 
@@ -40,8 +40,13 @@ impl Subjects {
 pub enum ApplyError {
     #[error("{0}")]
     Control(#[from] ControlError),
-    #[error("epoch {epoch}: the wrapped key does not unwrap under this root key")]
-    Unwrap { epoch: u32 },
+    #[error("epoch {epoch}: the wrapped key does not unwrap under this root: {why}")]
+    Unwrap {
+        epoch: u32,
+        why: String,
+        /// The root's KMS did not answer: not acknowledged now, tried again later.
+        unavailable: bool,
+    },
     #[error("epoch {epoch}: the key's fingerprint does not match the announcement")]
     Fingerprint { epoch: u32 },
     #[error(
@@ -71,7 +76,7 @@ impl ApplyError {
     /// The epoch the refused change was about, where known.
     pub fn epoch(&self) -> Option<u32> {
         match self {
-            ApplyError::Unwrap { epoch }
+            ApplyError::Unwrap { epoch, .. }
             | ApplyError::Fingerprint { epoch }
             | ApplyError::Persist { epoch, .. } => Some(*epoch),
             ApplyError::Control(_) | ApplyError::Keyring(_) => None,
@@ -81,6 +86,9 @@ impl ApplyError {
     pub fn reason(&self) -> &'static str {
         match self {
             ApplyError::Control(e) => e.reason(),
+            ApplyError::Unwrap {
+                unavailable: true, ..
+            } => "kms_unavailable",
             ApplyError::Unwrap { .. } => "unwrap",
             ApplyError::Fingerprint { .. } => "fingerprint",
             ApplyError::Persist { .. } => "persist",
@@ -118,7 +126,7 @@ pub enum Reply {
 
 impl Member {
     pub fn new(keyring: Arc<Keyring>, prefix: &str) -> Self {
-        let control_key = envelope::derive_control_key(keyring.root());
+        let control_key = keyring.root().control_key().clone();
         Member {
             keyring,
             control_key,
@@ -126,6 +134,25 @@ impl Member {
             guard: ReplayGuard::default(),
             subjects: Subjects::new(prefix),
             keyring_subject: super::authority::keyring_subject(prefix),
+        }
+    }
+
+    /// Decodes and unwraps an announced key (one call to an HSM or KMS root).
+    fn unwrap(&self, epoch: u32, wrapped: &str) -> Result<(DataKey, Vec<u8>), ApplyError> {
+        let wrapped = base64::engine::general_purpose::STANDARD
+            .decode(wrapped)
+            .map_err(|_| ApplyError::Unwrap {
+                epoch,
+                why: "not base64".into(),
+                unavailable: false,
+            })?;
+        match self.keyring.root().unwrap(epoch, &wrapped) {
+            Ok(key) => Ok((key, wrapped)),
+            Err(e) => Err(ApplyError::Unwrap {
+                epoch,
+                why: e.to_string(),
+                unavailable: e.is_unavailable(),
+            }),
         }
     }
 
@@ -153,17 +180,16 @@ impl Member {
                 wrapped,
                 fingerprint,
             } => {
-                let wrapped = base64::engine::general_purpose::STANDARD
-                    .decode(wrapped)
-                    .map_err(|_| ApplyError::Unwrap { epoch })?;
-                let key = envelope::unwrap_key(self.keyring.root(), epoch, &wrapped)
-                    .map_err(|_| ApplyError::Unwrap { epoch })?;
-                if !crate::ct::eq_str(&key.fingerprint(), &fingerprint) {
-                    return Err(ApplyError::Fingerprint { epoch });
-                }
-                // A re-announcement of an epoch already here is acknowledged again.
+                // A re-announcement of an epoch already here is acknowledged again, without
+                // another call to the root.
                 if snap.state(epoch).is_none() {
-                    self.keyring.stage(epoch, key).map_err(persisting(epoch))?;
+                    let (key, wrapped) = self.unwrap(epoch, &wrapped)?;
+                    if !crate::ct::eq_str(&key.fingerprint(), &fingerprint) {
+                        return Err(ApplyError::Fingerprint { epoch });
+                    }
+                    self.keyring
+                        .stage_wrapped(epoch, key, &wrapped)
+                        .map_err(persisting(epoch))?;
                     tracing::info!(epoch, fingerprint = %fingerprint, "staged a new data key");
                 }
                 if snap.state(epoch) == Some(KeyState::Destroyed) {
@@ -213,11 +239,8 @@ impl Member {
                 KeyState::Destroyed => {}
                 state if local.is_none() => {
                     let epoch = info.epoch;
-                    let wrapped = base64::engine::general_purpose::STANDARD
-                        .decode(info.wrapped.as_deref().unwrap_or_default())
-                        .map_err(|_| ApplyError::Unwrap { epoch })?;
-                    let key = envelope::unwrap_key(self.keyring.root(), epoch, &wrapped)
-                        .map_err(|_| ApplyError::Unwrap { epoch })?;
+                    let (key, wrapped) =
+                        self.unwrap(epoch, info.wrapped.as_deref().unwrap_or_default())?;
                     if !crate::ct::eq_str(&key.fingerprint(), &info.fingerprint) {
                         return Err(ApplyError::Fingerprint { epoch });
                     }
@@ -227,7 +250,7 @@ impl Member {
                         KeyState::Staged
                     };
                     // An authority in this process may have installed it meanwhile.
-                    match self.keyring.adopt(epoch, key, as_state) {
+                    match self.keyring.adopt(epoch, key, as_state, Some(&wrapped)) {
                         Ok(()) if as_state == KeyState::Staged => {
                             tracing::info!(epoch, fingerprint = %info.fingerprint, "staged a new data key");
                         }
@@ -275,16 +298,17 @@ pub struct MemberConfig {
 }
 
 /// Asks the authority for its keyring and applies it. No authority yet is not an error.
+/// Returns whether to try again later: the root's KMS did not answer.
 async fn sync(
     client: &async_nats::Client,
     member: &mut Member,
     sealer: &mut ControlSealer,
     prefix: &str,
     metrics: &Metrics,
-) {
+) -> bool {
     let subject = super::authority::sync_subject(prefix);
     let Ok(sealed) = sealer.seal(&subject, Body::SyncRequest {}) else {
-        return;
+        return false;
     };
     let request = async_nats::Request::new()
         .payload(sealed.into())
@@ -299,7 +323,7 @@ async fn sync(
                     super::authority::keyring_subject(prefix),
                     value,
                 ),
-                None => return,
+                None => return false,
             }
         }
     };
@@ -310,18 +334,28 @@ async fn sync(
             body: Body::SyncReply { epochs },
             ..
         }) => match member.apply_sync(&epochs) {
-            Ok(()) => tracing::info!(
-                active_epoch = member.keyring.snapshot().active.epoch,
-                from,
-                "keyring synced"
-            ),
+            Ok(()) => {
+                tracing::info!(
+                    active_epoch = member.keyring.snapshot().active.epoch,
+                    from,
+                    "keyring synced"
+                );
+                false
+            }
             Err(e) => {
                 metrics.control_refused(e.reason());
                 tracing::warn!(error = %e, "keyring sync refused");
+                e.reason() == "kms_unavailable"
             }
         },
-        Ok(_) => metrics.control_refused("malformed"),
-        Err(e) => metrics.control_refused(e.reason()),
+        Ok(_) => {
+            metrics.control_refused("malformed");
+            false
+        }
+        Err(e) => {
+            metrics.control_refused(e.reason());
+            false
+        }
     }
 }
 
@@ -492,7 +526,9 @@ pub async fn run(
     // report usage per epoch. Until the first change, everything sealed since start counts.
     let mut epoch_seen = member.keyring.snapshot().active.epoch;
     let mut base = (0u64, 0u64);
-    sync(&client, &mut member, &mut sealer, &prefix, &metrics).await;
+    // Set while a key could not be unwrapped because the root's KMS did not answer: the next
+    // heartbeat syncs again, so the proxy catches up when the KMS is back, without a restart.
+    let mut kms_retry = sync(&client, &mut member, &mut sealer, &prefix, &metrics).await;
     // The bucket carries every committed change in order, including those announced while this
     // proxy was away; announcements stay for buses without JetStream.
     let mut commits = follow_bucket(&client, &prefix).await;
@@ -519,6 +555,7 @@ pub async fn run(
                     }
                     Err(e) => {
                         metrics.control_refused(e.reason());
+                        kms_retry |= e.reason() == "kms_unavailable";
                         tracing::warn!(reason = e.reason(), error = %e, "refused the committed keyring");
                     }
                 }
@@ -529,14 +566,17 @@ pub async fn run(
                 None => return,
             },
             () = member.keyring.sync_wanted() => {
-                sync(&client, &mut member, &mut sealer, &prefix, &metrics).await;
+                kms_retry = sync(&client, &mut member, &mut sealer, &prefix, &metrics).await;
                 continue;
             }
             Some(()) = reconnected.recv() => {
-                sync(&client, &mut member, &mut sealer, &prefix, &metrics).await;
+                kms_retry = sync(&client, &mut member, &mut sealer, &prefix, &metrics).await;
                 continue;
             }
             _ = heartbeat.tick() => {
+                if kms_retry {
+                    kms_retry = sync(&client, &mut member, &mut sealer, &prefix, &metrics).await;
+                }
                 if commits.is_none() {
                     commits = follow_bucket(&client, &prefix).await;
                 }
@@ -575,6 +615,7 @@ pub async fn run(
             Ok(Reply::None) => {}
             Err(e) => {
                 metrics.control_refused(e.reason());
+                kms_retry |= e.reason() == "kms_unavailable";
                 tracing::warn!(reason = e.reason(), error = %e, "refused a control message");
                 let text = format!("control message refused ({}): {e}", e.reason());
                 let repeats = matches!(e, ApplyError::Persist { .. } | ApplyError::Keyring(_));

@@ -38,7 +38,7 @@ pub use keys::{
 pub use multi::{AeadBackend, Batch, Path as BatchPath, BATCH_BELOW};
 pub use open::{Opener, DEFAULT_OPENER_CACHE};
 pub use seal::Sealer;
-pub use wrap::{unwrap_key, wrap_key, WRAPPED_LEN, WRAP_AAD_LABEL, WRAP_FORMAT_1};
+pub use wrap::{unwrap_key, wrap_key, WrapKey, WRAPPED_LEN, WRAP_AAD_LABEL, WRAP_FORMAT_1};
 
 /// First byte of every envelope. 0xC1 never occurs in UTF-8, so an envelope
 /// can never be mistaken for text or JSON, nor text for an envelope.

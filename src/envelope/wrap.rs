@@ -30,21 +30,50 @@ fn wrap_aad(epoch: u32) -> [u8; AAD_LEN] {
     aad
 }
 
+/// The key that wraps data keys under a file root (`HKDF-SHA256(root, WRAP_INFO)`), held
+/// instead of the root itself.
+pub struct WrapKey(DataKey);
+
+impl WrapKey {
+    pub fn derive(root: &RootKey) -> Self {
+        WrapKey(derive_wrap_key(root))
+    }
+
+    /// [`wrap_key`] under this key.
+    pub fn wrap(&self, epoch: u32, key: &DataKey) -> Result<Vec<u8>, EnvelopeError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::getrandom(&mut nonce).map_err(|_| EnvelopeError::Random)?;
+        seal_wrapped(&self.0, epoch, key, &nonce)
+    }
+
+    /// [`unwrap_key`] under this key.
+    pub fn unwrap(&self, epoch: u32, wrapped: &[u8]) -> Result<DataKey, EnvelopeError> {
+        open_wrapped(&self.0, epoch, wrapped)
+    }
+}
+
 /// Wraps `key` as the data key of `epoch`, under a key derived from `root`.
 pub fn wrap_key(root: &RootKey, epoch: u32, key: &DataKey) -> Result<Vec<u8>, EnvelopeError> {
-    let mut nonce = [0u8; NONCE_LEN];
-    getrandom::getrandom(&mut nonce).map_err(|_| EnvelopeError::Random)?;
-    wrap_key_with_nonce(root, epoch, key, &nonce)
+    WrapKey::derive(root).wrap(epoch, key)
 }
 
 /// [`wrap_key`] with a caller-chosen nonce, for test vectors only.
+#[cfg(test)]
 pub(crate) fn wrap_key_with_nonce(
     root: &RootKey,
     epoch: u32,
     key: &DataKey,
     nonce: &[u8; NONCE_LEN],
 ) -> Result<Vec<u8>, EnvelopeError> {
-    let wrap = derive_wrap_key(root);
+    seal_wrapped(&derive_wrap_key(root), epoch, key, nonce)
+}
+
+fn seal_wrapped(
+    wrap: &DataKey,
+    epoch: u32,
+    key: &DataKey,
+    nonce: &[u8; NONCE_LEN],
+) -> Result<Vec<u8>, EnvelopeError> {
     let mut out = Vec::with_capacity(WRAPPED_LEN);
     out.push(WRAP_FORMAT_1);
     out.extend_from_slice(nonce);
@@ -64,6 +93,10 @@ pub(crate) fn wrap_key_with_nonce(
 /// A wrong root, a wrong epoch or any changed byte gives [`EnvelopeError::Auth`];
 /// a wrong length or format byte gives [`EnvelopeError::WrappedFormat`].
 pub fn unwrap_key(root: &RootKey, epoch: u32, wrapped: &[u8]) -> Result<DataKey, EnvelopeError> {
+    open_wrapped(&derive_wrap_key(root), epoch, wrapped)
+}
+
+fn open_wrapped(wrap: &DataKey, epoch: u32, wrapped: &[u8]) -> Result<DataKey, EnvelopeError> {
     if wrapped.len() != WRAPPED_LEN || wrapped[0] != WRAP_FORMAT_1 {
         return Err(EnvelopeError::WrappedFormat);
     }
@@ -73,7 +106,6 @@ pub fn unwrap_key(root: &RootKey, epoch: u32, wrapped: &[u8]) -> Result<DataKey,
     let tag = &wrapped[1 + NONCE_LEN + KEY_LEN..];
     let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
     bytes.copy_from_slice(ct);
-    let wrap = derive_wrap_key(root);
     xchacha_open(wrap.bytes(), &nonce, &wrap_aad(epoch), tag, &mut bytes[..])?;
     Ok(DataKey::from_bytes(*bytes))
 }

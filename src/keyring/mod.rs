@@ -26,7 +26,8 @@ use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
-use crate::envelope::{self, DataKey, RootKey};
+use crate::envelope::{self, DataKey};
+use crate::kek::Root;
 use store::{EpochRecord, StateFile, Store, STATE_VERSION};
 
 /// Key states, after NIST SP 800-57.
@@ -175,6 +176,8 @@ pub enum KeyringError {
     },
     #[error("key material: {0}")]
     Envelope(#[from] envelope::EnvelopeError),
+    #[error("{0}")]
+    Root(#[from] crate::kek::RootError),
 }
 
 impl KeyringError {
@@ -184,6 +187,7 @@ impl KeyringError {
             KeyringError::Io { .. } | KeyringError::Corrupt { .. } => "persist",
             KeyringError::Refused { reason, .. } => reason,
             KeyringError::Envelope(_) => "key_material",
+            KeyringError::Root(e) => e.reason(),
         }
     }
 }
@@ -195,7 +199,10 @@ struct RetiredSlot {
 
 /// The process-wide keyring.
 pub struct Keyring {
-    root: RootKey,
+    root: Arc<Root>,
+    /// Each epoch's key as it was wrapped (announced, or wrapped here once), so the authority
+    /// never calls the root again for a key it already wrapped. Ciphertext only.
+    wrapped: Mutex<HashMap<u32, Arc<[u8]>>>,
     current: ArcSwap<Snapshot>,
     retired: DashMap<u32, RetiredSlot>,
     retired_cap: usize,
@@ -243,17 +250,18 @@ impl Keyring {
     /// With a state directory, the persisted epochs come back; a damaged file is an error,
     /// never a silent fallback to another key.
     pub fn open(
-        root: RootKey,
+        root: impl Into<Arc<Root>>,
         state_dir: Option<&Path>,
         retired_cap: usize,
     ) -> Result<Self, KeyringError> {
+        let root = root.into();
         let store = state_dir.map(Store::open).transpose()?;
         let mut records = match &store {
             Some(s) => s.load_state()?,
             None => StateFile::default(),
         };
         if records.epochs.is_empty() {
-            let key = envelope::derive_epoch1(&root);
+            let key = root.epoch1().clone();
             let now = now_secs();
             records = StateFile {
                 version: STATE_VERSION,
@@ -282,6 +290,7 @@ impl Keyring {
                 states: Arc::new(BTreeMap::new()),
             }),
             root,
+            wrapped: Mutex::new(HashMap::new()),
             retired: DashMap::new(),
             retired_cap: retired_cap.max(1),
             clock: AtomicU64::new(0),
@@ -343,7 +352,7 @@ impl Keyring {
         else {
             return Ok(());
         };
-        let derived = envelope::derive_epoch1(&self.root).fingerprint();
+        let derived = self.root.epoch1().fingerprint();
         if crate::ct::eq_str(&derived, &r.fingerprint) {
             Ok(())
         } else {
@@ -357,8 +366,30 @@ impl Keyring {
         }
     }
 
-    pub fn root(&self) -> &RootKey {
+    pub fn root(&self) -> &Root {
         &self.root
+    }
+
+    /// The wrapped key of `epoch` under this process's root: as announced or stored, else
+    /// wrapped now (one root call) and kept. Epoch 1 is derived, never wrapped.
+    pub fn wrapped(&self, epoch: u32, key: &DataKey) -> Result<Arc<[u8]>, crate::kek::RootError> {
+        let lock = || self.wrapped.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = lock().get(&epoch) {
+            return Ok(w.clone());
+        }
+        let w: Arc<[u8]> = self.root.wrap(epoch, key)?.into();
+        lock().insert(epoch, w.clone());
+        Ok(w)
+    }
+
+    fn remember_wrapped(&self, epoch: u32, wrapped: &[u8]) {
+        let mut map = self.wrapped.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(epoch, wrapped.into());
+    }
+
+    fn forget_wrapped(&self, epoch: u32) {
+        let mut map = self.wrapped.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(&epoch);
     }
 
     pub fn state_dir(&self) -> Option<&Path> {
@@ -490,7 +521,7 @@ impl Keyring {
 
     fn load_key(&self, epoch: u32) -> Result<DataKey, KeyringError> {
         if epoch == 1 {
-            return Ok(envelope::derive_epoch1(&self.root));
+            return Ok(self.root.epoch1().clone());
         }
         let store = self.store.as_ref().ok_or(KeyringError::Refused {
             epoch,
@@ -503,10 +534,22 @@ impl Keyring {
                 path: store.key_path(epoch),
                 why: format!("the wrapped key of epoch {epoch} is missing"),
             })?;
-        envelope::unwrap_key(&self.root, epoch, &wrapped).map_err(|e| KeyringError::Corrupt {
-            path: store.key_path(epoch),
-            why: format!("cannot unwrap: {e}"),
-        })
+        match self.root.unwrap(epoch, &wrapped) {
+            Ok(key) => {
+                self.remember_wrapped(epoch, &wrapped);
+                Ok(key)
+            }
+            // The KMS not answering is not damage: the key is refused for now, and tried again.
+            Err(e) if e.is_unavailable() => Err(KeyringError::Refused {
+                epoch,
+                why: "the root's KMS is unavailable",
+                reason: "kms_unavailable",
+            }),
+            Err(e) => Err(KeyringError::Corrupt {
+                path: store.key_path(epoch),
+                why: format!("cannot unwrap: {e}"),
+            }),
+        }
     }
 
     /// Rebuilds the snapshot from the records and swaps it in.
@@ -576,13 +619,30 @@ impl Keyring {
 
     /// Installs a new epoch as decrypt-only and persists it (wrapped) first.
     pub fn stage(&self, epoch: u32, key: DataKey) -> Result<(), KeyringError> {
-        self.insert(epoch, key, KeyState::Staged, true)
+        self.insert(epoch, key, KeyState::Staged, true, None)
+    }
+
+    /// [`Keyring::stage`] with the key as it was announced wrapped (and unwrapped to `key`
+    /// here), so it is stored without another call to the root.
+    pub fn stage_wrapped(
+        &self,
+        epoch: u32,
+        key: DataKey,
+        wrapped: &[u8],
+    ) -> Result<(), KeyringError> {
+        self.insert(epoch, key, KeyState::Staged, true, Some(wrapped))
     }
 
     /// Installs an epoch learned from the key authority's sync (a proxy that joined late or
     /// missed announcements): unknown epochs only, as `staged` or `retired`, persisted first.
     /// Older epochs are allowed here, because the authority is the one writer of epochs.
-    pub fn adopt(&self, epoch: u32, key: DataKey, state: KeyState) -> Result<(), KeyringError> {
+    pub fn adopt(
+        &self,
+        epoch: u32,
+        key: DataKey,
+        state: KeyState,
+        wrapped: Option<&[u8]>,
+    ) -> Result<(), KeyringError> {
         if !matches!(state, KeyState::Staged | KeyState::Retired) {
             return Err(KeyringError::Refused {
                 epoch,
@@ -590,7 +650,7 @@ impl Keyring {
                 reason: "stale_epoch",
             });
         }
-        self.insert(epoch, key, state, false)
+        self.insert(epoch, key, state, false, wrapped)
     }
 
     fn insert(
@@ -599,6 +659,7 @@ impl Keyring {
         key: DataKey,
         state: KeyState,
         forward_only: bool,
+        wrapped: Option<&[u8]>,
     ) -> Result<(), KeyringError> {
         let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
         let newest = records.epochs.iter().map(|r| r.epoch).max().unwrap_or(0);
@@ -625,7 +686,10 @@ impl Keyring {
             activated: None,
         });
         next.epochs.sort_by_key(|r| r.epoch);
-        let wrapped = envelope::wrap_key(&self.root, epoch, &key)?;
+        let wrapped: Arc<[u8]> = match wrapped {
+            Some(w) => w.into(),
+            None => self.root.wrap(epoch, &key)?.into(),
+        };
         // The new key is handed over directly, not re-read from disk.
         let key = Arc::new(EpochKey { epoch, key });
         if let Some(s) = &self.store {
@@ -637,6 +701,7 @@ impl Keyring {
                 return Err(e);
             }
         }
+        self.remember_wrapped(epoch, &wrapped);
         let prev = self.current.load();
         let mut staged = prev.staged.clone();
         if state == KeyState::Staged {
@@ -727,6 +792,7 @@ impl Keyring {
         // but its wrapped copy may have been written before the state file failed.
         let prev = self.current.load();
         if prev.unsaved.iter().any(|k| k.epoch == epoch) {
+            self.forget_wrapped(epoch);
             self.current
                 .store(Arc::new(prev.with_unsaved(prev.unsaved_except(epoch))));
             if let Some(s) = &self.store {
@@ -757,6 +823,7 @@ impl Keyring {
             _ => r.state = KeyState::Destroyed,
         }
         self.retired.remove(&epoch);
+        self.forget_wrapped(epoch);
         if let Some(s) = &self.store {
             s.shred(epoch)?;
         }
@@ -778,6 +845,7 @@ impl Keyring {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envelope::RootKey;
 
     fn root() -> RootKey {
         RootKey::from_bytes([7; 32])
