@@ -110,6 +110,18 @@ impl Metrics {
             rotations_refused: Family::default(),
             registry: Registry::default(),
         };
+        // Process-wide: the root is opened, and the KMS first called, before this registry exists.
+        registry.register(
+            "kms_requests",
+            "Calls to the root's HSM or KMS, by operation (wrap, unwrap, check) and outcome",
+            crate::kek::KMS_METRICS.requests.clone(),
+        );
+        registry.register_with_unit(
+            "kms_request_duration",
+            "Latency of calls to the root's HSM or KMS",
+            Unit::Seconds,
+            crate::kek::KMS_METRICS.latency.clone(),
+        );
         registry.register(
             "messages_sealed",
             "Payloads sealed on their way from agents to the bus",

@@ -119,7 +119,8 @@ pub fn hello_subject(prefix: &str) -> String {
 /// A keyring change, committed to the bucket before it is made.
 enum Change<'a> {
     None,
-    Stage(u32, &'a DataKey),
+    /// A new epoch, its key and the key as the root wrapped it.
+    Stage(u32, &'a DataKey, &'a [u8]),
     Activate(u32),
     Destroy(u32),
 }
@@ -870,10 +871,18 @@ impl Authority {
             .records()
             .into_iter()
             .map(|r| {
+                // Wrapped once and kept: a commit never calls the root, nor reads a retired
+                // key back from disk, for a key it already wrapped.
                 let wrapped = (wrapped && r.state != KeyState::Destroyed)
-                    .then(|| self.keyring.lookup(&snap, r.epoch).ok())
-                    .flatten()
-                    .and_then(|k| wrap(r.epoch, &k.key));
+                    .then(|| match self.keyring.wrapped_cached(r.epoch) {
+                        Some(w) => Some(base64::engine::general_purpose::STANDARD.encode(w)),
+                        None => self
+                            .keyring
+                            .lookup(&snap, r.epoch)
+                            .ok()
+                            .and_then(|k| wrap(r.epoch, &k.key)),
+                    })
+                    .flatten();
                 message::EpochInfo {
                     epoch: r.epoch,
                     state: r.state,
@@ -890,14 +899,15 @@ impl Authority {
             .collect();
         match change {
             Change::None => {}
-            Change::Stage(epoch, key) => epochs.push(message::EpochInfo {
+            Change::Stage(epoch, key, wrapped_key) => epochs.push(message::EpochInfo {
                 epoch: *epoch,
                 state: KeyState::Staged,
                 sealed_messages: None,
                 fingerprint: key.fingerprint(),
                 created: now,
                 activated: None,
-                wrapped: wrapped.then(|| wrap(*epoch, key)).flatten(),
+                wrapped: wrapped
+                    .then(|| base64::engine::general_purpose::STANDARD.encode(wrapped_key)),
             }),
             Change::Activate(epoch) => {
                 for e in &mut epochs {
@@ -1350,6 +1360,23 @@ impl Authority {
             .ok_or("no epochs left")?;
         let key = DataKey::generate().map_err(|e| e.to_string())?;
         let fingerprint = key.fingerprint();
+        // Wrapped first: a root that cannot wrap refuses the rotation before any epoch is
+        // spent, and the active key goes on sealing.
+        let wrapped = match self.keyring.root().wrap(epoch, &key) {
+            Ok(w) => w,
+            Err(e) => {
+                let reason = e.reason();
+                self.metrics
+                    .rotations_refused
+                    .get_or_create(&ReasonLabel { reason })
+                    .inc();
+                let why =
+                    format!("rotation refused ({reason}): the root cannot wrap a new key: {e}");
+                tracing::error!(reason, "{why}");
+                self.audit(self.event(EventKind::Refused, epoch, None, &why));
+                return Err(why);
+            }
+        };
         let generated = self.event(
             EventKind::Generated,
             epoch,
@@ -1366,14 +1393,17 @@ impl Authority {
         }
         // Committed under the lease before anyone is told: a deposed authority stops here, and
         // no epoch can be committed with two keys.
-        if let Err(e) = self.commit_keyring(Change::Stage(epoch, &key)).await {
+        if let Err(e) = self
+            .commit_keyring(Change::Stage(epoch, &key, &wrapped))
+            .await
+        {
             let why = format!("not staged, so not announced: {e}");
             self.audit(self.event(EventKind::Refused, epoch, Some(fingerprint), &why));
             return Err(why);
         }
         // Persisted before anyone is told, so the authority never announces a key it could lose.
         // This process's own proxy may have applied the commit already, from the bucket.
-        if let Err(e) = self.keyring.stage(epoch, key) {
+        if let Err(e) = self.keyring.stage_wrapped(epoch, key, &wrapped) {
             if self.keyring.snapshot().state(epoch) != Some(KeyState::Staged) {
                 let why = format!("not staged, so not announced: {e}");
                 self.audit(self.event(EventKind::Refused, epoch, Some(fingerprint), &why));

@@ -145,9 +145,22 @@ pub async fn load_or_create(
             kek.describe()
         )
     };
+    let no_seed = || {
+        format!(
+            "the bucket {bucket} holds no deployment seed yet: start the controller with --kek {} first",
+            kek.describe()
+        )
+    };
     let kv = match crate::control::authority::open_bucket(client, bucket.clone(), create).await {
         Ok(kv) => kv,
-        Err(e) if e.contains("not enabled") || e.contains("no responders") => return Err(no_js()),
+        Err(e)
+            if ["not enabled", "jetstream unavailable", "no responders"]
+                .iter()
+                .any(|m| e.to_lowercase().contains(m)) =>
+        {
+            return Err(no_js())
+        }
+        Err(e) if !create && e.contains("not found") => return Err(no_seed()),
         Err(e) => return Err(e),
     };
     let read = |v: Option<bytes::Bytes>| v.map(|b| WrappedSeed::from_json(&b)).transpose();
@@ -155,10 +168,7 @@ pub async fn load_or_create(
         return Ok(seed);
     }
     if !create {
-        return Err(format!(
-            "the bucket {bucket} holds no deployment seed yet: start the controller with --kek {}, or run `cipherbus keygen --kek URI --upstream URL`",
-            kek.describe()
-        ));
+        return Err(no_seed());
     }
     let scope = prefix.to_owned();
     let fresh = blocking(|| with_retry(START_RETRY, || WrappedSeed::generate(kek, &scope)))

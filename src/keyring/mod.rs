@@ -382,6 +382,12 @@ impl Keyring {
         Ok(w)
     }
 
+    /// The wrapped key of `epoch`, if this process has it at hand (no root call, no disk).
+    pub fn wrapped_cached(&self, epoch: u32) -> Option<Arc<[u8]>> {
+        let map = self.wrapped.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&epoch).cloned()
+    }
+
     fn remember_wrapped(&self, epoch: u32, wrapped: &[u8]) {
         let mut map = self.wrapped.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(epoch, wrapped.into());
