@@ -514,7 +514,7 @@ fn run(args: RunArgs) -> ExitCode {
     }
     raise_fd_limit();
     runtime.block_on(async move {
-        let root = match open_root(&config, config.controller).await {
+        let root = match open_root(&config, true).await {
             Ok(r) => r,
             Err(e) => return fail(&e),
         };
@@ -545,35 +545,51 @@ fn raise_fd_limit() {
 }
 
 /// `--check-config`: the config, and the root: a file is read; an HSM or KMS is asked, its key's
-/// type and permissions checked with a wrap and unwrap, and the deployment seed unwrapped.
+/// type and permissions checked with a wrap and unwrap, and the deployment seed unwrapped if
+/// there is one yet.
 async fn check_config(config: &Config) -> ExitCode {
     let ups: Vec<String> = config.upstreams.iter().map(ToString::to_string).collect();
-    let root = if config.kek.is_file() {
-        open_root(config, false).await
-    } else {
-        let uri = config.kek.clone();
-        let checked = crate::kek::blocking(|| {
-            let kek = uri.open_kek()?;
-            crate::kek::with_retry(crate::kek::seed::START_RETRY, || kek.check())
-        });
-        if let Err(e) = checked {
-            return fail(&e);
-        }
-        open_root(config, false).await
+    let summary = |root: String| {
+        println!(
+            "config ok: listen {}, upstream {}, root {root}, aead {}",
+            config.listen,
+            ups.join(","),
+            config.aead.describe()
+        );
+        ExitCode::SUCCESS
     };
-    match root {
-        Ok(root) => {
-            println!(
-                "config ok: listen {}, upstream {}, root {} ({}) usable, deployment fingerprint {}, aead {}",
-                config.listen,
-                ups.join(","),
+    if config.kek.is_file() {
+        return match open_root(config, false).await {
+            Ok(root) => summary(format!(
+                "{} (fingerprint {})",
                 root.describe(),
-                root.kind(),
-                root.fingerprint(),
-                config.aead.describe()
-            );
-            ExitCode::SUCCESS
-        }
+                root.fingerprint()
+            )),
+            Err(e) => fail(&e),
+        };
+    }
+    let uri = config.kek.clone();
+    let checked = crate::kek::blocking(|| {
+        let kek = uri.open_kek()?;
+        crate::kek::with_retry(crate::kek::seed::START_RETRY, || kek.check())?;
+        Ok::<_, crate::kek::KekError>(kek)
+    });
+    let kek = match checked {
+        Ok(k) => k,
+        Err(e) => return fail(&e),
+    };
+    match open_root(config, false).await {
+        Ok(root) => summary(format!(
+            "{} ({}) answers, wraps and unwraps; deployment fingerprint {}",
+            root.describe(),
+            root.kind(),
+            root.fingerprint()
+        )),
+        Err(e) if e.contains(crate::kek::seed::NO_SEED) => summary(format!(
+            "{} ({}) answers, wraps and unwraps; no deployment seed yet (the first proxy or controller started with it creates one)",
+            kek.describe(),
+            kek.kind()
+        )),
         Err(e) => fail(&e),
     }
 }

@@ -17,6 +17,9 @@ use crate::envelope::RootKey;
 /// The bucket key that holds the wrapped seed.
 pub const SEED_KEY: &str = "seed";
 
+/// What the error says when the deployment has no seed yet.
+pub const NO_SEED: &str = "holds no deployment seed yet";
+
 /// How long a start waits for a KMS that does not answer before it gives up.
 pub const START_RETRY: Duration = Duration::from_secs(10);
 
@@ -147,7 +150,7 @@ pub async fn load_or_create(
     };
     let no_seed = || {
         format!(
-            "the bucket {bucket} holds no deployment seed yet: start the controller with --kek {} first",
+            "the bucket {bucket} {NO_SEED}: start a proxy or the controller with --kek {} first",
             kek.describe()
         )
     };

@@ -24,13 +24,13 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn tools() -> PathBuf {
+pub(crate) fn tools() -> PathBuf {
     root().join("target/tools")
 }
 
 /// Runs `f` once across every test process: the first to take the lock directory `name` does
 /// the work, the others wait until `done()` holds.
-fn once_across_processes(name: &str, done: impl Fn() -> bool, f: impl FnOnce()) {
+pub(crate) fn once_across_processes(name: &str, done: impl Fn() -> bool, f: impl FnOnce()) {
     if done() {
         return;
     }
@@ -61,7 +61,7 @@ fn once_across_processes(name: &str, done: impl Fn() -> bool, f: impl FnOnce()) 
     }
 }
 
-fn run(cmd: &mut Command, what: &str) {
+pub(crate) fn run(cmd: &mut Command, what: &str) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
     assert!(
         out.status.success(),
@@ -73,7 +73,7 @@ fn run(cmd: &mut Command, what: &str) {
 
 /// Installs Debian packages at pinned versions (`name=version`), once, serialised across test
 /// processes because apt takes one lock for the whole system.
-fn apt_install(packages: &[String], installed: impl Fn() -> bool) {
+pub(crate) fn apt_install(packages: &[String], installed: impl Fn() -> bool) {
     once_across_processes("apt", &installed, || {
         let install = || {
             Command::new("apt-get")
@@ -233,7 +233,7 @@ pub fn nats_go() -> PathBuf {
 }
 
 /// The installed version of a Debian package, from dpkg.
-fn deb_version(package: &str) -> Option<String> {
+pub(crate) fn deb_version(package: &str) -> Option<String> {
     let out = Command::new("dpkg-query")
         .args(["-W", "-f=${Status} ${Version}", package])
         .output()

