@@ -54,6 +54,18 @@ enum Command {
     Rotate(RotateArgs),
     /// List the epochs the key authority knows and their states.
     Keys(AuthorityArgs),
+    /// Wrap every data key and the deployment seed again under the root's newest version
+    /// (after the KMS rotated its key, or after `migrate`); online, through the authority.
+    Rewrap(AuthorityArgs),
+    /// Move a deployment from a file root to an HSM or KMS root: the file's key becomes the
+    /// deployment seed, wrapped under the new root, so every derived key stays as it is.
+    Migrate {
+        /// The file root the deployment runs on now.
+        #[arg(long, value_name = "FILE")]
+        from_kek_file: PathBuf,
+        #[command(flatten)]
+        bus: AuthorityArgs,
+    },
     /// Destroy a compromised epoch everywhere now (the active one is replaced first).
     Revoke {
         /// The epoch to destroy.
@@ -301,6 +313,8 @@ pub fn main() -> ExitCode {
         Command::Controller(args) => controller(args),
         Command::Rotate(args) => rotate(args),
         Command::Keys(args) => keys(args),
+        Command::Rewrap(args) => rewrap(args),
+        Command::Migrate { from_kek_file, bus } => migrate(from_kek_file, bus),
         Command::Revoke {
             epoch,
             authority,
@@ -931,6 +945,104 @@ fn ask_authority(
             );
             Err(ExitCode::FAILURE)
         }
+    }
+}
+
+fn rewrap(args: AuthorityArgs) -> ExitCode {
+    use crate::control::message::Body;
+    let body = match ask_authority(
+        args,
+        crate::control::authority::rewrap_subject,
+        Body::RewrapRequest {},
+    ) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    match body {
+        Body::RewrapReply {
+            rewrapped,
+            seed,
+            error: None,
+        } => {
+            println!(
+                "{rewrapped} data keys{} wrapped again under the root's newest version; every proxy stores them as it applies the commit",
+                if seed { " and the deployment seed" } else { "" }
+            );
+            ExitCode::SUCCESS
+        }
+        Body::RewrapReply { error: Some(e), .. } => {
+            eprintln!("cipherbus: {e}");
+            ExitCode::FAILURE
+        }
+        _ => {
+            eprintln!("cipherbus: the authority answered with something else");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `migrate`: writes the file root's key, wrapped under the HSM or KMS root, as the
+/// deployment seed. Refused where the deployment has a seed already.
+fn migrate(from: PathBuf, args: AuthorityArgs) -> ExitCode {
+    let Some(kek) = args.kek.clone() else {
+        return fail(&"migrate needs --kek URI: the HSM or KMS root to move to");
+    };
+    let uri = match KekUri::parse(&kek) {
+        Ok(KekUri::File(_)) => return fail(&"--kek must name an HSM or KMS root, not a file"),
+        Ok(u) => u,
+        Err(e) => return fail(&e),
+    };
+    use crate::keyring::source::RootKeySource;
+    let old = match crate::keyring::source::KekFile(from.clone()).load() {
+        Ok(k) => k,
+        Err(e) => return fail(&e),
+    };
+    // The operator commands' plumbing, with the file root to reach the bus.
+    let bus = match Bus::from_args(AuthorityArgs {
+        kek: None,
+        kek_file: Some(from),
+        ..args
+    }) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let done: Result<String, String> = rt.block_on(async {
+        let kek = crate::kek::blocking(|| {
+            let kek = uri.open_kek()?;
+            kek.check()?;
+            Ok::<_, crate::kek::KekError>(kek)
+        })
+        .map_err(|e| e.to_string())?;
+        let seed = crate::kek::blocking(|| {
+            crate::kek::seed::WrappedSeed::wrap(&*kek, &old, true, &bus.prefix)
+        })
+        .map_err(|e| e.to_string())?;
+        let client = bus.connect().await?;
+        if let Some((existing, _)) = crate::kek::seed::read(&client, &bus.prefix)
+            .await
+            .unwrap_or(None)
+        {
+            return Err(format!(
+                "the deployment has a seed already (fingerprint {}); nothing to migrate",
+                existing.fingerprint
+            ));
+        }
+        crate::kek::seed::store(&client, &bus.prefix, &seed, None).await?;
+        Ok(seed.fingerprint)
+    });
+    match done {
+        Ok(fingerprint) => {
+            println!(
+                "the file root (fingerprint {fingerprint}) is now the deployment seed, wrapped under {}; restart the proxies with --kek, then the controller, then run `cipherbus rewrap`",
+                uri.describe()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
     }
 }
 

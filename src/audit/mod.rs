@@ -47,6 +47,8 @@ pub enum EventKind {
     Revoked,
     Laggard,
     Refused,
+    /// Every key wrapped again under the root's newest version.
+    Rewrapped,
 }
 
 /// One event, as the caller describes it.

@@ -48,6 +48,11 @@ pub fn rotate_subject(prefix: &str) -> String {
     format!("{prefix}.cmd.rotate")
 }
 
+/// Where operators ask for every key to be wrapped again (`cipherbus rewrap`).
+pub fn rewrap_subject(prefix: &str) -> String {
+    format!("{prefix}.cmd.rewrap")
+}
+
 pub fn keys_subject(prefix: &str) -> String {
     format!("{prefix}.cmd.keys")
 }
@@ -382,6 +387,7 @@ impl Authority {
         let prefix = self.cfg.prefix.clone();
         let mut keys_cmds = self.client.subscribe(keys_subject(&prefix)).await?;
         let mut revoke_cmds = self.client.subscribe(revoke_subject(&prefix)).await?;
+        let mut rewrap_cmds = self.client.subscribe(rewrap_subject(&prefix)).await?;
         let mut syncs = self.client.subscribe(sync_subject(&prefix)).await?;
         let mut hellos = self.client.subscribe(hello_subject(&prefix)).await?;
         self.say_hello().await;
@@ -459,6 +465,14 @@ impl Authority {
                     }
                     self.serve_revoke(m, &mut acks).await;
                 }
+                Some(m) = rewrap_cmds.next() => {
+                    // A standing-by authority drops requests; the CLI's timeout tells the
+                    // operator, and a rewrap is safe to ask again.
+                    if self.standing_by() {
+                        continue;
+                    }
+                    self.serve_rewrap(m).await;
+                }
                 Some(m) = commands.next() => {
                     if self.standing_by() {
                         self.hold_request(m).await;
@@ -531,6 +545,127 @@ impl Authority {
             };
             self.reply(reply, body).await;
         }
+    }
+
+    async fn serve_rewrap(&mut self, m: async_nats::Message) {
+        let subject = rewrap_subject(&self.cfg.prefix);
+        let body = match self.open(&subject, &m.payload) {
+            Ok(Body::RewrapRequest {}) => match self.rewrap().await {
+                Ok((rewrapped, seed)) => Body::RewrapReply {
+                    rewrapped,
+                    seed,
+                    error: None,
+                },
+                Err(e) => Body::RewrapReply {
+                    rewrapped: 0,
+                    seed: false,
+                    error: Some(e),
+                },
+            },
+            Ok(_) => return,
+            Err(e) => Body::RewrapReply {
+                rewrapped: 0,
+                seed: false,
+                error: Some(e.to_string()),
+            },
+        };
+        if let Some(reply) = m.reply {
+            self.reply(reply, body).await;
+        }
+    }
+
+    /// Wraps every data key that still opens, and the deployment seed, again under the root's
+    /// newest version (after a KMS key rotation, or a migration from a file root), commits the
+    /// keyring so every proxy stores the new wraps, and audits it. The keys do not change.
+    async fn rewrap(&mut self) -> Result<(u32, bool), String> {
+        let refuse = |this: &mut Self, reason: &'static str, why: String| {
+            this.metrics
+                .rotations_refused
+                .get_or_create(&ReasonLabel { reason })
+                .inc();
+            let why = format!("rewrap refused ({reason}): {why}");
+            tracing::error!(reason, "{why}");
+            this.audit(Event {
+                kind: EventKind::Refused,
+                epoch: None,
+                fingerprint: None,
+                actor: this.cfg.node.clone(),
+                reason: why.clone(),
+            });
+            why
+        };
+        let snap = self.keyring.snapshot();
+        let mut rewrapped = 0;
+        for r in self.keyring.records() {
+            if r.epoch == 1 || r.state == KeyState::Destroyed {
+                continue;
+            }
+            let key = match self.keyring.lookup(&snap, r.epoch) {
+                Ok(k) => k.key.clone(),
+                Err(e) => {
+                    let why = format!("epoch {} cannot be read: {}", r.epoch, e.reason());
+                    return Err(refuse(self, "kms_unavailable", why));
+                }
+            };
+            let wrapped = match self.keyring.root().wrap(r.epoch, &key) {
+                Ok(w) => w,
+                Err(e) => return Err(refuse(self, e.reason(), e.to_string())),
+            };
+            if let Err(e) = self.keyring.replace_wrapped(r.epoch, &wrapped) {
+                return Err(refuse(self, "persist", e.to_string()));
+            }
+            rewrapped += 1;
+        }
+        drop(snap);
+        let mut seed = false;
+        if let Some(kek) = self.keyring.root().kek().cloned() {
+            let scope = self.keyring.root().scope().to_owned();
+            let stored = crate::kek::seed::read(&self.client, &self.cfg.prefix).await;
+            let (old, revision) = match stored {
+                Ok(Some(x)) => x,
+                Ok(None) => return Err(refuse(self, "seed", "no deployment seed".into())),
+                Err(e) => return Err(refuse(self, "seed", e)),
+            };
+            let again = crate::kek::blocking(|| {
+                let key = old.unwrap(&*kek, &scope)?;
+                crate::kek::seed::WrappedSeed::wrap(&*kek, &key, old.migrated, &scope)
+            });
+            let again = match again {
+                Ok(s) => s,
+                Err(e) => {
+                    let reason = if e.is_unavailable() {
+                        "kms_unavailable"
+                    } else {
+                        "kms_error"
+                    };
+                    return Err(refuse(self, reason, e.to_string()));
+                }
+            };
+            let stored =
+                crate::kek::seed::store(&self.client, &self.cfg.prefix, &again, Some(revision))
+                    .await;
+            if let Err(e) = stored {
+                return Err(refuse(self, "seed", e));
+            }
+            seed = true;
+        }
+        if let Err(e) = self.commit_keyring(Change::None).await {
+            return Err(refuse(self, "commit", e));
+        }
+        let reason = format!(
+            "{rewrapped} data keys{} wrapped again under {}",
+            if seed { " and the deployment seed" } else { "" },
+            self.keyring.root().describe()
+        );
+        self.audit(Event {
+            kind: EventKind::Rewrapped,
+            epoch: None,
+            fingerprint: None,
+            actor: self.cfg.node.clone(),
+            reason: reason.clone(),
+        });
+        tracing::info!(rewrapped, seed, "{reason}");
+        Ok((rewrapped, seed))
     }
 
     async fn serve_revoke(&mut self, m: async_nats::Message, acks: &mut async_nats::Subscriber) {

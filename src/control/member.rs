@@ -137,6 +137,31 @@ impl Member {
         }
     }
 
+    /// Replaces this proxy's wrapped copy of a key it holds with the authority's, if they
+    /// differ and the new one unwraps to the same key.
+    fn refresh_wrapped(&self, info: &message::EpochInfo, wrapped: &str) -> Result<(), ApplyError> {
+        let epoch = info.epoch;
+        let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(wrapped) else {
+            return Err(ApplyError::Unwrap {
+                epoch,
+                why: "not base64".into(),
+                unavailable: false,
+            });
+        };
+        if self.keyring.wrapped_cached(epoch).as_deref() == Some(&bytes[..]) {
+            return Ok(());
+        }
+        let (key, bytes) = self.unwrap(epoch, wrapped)?;
+        if !crate::ct::eq_str(&key.fingerprint(), &info.fingerprint) {
+            return Err(ApplyError::Fingerprint { epoch });
+        }
+        self.keyring
+            .replace_wrapped(epoch, &bytes)
+            .map_err(persisting(epoch))?;
+        tracing::info!(epoch, "stored the key as the authority wrapped it again");
+        Ok(())
+    }
+
     /// Decodes and unwraps an announced key (one call to an HSM or KMS root).
     fn unwrap(&self, epoch: u32, wrapped: &str) -> Result<(DataKey, Vec<u8>), ApplyError> {
         let wrapped = base64::engine::general_purpose::STANDARD
@@ -261,6 +286,13 @@ impl Member {
                             return Err(persisting(epoch)(e));
                         }
                         Err(_) => {}
+                    }
+                }
+                // Wrapped again (a rewrap, or a migration to another root): stored as the
+                // authority wrapped it, once it is proven to hold the same key.
+                _ if info.epoch != 1 && local.is_some_and(|s| s != KeyState::Destroyed) => {
+                    if let Some(w) = info.wrapped.as_deref() {
+                        self.refresh_wrapped(info, w)?;
                     }
                 }
                 _ => {}

@@ -85,6 +85,16 @@ pub enum Body {
     AuditEvent {
         entry: String,
     },
+    /// An operator asks the authority to wrap every data key, and the deployment seed, again
+    /// under the root's newest version.
+    RewrapRequest {},
+    RewrapReply {
+        /// Data keys wrapped again.
+        rewrapped: u32,
+        /// Whether the deployment seed was (a file root has none).
+        seed: bool,
+        error: Option<String>,
+    },
     /// An operator asks the authority to rotate now.
     RotateRequest {
         reason: String,

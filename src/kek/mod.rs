@@ -242,12 +242,9 @@ pub struct KmsMetrics {
 
 pub static KMS_METRICS: LazyLock<KmsMetrics> = LazyLock::new(|| KmsMetrics {
     requests: Family::default(),
-    latency: Histogram::new(
-        [
-            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-        ]
-        .into_iter(),
-    ),
+    latency: Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    ]),
 });
 
 /// Times and counts one KMS call.
@@ -355,6 +352,19 @@ impl Root {
             epoch1: envelope::derive_epoch1(key),
             fingerprint: key.fingerprint(),
         }
+    }
+
+    /// The HSM or KMS behind this root; `None` for a file root.
+    pub fn kek(&self) -> Option<&Arc<dyn Kek>> {
+        match &self.backend {
+            Backend::File { .. } => None,
+            Backend::Kms { kek, .. } => Some(kek),
+        }
+    }
+
+    /// What wraps are bound to besides purpose and epoch: the control prefix.
+    pub fn scope(&self) -> &str {
+        &self.scope
     }
 
     /// The URI, without secrets.

@@ -388,6 +388,17 @@ impl Keyring {
         map.get(&epoch).cloned()
     }
 
+    /// Replaces the stored wrapped key of `epoch` with `wrapped` (the same key, wrapped again):
+    /// written whole to the state directory first, so a crash leaves one or the other.
+    pub fn replace_wrapped(&self, epoch: u32, wrapped: &[u8]) -> Result<(), KeyringError> {
+        let _changes = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = &self.store {
+            s.save_wrapped(epoch, wrapped)?;
+        }
+        self.remember_wrapped(epoch, wrapped);
+        Ok(())
+    }
+
     fn remember_wrapped(&self, epoch: u32, wrapped: &[u8]) {
         let mut map = self.wrapped.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(epoch, wrapped.into());
