@@ -297,3 +297,297 @@ fn a_wrong_pin_a_missing_key_or_a_non_aes_key_stops_the_start_with_one_sentence(
         "{text}"
     );
 }
+
+/// The policy a proxy's own Vault token holds: read its key's metadata (for the start's
+/// check), encrypt and decrypt with it, nothing else.
+const PROXY_POLICY: &str = r#"
+path "transit/keys/cipherbus" { capabilities = ["read"] }
+path "transit/encrypt/cipherbus" { capabilities = ["update"] }
+path "transit/decrypt/cipherbus" { capabilities = ["update"] }
+"#;
+
+/// A Vault root for one process: the shared address, a token of its own in a file.
+fn vault_root(bao: &Bao, dir: &Path, token: &str) -> RootUnderTest {
+    std::fs::create_dir_all(dir).unwrap();
+    let file = dir.join("token");
+    std::fs::write(&file, format!("{token}\n")).unwrap();
+    RootUnderTest {
+        uri: "vault-transit:cipherbus".into(),
+        env: vec![
+            ("VAULT_ADDR".into(), bao.addr.clone()),
+            ("VAULT_TOKEN_FILE".into(), file.display().to_string()),
+        ],
+    }
+}
+
+/// Publishes `n` numbered messages on `orders.history` and returns them.
+async fn publish_orders(client: &async_nats::Client, tag: &str, n: usize) -> Vec<String> {
+    let mut sent = Vec::new();
+    for i in 0..n {
+        let body = format!("order {tag} {i}");
+        client
+            .publish("orders.history", body.clone().into())
+            .await
+            .unwrap();
+        sent.push(body);
+    }
+    client.flush().await.unwrap();
+    sent
+}
+
+async fn create_orders_stream(server: &NatsServer) {
+    let js = async_nats::jetstream::new(observer(server).await);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+async fn history(p: &ProxyProcess) -> Vec<String> {
+    let reader = async_nats::connect(p.url()).await.unwrap();
+    replay_stream(&reader, "ORDERS")
+        .await
+        .into_iter()
+        .filter(|m| m.starts_with("order "))
+        .collect()
+}
+
+/// Every wrapped key file in a state directory.
+fn key_files(state: &Path) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(state.join("keys")).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".key") {
+            out.push(std::fs::read(e.path()).unwrap());
+        }
+    }
+    out
+}
+
+async fn cli(root: &RootUnderTest, args: &[&str]) -> (bool, String) {
+    let cmd = cipherbus(root, args);
+    let (ok, _, text) = tokio::task::spawn_blocking(move || output(cmd))
+        .await
+        .unwrap();
+    (ok, text)
+}
+
+/// After the KMS rotates its key, `rewrap` moves every wrapped data key and the seed to the
+/// new version, in the authority's state and in every proxy's; then raising
+/// `min_decryption_version` leaves all history readable. Without the rewrap, the same raise
+/// stops a restarting proxy. Each process has a token of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrap_after_a_kms_key_rotation_keeps_history_readable_past_min_decryption_version() {
+    let bao = Bao::dev();
+    bao.enable_transit();
+    let server = NatsServer::start();
+    create_orders_stream(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let tokens: Vec<String> = (0..3)
+        .map(|_| bao.create_policy_token("cipherbus-proxy", PROXY_POLICY))
+        .collect();
+    assert!(tokens[0] != tokens[1] && tokens[1] != tokens[2]);
+    let ra = vault_root(&bao, &d.join("ta"), &tokens[0]);
+    let rb = vault_root(&bao, &d.join("tb"), &tokens[1]);
+    let operator = vault_root(&bao, &d.join("to"), &tokens[2]);
+    let admin = vault_root(&bao, &d.join("root"), bao.token());
+    let (ok, text) = cli(&admin, &["keygen", "--kek", &admin.uri]).await;
+    assert!(ok, "{text}");
+
+    let a = proxy(&ra, &server, &d.join("a"), true);
+    let mut b = proxy(&rb, &server, &d.join("b"), false);
+    let publisher = async_nats::connect(a.url()).await.unwrap();
+    let mut sent = publish_orders(&publisher, "e1", 3).await;
+    let url = server.url();
+    let rotate = [
+        "rotate",
+        "--kek",
+        "vault-transit:cipherbus",
+        "--upstream",
+        &url,
+    ];
+    for tag in ["e2", "e3"] {
+        let (ok, text) = cli(&operator, &rotate).await;
+        assert!(ok, "{text}");
+        sent.extend(publish_orders(&publisher, tag, 3).await);
+    }
+    let v1 = |files: Vec<Vec<u8>>| files.iter().all(|f| contains(f, b"vault:v1:"));
+    assert!(v1(key_files(&d.join("b"))) && key_files(&d.join("b")).len() == 2);
+
+    bao.rotate_key("cipherbus");
+    // Raised before the rewrap: a proxy that restarts cannot unwrap its seed.
+    bao.set_min_decryption_version("cipherbus", 2);
+    b.kill();
+    let mut cmd = cipherbus(
+        &rb,
+        &[
+            "run",
+            "--kek",
+            &rb.uri,
+            "--upstream",
+            &url,
+            "--state-dir",
+            d.join("b").to_str().unwrap(),
+        ],
+    );
+    cmd.arg("--listen")
+        .arg(format!("127.0.0.1:{}", free_port()));
+    let mut refused = Spawned::spawn(&mut cmd);
+    let status = refused.wait_exit(Duration::from_secs(30));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(2),
+        "{}",
+        refused.stderr()
+    );
+    assert!(
+        refused.stderr().contains("disallowed by policy"),
+        "{}",
+        refused.stderr()
+    );
+    bao.set_min_decryption_version("cipherbus", 1);
+    let b = proxy(&rb, &server, &d.join("b"), false);
+
+    let (ok, text) = cli(
+        &operator,
+        &[
+            "rewrap",
+            "--kek",
+            "vault-transit:cipherbus",
+            "--upstream",
+            &url,
+        ],
+    )
+    .await;
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("2 data keys and the deployment seed wrapped again"),
+        "{text}"
+    );
+    let v2 = |files: Vec<Vec<u8>>| {
+        !files.is_empty()
+            && files
+                .iter()
+                .all(|f| contains(f, b"vault:v2:") && !contains(f, b"vault:v1:"))
+    };
+    assert!(v2(key_files(&d.join("a"))), "the authority's state");
+    assert!(
+        eventually(Duration::from_secs(10), || v2(key_files(&d.join("b")))).await,
+        "the proxy's state"
+    );
+
+    bao.set_min_decryption_version("cipherbus", 2);
+    drop(b);
+    let b = proxy(&rb, &server, &d.join("b"), false);
+    assert_eq!(history(&b).await, sent);
+    // And the deployment goes on rotating under the new version.
+    let (ok, text) = cli(&operator, &rotate).await;
+    assert!(ok, "{text}");
+    assert!(text.contains("epoch 4 is active"), "{text}");
+    drop(a);
+}
+
+/// A deployment on a file root moves to an HSM root without downtime and without losing its
+/// stored history: `migrate` makes the file's key the seed, the proxies restart one by one
+/// with `--kek` (each still reading what the others seal), then the controller, then
+/// `rewrap`; after that the file is gone and everything still opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_root_migrates_to_softhsm_without_losing_history() {
+    let server = NatsServer::start();
+    create_orders_stream(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let kek = d.join("kek");
+    let (ok, _, text) = output({
+        let mut c = Command::new(BIN);
+        c.args(["keygen", "--out", kek.to_str().unwrap()]);
+        c
+    });
+    assert!(ok, "{text}");
+    let file_root = RootUnderTest {
+        uri: format!("file:{}", kek.display()),
+        env: vec![],
+    };
+    let hsm = SoftHsm::new("cipherbus");
+    let hsm_root = softhsm_root(&hsm, "root");
+    let url = server.url();
+
+    let mut a = proxy(&file_root, &server, &d.join("a"), true);
+    let mut b = proxy(&file_root, &server, &d.join("b"), false);
+    let pa = async_nats::connect(a.url()).await.unwrap();
+    let mut sent = publish_orders(&pa, "file-e1", 2).await;
+    let rotate = |root: &RootUnderTest| {
+        let args = vec![
+            "rotate".to_owned(),
+            "--kek".to_owned(),
+            root.uri.clone(),
+            "--upstream".to_owned(),
+            url.clone(),
+        ];
+        let cmd = cipherbus(root, &args.iter().map(String::as_str).collect::<Vec<_>>());
+        async move {
+            let (ok, _, text) = tokio::task::spawn_blocking(move || output(cmd))
+                .await
+                .unwrap();
+            assert!(ok, "{text}");
+        }
+    };
+    rotate(&file_root).await;
+    sent.extend(publish_orders(&pa, "file-e2", 2).await);
+
+    let (ok, text) = cli(&hsm_root, &["keygen", "--kek", &hsm_root.uri]).await;
+    assert!(ok, "{text}");
+    let mut args = vec!["migrate", "--from-kek-file", kek.to_str().unwrap()];
+    args.extend(["--kek", &hsm_root.uri, "--upstream", &url]);
+    let (ok, text) = cli(&hsm_root, &args).await;
+    assert!(ok, "{text}");
+    // A second migration is refused: the deployment has its seed.
+    let (ok, text) = cli(&hsm_root, &args).await;
+    assert!(!ok && text.contains("has a seed already"), "{text}");
+
+    // The proxy first: on the HSM root, beside an authority still on the file.
+    b.kill();
+    let b = proxy(&hsm_root, &server, &d.join("b"), false);
+    let pb = async_nats::connect(b.url()).await.unwrap();
+    let mut from_a = pb.subscribe("orders.live").await.unwrap();
+    sync(&pb).await;
+    assert!(round_trip(&pa, "orders.live", &mut from_a).await);
+    let mut from_b = pa.subscribe("orders.back").await.unwrap();
+    sync(&pa).await;
+    assert!(round_trip(&pb, "orders.back", &mut from_b).await);
+    rotate(&file_root).await;
+    sent.extend(publish_orders(&pb, "mixed-e3", 2).await);
+
+    // Then the controller.
+    drop(pa);
+    a.kill();
+    let a = proxy(&hsm_root, &server, &d.join("a"), true);
+    rotate(&hsm_root).await;
+    let pa = async_nats::connect(a.url()).await.unwrap();
+    sent.extend(publish_orders(&pa, "hsm-e4", 2).await);
+
+    let (ok, text) = cli(
+        &hsm_root,
+        &["rewrap", "--kek", &hsm_root.uri, "--upstream", &url],
+    )
+    .await;
+    assert!(ok, "{text}");
+    let all_hsm = |files: Vec<Vec<u8>>| files.len() >= 3 && files.iter().all(|f| f[0] == 0x02);
+    assert!(all_hsm(key_files(&d.join("a"))), "the authority's state");
+    assert!(
+        eventually(Duration::from_secs(10), || all_hsm(key_files(&d.join("b")))).await,
+        "the proxy's state"
+    );
+
+    // The file root is gone; the whole history still opens, through a restarted proxy.
+    std::fs::remove_file(&kek).unwrap();
+    drop(pb);
+    drop(b);
+    let b = proxy(&hsm_root, &server, &d.join("b"), false);
+    assert_eq!(history(&b).await, sent);
+    drop(a);
+}
