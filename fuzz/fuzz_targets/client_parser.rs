@@ -56,7 +56,7 @@ fuzz_target!(|data: &[u8]| {
     let (a, b) = data.split_at(cut);
     assert_eq!(
         parse_reads(&[a, b]),
-        (ops.clone(), err.clone()),
+        (ops.clone(), err),
         "split at {cut}"
     );
 
