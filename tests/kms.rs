@@ -591,3 +591,221 @@ async fn a_file_root_migrates_to_softhsm_without_losing_history() {
     assert_eq!(history(&b).await, sent);
     drop(a);
 }
+
+/// A plain TCP forwarder (`cipherbus forward`) in front of the KMS, for one process's path to
+/// it only: killed, that process alone loses its KMS.
+fn forwarder(listen: u16, to: &str) -> Spawned {
+    let to = to.trim_start_matches("http://").to_owned();
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "forward",
+        "--listen",
+        &format!("127.0.0.1:{listen}"),
+        "--upstream",
+        &to,
+    ]);
+    let f = Spawned::spawn(&mut cmd);
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", listen)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "forwarder did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f
+}
+
+/// The KMS goes away while traffic flows. Traffic under keys already unwrapped keeps flowing
+/// through a restart of the KMS itself. An authority that cannot reach the KMS refuses to
+/// rotate with `kms_unavailable` (counted, logged, audited) and rotates once it is back,
+/// without a restart. A proxy that alone cannot reach the KMS does not acknowledge a new key
+/// and becomes a laggard; messages under that key are refused there, not opened with anything
+/// else; when its KMS is back it catches up by itself and the stream's history opens in full.
+/// A proxy that starts while its KMS is away retries for a bounded time, then stops with one
+/// sentence. Each process's path to the KMS goes through a forwarder of its own, so one can
+/// be cut while the operator's command still reaches the KMS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kms_outage_keeps_traffic_flowing_refuses_rotation_and_catches_up() {
+    let mut bao = Bao::raft();
+    bao.enable_transit();
+    let server = NatsServer::start();
+    create_orders_stream(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let url = server.url();
+    let root = vault_root(&bao, &d.join("t"), bao.token());
+    let (ok, text) = cli(&root, &["keygen", "--kek", &root.uri]).await;
+    assert!(ok, "{text}");
+    let through = |name: &str, port: u16| {
+        let mut r = vault_root(&bao, &d.join(name), bao.token());
+        r.env[0].1 = format!("http://127.0.0.1:{port}");
+        r
+    };
+    let (port_a, port_c) = (free_port(), free_port());
+    let mut cut_a = forwarder(port_a, &bao.addr);
+    let mut cut_c = forwarder(port_c, &bao.addr);
+    let a_root = through("ta", port_a);
+    let c_root = through("tc", port_c);
+
+    let a = proxy(&a_root, &server, &d.join("a"), true);
+    let b = proxy(&root, &server, &d.join("b"), false);
+    let c = proxy(&c_root, &server, &d.join("c"), false);
+    let pa = async_nats::connect(a.url()).await.unwrap();
+    let pb = async_nats::connect(b.url()).await.unwrap();
+    let mut at_b = pb.subscribe("orders.live").await.unwrap();
+    sync(&pb).await;
+    let rotate = [
+        "rotate",
+        "--kek",
+        "vault-transit:cipherbus",
+        "--upstream",
+        &url,
+    ];
+
+    // The KMS itself stops and comes back (raft storage): traffic flows throughout.
+    bao.stop();
+    assert!(round_trip(&pa, "orders.live", &mut at_b).await);
+    bao.restart();
+    assert!(round_trip(&pa, "orders.live", &mut at_b).await);
+
+    // The authority's KMS is gone: traffic flows, rotation is refused.
+    cut_a.kill();
+    let (ok, text) = cli(&root, &rotate).await;
+    assert!(!ok, "{text}");
+    assert!(text.contains("kms_unavailable"), "{text}");
+    assert_eq!(
+        a.metric("cipherbus_rotations_refused_total{reason=\"kms_unavailable\"}"),
+        Some(1.0)
+    );
+    assert!(a.stderr().contains("rotation refused (kms_unavailable)"));
+    let audit = std::fs::read_to_string(d.join("a/audit.jsonl")).unwrap();
+    assert!(
+        audit.contains("\"refused\"") && audit.contains("kms_unavailable"),
+        "{audit}"
+    );
+    assert!(round_trip(&pa, "orders.live", &mut at_b).await);
+
+    // A proxy starting without its KMS waits a bounded time, then stops with one sentence.
+    let mut cmd = cipherbus(
+        &a_root,
+        &["run", "--kek", &a_root.uri, "--upstream", &url, "--listen"],
+    );
+    cmd.arg(format!("127.0.0.1:{}", free_port()));
+    let mut late = Spawned::spawn(&mut cmd);
+    let status = late.wait_exit(Duration::from_secs(40));
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{}", late.stderr());
+    let said = late.stderr();
+    let last = said.trim().lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("cipherbus: ") && last.contains("is unavailable"),
+        "{said}"
+    );
+    assert!(said.contains("retrying"), "{said}");
+
+    // The authority's KMS is back: rotation works without any restart.
+    cut_a = forwarder(port_a, &bao.addr);
+    let (ok, text) = cli(&root, &rotate).await;
+    assert!(ok, "{text}");
+    assert!(text.contains("epoch 2 is active"), "{text}");
+    assert!(!text.contains("did not acknowledge"), "{text}");
+
+    // C alone loses its KMS: it does not acknowledge epoch 3 and lags.
+    cut_c.kill();
+    let (ok, text) = cli(&root, &rotate).await;
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("epoch 3 is active") && text.contains("did not acknowledge in time"),
+        "{text}"
+    );
+    let pc = async_nats::connect(c.url()).await.unwrap();
+    let mut at_c = pc.subscribe("orders.history").await.unwrap();
+    sync(&pc).await;
+    let sent = publish_orders(&pa, "e3", 3).await;
+    let early = tokio::time::timeout(Duration::from_millis(1500), at_c.next()).await;
+    assert!(
+        early.is_err(),
+        "C opened a key it never unwrapped: {early:?}"
+    );
+    assert_eq!(c.metric("cipherbus_active_epoch"), Some(2.0));
+
+    // Its KMS is back: it catches up by itself, and the stream opens in full through it.
+    cut_c = forwarder(port_c, &bao.addr);
+    assert!(
+        eventually(Duration::from_secs(15), || c
+            .metric("cipherbus_active_epoch")
+            == Some(3.0))
+        .await,
+        "C did not catch up: {}",
+        c.stderr()
+    );
+    assert_eq!(history(&c).await, sent);
+    assert!(c.stderr().contains("kms_unavailable"));
+    drop((a, b, cut_a, cut_c));
+}
+
+/// Two proxies whose roots are the same AES key imported into two different tokens (two
+/// SoftHSM token directories, as two HSMs would be): each unwraps the one deployment seed and
+/// every data key, so they read each other's messages, across a rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_on_the_same_key_in_two_tokens_read_each_other() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut key = [0u8; 32];
+    getrandom::getrandom(&mut key).unwrap();
+    let (one, two) = (SoftHsm::new("site-a"), SoftHsm::new("site-b"));
+    one.import_aes_key("root", &key);
+    two.import_aes_key("root", &key);
+    let (r1, r2) = (softhsm_root(&one, "root"), softhsm_root(&two, "root"));
+    let a = proxy(&r1, &server, &d.join("a"), true);
+    let b = proxy(&r2, &server, &d.join("b"), false);
+    let pa = async_nats::connect(a.url()).await.unwrap();
+    let pb = async_nats::connect(b.url()).await.unwrap();
+    let mut at_b = pb.subscribe("cross.a").await.unwrap();
+    let mut at_a = pa.subscribe("cross.b").await.unwrap();
+    sync(&pb).await;
+    sync(&pa).await;
+    assert!(round_trip(&pa, "cross.a", &mut at_b).await);
+    assert!(round_trip(&pb, "cross.b", &mut at_a).await);
+    let url = server.url();
+    let (ok, text) = cli(&r1, &["rotate", "--kek", &r1.uri, "--upstream", &url]).await;
+    assert!(ok && text.contains("epoch 2 is active"), "{text}");
+    // A seals under epoch 2 now: B opens it only with the key its own token unwrapped.
+    assert!(
+        eventually(Duration::from_secs(10), || b
+            .metric("cipherbus_active_epoch")
+            == Some(2.0))
+        .await
+    );
+    assert!(round_trip(&pa, "cross.a", &mut at_b).await);
+    assert!(round_trip(&pb, "cross.b", &mut at_a).await);
+    // Each token did its own unwraps: the seed, and epoch 2 (the authority wrapped it).
+    assert!(
+        b.metric("cipherbus_kms_requests_total{op=\"unwrap\",outcome=\"ok\"}")
+            .unwrap_or(0.0)
+            >= 2.0
+    );
+    // A third token with another key cannot join: its seed does not unwrap.
+    let other = SoftHsm::new("site-c");
+    other.create_aes_key("root");
+    let r3 = softhsm_root(&other, "root");
+    let mut cmd = cipherbus(
+        &r3,
+        &["run", "--kek", &r3.uri, "--upstream", &url, "--listen"],
+    );
+    cmd.arg(format!("127.0.0.1:{}", free_port()));
+    let mut stranger = Spawned::spawn(&mut cmd);
+    let status = stranger.wait_exit(Duration::from_secs(30));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(2),
+        "{}",
+        stranger.stderr()
+    );
+    assert!(
+        stranger.stderr().contains("could not unwrap"),
+        "{}",
+        stranger.stderr()
+    );
+}

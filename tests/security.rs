@@ -31,6 +31,17 @@ struct Daemon {
 
 impl Daemon {
     fn spawn(args: &[&str], log: PathBuf, level: &str, umask: Option<&str>) -> Daemon {
+        Self::spawn_with(args, log, level, umask, &[])
+    }
+
+    /// [`Daemon::spawn`] with extra environment variables (where a KMS root is reached).
+    fn spawn_with(
+        args: &[&str],
+        log: PathBuf,
+        level: &str,
+        umask: Option<&str>,
+        env: &[(String, String)],
+    ) -> Daemon {
         let mut cmd = match umask {
             // `sh` sets the umask for the binary it then becomes.
             Some(mask) => {
@@ -44,6 +55,7 @@ impl Daemon {
         };
         let child = cmd
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("CIPHERBUS_LOG", level)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -729,4 +741,184 @@ fn every_test_named_in_the_security_review_exists() {
         named += 1;
     }
     assert!(named >= 15, "the review names its tests ({named} found)");
+}
+
+/// Runs an operator command with `env` at trace level; it must succeed. Returns its output.
+fn operator_with(args: &[&str], env: &[(String, String)]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("CIPHERBUS_LOG", "trace")
+        .output()
+        .expect("run cipherbus");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "cipherbus {args:?} failed: {text}");
+    text
+}
+
+/// A PKCS#11 root (SoftHSM, PIN in a file) and a Vault root (OpenBao, a token in a file for
+/// each process), each with an authority and a proxy at trace level, through keygen, traffic,
+/// a rotation and a rewrap: no PIN or token, in any spelling, shows up in any log line, in the
+/// CLI's output, or in any process's `/proc/<pid>/cmdline` or `/proc/<pid>/environ`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_pin_or_token_in_any_log_line_or_command_line() {
+    use support::kms::{Bao, SoftHsm};
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let url = server.url();
+    let hsm = SoftHsm::new("cipherbus");
+    let bao = Bao::dev();
+    bao.enable_transit();
+    let policy = r#"
+        path "transit/keys/cipherbus" { capabilities = ["read"] }
+        path "transit/encrypt/cipherbus" { capabilities = ["update"] }
+        path "transit/decrypt/cipherbus" { capabilities = ["update"] }
+    "#;
+    let proxy_token = bao.create_policy_token("cipherbus-proxy", policy);
+    let token_file = |name: &str, token: &str| {
+        let path = d.join(name);
+        std::fs::write(&path, format!("{token}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path.display().to_string()
+    };
+    let vault_env = |file: String| {
+        vec![
+            ("VAULT_ADDR".to_owned(), bao.addr.clone()),
+            ("VAULT_TOKEN_FILE".to_owned(), file),
+        ]
+    };
+    let admin_env = vault_env(token_file("admin-token", bao.token()));
+    let proxy_env = vault_env(token_file("proxy-token", &proxy_token));
+    // (name, URI, control prefix, authority's env, proxy's env)
+    let deployments = [
+        ("hsm", hsm.uri("root"), "hsm.ctl", hsm.env(), hsm.env()),
+        (
+            "vault",
+            "vault-transit:cipherbus".to_owned(),
+            "vault.ctl",
+            admin_env.clone(),
+            proxy_env.clone(),
+        ),
+    ];
+    let mut cli_output = String::new();
+    let mut daemons = Vec::new();
+    let mut proc_text = String::new();
+    for (name, uri, prefix, authority_env, member_env) in &deployments {
+        let config = d.join(format!("{name}.toml"));
+        std::fs::write(&config, format!("control_prefix = \"{prefix}\"\n{FAST}")).unwrap();
+        cli_output += &operator_with(&["keygen", "--kek", uri], authority_env);
+        let authority = Daemon::spawn_with(
+            &[
+                "controller",
+                "--config",
+                s(&config),
+                "--upstream",
+                &url,
+                "--kek",
+                uri,
+                "--state-dir",
+                s(&d.join(format!("{name}-authority"))),
+            ],
+            d.join(format!("{name}-authority.log")),
+            "trace",
+            None,
+            authority_env,
+        );
+        authority.wait_log("key authority running");
+        let port = free_port();
+        let proxy = Daemon::spawn_with(
+            &[
+                "run",
+                "--config",
+                s(&config),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--upstream",
+                &url,
+                "--kek",
+                uri,
+                "--state-dir",
+                s(&d.join(format!("{name}-proxy"))),
+            ],
+            d.join(format!("{name}-proxy.log")),
+            "trace",
+            None,
+            member_env,
+        );
+        wait_listening(port);
+        let agent = async_nats::connect(format!("127.0.0.1:{port}"))
+            .await
+            .unwrap();
+        let mut sub = agent.subscribe("kms.check").await.unwrap();
+        sync(&agent).await;
+        assert!(round_trip(&agent, "kms.check", &mut sub).await);
+        let bus = ["--upstream", url.as_str(), "--control-prefix", prefix];
+        let mut rotate = vec!["rotate", "--kek", uri.as_str()];
+        rotate.extend(bus);
+        let mut rewrap = vec!["rewrap", "--kek", uri.as_str()];
+        rewrap.extend(bus);
+        cli_output += &tokio::task::spawn_blocking({
+            let env = authority_env.clone();
+            let (rotate, rewrap): (Vec<String>, Vec<String>) = (
+                rotate.iter().map(|a| a.to_string()).collect(),
+                rewrap.iter().map(|a| a.to_string()).collect(),
+            );
+            move || {
+                let rotate: Vec<&str> = rotate.iter().map(String::as_str).collect();
+                let rewrap: Vec<&str> = rewrap.iter().map(String::as_str).collect();
+                operator_with(&rotate, &env) + &operator_with(&rewrap, &env)
+            }
+        })
+        .await
+        .unwrap();
+        assert!(round_trip(&agent, "kms.check", &mut sub).await);
+        for p in [&authority, &proxy] {
+            let pid = p.child.id();
+            for what in ["cmdline", "environ"] {
+                let bytes = std::fs::read(format!("/proc/{pid}/{what}")).unwrap();
+                proc_text += &String::from_utf8_lossy(&bytes);
+            }
+        }
+        daemons.push(authority);
+        daemons.push(proxy);
+    }
+    assert!(proc_text.contains("VAULT_TOKEN_FILE"), "environ was read");
+    let mut logs = vec![
+        ("cli output".to_owned(), cli_output),
+        ("/proc cmdline and environ".to_owned(), proc_text),
+    ];
+    for mut p in daemons {
+        p.stop();
+        logs.push((p.log.display().to_string(), p.log()));
+    }
+    for (name, log) in &logs[2..] {
+        assert!(
+            log.contains(" TRACE ") && log.contains(" DEBUG "),
+            "{name} logged at every level:\n{log}"
+        );
+    }
+    let all: String = logs.iter().map(|(_, l)| l.as_str()).collect();
+    assert!(all.contains("rewrapped") || all.contains("wrapped again"));
+    let secrets = [
+        ("the user PIN", hsm.pin().to_owned()),
+        ("the admin token", bao.token().to_owned()),
+        ("the proxy's token", proxy_token.clone()),
+    ];
+    let mut leaks = Vec::new();
+    for (name, log) in &logs {
+        for (what, secret) in &secrets {
+            for form in spellings(secret.as_bytes()) {
+                if contains(log.as_bytes(), &form) {
+                    leaks.push(format!("{what} in {name}"));
+                    break;
+                }
+            }
+        }
+    }
+    assert!(leaks.is_empty(), "secrets leaked: {leaks:?}");
 }

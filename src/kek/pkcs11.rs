@@ -526,7 +526,17 @@ impl Kek for Pkcs11Kek {
             let params = GcmParams::new(&mut iv, &aad, (TAG_LEN as u64 * 8).into())
                 .map_err(|e| self.err(e, "set up AES-GCM"))?;
             s.decrypt(&Mechanism::AesGcm(params), key, &wrapped[IV_LEN..])
-                .map_err(|e| self.err(e, "unwrap"))
+                .map_err(|e| match e {
+                    // SoftHSM reports a failed GCM tag as a general error: for a decryption
+                    // it means the wrapped key was not made by this key for this context.
+                    CkError::Pkcs11(RvError::GeneralError | RvError::FunctionFailed, _) => {
+                        KekError::Unwrap {
+                            uri: self.describe.clone(),
+                            why: "the token could not authenticate it (another key, another context, or damaged)".into(),
+                        }
+                    }
+                    e => self.err(e, "unwrap"),
+                })
         })?;
         let out = if plain.len() == KEY_LEN {
             let mut k = Zeroizing::new([0u8; KEY_LEN]);
