@@ -329,18 +329,19 @@ pub struct MemberConfig {
     pub tls: crate::tls::UpstreamFiles,
 }
 
-/// Asks the authority for its keyring and applies it. No authority yet is not an error.
-/// Returns whether to try again later: the root's KMS did not answer.
+/// Asks the authority for its keyring and applies it. No authority yet is not an error. A key
+/// the root's KMS could not unwrap is tried again at the next sync: the authority re-announces
+/// staged and active keys, and a session that meets an unknown epoch asks for one.
 async fn sync(
     client: &async_nats::Client,
     member: &mut Member,
     sealer: &mut ControlSealer,
     prefix: &str,
     metrics: &Metrics,
-) -> bool {
+) {
     let subject = super::authority::sync_subject(prefix);
     let Ok(sealed) = sealer.seal(&subject, Body::SyncRequest {}) else {
-        return false;
+        return;
     };
     let request = async_nats::Request::new()
         .payload(sealed.into())
@@ -355,7 +356,7 @@ async fn sync(
                     super::authority::keyring_subject(prefix),
                     value,
                 ),
-                None => return false,
+                None => return,
             }
         }
     };
@@ -366,28 +367,18 @@ async fn sync(
             body: Body::SyncReply { epochs },
             ..
         }) => match member.apply_sync(&epochs) {
-            Ok(()) => {
-                tracing::info!(
-                    active_epoch = member.keyring.snapshot().active.epoch,
-                    from,
-                    "keyring synced"
-                );
-                false
-            }
+            Ok(()) => tracing::info!(
+                active_epoch = member.keyring.snapshot().active.epoch,
+                from,
+                "keyring synced"
+            ),
             Err(e) => {
                 metrics.control_refused(e.reason());
                 tracing::warn!(error = %e, "keyring sync refused");
-                e.reason() == "kms_unavailable"
             }
         },
-        Ok(_) => {
-            metrics.control_refused("malformed");
-            false
-        }
-        Err(e) => {
-            metrics.control_refused(e.reason());
-            false
-        }
+        Ok(_) => metrics.control_refused("malformed"),
+        Err(e) => metrics.control_refused(e.reason()),
     }
 }
 
@@ -558,9 +549,7 @@ pub async fn run(
     // report usage per epoch. Until the first change, everything sealed since start counts.
     let mut epoch_seen = member.keyring.snapshot().active.epoch;
     let mut base = (0u64, 0u64);
-    // Set while a key could not be unwrapped because the root's KMS did not answer: the next
-    // heartbeat syncs again, so the proxy catches up when the KMS is back, without a restart.
-    let mut kms_retry = sync(&client, &mut member, &mut sealer, &prefix, &metrics).await;
+    sync(&client, &mut member, &mut sealer, &prefix, &metrics).await;
     // The bucket carries every committed change in order, including those announced while this
     // proxy was away; announcements stay for buses without JetStream.
     let mut commits = follow_bucket(&client, &prefix).await;
@@ -587,7 +576,6 @@ pub async fn run(
                     }
                     Err(e) => {
                         metrics.control_refused(e.reason());
-                        kms_retry |= e.reason() == "kms_unavailable";
                         tracing::warn!(reason = e.reason(), error = %e, "refused the committed keyring");
                     }
                 }
@@ -598,17 +586,14 @@ pub async fn run(
                 None => return,
             },
             () = member.keyring.sync_wanted() => {
-                kms_retry = sync(&client, &mut member, &mut sealer, &prefix, &metrics).await;
+                sync(&client, &mut member, &mut sealer, &prefix, &metrics).await;
                 continue;
             }
             Some(()) = reconnected.recv() => {
-                kms_retry = sync(&client, &mut member, &mut sealer, &prefix, &metrics).await;
+                sync(&client, &mut member, &mut sealer, &prefix, &metrics).await;
                 continue;
             }
             _ = heartbeat.tick() => {
-                if kms_retry {
-                    kms_retry = sync(&client, &mut member, &mut sealer, &prefix, &metrics).await;
-                }
                 if commits.is_none() {
                     commits = follow_bucket(&client, &prefix).await;
                 }
@@ -647,7 +632,6 @@ pub async fn run(
             Ok(Reply::None) => {}
             Err(e) => {
                 metrics.control_refused(e.reason());
-                kms_retry |= e.reason() == "kms_unavailable";
                 tracing::warn!(reason = e.reason(), error = %e, "refused a control message");
                 let text = format!("control message refused ({}): {e}", e.reason());
                 let repeats = matches!(e, ApplyError::Persist { .. } | ApplyError::Keyring(_));
