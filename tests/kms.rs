@@ -398,6 +398,15 @@ async fn rewrap_after_a_kms_key_rotation_keeps_history_readable_past_min_decrypt
     let (ok, text) = cli(&admin, &["keygen", "--kek", &admin.uri]).await;
     assert!(ok, "{text}");
 
+    // The KMS's own audit log names each caller's token accessor.
+    let audit_log = bao.audit_log();
+    let accessor = |token: &str| {
+        let (_, text) = bao.api_as(token, "GET", "/v1/auth/token/lookup-self", None);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["data"]["accessor"].as_str().unwrap().to_owned()
+    };
+    let (acc_a, acc_b) = (accessor(&tokens[0]), accessor(&tokens[1]));
+
     let a = proxy(&ra, &server, &d.join("a"), true);
     let mut b = proxy(&rb, &server, &d.join("b"), false);
     let publisher = async_nats::connect(a.url()).await.unwrap();
@@ -488,6 +497,26 @@ async fn rewrap_after_a_kms_key_rotation_keeps_history_readable_past_min_decrypt
     let (ok, text) = cli(&operator, &rotate).await;
     assert!(ok, "{text}");
     assert!(text.contains("epoch 4 is active"), "{text}");
+
+    // Each proxy's calls are its own in the KMS's audit log: the authority wrapped, the proxy
+    // unwrapped, each under its own token (each also wraps once at start, in its check).
+    let calls: Vec<(String, String)> = std::fs::read_to_string(&audit_log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "request")
+        .map(|v| {
+            let path = v["request"]["path"].as_str().unwrap_or_default().to_owned();
+            let who = v["auth"]["accessor"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            (path, who)
+        })
+        .collect();
+    let did = |path: &str, who: &str| calls.iter().any(|(p, w)| p == path && w == who);
+    assert!(did("transit/encrypt/cipherbus", &acc_a), "{calls:?}");
+    assert!(did("transit/decrypt/cipherbus", &acc_b), "{calls:?}");
     drop(a);
 }
 
