@@ -412,6 +412,11 @@ impl Bao {
         bao
     }
 
+    /// The dev server's audit log (JSON lines; token accessors in the clear).
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit.log")
+    }
+
     /// The root token.
     pub fn token(&self) -> &str {
         &self.root_token
@@ -575,9 +580,18 @@ impl Bao {
         cmd.arg("server").current_dir(self.dir.path());
         match &self.storage {
             Storage::Dev => {
+                // OpenBao takes audit devices from its config only: a file device, with token
+                // accessors in the clear, so a test can tell which process called what.
+                let config = self.dir.path().join("audit.hcl");
+                let audit = format!(
+                    "audit \"file\" \"file\" {{\n  options {{\n    file_path = \"{}\"\n    hmac_accessor = \"false\"\n  }}\n}}\n",
+                    self.audit_log().display()
+                );
+                std::fs::write(&config, audit).expect("write audit.hcl");
                 // The root token goes through the environment, not the command line that
                 // `ps` shows; `-dev-no-store-token` keeps it out of `~/.vault-token`.
-                cmd.args(["-dev", "-dev-no-store-token"])
+                cmd.args(["-dev", "-dev-no-store-token", "-config"])
+                    .arg(&config)
                     .env("BAO_DEV_ROOT_TOKEN_ID", &self.root_token)
                     .env("BAO_DEV_LISTEN_ADDRESS", format!("127.0.0.1:{}", self.port));
             }
@@ -693,4 +707,354 @@ fn http(
         .and_then(|s| s.parse().ok())
         .ok_or_else(bad)?;
     Ok((status, body.to_owned()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Moto
+
+/// PyPI's `moto`, an AWS emulator: its server stands in for AWS KMS in the `aws-kms:` tests.
+/// It is not AWS itself: it checks neither signatures nor credentials, and some of its errors
+/// differ from KMS's (a ciphertext of another key is `AccessDeniedException`, not
+/// `IncorrectKeyException`; a disabled key still encrypts).
+pub const MOTO_VERSION: &str = "5.2.5";
+/// moto and what its server needs for KMS, each `package==version` with the SHA-256 of its
+/// wheels, so pip installs exactly those or nothing.
+const MOTO_REQUIREMENTS: &str = include_str!("moto-requirements.txt");
+/// The credentials moto is given. It accepts any; these are the conventional fake ones.
+pub const MOTO_ACCESS_KEY_ID: &str = "testing";
+pub const MOTO_SECRET_ACCESS_KEY: &str = "testing";
+/// The region moto is used in.
+pub const MOTO_REGION: &str = "us-east-1";
+/// The whole wait for moto's server to answer (importing moto and boto takes seconds).
+const MOTO_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The directory moto and its dependencies are installed in (a `PYTHONPATH` entry), installed
+/// if needed. A directory installed from other requirements is installed again.
+pub fn moto_path() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let name = format!("moto-{MOTO_VERSION}");
+        let dir = tools().join(&name);
+        let stamp = dir.join("cipherbus-requirements.txt");
+        let done = || {
+            dir.join("moto/server.py").exists()
+                && std::fs::read_to_string(&stamp).ok().as_deref() == Some(MOTO_REQUIREMENTS)
+        };
+        once_across_processes(&name, done, || {
+            // Installed beside and renamed into place, so another process never imports a
+            // half-written package.
+            let partial = tools().join(format!("{name}.partial"));
+            let _ = std::fs::remove_dir_all(&partial);
+            std::fs::create_dir_all(&partial).expect("create the moto directory");
+            let requirements = partial.join("cipherbus-requirements.txt");
+            std::fs::write(&requirements, MOTO_REQUIREMENTS)
+                .expect("write the moto requirements file");
+            run(
+                Command::new("python3")
+                    .args(["-m", "pip", "install", "--require-hashes", "--no-deps"])
+                    .args(["--only-binary", ":all:"])
+                    .args([
+                        "--disable-pip-version-check",
+                        "--root-user-action",
+                        "ignore",
+                    ])
+                    .arg("--quiet")
+                    .arg("--target")
+                    .arg(&partial)
+                    .arg("-r")
+                    .arg(&requirements),
+                "pip install moto",
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::rename(&partial, &dir).expect("move moto into place");
+        });
+        assert!(done(), "moto missing from {} after install", dir.display());
+        dir
+    })
+    .clone()
+}
+
+/// A moto server on a free loopback port, killed on drop. Its output goes to
+/// `<dir>/moto.log`, whose tail is in every panic here.
+pub struct Moto {
+    child: Option<Child>,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+/// An IAM user of a [`Moto::with_iam`] server: its access key, which moto verifies each
+/// request's signature against.
+pub struct MotoUser {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+impl Moto {
+    /// Starts a server that checks no signature or credential, and waits until it answers a
+    /// KMS request.
+    pub fn start() -> Moto {
+        Moto::spawn(None)
+    }
+
+    /// Starts a server with moto's IAM authentication on, after making one IAM user per
+    /// policy document in `policies` (each with an access key and that inline policy). From
+    /// then on moto verifies every request's SigV4 signature against the access keys it issued
+    /// and evaluates the user's policy for the action, as AWS does (`SignatureDoesNotMatch`,
+    /// `InvalidClientTokenId`, `AccessDenied`), so unsigned requests such as [`Moto::kms`]'s
+    /// are refused.
+    pub fn with_iam(policies: &[&str]) -> (Moto, Vec<MotoUser>) {
+        // moto lets that many actions through unauthenticated: the start's probe, then
+        // CreateUser, PutUserPolicy and CreateAccessKey for each user.
+        let moto = Moto::spawn(Some(1 + 3 * policies.len()));
+        let users = policies
+            .iter()
+            .enumerate()
+            .map(|(i, policy)| {
+                let name = format!("cipherbus-{i}");
+                moto.iam(&[("Action", "CreateUser"), ("UserName", &name)]);
+                moto.iam(&[
+                    ("Action", "PutUserPolicy"),
+                    ("UserName", &name),
+                    ("PolicyName", "kms"),
+                    ("PolicyDocument", policy),
+                ]);
+                let made = moto.iam(&[("Action", "CreateAccessKey"), ("UserName", &name)]);
+                let element = |tag: &str| {
+                    let open = format!("<{tag}>");
+                    let start = made
+                        .find(&open)
+                        .unwrap_or_else(|| panic!("no {tag} in {made}"))
+                        + open.len();
+                    let len = made[start..].find('<').expect("a closing tag");
+                    made[start..start + len].to_owned()
+                };
+                MotoUser {
+                    access_key_id: element("AccessKeyId"),
+                    secret_access_key: element("SecretAccessKey"),
+                }
+            })
+            .collect();
+        // Authentication is on now: an unsigned request is refused.
+        let (status, body) = moto
+            .try_kms("ListKeys", "{}")
+            .unwrap_or_else(|e| panic!("ListKeys on moto: {e}"));
+        assert_eq!(status, 403, "moto's IAM authentication is not on: {body}");
+        (moto, users)
+    }
+
+    fn spawn(initial_no_auth_actions: Option<usize>) -> Moto {
+        let path = moto_path();
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = File::create(dir.path().join("moto.log")).expect("create moto.log");
+        let mut cmd = Command::new("python3");
+        cmd.args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
+        .env("PYTHONPATH", &path)
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+        if let Some(n) = initial_no_auth_actions {
+            cmd.env("INITIAL_NO_AUTH_ACTION_COUNT", n.to_string());
+        }
+        let child = cmd
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone moto.log"))
+            .stderr(log)
+            .spawn()
+            .expect("start the moto server");
+        let mut moto = Moto {
+            child: Some(child),
+            port,
+            dir,
+        };
+        let start = Instant::now();
+        loop {
+            // A KMS answer, not just any: another server on the port would not give one.
+            let last = match moto.try_kms("ListKeys", "{}") {
+                Ok((200, body)) if body.contains("\"Keys\"") => break,
+                Ok((status, body)) => format!("{status} {body}"),
+                Err(e) => e.to_string(),
+            };
+            if let Some(Ok(Some(exit))) = moto.child.as_mut().map(Child::try_wait) {
+                panic!(
+                    "moto exited ({exit}) before it answered\n{}",
+                    moto.log_tail()
+                );
+            }
+            assert!(
+                start.elapsed() < MOTO_START_TIMEOUT,
+                "moto on port {port} did not answer after {MOTO_START_TIMEOUT:?} (last: \
+                 {last})\n{}",
+                moto.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        moto
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The environment a process needs to use this server as AWS KMS, with moto's fake
+    /// credentials.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL_KMS".to_owned(), self.endpoint()),
+            ("AWS_REGION".to_owned(), MOTO_REGION.to_owned()),
+            (
+                "AWS_ACCESS_KEY_ID".to_owned(),
+                MOTO_ACCESS_KEY_ID.to_owned(),
+            ),
+            (
+                "AWS_SECRET_ACCESS_KEY".to_owned(),
+                MOTO_SECRET_ACCESS_KEY.to_owned(),
+            ),
+        ]
+    }
+
+    /// One KMS JSON request (`TrentService.<op>`), unsigned: moto routes it to KMS by the
+    /// credential scope of its `Authorization` header and checks no signature.
+    pub fn try_kms(&self, op: &str, body: &str) -> std::io::Result<(u16, String)> {
+        self.unsigned(
+            "kms",
+            &format!(
+                "Content-Type: application/x-amz-json-1.1\r\nX-Amz-Target: TrentService.{op}\r\n"
+            ),
+            body,
+        )
+    }
+
+    /// One IAM Query request of `params` (`Version` added), unsigned, panicking unless it
+    /// answers 200; returns its XML.
+    fn iam(&self, params: &[(&str, &str)]) -> String {
+        let mut body = String::from("Version=2010-05-08");
+        for (k, v) in params {
+            body.push_str(&format!("&{k}={}", form_encode(v)));
+        }
+        let (status, answer) = self
+            .unsigned(
+                "iam",
+                "Content-Type: application/x-www-form-urlencoded\r\n",
+                &body,
+            )
+            .unwrap_or_else(|e| panic!("IAM {params:?} on moto: {e}\n{}", self.log_tail()));
+        assert_eq!(status, 200, "IAM {params:?} answered {status}: {answer}");
+        answer
+    }
+
+    /// A POST to `/` for `service`, with a fake `Authorization` header naming it.
+    fn unsigned(&self, service: &str, headers: &str, body: &str) -> std::io::Result<(u16, String)> {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let request = format!(
+            "POST / HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n{headers}\
+             Authorization: AWS4-HMAC-SHA256 Credential={MOTO_ACCESS_KEY_ID}/20250101/\
+             {MOTO_REGION}/{service}/aws4_request, SignedHeaders=host, Signature=00\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            self.port,
+            body.len()
+        );
+        s.write_all(request.as_bytes())?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer)?;
+        let answer = String::from_utf8_lossy(&answer);
+        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer");
+        let (head, body) = answer.split_once("\r\n\r\n").ok_or_else(bad)?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(bad)?;
+        Ok((status, body.to_owned()))
+    }
+
+    /// [`Moto::try_kms`], panicking unless the answer is 200; returns its JSON.
+    pub fn kms(&self, op: &str, body: serde_json::Value) -> serde_json::Value {
+        let (status, answer) = self
+            .try_kms(op, &body.to_string())
+            .unwrap_or_else(|e| panic!("{op} on moto: {e}\n{}", self.log_tail()));
+        assert_eq!(status, 200, "{op} answered {status}: {answer}");
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{op} answered {answer}: {e}"))
+    }
+
+    /// Creates a key of `spec` and `usage` (`SYMMETRIC_DEFAULT`/`ENCRYPT_DECRYPT` for a usable
+    /// root; `RSA_2048`/`SIGN_VERIFY`, `HMAC_256`/`GENERATE_VERIFY_MAC`, … for the wrong kind)
+    /// and returns its key id.
+    pub fn create_key(&self, spec: &str, usage: &str) -> String {
+        let v = self.kms(
+            "CreateKey",
+            serde_json::json!({ "KeySpec": spec, "KeyUsage": usage, "Description": "test" }),
+        );
+        v["KeyMetadata"]["KeyId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no KeyId in {v}"))
+            .to_owned()
+    }
+
+    /// Names `key_id` `alias` (`alias/NAME`).
+    pub fn create_alias(&self, alias: &str, key_id: &str) {
+        self.kms(
+            "CreateAlias",
+            serde_json::json!({ "AliasName": alias, "TargetKeyId": key_id }),
+        );
+    }
+
+    /// Disables a key: KMS then refuses to use it (moto only marks it so).
+    pub fn disable_key(&self, key_id: &str) {
+        self.kms("DisableKey", serde_json::json!({ "KeyId": key_id }));
+    }
+
+    /// `DescribeKey`'s `KeyMetadata` of `key` (id, ARN or alias), or `None` if moto knows no
+    /// such key.
+    pub fn describe_key(&self, key: &str) -> Option<serde_json::Value> {
+        let body = serde_json::json!({ "KeyId": key }).to_string();
+        let (status, answer) = self
+            .try_kms("DescribeKey", &body)
+            .unwrap_or_else(|e| panic!("DescribeKey on moto: {e}\n{}", self.log_tail()));
+        if status != 200 && answer.contains("NotFoundException") {
+            return None;
+        }
+        assert_eq!(status, 200, "DescribeKey answered {status}: {answer}");
+        let v: serde_json::Value = serde_json::from_str(&answer).expect("DescribeKey's JSON");
+        Some(v["KeyMetadata"].clone())
+    }
+
+    /// The last lines of the server's log (each request it served is one).
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join("moto.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        format!("--- moto.log ({}) ---\n{tail}", self.dir.path().display())
+    }
+}
+
+/// `application/x-www-form-urlencoded` encoding of one value.
+fn form_encode(v: &str) -> String {
+    let mut out = String::new();
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
