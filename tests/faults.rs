@@ -446,6 +446,8 @@ async fn a_rotation_the_full_disk_cannot_hold_is_not_activated_and_says_why() {
     .expect_err("no rotation onto a full disk");
     assert!(err.contains("No space left on device"), "{err}");
     assert_eq!(pa.keyring.snapshot().active.epoch, 2);
+    // Long enough for B to have applied a commit from the keyring bucket, had there been one.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(
         pb.keyring.snapshot().state(3),
         None,

@@ -1526,12 +1526,20 @@ impl Authority {
         if let Err(e) = self.audit_now(staged).await {
             return Err(self.refuse_unaudited("rotation", &e));
         }
+        // On this disk before the commit makes the epoch known: the bucket's followers stage
+        // what is committed, so a key this authority could not persist is never committed.
+        if let Err(e) = self.keyring.prepare_wrapped(epoch, &wrapped) {
+            let why = format!("not staged, so not announced: {e}");
+            self.audit(self.event(EventKind::Refused, epoch, Some(fingerprint), &why));
+            return Err(why);
+        }
         // Committed under the lease before anyone is told: a deposed authority stops here, and
         // no epoch can be committed with two keys.
         if let Err(e) = self
             .commit_keyring(Change::Stage(epoch, &key, &wrapped))
             .await
         {
+            self.keyring.discard_prepared(epoch);
             let why = format!("not staged, so not announced: {e}");
             self.audit(self.event(EventKind::Refused, epoch, Some(fingerprint), &why));
             return Err(why);

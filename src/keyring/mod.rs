@@ -388,6 +388,28 @@ impl Keyring {
         map.get(&epoch).cloned()
     }
 
+    /// Writes the wrapped key of a new `epoch` to the state directory before anyone is told of
+    /// it, so a disk that cannot hold it refuses the rotation while nobody knows the epoch.
+    /// [`Keyring::stage_wrapped`] then records it; [`Keyring::discard_prepared`] takes it back.
+    pub fn prepare_wrapped(&self, epoch: u32, wrapped: &[u8]) -> Result<(), KeyringError> {
+        let _changes = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        match &self.store {
+            Some(s) => s.save_wrapped(epoch, wrapped),
+            None => Ok(()),
+        }
+    }
+
+    /// Shreds a key file [`Keyring::prepare_wrapped`] wrote for an epoch that was never staged.
+    pub fn discard_prepared(&self, epoch: u32) {
+        let records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        if records.epochs.iter().any(|r| r.epoch == epoch) {
+            return;
+        }
+        if let Some(Err(e)) = self.store.as_ref().map(|s| s.shred(epoch)) {
+            tracing::warn!(epoch, error = %e, "cannot remove the key file of an epoch never staged");
+        }
+    }
+
     /// Replaces the stored wrapped key of `epoch` with `wrapped` (the same key, wrapped again):
     /// written whole to the state directory first, so a crash leaves one or the other.
     pub fn replace_wrapped(&self, epoch: u32, wrapped: &[u8]) -> Result<(), KeyringError> {
