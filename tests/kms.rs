@@ -550,7 +550,7 @@ async fn a_file_root_migrates_to_softhsm_without_losing_history() {
     let pa = async_nats::connect(a.url()).await.unwrap();
     let mut sent = publish_orders(&pa, "file-e1", 2).await;
     let rotate = |root: &RootUnderTest| {
-        let args = vec![
+        let args = [
             "rotate".to_owned(),
             "--kek".to_owned(),
             root.uri.clone(),

