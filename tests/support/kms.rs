@@ -25,7 +25,11 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use super::clients::{apt_install, deb_version, once_across_processes, run, tools};
-use super::free_port;
+use super::{
+    contains, free_port, http_get, observer, replay_stream, round_trip, sync, NatsServer,
+    ProxyProcess,
+};
+use futures::StreamExt;
 
 /// Debian's `softhsm2` (SoftHSM, the PKCS#11 token).
 pub const SOFTHSM_DEB: &str = "2.6.1-2.1";
@@ -1059,4 +1063,195 @@ impl Drop for Moto {
             let _ = child.wait();
         }
     }
+}
+
+// What the real-component tests of every root share: a root's URI and environment, the
+// `cipherbus` commands run with it, and the scenario every root must pass.
+
+/// Every variable that names a KMS, a credential or an AWS file: none is inherited.
+pub const INHERITED_NOT: &[&str] = &[
+    "VAULT_ADDR",
+    "VAULT_TOKEN",
+    "VAULT_TOKEN_FILE",
+    "SOFTHSM2_CONF",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_KMS",
+    "AWS_CA_BUNDLE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "LOG_SIGNABLE_BODY",
+];
+
+/// Where a test's root lives, and what a process needs in its environment to reach it.
+pub struct RootUnderTest {
+    pub uri: String,
+    pub env: Vec<(String, String)>,
+}
+
+/// A `cipherbus` command with the root's environment and nothing inherited that names a KMS;
+/// the shared AWS files are empty unless the root names others, so this machine's `~/.aws`
+/// never counts.
+pub fn cipherbus(root: &RootUnderTest, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cipherbus"));
+    cmd.args(args);
+    for var in INHERITED_NOT {
+        cmd.env_remove(var);
+    }
+    cmd.env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
+    cmd.envs(root.env.iter().map(|(k, v)| (k, v)));
+    cmd
+}
+
+pub fn output(mut cmd: Command) -> (bool, Option<i32>, String) {
+    let out = cmd.output().expect("run cipherbus");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), out.status.code(), text)
+}
+
+/// `cipherbus run` arguments with the root, a state directory and a fast rotation config.
+pub fn run_args(root: &RootUnderTest, server: &NatsServer, state: &Path) -> Vec<String> {
+    let config = state.with_extension("toml");
+    std::fs::write(
+        &config,
+        "[rotation]\nheartbeat_every = \"200ms\"\nstage_timeout = \"3s\"\n",
+    )
+    .unwrap();
+    vec![
+        "run".into(),
+        "--config".into(),
+        config.display().to_string(),
+        "--kek".into(),
+        root.uri.clone(),
+        "--upstream".into(),
+        server.url(),
+        "--state-dir".into(),
+        state.display().to_string(),
+    ]
+}
+
+/// `cipherbus run` on a free port, with the root, a state directory and a fast rotation config.
+pub fn proxy(
+    root: &RootUnderTest,
+    server: &NatsServer,
+    state: &Path,
+    controller: bool,
+) -> ProxyProcess {
+    let args = run_args(root, server, state);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut cmd = cipherbus(root, &args);
+    if controller {
+        cmd.arg("--controller");
+    }
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    ProxyProcess::start(cmd, listen)
+}
+
+pub async fn rotate(root: &RootUnderTest, server: &NatsServer) -> String {
+    let cmd = cipherbus(
+        root,
+        &["rotate", "--kek", &root.uri, "--upstream", &server.url()],
+    );
+    let (ok, _, text) = tokio::task::spawn_blocking(move || output(cmd))
+        .await
+        .unwrap();
+    assert!(ok, "rotate failed: {text}");
+    text
+}
+
+/// Traffic from a proxy that hosts the authority to one that does not, both on `root`; a
+/// JetStream stream written under epoch 1, then 2 after a rotation, then replayed in full
+/// through the second proxy after it restarted (so retired keys come back from its state
+/// directory through the root). The bus sees only envelopes.
+pub async fn carries_traffic_rotates_and_opens_history(root: RootUnderTest) {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = proxy(&root, &server, &dir.path().join("a"), true);
+    let mut b = proxy(&root, &server, &dir.path().join("b"), false);
+
+    let watcher = observer(&server).await;
+    let js = async_nats::jetstream::new(watcher.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut raw = watcher.subscribe("orders.>").await.unwrap();
+    let publisher = async_nats::connect(a.url()).await.unwrap();
+    let reader = async_nats::connect(b.url()).await.unwrap();
+    let mut inbox = reader.subscribe("orders.live").await.unwrap();
+    sync(&reader).await;
+    sync(&watcher).await;
+    assert!(round_trip(&publisher, "orders.live", &mut inbox).await);
+
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        let body = format!("order {i} under epoch 1");
+        publisher
+            .publish("orders.history", body.clone().into())
+            .await
+            .unwrap();
+        sent.push(body);
+    }
+    publisher.flush().await.unwrap();
+    let said = rotate(&root, &server).await;
+    assert!(said.contains("epoch 2 is active"), "{said}");
+    for i in 3..6 {
+        let body = format!("order {i} under epoch 2");
+        publisher
+            .publish("orders.history", body.clone().into())
+            .await
+            .unwrap();
+        sent.push(body);
+    }
+    publisher.flush().await.unwrap();
+
+    // The bus saw envelopes only, under both epochs.
+    let mut epochs = std::collections::BTreeSet::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), raw.next()).await {
+        assert_eq!(m.payload.first(), Some(&0xC1), "plaintext on the bus");
+        epochs.insert(u32::from_be_bytes(m.payload[4..8].try_into().unwrap()));
+        for s in &sent {
+            assert!(!contains(&m.payload, s.as_bytes()));
+        }
+    }
+    assert!(epochs.contains(&1) && epochs.contains(&2), "{epochs:?}");
+
+    // B restarted: its keys come back from its state directory, unwrapped by the root.
+    drop(reader);
+    b.kill();
+    let b = proxy(&root, &server, &dir.path().join("b"), false);
+    let reader = async_nats::connect(b.url()).await.unwrap();
+    let history: Vec<String> = replay_stream(&reader, "ORDERS")
+        .await
+        .into_iter()
+        .filter(|m| m.starts_with("order "))
+        .collect();
+    assert_eq!(history, sent);
+
+    // The root was used where the design says: the authority wrapped epoch 2, B unwrapped the
+    // seed and epoch 2; nothing failed.
+    let wraps = a
+        .metric("cipherbus_kms_requests_total{op=\"wrap\",outcome=\"ok\"}")
+        .unwrap_or(0.0);
+    assert!(wraps >= 1.0, "authority wraps: {wraps}");
+    let unwraps = b
+        .metric("cipherbus_kms_requests_total{op=\"unwrap\",outcome=\"ok\"}")
+        .unwrap_or(0.0);
+    assert!(unwraps >= 2.0, "proxy unwraps: {unwraps}");
+    let text = http_get(b.admin, "/metrics").unwrap();
+    assert!(
+        text.contains("cipherbus_kms_request_duration_seconds_count"),
+        "{text}"
+    );
+    assert!(!text.contains("outcome=\"unwrap_failed\""), "{text}");
 }
