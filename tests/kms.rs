@@ -676,3 +676,53 @@ async fn proxies_on_the_same_key_in_two_tokens_read_each_other() {
         stranger.stderr()
     );
 }
+
+/// The Vault root's refusals, each one sentence naming the URI (never the token) and exit 2:
+/// a token whose policy does not allow decryption, a token Vault does not know, a key of a type
+/// that cannot wrap with associated data, and a key that does not exist.
+#[test]
+fn a_vault_token_without_permission_or_a_wrong_key_stops_the_start_with_one_sentence() {
+    let server = NatsServer::start();
+    let bao = Bao::dev();
+    bao.enable_transit();
+    bao.create_key("cipherbus", "aes256-gcm96");
+    bao.create_key("signing", "rsa-2048");
+    let dir = tempfile::tempdir().unwrap();
+    let read_only = bao.create_policy_token(
+        "read-only",
+        r#"path "transit/keys/cipherbus" { capabilities = ["read"] }
+           path "transit/encrypt/cipherbus" { capabilities = ["update"] }"#,
+    );
+    let unknown = "s.0000000000000000000000";
+    let cases = [
+        (
+            "tr",
+            read_only.as_str(),
+            "cipherbus",
+            "refused the credentials",
+        ),
+        ("tu", unknown, "cipherbus", "refused the credentials"),
+        ("tk", bao.token(), "signing", "not a usable root"),
+        ("tm", bao.token(), "absent", "no such key"),
+    ];
+    for (name, token, key, says) in cases {
+        let mut root = vault_root(&bao, &dir.path().join(name), token);
+        root.uri = format!("vault-transit:{key}");
+        let (ok, code, text) = output(cipherbus(
+            &root,
+            &[
+                "run",
+                "--check-config",
+                "--kek",
+                &root.uri,
+                "--upstream",
+                &server.url(),
+            ],
+        ));
+        assert!(!ok && code == Some(2), "{name}: {text}");
+        assert!(text.contains(says), "{name}: {text}");
+        assert!(text.contains("vault-transit:"), "names the URI: {text}");
+        assert!(!text.contains(token), "the token leaked: {text}");
+        assert_eq!(text.trim().lines().count(), 1, "one sentence: {text}");
+    }
+}
