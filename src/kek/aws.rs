@@ -31,7 +31,7 @@
 //!   finds them, which honours `SSL_CERT_FILE` and `SSL_CERT_DIR`).
 //!
 //! `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and `NO_PROXY` apply as for other HTTP clients.
-//! Redirects are not followed. Each request has [`TIMEOUT`] to complete.
+//! Redirects are not followed. Each request has five seconds to complete.
 //!
 //! The credentials need `kms:Encrypt`, `kms:Decrypt` and `kms:DescribeKey` on the key (the
 //! last for the start-up check). `keygen` on `alias/NAME` also needs `kms:CreateKey` and
@@ -39,22 +39,17 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use base64::Engine as _;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
+use super::http::{self, B64};
 use super::{Kek, KekError, WrapContext, MAX_WRAPPED};
 use crate::envelope::KEY_LEN;
 
-/// Connect timeout, and the budget for a whole request (connect, send, answer, body).
-pub const TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest answer read (KMS's are a few hundred bytes, a key's description a few KiB).
 const ANSWER_LIMIT: usize = 64 * 1024;
 const CONTENT_TYPE: &str = "application/x-amz-json-1.1";
@@ -65,8 +60,8 @@ const ROOT_SPEC: &str = "SYMMETRIC_DEFAULT";
 const ROOT_USAGE: &str = "ENCRYPT_DECRYPT";
 /// How a key made by `keygen` is described in KMS.
 const DESCRIPTION: &str = "cipherbus root";
-
-const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+/// How long an endpoint without a user may get in a message.
+const SHOWN: usize = 200;
 
 /// A KMS key as a root. `Debug` shows where it is and whose credentials, never a secret.
 pub struct AwsKek {
@@ -341,11 +336,6 @@ struct KeyMetadata {
     enabled: bool,
 }
 
-/// A variable of the environment, unset when empty.
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
-}
-
 /// A shared config or credentials file, with where it is for messages.
 struct ProfileFile {
     path: Option<PathBuf>,
@@ -443,7 +433,7 @@ impl AwsKek {
     /// Opens `aws-kms:KEY` with the standard AWS variables and files (see the module doc).
     /// Nothing is sent to KMS until the first call.
     pub fn from_env(key: &str) -> Result<AwsKek, KekError> {
-        AwsKek::from_vars(key, env)
+        AwsKek::from_vars(key, http::env)
     }
 
     /// [`AwsKek::from_env`] with the variables from `var` (unset or empty: `None`); the files
@@ -596,32 +586,15 @@ impl AwsKek {
             None if region.starts_with("cn-") => format!("https://kms.{region}.amazonaws.com.cn"),
             None => format!("https://kms.{region}.amazonaws.com"),
         };
-        let (https, rest) = if let Some(rest) = endpoint.strip_prefix("https://") {
-            (true, rest)
-        } else if let Some(rest) = endpoint.strip_prefix("http://") {
-            (false, rest)
-        } else {
-            return Err(bad(format!(
-                "the KMS endpoint {} is not an http:// or https:// address",
-                show_addr(&endpoint)
-            )));
-        };
-        if rest.is_empty() || rest.contains(['/', '?', '#', ' ', '@']) {
-            return Err(bad(format!(
-                "the KMS endpoint {} must be SCHEME://HOST[:PORT], without a path or user",
-                show_addr(&endpoint)
-            )));
-        }
-        let parsed = endpoint
-            .parse::<ureq::http::Uri>()
-            .ok()
-            .filter(|u| u.host().is_some_and(|h| !h.is_empty()));
-        let Some(parsed) = parsed else {
+        let (https, parsed) =
+            http::base_address(&endpoint, "the KMS endpoint", SHOWN).map_err(&bad)?;
+        // `http://:80` parses; the signature needs a host.
+        if parsed.host().is_none_or(str::is_empty) {
             return Err(bad(format!(
                 "the KMS endpoint {} is not a valid address",
-                show_addr(&endpoint)
+                http::show_addr(&endpoint, SHOWN)
             )));
-        };
+        }
         // As the signer computes it: the port only when it is not the scheme's default.
         let host = match parsed.port_u16() {
             Some(443) if https => parsed.host().unwrap_or_default().to_owned(),
@@ -630,26 +603,11 @@ impl AwsKek {
             None => parsed.host().unwrap_or_default().to_owned(),
         };
         let roots = match (ca_bundle, https) {
-            (Some(path), _) => ca_roots(path).map_err(&bad)?,
+            (Some(path), _) => http::ca_roots(path, "AWS_CA_BUNDLE").map_err(&bad)?,
             (None, true) => native_roots().map_err(&bad)?,
             (None, false) => Vec::new(),
         };
-        let tls = ureq::tls::TlsConfig::builder()
-            .provider(ureq::tls::TlsProvider::Rustls)
-            .unversioned_rustls_crypto_provider(Arc::new(
-                rustls::crypto::aws_lc_rs::default_provider(),
-            ))
-            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(roots)))
-            .build();
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .timeout_connect(Some(TIMEOUT))
-            .timeout_global(Some(TIMEOUT))
-            .user_agent(concat!("cipherbus/", env!("CARGO_PKG_VERSION")))
-            .tls_config(tls)
-            .build()
-            .new_agent();
+        let agent = http::agent(roots);
         Ok(AwsKek {
             uri,
             key: key.to_owned(),
@@ -734,47 +692,22 @@ impl AwsKek {
         for (name, value) in &signed {
             req = req.header(*name, value.as_str());
         }
-        let mut response = req.send(body).map_err(|e| self.transport(op, &e))?;
-        let status = response.status().as_u16();
-        let error_type = response
-            .headers()
-            .get("x-amzn-errortype")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let body =
-            read_body(response.body_mut(), ANSWER_LIMIT).map_err(|why| KekError::Unavailable {
-                uri: self.uri.clone(),
-                why: format!("{} ({}): {why}", self.endpoint, op.name()),
+        let at = format!("{} ({})", self.endpoint, op.name());
+        let mut response = req
+            .send(body)
+            .map_err(|e| http::transport(&self.uri, &at, &e, |text| self.scrub(text)))?;
+        let got =
+            http::receive(&mut response, "x-amzn-errortype", ANSWER_LIMIT).map_err(|why| {
+                KekError::Unavailable {
+                    uri: self.uri.clone(),
+                    why: format!("{at}: {why}"),
+                }
             })?;
         Ok(Answer {
-            status,
-            error_type,
-            body,
+            status: got.status,
+            error_type: got.header,
+            body: got.body,
         })
-    }
-
-    /// A request that did not get an answer.
-    fn transport(&self, op: Op, e: &ureq::Error) -> KekError {
-        let at = format!("{} ({})", self.endpoint, op.name());
-        match e {
-            ureq::Error::Timeout(t) => KekError::Unavailable {
-                uri: self.uri.clone(),
-                why: format!("{at} did not answer within {TIMEOUT:?} ({t})"),
-            },
-            ureq::Error::BadUri(_) | ureq::Error::InvalidProxyUrl | ureq::Error::Http(_) => {
-                KekError::Config {
-                    uri: self.uri.clone(),
-                    why: format!(
-                        "cannot send a request to {at}: {}",
-                        self.scrub(&e.to_string())
-                    ),
-                }
-            }
-            other => KekError::Unavailable {
-                uri: self.uri.clone(),
-                why: format!("cannot reach {at}: {}", self.scrub(&other.to_string())),
-            },
-        }
     }
 
     /// The error an answer other than success means.
@@ -920,20 +853,6 @@ fn describe(key: &str) -> String {
     format!("aws-kms:{key}")
 }
 
-/// An address for messages: any `user:password@` cut out.
-fn show_addr(addr: &str) -> String {
-    match addr.split_once("://") {
-        Some((scheme, rest)) => {
-            let host_end = rest.find('/').unwrap_or(rest.len());
-            match rest[..host_end].rfind('@') {
-                Some(at) => format!("{scheme}://…@{}", &rest[at + 1..]),
-                None => addr.chars().take(200).collect(),
-            }
-        }
-        None => addr.chars().take(64).collect(),
-    }
-}
-
 /// The error type of an answer (`__type` without its `namespace#`, else `X-Amzn-ErrorType`
 /// without its `:…` tail) and its message on one line; or an excerpt of a body that is not
 /// JSON.
@@ -987,36 +906,6 @@ fn aws_error(answer: &Answer) -> (String, String) {
     }
 }
 
-/// The CA certificates of the PEM file `AWS_CA_BUNDLE`, each checked to be a trust anchor.
-fn ca_roots(path: &Path) -> Result<Vec<ureq::tls::Certificate<'static>>, String> {
-    let pem = std::fs::read(path)
-        .map_err(|e| format!("cannot read AWS_CA_BUNDLE {}: {e}", path.display()))?;
-    let mut store = rustls::RootCertStore::empty();
-    let mut out = Vec::new();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|e| {
-            format!(
-                "AWS_CA_BUNDLE {} is not a PEM certificate file: {e}",
-                path.display()
-            )
-        })?;
-        store.add(cert.clone()).map_err(|e| {
-            format!(
-                "AWS_CA_BUNDLE {} holds a certificate that cannot be a root: {e}",
-                path.display()
-            )
-        })?;
-        out.push(ureq::tls::Certificate::from_der(cert.as_ref()).to_owned());
-    }
-    if out.is_empty() {
-        return Err(format!(
-            "AWS_CA_BUNDLE {} holds no PEM certificate",
-            path.display()
-        ));
-    }
-    Ok(out)
-}
-
 /// The platform's trusted roots, those rustls can use.
 fn native_roots() -> Result<Vec<ureq::tls::Certificate<'static>>, String> {
     let found = rustls_native_certs::load_native_certs();
@@ -1040,31 +929,6 @@ fn native_roots() -> Result<Vec<ureq::tls::Certificate<'static>>, String> {
     Ok(out)
 }
 
-/// Reads at most `limit` bytes of a body into one buffer allocated up front, so no copy of a
-/// plaintext is left behind by a reallocation; the buffer is zeroized when dropped.
-fn read_body(body: &mut ureq::Body, limit: usize) -> Result<Zeroizing<Vec<u8>>, String> {
-    let mut buf = Zeroizing::new(vec![0u8; limit]);
-    let mut reader = body.with_config().limit(limit as u64 + 1).reader();
-    let mut n = 0;
-    loop {
-        if n == limit {
-            let mut more = [0u8; 1];
-            match reader.read(&mut more) {
-                Ok(0) => break,
-                Ok(_) | Err(_) => return Err(format!("the answer is longer than {limit} bytes")),
-            }
-        }
-        match reader.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("the answer was cut off: {e}")),
-        }
-    }
-    buf.truncate(n);
-    Ok(buf)
-}
-
 /// The encryption context of a wrap, as a JSON object.
 fn context_json(ctx: &WrapContext) -> serde_json::Value {
     serde_json::Value::Object(
@@ -1082,14 +946,7 @@ fn encrypt_body(key: &str, ctx: &WrapContext, secret: &[u8; KEY_LEN]) -> Zeroizi
         serde_json::Value::String(key.to_owned()),
         context_json(ctx)
     );
-    const TAIL: &str = r#""}"#;
-    let len = head.len() + base64::encoded_len(KEY_LEN, true).unwrap_or(64) + TAIL.len();
-    let mut body = Zeroizing::new(String::with_capacity(len));
-    body.push_str(&head);
-    B64.encode_string(secret, &mut body);
-    body.push_str(TAIL);
-    debug_assert_eq!(body.len(), len, "no reallocation");
-    Zeroizing::new(std::mem::take(&mut *body).into_bytes())
+    http::secret_json(&head, secret, r#""}"#)
 }
 
 impl Kek for AwsKek {
@@ -1129,21 +986,7 @@ impl Kek for AwsKek {
             return Err(self.wrong(format!("key {} is {state}, not Enabled", meta.key_id)));
         }
         // A round trip proves the credentials may encrypt and decrypt with it.
-        let ctx = WrapContext {
-            purpose: "check",
-            epoch: 0,
-            scope: String::new(),
-        };
-        let mut probe = Zeroizing::new([0u8; KEY_LEN]);
-        getrandom::getrandom(&mut probe[..]).map_err(|_| KekError::Config {
-            uri: self.uri.clone(),
-            why: "no randomness available".into(),
-        })?;
-        let back = self.unwrap(&ctx, &self.wrap(&ctx, &probe)?)?;
-        if *back != *probe {
-            return Err(self.wrong("a wrap did not unwrap to the same bytes".into()));
-        }
-        Ok(())
+        http::probe(self)
     }
 
     fn create(&self) -> Result<(), KekError> {
@@ -1240,34 +1083,15 @@ impl Kek for AwsKek {
         .to_string();
         let answer = self.call_ok(Op::Decrypt, body.as_bytes())?;
         let mut data: Decrypted<'_> = self.parse(Op::Decrypt, &answer.body)?;
-        let mut scratch = Zeroizing::new([0u8; 2 * KEY_LEN]);
-        let decoded = B64.decode_slice(data.plaintext.as_bytes(), &mut scratch[..]);
-        if let Cow::Owned(s) = &mut data.plaintext {
-            s.zeroize();
-        }
-        let mut out = Zeroizing::new([0u8; KEY_LEN]);
-        match decoded {
-            Ok(KEY_LEN) => out.copy_from_slice(&scratch[..KEY_LEN]),
-            Ok(n) => {
-                return Err(fail(format!(
-                    "KMS returned {n} bytes, not a {KEY_LEN}-byte key"
-                )))
-            }
-            Err(_) => {
-                return Err(fail(format!(
-                    "KMS returned more than {} bytes or no base64, not a {KEY_LEN}-byte key",
-                    2 * KEY_LEN
-                )))
-            }
-        }
-        Ok(out)
+        http::decode_key(&mut data.plaintext, "KMS").map_err(fail)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
+    use crate::kek::http::vars;
+    use std::time::Duration;
 
     const SECRET: &str = "wJalrXUtnFEMI/K7MDENG/SECRET/bPxRfiCYEXAMPLEKEY";
     const TOKEN: &str = "FwoGZXIvYXdzEXAMPLE/SESSION/TOKEN+abc==";
@@ -1285,14 +1109,6 @@ mod tests {
 
     fn kek(key: &str, endpoint: Option<&str>) -> AwsKek {
         AwsKek::new(key, "us-east-1", endpoint, creds(Some(TOKEN)), None).unwrap()
-    }
-
-    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |name| map.get(name).cloned().filter(|v| !v.is_empty())
     }
 
     fn answer(status: u16, body: &str) -> Answer {

@@ -14,6 +14,7 @@
 //!   unwrap shows in the KMS's own audit log.
 
 pub mod aws;
+mod http;
 pub mod pkcs11;
 pub mod seed;
 pub mod vault;

@@ -424,24 +424,7 @@ impl Kek for Pkcs11Kek {
             Ok(())
         })?;
         // A round trip proves the mechanism is allowed and the token does AES-GCM.
-        let ctx = WrapContext {
-            purpose: "check",
-            epoch: 0,
-            scope: String::new(),
-        };
-        let mut probe = Zeroizing::new([0u8; KEY_LEN]);
-        getrandom::getrandom(&mut probe[..]).map_err(|_| KekError::Config {
-            uri: self.describe.clone(),
-            why: "no randomness available".into(),
-        })?;
-        let back = self.unwrap(&ctx, &self.wrap(&ctx, &probe)?)?;
-        if *back != *probe {
-            return Err(KekError::WrongKey {
-                uri: self.describe.clone(),
-                why: "a wrap did not unwrap to the same bytes".into(),
-            });
-        }
-        Ok(())
+        super::http::probe(self)
     }
 
     fn create(&self) -> Result<(), KekError> {

@@ -22,30 +22,24 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
 
 use base64::Engine as _;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
+use super::http::{self, B64};
 use super::{read_secret_file, Kek, KekError, WrapContext, MAX_WRAPPED};
 use crate::envelope::KEY_LEN;
 
-/// Connect timeout, and the budget for a whole request (connect, send, answer, body).
-pub const TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest answer read for encrypt and decrypt (Vault's are a few hundred bytes).
 const SMALL_ANSWER: usize = 16 * 1024;
 /// Longest answer read for a key's description (one entry per key version).
 const KEY_ANSWER: usize = 1024 * 1024;
 /// Key types that take associated data.
 const AEAD_TYPES: [&str; 2] = ["aes256-gcm96", "chacha20-poly1305"];
-
-const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+/// Messages show an address whole (but for a user and password).
+const SHOWN: usize = usize::MAX;
 
 /// A Transit key as a root. `Debug` shows where it is, never the token.
 pub struct VaultKek {
@@ -144,16 +138,11 @@ struct KeyInfo {
     soft_deleted: bool,
 }
 
-/// A variable of the environment, unset when empty.
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
-}
-
 impl VaultKek {
     /// Opens `vault-transit:KEY?mount=MOUNT` with the `VAULT_*` variables of the environment.
     /// Nothing is sent to Vault until the first call.
     pub fn from_env(key: &str, mount: &str) -> Result<VaultKek, KekError> {
-        VaultKek::from_vars(key, mount, env)
+        VaultKek::from_vars(key, mount, http::env)
     }
 
     /// [`VaultKek::from_env`] with the variables from `var` (unset or empty: `None`).
@@ -212,29 +201,7 @@ impl VaultKek {
             ));
         }
         let addr = addr.trim_end_matches('/');
-        let https = if addr.starts_with("https://") {
-            true
-        } else if addr.starts_with("http://") {
-            false
-        } else {
-            return Err(bad(format!(
-                "VAULT_ADDR {} is not an http:// or https:// address",
-                show_addr(addr)
-            )));
-        };
-        let rest = addr.split_once("://").map_or("", |(_, r)| r);
-        if rest.is_empty() || rest.contains(['/', '?', '#', ' ']) || rest.contains('@') {
-            return Err(bad(format!(
-                "VAULT_ADDR {} must be SCHEME://HOST[:PORT], without a path or user",
-                show_addr(addr)
-            )));
-        }
-        if addr.parse::<ureq::http::Uri>().is_err() {
-            return Err(bad(format!(
-                "VAULT_ADDR {} is not a valid address",
-                show_addr(addr)
-            )));
-        }
+        let (https, _) = http::base_address(addr, "VAULT_ADDR", SHOWN).map_err(&bad)?;
         // Visible ASCII only: a header carries it, and no byte of it may end up in a message.
         let token = Zeroizing::new(token.trim().to_owned());
         if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
@@ -250,7 +217,7 @@ impl VaultKek {
             }
         }
         let roots = match cacert {
-            Some(path) => ca_roots(path).map_err(bad)?,
+            Some(path) => http::ca_roots(path, "VAULT_CACERT").map_err(&bad)?,
             None if https => {
                 return Err(bad(format!(
                     "VAULT_ADDR {addr} is https and VAULT_CACERT is not set: no system roots are \
@@ -259,22 +226,7 @@ impl VaultKek {
             }
             None => Vec::new(),
         };
-        let tls = ureq::tls::TlsConfig::builder()
-            .provider(ureq::tls::TlsProvider::Rustls)
-            .unversioned_rustls_crypto_provider(Arc::new(
-                rustls::crypto::aws_lc_rs::default_provider(),
-            ))
-            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(roots)))
-            .build();
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .timeout_connect(Some(TIMEOUT))
-            .timeout_global(Some(TIMEOUT))
-            .user_agent(concat!("cipherbus/", env!("CARGO_PKG_VERSION")))
-            .tls_config(tls)
-            .build()
-            .new_agent();
+        let agent = http::agent(roots);
         Ok(VaultKek {
             uri,
             addr: addr.to_owned(),
@@ -320,46 +272,21 @@ impl VaultKek {
                 req.call()
             }
         };
-        let mut response = result.map_err(|e| self.transport(op, &e))?;
-        let status = response.status().as_u16();
-        let location = response
-            .headers()
-            .get("location")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let body = read_body(response.body_mut(), limit).map_err(|why| KekError::Unavailable {
-            uri: self.uri.clone(),
-            why: format!("{} {}: {why}", self.addr, self.path(op)),
+        let mut response = result.map_err(|e| {
+            let at = format!("{} ({})", self.addr, self.path(op));
+            http::transport(&self.uri, &at, &e, |text| self.scrub(text))
+        })?;
+        let got = http::receive(&mut response, "location", limit).map_err(|why| {
+            KekError::Unavailable {
+                uri: self.uri.clone(),
+                why: format!("{} {}: {why}", self.addr, self.path(op)),
+            }
         })?;
         Ok(Answer {
-            status,
-            location,
-            body,
+            status: got.status,
+            location: got.header,
+            body: got.body,
         })
-    }
-
-    /// A request that did not get an answer.
-    fn transport(&self, op: Op, e: &ureq::Error) -> KekError {
-        let at = format!("{} ({})", self.addr, self.path(op));
-        match e {
-            ureq::Error::Timeout(t) => KekError::Unavailable {
-                uri: self.uri.clone(),
-                why: format!("{at} did not answer within {TIMEOUT:?} ({t})"),
-            },
-            ureq::Error::BadUri(_) | ureq::Error::InvalidProxyUrl | ureq::Error::Http(_) => {
-                KekError::Config {
-                    uri: self.uri.clone(),
-                    why: format!(
-                        "cannot send a request to {at}: {}",
-                        self.scrub(&e.to_string())
-                    ),
-                }
-            }
-            other => KekError::Unavailable {
-                uri: self.uri.clone(),
-                why: format!("cannot reach {at}: {}", self.scrub(&other.to_string())),
-            },
-        }
     }
 
     /// The error an answer other than success means.
@@ -372,7 +299,7 @@ impl VaultKek {
         let target = answer
             .location
             .as_deref()
-            .map_or("nowhere".into(), show_addr);
+            .map_or("nowhere".into(), |a| http::show_addr(a, SHOWN));
         let said_or = |none: &str| {
             if said.is_empty() {
                 none.to_owned()
@@ -508,75 +435,6 @@ fn describe(key: &str, mount: &str) -> String {
     format!("vault-transit:{key}?mount={mount}")
 }
 
-/// An address for messages: any `user:password@` cut out.
-fn show_addr(addr: &str) -> String {
-    match addr.split_once("://") {
-        Some((scheme, rest)) => {
-            let host_end = rest.find('/').unwrap_or(rest.len());
-            match rest[..host_end].rfind('@') {
-                Some(at) => format!("{scheme}://…@{}", &rest[at + 1..]),
-                None => addr.to_owned(),
-            }
-        }
-        None => addr.chars().take(64).collect(),
-    }
-}
-
-/// The CA certificates of a PEM file, each checked to be a usable trust anchor.
-fn ca_roots(path: &Path) -> Result<Vec<ureq::tls::Certificate<'static>>, String> {
-    let pem = std::fs::read(path)
-        .map_err(|e| format!("cannot read VAULT_CACERT {}: {e}", path.display()))?;
-    let mut store = rustls::RootCertStore::empty();
-    let mut out = Vec::new();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|e| {
-            format!(
-                "VAULT_CACERT {} is not a PEM certificate file: {e}",
-                path.display()
-            )
-        })?;
-        store.add(cert.clone()).map_err(|e| {
-            format!(
-                "VAULT_CACERT {} holds a certificate that cannot be a root: {e}",
-                path.display()
-            )
-        })?;
-        out.push(ureq::tls::Certificate::from_der(cert.as_ref()).to_owned());
-    }
-    if out.is_empty() {
-        return Err(format!(
-            "VAULT_CACERT {} holds no PEM certificate",
-            path.display()
-        ));
-    }
-    Ok(out)
-}
-
-/// Reads at most `limit` bytes of a body into one buffer allocated up front, so no copy of a
-/// plaintext is left behind by a reallocation; the buffer is zeroized when dropped.
-fn read_body(body: &mut ureq::Body, limit: usize) -> Result<Zeroizing<Vec<u8>>, String> {
-    let mut buf = Zeroizing::new(vec![0u8; limit]);
-    let mut reader = body.with_config().limit(limit as u64 + 1).reader();
-    let mut n = 0;
-    loop {
-        if n == limit {
-            let mut more = [0u8; 1];
-            match reader.read(&mut more) {
-                Ok(0) => break,
-                Ok(_) | Err(_) => return Err(format!("the answer is longer than {limit} bytes")),
-            }
-        }
-        match reader.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("the answer was cut off: {e}")),
-        }
-    }
-    buf.truncate(n);
-    Ok(buf)
-}
-
 /// Vault's `errors`, one line, its multi-error decoration removed; or a short excerpt of a
 /// body that is not Vault's JSON.
 fn vault_errors(body: &[u8]) -> String {
@@ -623,22 +481,8 @@ fn is_transit_ciphertext(blob: &[u8]) -> bool {
 
 /// `{"plaintext":"…","associated_data":"…"}`, built in one zeroized buffer.
 fn encrypt_body(secret: &[u8; KEY_LEN], aad: &[u8]) -> Zeroizing<Vec<u8>> {
-    const HEAD: &str = r#"{"plaintext":""#;
-    const MID: &str = r#"","associated_data":""#;
-    const TAIL: &str = r#""}"#;
-    let len = HEAD.len()
-        + base64::encoded_len(KEY_LEN, true).unwrap_or(64)
-        + MID.len()
-        + base64::encoded_len(aad.len(), true).unwrap_or(0)
-        + TAIL.len();
-    let mut body = Zeroizing::new(String::with_capacity(len));
-    body.push_str(HEAD);
-    B64.encode_string(secret, &mut body);
-    body.push_str(MID);
-    B64.encode_string(aad, &mut body);
-    body.push_str(TAIL);
-    debug_assert_eq!(body.len(), len, "no reallocation");
-    Zeroizing::new(std::mem::take(&mut *body).into_bytes())
+    let tail = format!(r#"","associated_data":"{}"}}"#, B64.encode(aad));
+    http::secret_json(r#"{"plaintext":""#, secret, &tail)
 }
 
 impl Kek for VaultKek {
@@ -676,21 +520,7 @@ impl Kek for VaultKek {
             );
         }
         // A round trip proves the token may encrypt and decrypt with it.
-        let ctx = WrapContext {
-            purpose: "check",
-            epoch: 0,
-            scope: String::new(),
-        };
-        let mut probe = Zeroizing::new([0u8; KEY_LEN]);
-        getrandom::getrandom(&mut probe[..]).map_err(|_| KekError::Config {
-            uri: self.uri.clone(),
-            why: "no randomness available".into(),
-        })?;
-        let back = self.unwrap(&ctx, &self.wrap(&ctx, &probe)?)?;
-        if *back != *probe {
-            return Err(self.wrong("a wrap did not unwrap to the same bytes".into()));
-        }
-        Ok(())
+        http::probe(self)
     }
 
     fn create(&self) -> Result<(), KekError> {
@@ -750,34 +580,14 @@ impl Kek for VaultKek {
             return Err(self.refusal(Op::Decrypt, &answer));
         }
         let mut data: Decrypted<'_> = self.data(Op::Decrypt, &answer.body)?;
-        let mut scratch = Zeroizing::new([0u8; 2 * KEY_LEN]);
-        let decoded = B64.decode_slice(data.plaintext.as_bytes(), &mut scratch[..]);
-        if let Cow::Owned(s) = &mut data.plaintext {
-            s.zeroize();
-        }
-        let mut out = Zeroizing::new([0u8; KEY_LEN]);
-        match decoded {
-            Ok(KEY_LEN) => out.copy_from_slice(&scratch[..KEY_LEN]),
-            Ok(n) => {
-                return Err(fail(format!(
-                    "Vault returned {n} bytes, not a {KEY_LEN}-byte key"
-                )))
-            }
-            Err(_) => {
-                return Err(fail(format!(
-                    "Vault returned more than {} bytes or no base64, not a {KEY_LEN}-byte key",
-                    2 * KEY_LEN
-                )))
-            }
-        }
-        Ok(out)
+        http::decode_key(&mut data.plaintext, "Vault").map_err(fail)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
+    use crate::kek::http::vars;
 
     const TOKEN: &str = "hvs.SECRET-token-1234";
 
@@ -791,14 +601,6 @@ mod tests {
             None,
         )
         .unwrap()
-    }
-
-    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |name| map.get(name).cloned().filter(|v| !v.is_empty())
     }
 
     fn answer(status: u16, body: &str) -> Answer {
