@@ -9,6 +9,12 @@
 //!
 //! Proxies and forwarders run as child processes of this binary, so their CPU time and peak RSS
 //! are read from `/proc` on their own. Clients are async-nats in this process.
+//!
+//! The proxies' root key is a key file made for the run, or the root `--kek` names. An HSM or
+//! KMS root keeps its wrapped deployment seed on the bus, so the server then runs with
+//! JetStream, and each pair of proxies is a deployment of its own (its own control prefix, so
+//! its own seed and keyring), fresh as a file-root pair is. The proxies' admin endpoints say how
+//! often they called the KMS: at start and at rotation, never per message.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -78,6 +84,8 @@ pub struct Params {
     pub idle_connections: usize,
     /// Also measure cipherbus while its key authority rotates at this interval.
     pub rotate_every: Option<Duration>,
+    /// The proxies' root; `None` makes a key file for the run.
+    pub kek: Option<crate::kek::KekUri>,
     pub nats_server: PathBuf,
     pub json: bool,
 }
@@ -152,6 +160,8 @@ struct Proc {
     name: String,
     child: Child,
     log: PathBuf,
+    /// A proxy's admin endpoint (`/metrics`).
+    admin: Option<SocketAddr>,
 }
 
 impl Proc {
@@ -168,6 +178,7 @@ impl Proc {
             name: name.to_owned(),
             child,
             log,
+            admin: None,
         })
     }
 
@@ -300,16 +311,99 @@ fn client_events() -> String {
     }
 }
 
+/// Where the proxies' root key is.
+enum BenchRoot {
+    /// A key file: made for the run, or the one `--kek file:PATH` names.
+    File { path: PathBuf, generated: bool },
+    /// An HSM or KMS root, reached with this process's environment (which the proxies inherit).
+    Kms {
+        uri: crate::kek::KekUri,
+        kind: &'static str,
+    },
+}
+
+impl BenchRoot {
+    /// `file`, `pkcs11`, `vault-transit` or `aws-kms`.
+    fn kind(&self) -> &'static str {
+        match self {
+            BenchRoot::File { .. } => "file",
+            BenchRoot::Kms { kind, .. } => kind,
+        }
+    }
+
+    /// The URI as output may show it (no secrets); `None` for the key file made for the run.
+    fn uri(&self) -> Option<String> {
+        match self {
+            BenchRoot::File {
+                generated: true, ..
+            } => None,
+            BenchRoot::File { path, .. } => Some(format!("file:{}", path.display())),
+            BenchRoot::Kms { uri, .. } => Some(uri.describe()),
+        }
+    }
+
+    fn is_kms(&self) -> bool {
+        matches!(self, BenchRoot::Kms { .. })
+    }
+
+    /// The `--kek` value the proxies get.
+    fn arg(&self) -> String {
+        match self {
+            BenchRoot::File { path, .. } => format!("file:{}", path.display()),
+            BenchRoot::Kms { uri, .. } => uri.describe(),
+        }
+    }
+
+    /// Proves an HSM or KMS root answers and may wrap and unwrap before anything starts, so a
+    /// missing key or token is one sentence here rather than a proxy that did not start.
+    fn open(kek: Option<crate::kek::KekUri>, scratch: &Scratch) -> Result<BenchRoot, BenchError> {
+        use crate::kek::KekUri;
+        match kek {
+            None => {
+                let path = scratch.dir.join("kek");
+                crate::keyring::source::write_new_kek(&path).map_err(|e| err(e.to_string()))?;
+                Ok(BenchRoot::File {
+                    path,
+                    generated: true,
+                })
+            }
+            Some(KekUri::File(path)) => {
+                crate::kek::Root::from_file(&path).map_err(|e| err(e.to_string()))?;
+                Ok(BenchRoot::File {
+                    path,
+                    generated: false,
+                })
+            }
+            Some(uri) => {
+                let retry = crate::kek::seed::START_RETRY;
+                let kek = crate::kek::with_retry(retry, || uri.open_kek())
+                    .and_then(|kek| crate::kek::with_retry(retry, || kek.check()).map(|()| kek))
+                    .map_err(|e| {
+                        err(format!(
+                            "the root is not usable (create it with `cipherbus keygen --kek URI`): {e}"
+                        ))
+                    })?;
+                Ok(BenchRoot::Kms {
+                    kind: kek.kind(),
+                    uri,
+                })
+            }
+        }
+    }
+}
+
 /// Everything the runs share: the server, the root key, where the children log.
 struct Bench {
     params: Params,
     exe: PathBuf,
     scratch: Scratch,
-    kek: PathBuf,
+    root: BenchRoot,
     /// Held so the server lives as long as the bench.
     _server: Proc,
     server_addr: SocketAddr,
     spawned: AtomicU64,
+    /// Deployments made so far (pairs of proxies on an HSM or KMS root).
+    deployments: AtomicU64,
 }
 
 /// The two hops of one path (none for `direct`).
@@ -317,6 +411,8 @@ struct Hops {
     procs: Vec<Proc>,
     pub_url: String,
     sub_url: String,
+    /// The control prefix of the pair's deployment.
+    prefix: String,
 }
 
 impl Bench {
@@ -324,11 +420,14 @@ impl Bench {
         let exe = std::env::current_exe()
             .map_err(|e| err(format!("cannot find this executable: {e}")))?;
         let scratch = Scratch::new()?;
-        let kek = scratch.dir.join("kek");
-        crate::keyring::source::write_new_kek(&kek).map_err(|e| err(e.to_string()))?;
+        let root = BenchRoot::open(params.kek.clone(), &scratch)?;
         let port = free_port()?;
         let mut cmd = Command::new(&params.nats_server);
         cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+        if root.is_kms() {
+            // The deployment seed of an HSM or KMS root is kept in a JetStream bucket.
+            cmd.arg("-js").arg("-sd").arg(scratch.dir.join("jetstream"));
+        }
         let server_addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut server = Proc::spawn("nats-server", cmd, scratch.dir.join("nats-server.log"))?;
         server.wait_listening(server_addr)?;
@@ -336,22 +435,64 @@ impl Bench {
             params,
             exe,
             scratch,
-            kek,
+            root,
             _server: server,
             server_addr,
             spawned: AtomicU64::new(0),
+            deployments: AtomicU64::new(0),
         })
+    }
+
+    /// The control prefix of a new pair of proxies. With an HSM or KMS root, every pair is a
+    /// deployment of its own (its own seed and keyring in the bucket), so no pair starts from
+    /// the keys a rotating pair before it left, as none does with a file root.
+    fn new_prefix(&self) -> String {
+        if self.root.is_kms() {
+            let n = self.deployments.fetch_add(1, Ordering::Relaxed);
+            format!("cipherbus.bench{n}")
+        } else {
+            crate::policy::DEFAULT_CONTROL_PREFIX.to_owned()
+        }
+    }
+
+    /// The root as the bench itself holds it, to ask a pair's authority to rotate: a file is
+    /// read; an HSM or KMS root's seed is read from the pair's bucket, where its first proxy
+    /// put it.
+    async fn open_root(&self, prefix: &str) -> Result<Arc<crate::kek::Root>, BenchError> {
+        match &self.root {
+            BenchRoot::File { path, .. } => crate::kek::Root::from_file(path)
+                .map(Arc::new)
+                .map_err(|e| err(e.to_string())),
+            BenchRoot::Kms { uri, .. } => {
+                let client = async_nats::connect(self.server_url())
+                    .await
+                    .map_err(|e| err(format!("cannot connect to {}: {e}", self.server_url())))?;
+                crate::kek::seed::open_root(uri, Some(&client), prefix, false)
+                    .await
+                    .map_err(err)
+            }
+        }
     }
 
     fn server_url(&self) -> String {
         format!("nats://{}", self.server_addr)
     }
 
-    fn spawn_hop(&self, kind: PathKind, rotate: bool) -> Result<(Proc, String), BenchError> {
+    /// Starts one hop and waits until it listens. A proxy listens only once its root is open,
+    /// so with an HSM or KMS root the first proxy of a pair has created the pair's deployment
+    /// seed before the second starts (which would otherwise race to create it, and lose to the
+    /// first one's: the bucket's create is atomic).
+    fn spawn_hop(
+        &self,
+        kind: PathKind,
+        rotate: bool,
+        prefix: &str,
+    ) -> Result<(Proc, String), BenchError> {
         let n = self.spawned.fetch_add(1, Ordering::Relaxed);
         let port = free_port()?;
         let listen: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut cmd = Command::new(&self.exe);
+        let mut admin = None;
         let name = match kind {
             PathKind::Forwarder => {
                 cmd.args(["forward", "--listen", &listen.to_string(), "--upstream"])
@@ -359,20 +500,31 @@ impl Bench {
                 "forwarder"
             }
             _ => {
+                let at: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+                admin = Some(at);
                 cmd.args(["run", "--listen", &listen.to_string(), "--upstream"])
                     .arg(self.server_url())
-                    .arg("--kek-file")
-                    .arg(&self.kek)
+                    .arg("--kek")
+                    .arg(self.root.arg())
+                    .arg("--admin")
+                    .arg(at.to_string())
                     .env("CIPHERBUS_LOG", "warn");
+                let mut config = String::new();
+                if prefix != crate::policy::DEFAULT_CONTROL_PREFIX {
+                    config.push_str(&format!("control_prefix = \"{prefix}\"\n"));
+                }
                 if rotate {
                     let state = self.scratch.dir.join(format!("state-{n}"));
-                    // The bench's server runs without JetStream: what is measured is the data
-                    // path while keys change, not the lease.
-                    let config = self.scratch.dir.join("rotation.toml");
-                    std::fs::write(&config, "[rotation]\nrequire_jetstream = false\n")
-                        .map_err(|e| err(format!("cannot write {}: {e}", config.display())))?;
+                    // With a file root the bench's server runs without JetStream: what is
+                    // measured is the data path while keys change, not the lease.
+                    config.push_str("[rotation]\nrequire_jetstream = false\n");
                     cmd.arg("--controller").arg("--state-dir").arg(&state);
-                    cmd.arg("--config").arg(&config);
+                }
+                if !config.is_empty() {
+                    let file = self.scratch.dir.join(format!("cipherbus-{n}.toml"));
+                    std::fs::write(&file, config)
+                        .map_err(|e| err(format!("cannot write {}: {e}", file.display())))?;
+                    cmd.arg("--config").arg(&file);
                 }
                 if kind == PathKind::CipherbusBatched {
                     cmd.args(["--aead", "batched"]);
@@ -382,24 +534,29 @@ impl Bench {
         };
         let log = self.scratch.dir.join(format!("{name}-{n}.log"));
         let mut p = Proc::spawn(name, cmd, log)?;
+        p.admin = admin;
         p.wait_listening(listen)?;
         Ok((p, format!("nats://{listen}")))
     }
 
+    /// The publisher-side hop (which hosts the authority when rotating) starts first.
     fn hops(&self, kind: PathKind, rotate: bool) -> Result<Hops, BenchError> {
         if kind == PathKind::Direct {
             return Ok(Hops {
                 procs: Vec::new(),
                 pub_url: self.server_url(),
                 sub_url: self.server_url(),
+                prefix: crate::policy::DEFAULT_CONTROL_PREFIX.to_owned(),
             });
         }
-        let (a, pub_url) = self.spawn_hop(kind, rotate)?;
-        let (b, sub_url) = self.spawn_hop(kind, false)?;
+        let prefix = self.new_prefix();
+        let (a, pub_url) = self.spawn_hop(kind, rotate, &prefix)?;
+        let (b, sub_url) = self.spawn_hop(kind, false, &prefix)?;
         Ok(Hops {
             procs: vec![a, b],
             pub_url,
             sub_url,
+            prefix,
         })
     }
 }
@@ -467,6 +624,9 @@ struct Throughput {
     cpu: [f64; 2],
     /// RSS of each hop in KiB, sampled once a second.
     rss: Vec<[u64; 2]>,
+    /// Calls each proxy made to the root's KMS over its life (start, rotations); `None` for
+    /// paths without proxies.
+    kms: Option<[u64; 2]>,
 }
 
 impl Throughput {
@@ -605,7 +765,61 @@ async fn throughput(
         seconds,
         cpu,
         rss,
+        kms: None,
     })
+}
+
+/// How often each proxy of a pair has called the root's KMS so far: the sum of its
+/// `cipherbus_kms_requests_total` series, read from its admin endpoint. `None` for a path
+/// without proxies.
+async fn kms_requests(hops: &Hops) -> Result<Option<[u64; 2]>, BenchError> {
+    if hops.procs.is_empty() {
+        return Ok(None);
+    }
+    let mut out = [0u64; 2];
+    for (i, p) in hops.procs.iter().enumerate().take(2) {
+        let Some(admin) = p.admin else {
+            return Ok(None);
+        };
+        let text = tokio::time::timeout(Duration::from_secs(5), get_metrics(admin))
+            .await
+            .map_err(|_| err(format!("{} did not answer on {admin}", p.name)))?
+            .map_err(|e| {
+                err(format!(
+                    "cannot read the metrics of {} on {admin}: {e}",
+                    p.name
+                ))
+            })?;
+        out[i] = sum_series(&text, "cipherbus_kms_requests_total");
+    }
+    Ok(Some(out))
+}
+
+async fn get_metrics(admin: SocketAddr) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin).await?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    if !text.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(
+            text.lines().next().unwrap_or("no answer").to_owned(),
+        ));
+    }
+    Ok(text)
+}
+
+/// The sum of every series of `metric` (any labels) in Prometheus text.
+fn sum_series(text: &str, metric: &str) -> u64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(metric)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 fn pattern(size: usize) -> Vec<u8> {
@@ -706,23 +920,19 @@ const ROTATION_ANSWER: Duration = Duration::from_secs(30);
 /// Asks the authority in the publishing proxy to rotate, again and again, until told to stop.
 async fn keep_rotating(
     url: String,
-    kek: PathBuf,
+    root: Arc<crate::kek::Root>,
+    prefix: String,
     every: Duration,
     stop: Arc<AtomicBool>,
 ) -> Result<u64, BenchError> {
-    let root = crate::kek::Root::from_file(&kek).map_err(|e| err(e.to_string()))?;
     let mut done = 0;
     while !stop.load(Ordering::Relaxed) {
         tokio::time::sleep(every).await;
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        let asked = crate::control::authority::request_rotation(
-            vec![url.clone()],
-            &root,
-            crate::policy::DEFAULT_CONTROL_PREFIX,
-            "bench",
-        );
+        let asked =
+            crate::control::authority::request_rotation(vec![url.clone()], &root, &prefix, "bench");
         tokio::time::timeout(ROTATION_ANSWER, asked)
             .await
             .map_err(|_| err("rotation failed: no answer from the key authority"))?
@@ -762,6 +972,16 @@ impl PathResult {
         median(self.runs.iter().map(Throughput::rate).collect())
     }
 
+    /// KMS calls of the proxies over every throughput run, and the messages they carried.
+    fn kms_totals(&self) -> Option<(u64, u64)> {
+        self.runs
+            .iter()
+            .try_fold((0, 0), |(calls, messages), r| {
+                r.kms.map(|k| (calls + k[0] + k[1], messages + r.messages))
+            })
+            .filter(|_| !self.runs.is_empty())
+    }
+
     /// Proxy CPU seconds per million messages, each hop, median over the runs.
     fn cpu_per_million(&self, hop: usize) -> f64 {
         median(
@@ -777,11 +997,24 @@ impl PathResult {
         let mut v = json!({
             "msgs_per_sec": rate.round(),
             "mb_per_sec": rate * size as f64 / 1e6,
-            "runs": self.runs.iter().map(|r| json!({
-                "messages": r.messages, "seconds": r.seconds, "msgs_per_sec": r.rate().round(),
-                "cpu_seconds": r.cpu, "rss_kib_each_second": r.rss,
-            })).collect::<Vec<_>>(),
+            "runs": self.runs.iter().map(|r| {
+                let mut run = json!({
+                    "messages": r.messages, "seconds": r.seconds, "msgs_per_sec": r.rate().round(),
+                    "cpu_seconds": r.cpu, "rss_kib_each_second": r.rss,
+                });
+                if let Some(k) = r.kms {
+                    run["kms_requests"] = json!(k);
+                }
+                run
+            }).collect::<Vec<_>>(),
         });
+        if let Some((calls, messages)) = self.kms_totals() {
+            v["kms_requests"] = json!({
+                "total": calls,
+                "messages": messages,
+                "max_per_run": self.runs.iter().filter_map(|r| r.kms).map(|k| k[0] + k[1]).max(),
+            });
+        }
         if let Some(l) = self.latency {
             v["latency_us"] = json!({"rate": l.rate, "samples": l.samples, "p50": l.p50, "p99": l.p99, "p99_9": l.p999});
         }
@@ -819,7 +1052,7 @@ fn human_size(n: usize) -> String {
     }
 }
 
-fn print_size(size: usize, results: &[(String, PathResult)]) {
+fn print_size(size: usize, results: &[(String, PathResult)], root: &BenchRoot) {
     println!("\n== {} payloads", human_size(size));
     println!(
         "{:<19} {:>9} {:>9} {:>9} {:>9} {:>9} {:>14} {:>17}",
@@ -860,6 +1093,25 @@ fn print_size(size: usize, results: &[(String, PathResult)]) {
     }
     for line in ratio_lines(results) {
         println!("{line}");
+    }
+    if root.is_kms() {
+        let calls: Vec<String> = results
+            .iter()
+            .filter_map(|(name, r)| {
+                let (calls, messages) = r.kms_totals()?;
+                Some(format!(
+                    "{name} {calls} over {} messages",
+                    human_rate(messages as f64)
+                ))
+            })
+            .collect();
+        if !calls.is_empty() {
+            println!(
+                "{} calls by the proxies (start and rotation only): {}",
+                root.kind(),
+                calls.join(", ")
+            );
+        }
     }
     for (name, r) in results {
         for run in r.runs.iter().filter(|run| run.rss.len() >= 20) {
@@ -1016,6 +1268,19 @@ async fn run_all(bench: &Bench) -> Result<(), BenchError> {
              proxies and forwarders in pairs (publisher side, subscriber side)",
             p.pubs, p.subs, p.rounds
         );
+        println!(
+            "root key: {} ({}){}",
+            bench.root.kind(),
+            bench
+                .root
+                .uri()
+                .unwrap_or_else(|| "a key file made for this run".to_owned()),
+            if bench.root.is_kms() {
+                "; each pair of proxies a deployment of its own, its seed on a JetStream server"
+            } else {
+                ""
+            }
+        );
     }
     let mut names: Vec<(String, PathKind, bool)> = p
         .paths
@@ -1042,19 +1307,21 @@ async fn run_all(bench: &Bench) -> Result<(), BenchError> {
                 let rotator = match (rotate, p.rotate_every) {
                     (true, Some(every)) => Some(tokio::spawn(keep_rotating(
                         bench.server_url(),
-                        bench.kek.clone(),
+                        bench.open_root(&hops.prefix).await?,
+                        hops.prefix.clone(),
                         every,
                         stop.clone(),
                     ))),
                     _ => None,
                 };
-                let t = throughput(p, &hops, size, &stop)
+                let mut t = throughput(p, &hops, size, &stop)
                     .await
                     .map_err(|e| err(format!("{} at {size} B: {e}", names[i].0)))?;
                 if let Some(rot) = rotator {
                     stop.store(true, Ordering::Relaxed);
                     r.rotations += rot.await.map_err(|e| err(e.to_string()))??;
                 }
+                t.kms = kms_requests(&hops).await?;
                 r.runs.push(t);
                 peak(r, &hops);
             }
@@ -1077,7 +1344,7 @@ async fn run_all(bench: &Bench) -> Result<(), BenchError> {
             }
         }
         if !p.json {
-            print_size(size, &results);
+            print_size(size, &results, &bench.root);
         }
         let mut paths = serde_json::Map::new();
         for (name, r) in &results {
@@ -1094,6 +1361,7 @@ async fn run_all(bench: &Bench) -> Result<(), BenchError> {
         let out = json!({
             "machine": machine(),
             "nats_server": nats_server_version(&p.nats_server),
+            "root": {"kind": bench.root.kind(), "uri": bench.root.uri(), "jetstream": bench.root.is_kms()},
             "params": {
                 "sizes": p.sizes, "pubs": p.pubs, "subs": p.subs, "count": p.count,
                 "duration_secs": p.duration.as_secs_f64(), "rounds": p.rounds,
@@ -1138,7 +1406,7 @@ fn nats_server_version(bin: &Path) -> String {
 /// proxy's RSS.
 async fn idle_connections(bench: &Bench, n: usize) -> Result<Value, BenchError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (proxy, url) = bench.spawn_hop(PathKind::Cipherbus, false)?;
+    let (proxy, url) = bench.spawn_hop(PathKind::Cipherbus, false, &bench.new_prefix())?;
     let addr = url.trim_start_matches("nats://").to_owned();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = proxy.mem_kib("VmRSS");
@@ -1247,6 +1515,20 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+
+    /// Every series of the metric counts, whatever its labels; other metrics and comments do
+    /// not.
+    #[test]
+    fn kms_calls_are_summed_over_labels() {
+        let text = "# TYPE cipherbus_kms_requests counter\n\
+            cipherbus_kms_requests_total{op=\"check\",outcome=\"ok\"} 1\n\
+            cipherbus_kms_requests_total{op=\"unwrap\",outcome=\"ok\"} 2\n\
+            cipherbus_kms_requests_total_other 40\n\
+            cipherbus_kms_request_duration_seconds_count 3\n\
+            # EOF\n";
+        assert_eq!(sum_series(text, "cipherbus_kms_requests_total"), 3);
+        assert_eq!(sum_series("", "cipherbus_kms_requests_total"), 0);
+    }
 
     /// A directory left by an earlier run under this process id (the old naming) is not
     /// reused: every bench gets a new, empty, private one, removed at the end.

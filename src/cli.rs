@@ -133,6 +133,12 @@ struct BenchArgs {
     /// Also measure cipherbus while its key authority rotates at this interval (example: 1s).
     #[arg(long, value_name = "DUR")]
     rotate_every: Option<String>,
+    /// The proxies' root key: pkcs11:..., vault-transit:NAME, aws-kms:KEY or file:PATH
+    /// [default: a key file made for the run]. An HSM or KMS root must exist (`keygen --kek`);
+    /// the proxies inherit this environment (VAULT_*, SOFTHSM2_CONF, AWS_*), and the bench's
+    /// nats-server then runs with JetStream for the deployment seed.
+    #[arg(long, value_name = "URI")]
+    kek: Option<String>,
     /// The nats-server binary [default: $CIPHERBUS_NATS_SERVER, PATH, or target/tools].
     #[arg(long, value_name = "FILE")]
     nats_server: Option<PathBuf>,
@@ -363,6 +369,10 @@ fn bench(a: BenchArgs) -> ExitCode {
     if a.pubs == 0 || a.subs == 0 || a.rounds == 0 || a.count == Some(0) {
         return fail(&"--pubs, --subs, --rounds and --count must be at least 1");
     }
+    let kek = match a.kek.as_deref().map(KekUri::parse).transpose() {
+        Ok(k) => k,
+        Err(e) => return fail(&format!("--kek: {e}")),
+    };
     let parsed = (|| {
         Ok::<_, ExitCode>((
             dur("--duration", &a.duration)?,
@@ -391,6 +401,7 @@ fn bench(a: BenchArgs) -> ExitCode {
         paths: a.paths,
         idle_connections: a.idle_connections,
         rotate_every,
+        kek,
         nats_server,
         json: a.json,
     };
