@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use super::aead::{split_nonce, PrefixCipher, PREFIX_LEN};
 use super::keys::DataKey;
 use super::multi::{Batch, BATCH_BELOW};
-use super::{EnvelopeError, Header, HEADER_LEN, OVERHEAD, TAG_LEN};
+use super::{EnvelopeError, Header, HEADER_LEN, TAG_LEN};
 
 /// Subkeys an [`Opener`] keeps by default: enough for a connection that
 /// hears a handful of publishers per epoch.
@@ -93,8 +93,9 @@ impl Opener {
         out: &mut BytesMut,
     ) -> Result<(), EnvelopeError> {
         let bound = Self::check(header, envelope, allow_unbound)?;
+        let header_len = header.header_len();
         self.aad.clear();
-        self.aad.extend_from_slice(&envelope[..HEADER_LEN]);
+        self.aad.extend_from_slice(&envelope[..header_len]);
         if bound {
             self.aad.extend_from_slice(subject);
         }
@@ -105,7 +106,7 @@ impl Opener {
 
         let tag_at = envelope.len() - TAG_LEN;
         let start = out.len();
-        out.extend_from_slice(&envelope[HEADER_LEN..tag_at]);
+        out.extend_from_slice(&envelope[header_len..tag_at]);
         match cipher.open_in_place(tail, &self.aad, &envelope[tag_at..], &mut out[start..]) {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -134,7 +135,7 @@ impl Opener {
         out: &mut BytesMut,
         batch: &mut Batch,
     ) -> Result<(), EnvelopeError> {
-        if envelope.len() >= BATCH_BELOW + OVERHEAD || !batch.defers() {
+        if envelope.len() >= BATCH_BELOW + header.overhead() || !batch.defers() {
             return self.open_into(key, header, envelope, subject, allow_unbound, out);
         }
         let bound = Self::check(header, envelope, allow_unbound)?;
@@ -144,9 +145,10 @@ impl Opener {
         let tag_at = envelope.len() - TAG_LEN;
         let mut expected = [0u8; TAG_LEN];
         expected.copy_from_slice(&envelope[tag_at..]);
+        let header_len = header.header_len();
         let start = out.len();
-        out.extend_from_slice(&envelope[HEADER_LEN..tag_at]);
-        let aad = [&envelope[..HEADER_LEN], if bound { subject } else { &[] }];
+        out.extend_from_slice(&envelope[header_len..tag_at]);
+        let aad = [&envelope[..header_len], if bound { subject } else { &[] }];
         batch.push_open(
             cipher.id(),
             cipher.subkey(),
@@ -161,10 +163,10 @@ impl Opener {
     /// The checks before the AEAD; returns whether the subject is in the AAD.
     fn check(header: &Header, envelope: &[u8], allow_unbound: bool) -> Result<bool, EnvelopeError> {
         header.validate()?;
-        if envelope.len() < OVERHEAD {
+        if envelope.len() < header.overhead() {
             return Err(EnvelopeError::Truncated);
         }
-        if header.encode()[..] != envelope[..HEADER_LEN] {
+        if header.encode()[..] != envelope[..header.header_len()] {
             return Err(EnvelopeError::HeaderMismatch);
         }
         let bound = header.subject_bound();

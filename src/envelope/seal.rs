@@ -13,13 +13,15 @@ use super::aead::{PrefixCipher, PREFIX_LEN};
 use super::keys::DataKey;
 use super::multi::{Batch, BATCH_BELOW};
 use super::{
-    EnvelopeError, Header, FLAG_SUBJECT_BOUND, HEADER_LEN, OVERHEAD, SUITE_XCHACHA20_POLY1305,
-    TAG_LEN, VERSION_1,
+    EncodedHeader, EnvelopeError, Header, ScopeId, FLAG_SUBJECT_BOUND, HEADER_LEN,
+    SUITE_XCHACHA20_POLY1305, TAG_LEN, VERSION_1, VERSION_2,
 };
 
 /// Seals payloads under one data key with nonces `prefix || counter`.
 pub struct Sealer {
     epoch: u32,
+    /// `Some` seals version-2 envelopes naming this scope; `None`, version 1.
+    scope: Option<ScopeId>,
     prefix: [u8; PREFIX_LEN],
     counter: u64,
     cipher: PrefixCipher,
@@ -29,9 +31,34 @@ pub struct Sealer {
 impl Sealer {
     /// A sealer with a fresh random nonce prefix, starting at counter 0.
     pub fn new(epoch: u32, key: &DataKey) -> Result<Self, EnvelopeError> {
+        Self::scoped(epoch, key, None)
+    }
+
+    /// A sealer for the key scope `scope` (version-2 envelopes), or for the default scope
+    /// (version 1) when it is `None`.
+    pub fn scoped(
+        epoch: u32,
+        key: &DataKey,
+        scope: Option<ScopeId>,
+    ) -> Result<Self, EnvelopeError> {
         let mut prefix = [0u8; PREFIX_LEN];
         getrandom::getrandom(&mut prefix).map_err(|_| EnvelopeError::Random)?;
-        Self::build(epoch, key, prefix, 0)
+        let mut s = Self::build(epoch, key, prefix, 0)?;
+        s.scope = scope;
+        Ok(s)
+    }
+
+    /// [`Sealer::with_prefix`] for a key scope, for test vectors.
+    pub fn scoped_with_prefix(
+        epoch: u32,
+        key: &DataKey,
+        scope: Option<ScopeId>,
+        prefix: [u8; PREFIX_LEN],
+        counter: u64,
+    ) -> Self {
+        let mut s = Self::with_prefix(epoch, key, prefix, counter);
+        s.scope = scope;
+        s
     }
 
     /// A sealer with a caller-chosen prefix and counter, for test vectors.
@@ -53,6 +80,7 @@ impl Sealer {
     ) -> Result<Self, EnvelopeError> {
         Ok(Sealer {
             epoch,
+            scope: None,
             prefix,
             counter,
             cipher: PrefixCipher::new(key.bytes(), &prefix)?,
@@ -63,6 +91,16 @@ impl Sealer {
     /// The epoch written into every envelope this sealer makes.
     pub fn epoch(&self) -> u32 {
         self.epoch
+    }
+
+    /// The scope named in every envelope this sealer makes (`None`: version 1).
+    pub fn scope(&self) -> Option<ScopeId> {
+        self.scope
+    }
+
+    /// Bytes each envelope this sealer makes adds to its plaintext.
+    pub fn overhead(&self) -> usize {
+        HEADER_LEN + TAG_LEN + if self.scope.is_some() { super::SCOPE_ID_LEN } else { 0 }
     }
 
     /// The aws-lc key of subkey `id`, if it is this sealer's.
@@ -76,7 +114,7 @@ impl Sealer {
     }
 
     /// Appends `HEADER || ciphertext || tag` to `out`, exactly
-    /// `plaintext.len() + OVERHEAD` bytes.
+    /// `plaintext.len() + self.overhead()` bytes.
     ///
     /// `subject = Some(s)` sets [`FLAG_SUBJECT_BOUND`] and uses
     /// `AAD = header || s`; `None` leaves the flag clear and uses
@@ -95,12 +133,12 @@ impl Sealer {
         }
 
         let start = out.len();
-        out.reserve(plaintext.len() + OVERHEAD);
+        out.reserve(plaintext.len() + self.overhead());
         out.extend_from_slice(&header);
         out.extend_from_slice(plaintext);
         match self
             .cipher
-            .seal_in_place(tail, &self.aad, &mut out[start + HEADER_LEN..])
+            .seal_in_place(tail, &self.aad, &mut out[start + header.len()..])
         {
             Ok(tag) => {
                 out.extend_from_slice(&tag);
@@ -131,8 +169,8 @@ impl Sealer {
             return self.seal_into(subject, plaintext, out);
         }
         let (tail, header) = self.next_header(subject)?;
-        let start = out.len() + HEADER_LEN;
-        out.reserve(plaintext.len() + OVERHEAD);
+        let start = out.len() + header.len();
+        out.reserve(plaintext.len() + self.overhead());
         out.extend_from_slice(&header);
         out.extend_from_slice(plaintext);
         out.extend_from_slice(&[0; TAG_LEN]);
@@ -155,7 +193,7 @@ impl Sealer {
     fn next_header(
         &self,
         subject: Option<&[u8]>,
-    ) -> Result<([u8; 8], [u8; HEADER_LEN]), EnvelopeError> {
+    ) -> Result<([u8; 8], EncodedHeader), EnvelopeError> {
         // The last counter value is never used, so `counter + 1` cannot wrap.
         if self.counter == u64::MAX {
             return Err(EnvelopeError::NonceExhausted);
@@ -165,7 +203,11 @@ impl Sealer {
         nonce[..PREFIX_LEN].copy_from_slice(&self.prefix);
         nonce[PREFIX_LEN..].copy_from_slice(&tail);
         let header = Header {
-            version: VERSION_1,
+            version: if self.scope.is_some() {
+                VERSION_2
+            } else {
+                VERSION_1
+            },
             suite: SUITE_XCHACHA20_POLY1305,
             flags: if subject.is_some() {
                 FLAG_SUBJECT_BOUND
@@ -174,6 +216,7 @@ impl Sealer {
             },
             epoch: self.epoch,
             nonce,
+            scope: self.scope,
         }
         .encode();
         Ok((tail, header))
@@ -184,6 +227,7 @@ impl fmt::Debug for Sealer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sealer")
             .field("epoch", &self.epoch)
+            .field("scope", &self.scope.map(|s| s.to_string()))
             .field("prefix", &hex::encode(self.prefix))
             .field("counter", &self.counter)
             .finish_non_exhaustive()
@@ -195,6 +239,7 @@ mod tests {
     use std::collections::HashSet;
 
     use super::*;
+    use crate::envelope::OVERHEAD;
 
     #[test]
     fn output_length_and_header() {

@@ -73,6 +73,7 @@ fn rustcrypto_seal(
         },
         epoch,
         nonce,
+        scope: None,
     }
     .encode();
     let mut aad = header.to_vec();
@@ -318,12 +319,16 @@ fn header_parse_errors() {
     );
     assert_eq!(Header::parse(&[MAGIC]), Err(EnvelopeError::Truncated));
     let mut v = env.clone();
-    v[1] = 2;
-    assert_eq!(Header::parse(&v), Err(EnvelopeError::UnsupportedVersion(2)));
+    v[1] = 3;
+    assert_eq!(Header::parse(&v), Err(EnvelopeError::UnsupportedVersion(3)));
     assert_eq!(
         Header::parse(&v[..2]),
-        Err(EnvelopeError::UnsupportedVersion(2))
+        Err(EnvelopeError::UnsupportedVersion(3))
     );
+    // A version-1 envelope of one byte relabelled version 2 is too short for its header.
+    let mut v = env.clone();
+    v[1] = 2;
+    assert_eq!(Header::parse(&v), Err(EnvelopeError::Truncated));
     let mut v = env.clone();
     v[2] = 7;
     assert_eq!(Header::parse(&v), Err(EnvelopeError::UnsupportedSuite(7)));
