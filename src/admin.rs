@@ -10,8 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::keyring::Keyring;
 use crate::metrics::Metrics;
+use crate::scope::Scopes;
 
 const MAX_REQUEST: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -19,7 +19,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
-    keyring: Arc<Keyring>,
+    scopes: Arc<Scopes>,
     mut shutdown: watch::Receiver<()>,
 ) {
     if let Ok(addr) = listener.local_addr() {
@@ -37,19 +37,14 @@ pub async fn serve(
             _ = shutdown.changed() => return,
         };
         let metrics = metrics.clone();
-        let keyring = keyring.clone();
+        let scopes = scopes.clone();
         tokio::spawn(async move {
-            let _ =
-                tokio::time::timeout(REQUEST_TIMEOUT, respond(stream, &metrics, &keyring)).await;
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, respond(stream, &metrics, &scopes)).await;
         });
     }
 }
 
-async fn respond(
-    mut stream: TcpStream,
-    metrics: &Metrics,
-    keyring: &Keyring,
-) -> std::io::Result<()> {
+async fn respond(mut stream: TcpStream, metrics: &Metrics, scopes: &Scopes) -> std::io::Result<()> {
     let mut req = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     while !req.windows(4).any(|w| w == b"\r\n\r\n") && !req.windows(2).any(|w| w == b"\n\n") {
@@ -66,7 +61,9 @@ async fn respond(
     let path = path.split(|&b| b == b'?').next().unwrap_or_default();
     let (status, ctype, body) = match (method, path) {
         (b"GET", b"/metrics") => {
-            metrics.refresh_keys(keyring);
+            for held in scopes.iter() {
+                metrics.refresh_keys(held.name, &held.keyring);
+            }
             metrics.refresh_runtime();
             (
                 "200 OK",

@@ -294,6 +294,10 @@ struct AuthorityArgs {
     /// Prefix of the control subjects.
     #[arg(long, value_name = "P", default_value = crate::policy::DEFAULT_CONTROL_PREFIX)]
     control_prefix: String,
+    /// The key scope, a `[[scope]]` name; --kek is then that scope's root [default: the default
+    /// scope, whose root is the top-level kek].
+    #[arg(long, value_name = "NAME")]
+    scope: Option<String>,
     /// How long to wait for the authority (examples: 10s, 2m).
     #[arg(long, value_name = "DUR", default_value = "30s")]
     timeout: String,
@@ -490,24 +494,7 @@ fn load(config: Option<&Path>, flags: Overrides) -> Result<Config, ExitCode> {
 /// Opens the root the config names. An HSM or KMS root is checked, and its deployment seed is
 /// read from the bus (created there by a controller, if it has none yet).
 async fn open_root(config: &Config, create: bool) -> Result<Arc<Root>, String> {
-    if config.kek.is_file() {
-        return crate::kek::seed::open_root(&config.kek, None, "", create).await;
-    }
-    crate::tls::install_default_provider();
-    let opts = config
-        .upstream_tls
-        .apply(async_nats::ConnectOptions::new())
-        .map_err(|e| e.to_string())?;
-    let connect = opts
-        .name("cipherbus-root")
-        .connect(crate::server::upstream_urls(config));
-    let client = match tokio::time::timeout(crate::kek::seed::START_RETRY, connect).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(format!("cannot reach the bus for the deployment seed: {e}")),
-        Err(_) => return Err("cannot reach the bus for the deployment seed in time".into()),
-    };
-    let prefix = config.policy.control_prefix().to_owned();
-    crate::kek::seed::open_root(&config.kek, Some(&client), &prefix, create).await
+    crate::server::open_root(config, &config.kek, config.policy.control_prefix(), create).await
 }
 
 fn run(args: RunArgs) -> ExitCode {
@@ -569,53 +556,65 @@ fn raise_fd_limit() {
     }
 }
 
-/// `--check-config`: the config, and the root: a file is read; an HSM or KMS is asked, its key's
-/// type and permissions checked with a wrap and unwrap, and the deployment seed unwrapped if
-/// there is one yet.
+/// `--check-config`: the config, and every root (the default one and each scope's): a file is
+/// read; an HSM or KMS is asked, its key's type and permissions checked with a wrap and unwrap,
+/// and the deployment seed unwrapped if there is one yet.
 async fn check_config(config: &Config) -> ExitCode {
     let ups: Vec<String> = config.upstreams.iter().map(ToString::to_string).collect();
-    let summary = |root: String| {
-        println!(
-            "config ok: listen {}, upstream {}, root {root}, aead {}",
-            config.listen,
-            ups.join(","),
-            config.aead.describe()
-        );
-        ExitCode::SUCCESS
+    let root = match check_root(config, &config.kek, config.policy.control_prefix()).await {
+        Ok(r) => r,
+        Err(e) => return fail(&e),
     };
-    if config.kek.is_file() {
-        return match open_root(config, false).await {
-            Ok(root) => summary(format!(
-                "{} (fingerprint {})",
-                root.describe(),
-                root.fingerprint()
-            )),
-            Err(e) => fail(&e),
-        };
+    println!(
+        "config ok: listen {}, upstream {}, root {root}, aead {}",
+        config.listen,
+        ups.join(","),
+        config.aead.describe()
+    );
+    for scope in &config.scopes {
+        let prefix = scope.control_prefix(config.policy.control_prefix());
+        match check_root(config, &scope.kek, &prefix).await {
+            Ok(r) => println!(
+                "scope {}: subjects {}, root {r}",
+                scope.name,
+                scope.subjects.join(" ")
+            ),
+            Err(e) => return fail(&format!("scope {:?}: {e}", scope.name)),
+        }
     }
-    let uri = config.kek.clone();
-    let checked = crate::kek::blocking(|| {
+    ExitCode::SUCCESS
+}
+
+/// Proves one root usable, and describes it.
+async fn check_root(config: &Config, kek: &KekUri, prefix: &str) -> Result<String, String> {
+    if kek.is_file() {
+        let root = crate::server::open_root(config, kek, prefix, false).await?;
+        return Ok(format!(
+            "{} (fingerprint {})",
+            root.describe(),
+            root.fingerprint()
+        ));
+    }
+    let uri = kek.clone();
+    let kek = crate::kek::blocking(|| {
         let kek = uri.open_kek()?;
         crate::kek::with_retry(crate::kek::seed::START_RETRY, || kek.check())?;
         Ok::<_, crate::kek::KekError>(kek)
-    });
-    let kek = match checked {
-        Ok(k) => k,
-        Err(e) => return fail(&e),
-    };
-    match open_root(config, false).await {
-        Ok(root) => summary(format!(
+    })
+    .map_err(|e| e.to_string())?;
+    match crate::server::open_root(config, &uri, prefix, false).await {
+        Ok(root) => Ok(format!(
             "{} ({}) answers, wraps and unwraps; deployment fingerprint {}",
             root.describe(),
             root.kind(),
             root.fingerprint()
         )),
-        Err(e) if e.contains(crate::kek::seed::NO_SEED) => summary(format!(
+        Err(e) if e.contains(crate::kek::seed::NO_SEED) => Ok(format!(
             "{} ({}) answers, wraps and unwraps; no deployment seed yet (the first proxy or controller started with it creates one)",
             kek.describe(),
             kek.kind()
         )),
-        Err(e) => fail(&e),
+        Err(e) => Err(e),
     }
 }
 
@@ -768,7 +767,21 @@ impl Bus {
             first: t.upstream_tls_first,
             server_name: t.upstream_server_name,
         };
-        let prefix = args.control_prefix;
+        let prefix = match &args.scope {
+            None => args.control_prefix,
+            Some(name) if name == crate::scope::DEFAULT_SCOPE => args.control_prefix,
+            Some(name) => {
+                let valid = !name.is_empty()
+                    && name.len() <= crate::config::MAX_SCOPE_NAME
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                if !valid {
+                    return Err(fail(&format!("--scope {name:?} is not a scope name")));
+                }
+                format!("{}.scope.{name}", args.control_prefix)
+            }
+        };
         // An HSM or KMS root needs the bus for its deployment seed.
         let root = runtime()?
             .block_on(async {

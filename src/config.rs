@@ -51,8 +51,64 @@ pub struct FileConfig {
     pub audit_log: Option<PathBuf>,
     #[serde(default)]
     pub policy: Vec<RuleConfig>,
+    /// Key scopes (`[[scope]]`), in order: the first whose subjects match takes the subject.
+    #[serde(default)]
+    pub scope: Vec<ScopeSection>,
 }
 
+/// `[[scope]]`: subjects sealed under a root of their own, with their own epochs.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeSection {
+    pub name: String,
+    pub subjects: Vec<String>,
+    /// The scope's root, any `--kek` URI.
+    pub kek: Option<String>,
+    /// Same as `kek = "file:PATH"`.
+    pub kek_file: Option<PathBuf>,
+    /// Overrides the top-level `[rotation]` settings it names.
+    #[serde(default)]
+    pub rotation: RotationSection,
+}
+
+/// Longest scope name.
+pub const MAX_SCOPE_NAME: usize = 32;
+
+/// A validated key scope.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    /// Letters, digits, `-` and `_`; a metric label and part of the control prefix.
+    pub name: &'static str,
+    /// What version-2 envelopes carry.
+    pub id: crate::envelope::ScopeId,
+    pub subjects: Vec<String>,
+    pub kek: crate::kek::KekUri,
+    pub rotation: Rotation,
+}
+
+impl Scope {
+    /// The control prefix of the scope's own control plane: announcements, keyring bucket,
+    /// lease and audit stream.
+    pub fn control_prefix(&self, prefix: &str) -> String {
+        format!("{prefix}.scope.{}", self.name)
+    }
+
+    /// Where the scope's keyring lives inside the state directory.
+    pub fn state_dir(&self, state_dir: &Path) -> PathBuf {
+        state_dir.join("scopes").join(self.name)
+    }
+
+    /// The scope's audit log beside the default scope's: `audit.jsonl` → `audit.NAME.jsonl`.
+    pub fn audit_log(&self, audit_log: &Path) -> PathBuf {
+        let stem = audit_log
+            .file_stem()
+            .map_or_else(|| "audit".into(), |s| s.to_string_lossy().into_owned());
+        let ext = audit_log
+            .extension()
+            .map_or_else(String::new, |e| format!(".{}", e.to_string_lossy()));
+        audit_log.with_file_name(format!("{stem}.{}{ext}", self.name))
+    }
+}
 /// `upstream`: a list of URLs, or a table with the list and `[upstream.tls]`.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -99,7 +155,7 @@ pub struct KeyringSection {
 }
 
 /// `[rotation]`: when the key authority rotates, and how proxies report to it.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RotationSection {
     pub rotate_every: Option<String>,
@@ -155,6 +211,21 @@ impl Default for Rotation {
 }
 
 impl RotationSection {
+    /// These settings, with those `over` names replacing them.
+    fn overridden_by(&self, over: RotationSection) -> RotationSection {
+        let base = self.clone();
+        RotationSection {
+            rotate_every: over.rotate_every.or(base.rotate_every),
+            max_messages_per_epoch: over.max_messages_per_epoch.or(base.max_messages_per_epoch),
+            max_bytes_per_epoch: over.max_bytes_per_epoch.or(base.max_bytes_per_epoch),
+            stage_timeout: over.stage_timeout.or(base.stage_timeout),
+            heartbeat_every: over.heartbeat_every.or(base.heartbeat_every),
+            retain_retired: over.retain_retired.or(base.retain_retired),
+            lease_ttl: over.lease_ttl.or(base.lease_ttl),
+            require_jetstream: over.require_jetstream.or(base.require_jetstream),
+        }
+    }
+
     fn resolve(self) -> Result<Rotation, ConfigError> {
         let dur = |what: &'static str, v: Option<String>, default: Option<Duration>| match v {
             Some(s) => parse_duration(&s)
@@ -275,6 +346,8 @@ pub struct Config {
     pub upstream_tls: UpstreamFiles,
     /// The AEAD backend asked for; what runs is [`AeadBackend::effective`].
     pub aead: AeadBackend,
+    /// Key scopes beside the default one, in the order subjects are matched against them.
+    pub scopes: Vec<Scope>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -313,6 +386,8 @@ pub enum ConfigError {
     Policy(#[from] PolicyError),
     #[error("aead {0:?} is not a backend (expected \"audited\" or \"batched\")")]
     Aead(String),
+    #[error("scope {name:?}: {why}")]
+    Scope { name: String, why: String },
 }
 
 impl FileConfig {
@@ -389,6 +464,17 @@ impl FileConfig {
             .control_prefix
             .unwrap_or_else(|| DEFAULT_CONTROL_PREFIX.to_owned());
         let policy = Policy::new(&self.policy, &control_prefix)?;
+        let rotation_section = self.rotation.clone();
+        let mut scopes: Vec<Scope> = Vec::with_capacity(self.scope.len());
+        for section in self.scope {
+            scopes.push(resolve_scope(section, &rotation_section, &kek, &scopes)?);
+        }
+        let policy = policy.with_scopes(
+            &scopes
+                .iter()
+                .map(|s| (s.name.to_owned(), s.subjects.clone()))
+                .collect::<Vec<_>>(),
+        )?;
 
         let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
         if max_connections == 0 {
@@ -479,8 +565,90 @@ impl FileConfig {
             max_connections_set: self.max_connections.is_some(),
             upstream_connect_timeout,
             retired_cache,
+            scopes,
         })
     }
+}
+
+/// Checks one `[[scope]]` against the default root and the scopes before it.
+fn resolve_scope(
+    section: ScopeSection,
+    rotation: &RotationSection,
+    default_kek: &crate::kek::KekUri,
+    earlier: &[Scope],
+) -> Result<Scope, ConfigError> {
+    let name = section.name;
+    let bad = |why: String| ConfigError::Scope {
+        name: name.clone(),
+        why,
+    };
+    let valid = !name.is_empty()
+        && name.len() <= MAX_SCOPE_NAME
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !valid {
+        return Err(bad(format!(
+            "a scope name is 1 to {MAX_SCOPE_NAME} letters, digits, `-` or `_`, starting with a letter or digit"
+        )));
+    }
+    if name.eq_ignore_ascii_case("default") {
+        return Err(bad(
+            "\"default\" is the scope of the top-level kek; name this one otherwise".into(),
+        ));
+    }
+    // Bucket and stream names fold case and turn `-` into `_`: two such names would share them.
+    let folded = |n: &str| n.to_ascii_lowercase().replace('-', "_");
+    if let Some(other) = earlier.iter().find(|s| folded(s.name) == folded(&name)) {
+        return Err(if other.name == name {
+            bad("two scopes have this name".into())
+        } else {
+            bad(format!(
+                "too close to scope {:?}: names must differ other than in case and `-`/`_`",
+                other.name
+            ))
+        });
+    }
+    if section.subjects.is_empty() {
+        return Err(bad("list its subjects (subjects = [\"payments.>\"])".into()));
+    }
+    let kek = match (section.kek, section.kek_file) {
+        (Some(_), Some(_)) => return Err(bad("give its root once: kek or kek_file".into())),
+        (Some(uri), None) => crate::kek::KekUri::parse(&uri).map_err(|e| bad(e.to_string()))?,
+        (None, Some(path)) => crate::kek::KekUri::File(path),
+        (None, None) => {
+            return Err(bad(
+                "each scope has a root of its own: set kek = \"URI\" in its [[scope]]".into(),
+            ))
+        }
+    };
+    if kek == *default_kek {
+        return Err(bad(
+            "its root is the top-level kek; each scope needs a root of its own".into(),
+        ));
+    }
+    if let Some(other) = earlier.iter().find(|s| s.kek == kek) {
+        return Err(bad(format!(
+            "its root is also scope {:?}'s; each scope needs a root of its own",
+            other.name
+        )));
+    }
+    let rotation = rotation
+        .overridden_by(section.rotation)
+        .resolve()
+        .map_err(|e| bad(e.to_string()))?;
+    Ok(Scope {
+        // Scope names are few and live as long as the process: metric labels borrow them.
+        name: Box::leak(name.clone().into_boxed_str()),
+        id: crate::envelope::ScopeId::of(&name),
+        subjects: section.subjects,
+        kek,
+        rotation,
+    })
 }
 
 fn parse_addr(what: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {

@@ -40,6 +40,7 @@ pub mod keyring;
 pub mod metrics;
 pub mod policy;
 pub mod proto;
+pub mod scope;
 pub mod server;
 pub mod session;
 pub mod tls;

@@ -13,6 +13,7 @@ use prometheus_client::registry::{Registry, Unit};
 /// Reasons a payload on an `encrypt` subject was refused. Pre-created so they read 0, not absent.
 pub const OPEN_FAILURE_REASONS: &[&str] = &[
     "plaintext",
+    "scope_unavailable",
     "auth",
     "unknown_epoch",
     "destroyed",
@@ -32,11 +33,18 @@ pub struct ReasonLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EpochLabel {
+    pub scope: &'static str,
     pub epoch: u32,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScopeLabel {
+    pub scope: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
+    pub scope: &'static str,
     pub state: &'static str,
 }
 
@@ -65,12 +73,15 @@ pub struct Metrics {
     pub connections_accepted: Counter,
     pub connections_refused: Family<ReasonLabel, Counter>,
     pub upstream_connect_failures: Counter,
-    pub active_epoch: Gauge,
+    pub active_epoch: Family<ScopeLabel, Gauge>,
     pub control_refused: Family<ReasonLabel, Counter>,
     pub rotations: Counter,
     pub epoch_sealed: Family<EpochLabel, Counter>,
     pub epochs: Family<StateLabel, Gauge>,
-    pub key_age: Gauge,
+    pub key_age: Family<ScopeLabel, Gauge>,
+    /// Per scope, what its members report to its authority for usage-based rotation.
+    pub scope_sealed_messages: Family<ScopeLabel, Counter>,
+    pub scope_sealed_bytes: Family<ScopeLabel, Counter>,
     pub runtime_tasks: Gauge,
     pub aead_backend: Family<BackendLabel, Gauge>,
     pub audit_failures: Family<ReasonLabel, Counter>,
@@ -98,12 +109,14 @@ impl Metrics {
             connections_accepted: Counter::default(),
             connections_refused: Family::default(),
             upstream_connect_failures: Counter::default(),
-            active_epoch: Gauge::default(),
+            active_epoch: Family::default(),
             control_refused: Family::default(),
             rotations: Counter::default(),
             epoch_sealed: Family::default(),
             epochs: Family::default(),
-            key_age: Gauge::default(),
+            key_age: Family::default(),
+            scope_sealed_messages: Family::default(),
+            scope_sealed_bytes: Family::default(),
             runtime_tasks: Gauge::default(),
             aead_backend: Family::default(),
             audit_failures: Family::default(),
@@ -181,8 +194,19 @@ impl Metrics {
         );
         registry.register(
             "active_epoch",
-            "Epoch of the data key that seals new messages",
+            "Epoch of the data key that seals new messages, by key scope",
             m.active_epoch.clone(),
+        );
+        registry.register(
+            "scope_sealed_messages",
+            "Payloads sealed, by key scope",
+            m.scope_sealed_messages.clone(),
+        );
+        registry.register_with_unit(
+            "scope_sealed",
+            "Plaintext bytes sealed, by key scope",
+            Unit::Bytes,
+            m.scope_sealed_bytes.clone(),
         );
         registry.register(
             "control_refused",
@@ -196,17 +220,17 @@ impl Metrics {
         );
         registry.register(
             "epoch_sealed_messages",
-            "Payloads this proxy sealed, by epoch (destroyed epochs are dropped)",
+            "Payloads this proxy sealed, by key scope and epoch (destroyed epochs are dropped)",
             m.epoch_sealed.clone(),
         );
         registry.register(
             "epochs",
-            "Epochs known to this proxy's keyring, by state",
+            "Epochs known to this proxy's keyrings, by key scope and state",
             m.epochs.clone(),
         );
         registry.register_with_unit(
             "key_age",
-            "Time since the active epoch was activated",
+            "Time since the active epoch was activated, by key scope",
             Unit::Seconds,
             m.key_age.clone(),
         );
@@ -279,11 +303,41 @@ impl Metrics {
             .get()
     }
 
-    /// Brings the keyring gauges up to date; called when metrics are scraped.
-    pub fn refresh_keys(&self, keyring: &crate::keyring::Keyring) {
+    /// Counts what a session sealed in scope `scope`.
+    pub fn scope_sealed(&self, scope: &'static str, messages: u64, bytes: u64) {
+        let label = ScopeLabel { scope };
+        self.scope_sealed_messages
+            .get_or_create(&label)
+            .inc_by(messages);
+        self.scope_sealed_bytes.get_or_create(&label).inc_by(bytes);
+    }
+
+    /// Messages and bytes sealed in scope `scope` so far.
+    pub fn scope_sealed_totals(&self, scope: &'static str) -> (u64, u64) {
+        let label = ScopeLabel { scope };
+        (
+            self.scope_sealed_messages.get_or_create(&label).get(),
+            self.scope_sealed_bytes.get_or_create(&label).get(),
+        )
+    }
+
+    /// Sets scope `scope`'s active epoch.
+    pub fn set_active_epoch(&self, scope: &'static str, epoch: u32) {
+        self.active_epoch
+            .get_or_create(&ScopeLabel { scope })
+            .set(i64::from(epoch));
+    }
+
+    /// The active epoch last set for scope `scope`.
+    pub fn active_epoch_of(&self, scope: &'static str) -> i64 {
+        self.active_epoch.get_or_create(&ScopeLabel { scope }).get()
+    }
+
+    /// Brings scope `scope`'s keyring gauges up to date; called when metrics are scraped.
+    pub fn refresh_keys(&self, scope: &'static str, keyring: &crate::keyring::Keyring) {
         use crate::keyring::KeyState;
         let snap = keyring.snapshot();
-        self.active_epoch.set(i64::from(snap.active.epoch));
+        self.set_active_epoch(scope, snap.active.epoch);
         let mut counts = [0i64; 4];
         for (epoch, state) in snap.epochs() {
             let i = match state {
@@ -291,7 +345,7 @@ impl Metrics {
                 KeyState::Active => 1,
                 KeyState::Retired => 2,
                 KeyState::Destroyed => {
-                    self.epoch_sealed.remove(&EpochLabel { epoch });
+                    self.epoch_sealed.remove(&EpochLabel { scope, epoch });
                     3
                 }
             };
@@ -302,7 +356,9 @@ impl Metrics {
             .into_iter()
             .zip(counts.into_iter().chain([unsaved]))
         {
-            self.epochs.get_or_create(&StateLabel { state }).set(n);
+            self.epochs
+                .get_or_create(&StateLabel { scope, state })
+                .set(n);
         }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -313,6 +369,7 @@ impl Metrics {
             .find(|r| r.epoch == snap.active.epoch)
             .and_then(|r| r.activated);
         self.key_age
+            .get_or_create(&ScopeLabel { scope })
             .set(activated.map_or(0, |t| now.saturating_sub(t)) as i64);
     }
 
@@ -355,12 +412,18 @@ mod tests {
         let m = Metrics::new();
         m.messages_sealed.inc_by(3);
         m.open_failure("auth");
-        m.active_epoch.set(7);
+        m.set_active_epoch("default", 7);
+        m.scope_sealed("payments", 2, 10);
         let text = m.render();
         assert!(text.contains("cipherbus_messages_sealed_total 3"), "{text}");
         assert!(text.contains("cipherbus_open_failures_total{reason=\"auth\"} 1"));
         assert!(text.contains("cipherbus_open_failures_total{reason=\"plaintext\"} 0"));
-        assert!(text.contains("cipherbus_active_epoch 7"));
+        assert!(
+            text.contains("cipherbus_active_epoch{scope=\"default\"} 7"),
+            "{text}"
+        );
+        assert!(text.contains("cipherbus_scope_sealed_messages_total{scope=\"payments\"} 2"));
+        assert!(text.contains("cipherbus_scope_sealed_bytes_total{scope=\"payments\"} 10"));
         assert!(text.contains("cipherbus_sealed_bytes_total"));
         assert!(text.contains("cipherbus_aead_backend{backend=\"batched\"} 0"));
         m.set_aead_backend(crate::envelope::AeadBackend::Audited);

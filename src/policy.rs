@@ -8,6 +8,9 @@
 //! 2. the operator's rules, in file order;
 //! 3. the built-in plaintext rules for subjects nats-server itself parses ([`DEFAULT_PLAINTEXT`]);
 //! 4. everything else is encrypted.
+//!
+//! An encrypted subject is then given its key scope: the first `[[scope]]` whose patterns match
+//! it, else the default scope (index 0).
 
 use serde::Deserialize;
 
@@ -44,6 +47,9 @@ pub struct Decision {
     pub mode: Mode,
     /// Whether sealed payloads are bound to their subject (see `docs/ENVELOPE.md`).
     pub bind_subject: bool,
+    /// The key scope an `encrypt` subject is sealed under: 0 for the default scope, `i + 1`
+    /// for the `i`-th configured scope.
+    pub scope: u16,
 }
 
 /// One rule as written in the config file (`[[policy]]`).
@@ -69,6 +75,13 @@ pub enum PolicyError {
     BadPattern { pattern: String, why: &'static str },
     #[error("rule for {pattern:?}: bind_subject = false only applies to mode \"encrypt\"")]
     BindOnNonEncrypt { pattern: String },
+    #[error("scope {scope:?}: subject pattern {pattern:?} can never match: scope {earlier:?} takes every subject it matches ({covering:?})")]
+    Shadowed {
+        scope: String,
+        pattern: String,
+        earlier: String,
+        covering: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,11 +163,14 @@ struct Rule {
 pub struct Policy {
     rules: Vec<Rule>,
     control_prefix: String,
+    /// Each configured scope's patterns, in file order.
+    scopes: Vec<Vec<Pattern>>,
 }
 
 const ENCRYPT_BOUND: Decision = Decision {
     mode: Mode::Encrypt,
     bind_subject: true,
+    scope: 0,
 };
 
 impl Policy {
@@ -164,6 +180,7 @@ impl Policy {
         let deny = Decision {
             mode: Mode::Deny,
             bind_subject: true,
+            scope: 0,
         };
         let prefix = Pattern::parse(control_prefix)?;
         if prefix
@@ -195,6 +212,7 @@ impl Policy {
                 decision: Decision {
                     mode: r.mode,
                     bind_subject: r.bind_subject,
+                    scope: 0,
                 },
             });
         }
@@ -204,13 +222,44 @@ impl Policy {
                 decision: Decision {
                     mode: Mode::Plaintext,
                     bind_subject: true,
+                    scope: 0,
                 },
             });
         }
         Ok(Policy {
             rules: compiled,
             control_prefix: control_prefix.to_owned(),
+            scopes: Vec::new(),
         })
+    }
+
+    /// Adds the key scopes, each a name and its subject patterns, in order. A pattern that an
+    /// earlier scope's pattern covers entirely could never match, and is refused.
+    pub fn with_scopes(mut self, scopes: &[(String, Vec<String>)]) -> Result<Self, PolicyError> {
+        let mut seen: Vec<(&str, &str)> = Vec::new();
+        for (name, patterns) in scopes {
+            let mut compiled = Vec::with_capacity(patterns.len());
+            for p in patterns {
+                let pattern = Pattern::parse(p)?;
+                if let Some((earlier, covering)) = seen.iter().find(|(_, q)| {
+                    Pattern::parse(q)
+                        .is_ok_and(|q| q.contains(p.as_bytes()) || q.matches(p.as_bytes()))
+                }) {
+                    return Err(PolicyError::Shadowed {
+                        scope: name.clone(),
+                        pattern: p.clone(),
+                        earlier: (*earlier).to_owned(),
+                        covering: (*covering).to_owned(),
+                    });
+                }
+                compiled.push(pattern);
+            }
+            for p in patterns {
+                seen.push((name, p));
+            }
+            self.scopes.push(compiled);
+        }
+        Ok(self)
     }
 
     pub fn control_prefix(&self) -> &str {
@@ -219,10 +268,19 @@ impl Policy {
 
     /// The decision for a literal subject (PUB, MSG). Falls back to encrypt, bound.
     pub fn decide(&self, subject: &[u8]) -> Decision {
-        self.rules
+        let mut d = self
+            .rules
             .iter()
             .find(|r| r.pattern.matches(subject))
-            .map_or(ENCRYPT_BOUND, |r| r.decision)
+            .map_or(ENCRYPT_BOUND, |r| r.decision);
+        if d.mode == Mode::Encrypt && !self.scopes.is_empty() {
+            d.scope = self
+                .scopes
+                .iter()
+                .position(|ps| ps.iter().any(|p| p.matches(subject)))
+                .map_or(0, |i| u16::try_from(i + 1).unwrap_or(0));
+        }
+        d
     }
 
     /// Whether a subscription pattern lies entirely inside a `deny` rule, so the server would
@@ -322,6 +380,40 @@ mod tests {
         assert!(!p.decide(b"mapped.x").bind_subject);
         r.mode = Mode::Plaintext;
         assert!(Policy::new(&[r], DEFAULT_CONTROL_PREFIX).is_err());
+    }
+
+    #[test]
+    fn the_first_matching_scope_wins_and_shadowed_patterns_are_refused() {
+        let scopes = |list: &[(&str, &[&str])]| -> Vec<(String, Vec<String>)> {
+            list.iter()
+                .map(|(n, ps)| (n.to_string(), ps.iter().map(|p| p.to_string()).collect()))
+                .collect()
+        };
+        let p = Policy::new(&[rule("public.>", Mode::Plaintext)], DEFAULT_CONTROL_PREFIX)
+            .unwrap()
+            .with_scopes(&scopes(&[
+                ("payments", &["payments.>", "ledger.*.events"]),
+                ("ops", &["ops.>", "ledger.>"]),
+            ]))
+            .unwrap();
+        assert_eq!(p.decide(b"payments.eu.new").scope, 1);
+        assert_eq!(p.decide(b"ledger.eu.events").scope, 1);
+        assert_eq!(p.decide(b"ledger.eu.other").scope, 2);
+        assert_eq!(p.decide(b"ops.x").scope, 2);
+        assert_eq!(p.decide(b"orders.new").scope, 0);
+        // Plaintext and denied subjects have no scope.
+        assert_eq!(p.decide(b"public.payments").scope, 0);
+        assert_eq!(p.decide(b"cipherbus.ctl.x").scope, 0);
+
+        let shadowed =
+            Policy::default().with_scopes(&scopes(&[("a", &["tenant.>"]), ("b", &["tenant.b.>"])]));
+        let err = shadowed.unwrap_err().to_string();
+        assert!(err.contains("\"tenant.b.>\" can never match"), "{err}");
+        assert!(err.contains("scope \"a\""), "{err}");
+        let exact = Policy::default().with_scopes(&scopes(&[("a", &["x.y"]), ("b", &["x.*"])]));
+        assert!(exact.is_ok(), "a later, wider pattern still matches");
+        let same = Policy::default().with_scopes(&scopes(&[("a", &["x.*"]), ("b", &["x.y"])]));
+        assert!(same.is_err());
     }
 
     #[test]

@@ -32,18 +32,111 @@ pub enum StartError {
     Audit(#[from] crate::audit::AuditError),
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
+    /// A scope's root could not be opened: the sentence names the scope and the URI.
+    #[error("{0}")]
+    Root(String),
 }
 
 fn open_audit(
-    config: &Config,
+    audit_log: Option<&std::path::Path>,
     root: &Root,
 ) -> Result<Option<Arc<crate::audit::AuditLog>>, StartError> {
-    Ok(config
-        .audit_log
-        .as_deref()
+    Ok(audit_log
         .map(|path| crate::audit::AuditLog::open(path, crate::audit::AuditKey::from_root(root)))
         .transpose()?
         .map(Arc::new))
+}
+
+/// Where one scope's control plane and files are.
+struct ScopeSettings {
+    prefix: String,
+    rotation: crate::config::Rotation,
+    state_dir: Option<std::path::PathBuf>,
+    audit_log: Option<std::path::PathBuf>,
+}
+
+/// Scope `index`'s settings: 0 is the default scope, `i + 1` the `i`-th `[[scope]]`.
+fn scope_settings(config: &Config, index: usize) -> ScopeSettings {
+    let prefix = config.policy.control_prefix();
+    match index.checked_sub(1).and_then(|i| config.scopes.get(i)) {
+        None => ScopeSettings {
+            prefix: prefix.to_owned(),
+            rotation: config.rotation.clone(),
+            state_dir: config.state_dir.clone(),
+            audit_log: config.audit_log.clone(),
+        },
+        Some(scope) => ScopeSettings {
+            prefix: scope.control_prefix(prefix),
+            rotation: scope.rotation.clone(),
+            state_dir: config.state_dir.as_deref().map(|d| scope.state_dir(d)),
+            audit_log: config.audit_log.as_deref().map(|a| scope.audit_log(a)),
+        },
+    }
+}
+
+/// Opens a root: a file is read; an HSM or KMS root is checked, and its deployment seed read
+/// from the bus under `prefix` (created there when `create` and it has none yet).
+pub async fn open_root(
+    config: &Config,
+    kek: &crate::kek::KekUri,
+    prefix: &str,
+    create: bool,
+) -> Result<Arc<Root>, String> {
+    if kek.is_file() {
+        return crate::kek::seed::open_root(kek, None, "", create).await;
+    }
+    crate::tls::install_default_provider();
+    let opts = config
+        .upstream_tls
+        .apply(async_nats::ConnectOptions::new())
+        .map_err(|e| e.to_string())?;
+    let connect = opts.name("cipherbus-root").connect(upstream_urls(config));
+    let client = match tokio::time::timeout(crate::kek::seed::START_RETRY, connect).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(format!("cannot reach the bus for the deployment seed: {e}")),
+        Err(_) => return Err("cannot reach the bus for the deployment seed in time".into()),
+    };
+    crate::kek::seed::open_root(kek, Some(&client), prefix, create).await
+}
+
+/// Opens the root of every configured scope, in order. One that cannot be opened stops the
+/// start with a sentence naming the scope.
+pub async fn open_scope_roots(config: &Config, create: bool) -> Result<Vec<Arc<Root>>, String> {
+    let mut roots = Vec::with_capacity(config.scopes.len());
+    for scope in &config.scopes {
+        let prefix = scope.control_prefix(config.policy.control_prefix());
+        let root = open_root(config, &scope.kek, &prefix, create)
+            .await
+            .map_err(|e| format!("scope {:?}: {e}", scope.name))?;
+        roots.push(root);
+    }
+    Ok(roots)
+}
+
+/// Opens the keyring of every scope: the default one under `root`, each configured scope under
+/// its own root from `scope_roots`.
+fn open_scopes(
+    config: &Config,
+    root: Arc<Root>,
+    scope_roots: Vec<Arc<Root>>,
+    role: &str,
+) -> Result<crate::scope::Scopes, StartError> {
+    if scope_roots.len() != config.scopes.len() {
+        return Err(StartError::Root(
+            "every configured scope needs its root opened".into(),
+        ));
+    }
+    let mut scopes = crate::scope::Scopes::new(Arc::new(open_keyring(
+        config,
+        &scope_settings(config, 0),
+        root,
+        role,
+    )?));
+    for (i, (scope, root)) in config.scopes.iter().zip(scope_roots).enumerate() {
+        let keyring = open_keyring(config, &scope_settings(config, i + 1), root, role)?;
+        scopes.push(scope.name, scope.id, Arc::new(keyring));
+    }
+    Ok(scopes)
 }
 
 /// A running proxy. Dropping it stops the listener and closes every session.
@@ -52,7 +145,10 @@ pub struct ProxyHandle {
     pub local_addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
     pub metrics: Arc<Metrics>,
+    /// The default scope's keyring.
     pub keyring: Arc<Keyring>,
+    /// Every scope's keyring, the default one first.
+    pub scopes: Arc<crate::scope::Scopes>,
     shutdown: Option<watch::Sender<()>>,
     tasks: Vec<JoinHandle<()>>,
     /// Set once, with one sentence, when a part the process cannot run without stopped.
@@ -96,12 +192,18 @@ impl Drop for ProxyHandle {
     }
 }
 
-/// Opens the keyring from the state directory. A damaged one stops the start, and the refusal
-/// goes to the audit log beside the key events (best effort: the log may be on the same disk).
-fn open_keyring(config: &Config, root: Arc<Root>, role: &str) -> Result<Keyring, StartError> {
+/// Opens a scope's keyring from its state directory. A damaged one stops the start, and the
+/// refusal goes to the audit log beside the key events (best effort: the log may be on the same
+/// disk).
+fn open_keyring(
+    config: &Config,
+    at: &ScopeSettings,
+    root: Arc<Root>,
+    role: &str,
+) -> Result<Keyring, StartError> {
     let audit_key = crate::audit::AuditKey::from_root(&root);
-    Keyring::open(root, config.state_dir.as_deref(), config.retired_cache).map_err(|e| {
-        if let Some(path) = config.audit_log.as_deref() {
+    Keyring::open(root, at.state_dir.as_deref(), config.retired_cache).map_err(|e| {
+        if let Some(path) = at.audit_log.as_deref() {
             let event = crate::audit::Event {
                 kind: crate::audit::EventKind::Refused,
                 epoch: None,
@@ -120,24 +222,32 @@ fn open_keyring(config: &Config, root: Arc<Root>, role: &str) -> Result<Keyring,
     })
 }
 
-/// Opens the keyring and starts a proxy with the given root key.
+/// Opens the keyrings and starts a proxy with the given root key; the roots of the configured
+/// scopes are opened here.
 pub async fn start(config: Config, root: impl Into<Arc<Root>>) -> Result<ProxyHandle, StartError> {
     crate::tls::install_default_provider();
-    let keyring = Arc::new(open_keyring(&config, root.into(), "proxy")?);
-    start_with_keyring(config, keyring).await
+    let scope_roots = open_scope_roots(&config, true)
+        .await
+        .map_err(StartError::Root)?;
+    let scopes = Arc::new(open_scopes(&config, root.into(), scope_roots, "proxy")?);
+    start_with_scopes(config, scopes).await
 }
 
-/// Starts the key authority alone: its keyring, the admin endpoint, no agent listener.
+/// Starts the key authority alone: its keyrings, the admin endpoint, no agent listener. It is
+/// the authority of every scope it is configured with.
 pub async fn start_controller(
     config: Config,
     root: impl Into<Arc<Root>>,
 ) -> Result<ProxyHandle, StartError> {
     crate::tls::install_default_provider();
-    let keyring = Arc::new(open_keyring(&config, root.into(), "authority")?);
+    let scope_roots = open_scope_roots(&config, true)
+        .await
+        .map_err(StartError::Root)?;
+    let scopes = Arc::new(open_scopes(&config, root.into(), scope_roots, "authority")?);
     // It follows the announcements like a proxy, so that if it is standing by it holds the
     // current keyring when it takes the role over.
-    let base = Base::start(&config, &keyring, "authority-follower", true).await?;
-    Ok(base.into_handle(config.listen, keyring))
+    let base = Base::start(&config, &scopes, "authority-follower", true).await?;
+    Ok(base.into_handle(config.listen, scopes))
 }
 
 /// What every process runs: metrics, the admin endpoint, the control connection that follows
@@ -154,19 +264,11 @@ struct Base {
 impl Base {
     async fn start(
         config: &Config,
-        keyring: &Arc<Keyring>,
+        scopes: &Arc<crate::scope::Scopes>,
         role: &str,
         controller: bool,
     ) -> Result<Self, StartError> {
-        let audit = open_audit(config, keyring.root())?;
-        let node = node_id(role);
-        if let Some(log) = &audit {
-            keyring.set_audit(log.clone(), node.clone());
-        }
         let metrics = Arc::new(Metrics::new());
-        metrics
-            .active_epoch
-            .set(i64::from(keyring.snapshot().active.epoch));
         let (shutdown_tx, shutdown_rx) = watch::channel(());
         let mut tasks = Vec::new();
         let mut admin_addr = None;
@@ -178,46 +280,64 @@ impl Base {
             tasks.push(tokio::spawn(crate::admin::serve(
                 admin,
                 metrics.clone(),
-                keyring.clone(),
+                scopes.clone(),
                 shutdown_rx.clone(),
             )));
         }
-        let prefix = config.policy.control_prefix().to_owned();
-        tasks.push(tokio::spawn(crate::control::member::run(
-            keyring.clone(),
-            metrics.clone(),
-            crate::control::member::MemberConfig {
-                upstreams: upstream_urls(config),
-                prefix: prefix.clone(),
-                node,
-                heartbeat_every: config.rotation.heartbeat_every,
-                tls: config.upstream_tls.clone(),
-            },
-            // Beside an authority, the authority records every key event itself; this proxy
-            // may apply a commit first, from the bucket, and must not record it twice.
-            if controller { None } else { audit.clone() },
-            shutdown_rx.clone(),
-        )));
         let (fatal_tx, fatal) = watch::channel(None);
-        if controller {
-            let authority = crate::control::authority::run(
+        let node = node_id(role);
+        for (index, held) in scopes.iter().enumerate() {
+            let at = scope_settings(config, index);
+            let keyring = &held.keyring;
+            let audit = open_audit(at.audit_log.as_deref(), keyring.root())?;
+            if let Some(log) = &audit {
+                keyring.set_audit(log.clone(), node.clone());
+            }
+            metrics.set_active_epoch(held.name, keyring.snapshot().active.epoch);
+            tasks.push(tokio::spawn(crate::control::member::run(
                 keyring.clone(),
                 metrics.clone(),
-                upstream_urls(config),
-                crate::control::authority::AuthorityConfig {
-                    prefix,
-                    rotation: config.rotation.clone(),
-                    node: node_id("authority"),
+                crate::control::member::MemberConfig {
+                    upstreams: upstream_urls(config),
+                    prefix: at.prefix.clone(),
+                    node: node.clone(),
+                    heartbeat_every: at.rotation.heartbeat_every,
                     tls: config.upstream_tls.clone(),
+                    scope: held.name,
                 },
-                audit,
+                // Beside an authority, the authority records every key event itself; this proxy
+                // may apply a commit first, from the bucket, and must not record it twice.
+                if controller { None } else { audit.clone() },
                 shutdown_rx.clone(),
-            );
-            tasks.push(tokio::spawn(async move {
-                if let Err(why) = authority.await {
-                    let _ = fatal_tx.send(Some(why));
-                }
-            }));
+            )));
+            if controller {
+                let authority = crate::control::authority::run(
+                    keyring.clone(),
+                    metrics.clone(),
+                    upstream_urls(config),
+                    crate::control::authority::AuthorityConfig {
+                        prefix: at.prefix,
+                        rotation: at.rotation,
+                        node: node_id("authority"),
+                        tls: config.upstream_tls.clone(),
+                    },
+                    audit,
+                    shutdown_rx.clone(),
+                );
+                let fatal_tx = fatal_tx.clone();
+                let name = held.name;
+                let named = index > 0;
+                tasks.push(tokio::spawn(async move {
+                    if let Err(why) = authority.await {
+                        let why = if named {
+                            format!("scope {name:?}: {why}")
+                        } else {
+                            why
+                        };
+                        let _ = fatal_tx.send(Some(why));
+                    }
+                }));
+            }
         }
         Ok(Base {
             fatal,
@@ -229,12 +349,13 @@ impl Base {
         })
     }
 
-    fn into_handle(self, local_addr: SocketAddr, keyring: Arc<Keyring>) -> ProxyHandle {
+    fn into_handle(self, local_addr: SocketAddr, scopes: Arc<crate::scope::Scopes>) -> ProxyHandle {
         ProxyHandle {
             local_addr,
             admin_addr: self.admin_addr,
             metrics: self.metrics,
-            keyring,
+            keyring: scopes.default_keyring().clone(),
+            scopes,
             shutdown: Some(self.shutdown_tx),
             tasks: self.tasks,
             fatal: self.fatal,
@@ -242,10 +363,10 @@ impl Base {
     }
 }
 
-/// Starts a proxy on an existing keyring.
-pub async fn start_with_keyring(
+/// Starts a proxy on open keyrings.
+pub async fn start_with_scopes(
     config: Config,
-    keyring: Arc<Keyring>,
+    scopes: Arc<crate::scope::Scopes>,
 ) -> Result<ProxyHandle, StartError> {
     crate::tls::install_default_provider();
     // Certificates are checked before anything listens, so a bad file fails the start.
@@ -264,7 +385,7 @@ pub async fn start_with_keyring(
         addr: config.listen,
         source,
     })?;
-    let mut base = Base::start(&config, &keyring, "proxy", config.controller).await?;
+    let mut base = Base::start(&config, &scopes, "proxy", config.controller).await?;
     let shutdown_rx = base.shutdown_rx.clone();
     let metrics = base.metrics.clone();
     metrics.set_aead_backend(config.aead.effective().0);
@@ -273,7 +394,8 @@ pub async fn start_with_keyring(
     tracing::info!(
         listen = %local_addr,
         upstream = %upstreams.join(","),
-        active_epoch = keyring.snapshot().active.epoch,
+        active_epoch = scopes.default_keyring().snapshot().active.epoch,
+        scopes = scopes.iter().count(),
         aead = %config.aead.describe(),
         "cipherbus proxy listening"
     );
@@ -295,7 +417,7 @@ pub async fn start_with_keyring(
     )));
     let shared = Arc::new(Shared::new(
         config,
-        keyring.clone(),
+        scopes.clone(),
         metrics,
         local_addr,
         agent_tls,
@@ -307,7 +429,7 @@ pub async fn start_with_keyring(
         limit,
         shutdown_rx,
     )));
-    Ok(base.into_handle(local_addr, keyring))
+    Ok(base.into_handle(local_addr, scopes))
 }
 
 async fn accept_loop(

@@ -195,7 +195,7 @@ async fn a_crashed_proxy_comes_back_with_its_keys_and_takes_its_agents_back() {
         }
         assert!(
             eventually(Duration::from_secs(10), || proxy
-                .metric("cipherbus_active_epoch")
+                .metric(r#"cipherbus_active_epoch{scope="default"}"#)
                 == Some(f64::from(epoch)))
             .await
         );
@@ -214,7 +214,7 @@ async fn a_crashed_proxy_comes_back_with_its_keys_and_takes_its_agents_back() {
     );
     let proxy = ProxyProcess::start(command(), listen);
     assert_eq!(
-        metric_of(&proxy, "cipherbus_active_epoch").await,
+        metric_of(&proxy, r#"cipherbus_active_epoch{scope="default"}"#).await,
         Some(3.0),
         "the active epoch comes from the state directory at start"
     );
@@ -634,19 +634,27 @@ async fn a_rotation_into_a_read_only_state_directory_is_not_activated_and_says_w
         proxy.stderr()
     );
     assert_eq!(
-        metric_of(&proxy, "cipherbus_active_epoch").await,
+        metric_of(&proxy, r#"cipherbus_active_epoch{scope="default"}"#).await,
         Some(1.0),
         "not activated without its key on disk"
     );
     assert_eq!(
-        metric_of(&proxy, r#"cipherbus_epochs{state="staged"}"#).await,
+        metric_of(
+            &proxy,
+            r#"cipherbus_epochs{scope="default",state="staged"}"#
+        )
+        .await,
         Some(0.0)
     );
     // The authority's proxy seals under epoch 2 now. This one holds the key it could not
     // persist, to open only, so what arrives under it is still delivered.
     assert_eq!(pa.keyring.snapshot().active.epoch, 2);
     assert_eq!(
-        metric_of(&proxy, r#"cipherbus_epochs{state="unsaved"}"#).await,
+        metric_of(
+            &proxy,
+            r#"cipherbus_epochs{scope="default",state="unsaved"}"#
+        )
+        .await,
         Some(1.0)
     );
     let behind_read_only = async_nats::connect(proxy.url()).await.unwrap();
@@ -672,14 +680,18 @@ async fn a_rotation_into_a_read_only_state_directory_is_not_activated_and_says_w
     chmod(&state.join("keys"), 0o700);
     assert!(
         eventually(Duration::from_secs(10), || proxy
-            .metric("cipherbus_active_epoch")
+            .metric(r#"cipherbus_active_epoch{scope="default"}"#)
             == Some(2.0))
         .await,
         "writable again: the re-announced epoch is staged and activated"
     );
     assert_eq!(persisted_epochs(&state), [1, 2]);
     assert_eq!(
-        metric_of(&proxy, r#"cipherbus_epochs{state="unsaved"}"#).await,
+        metric_of(
+            &proxy,
+            r#"cipherbus_epochs{scope="default",state="unsaved"}"#
+        )
+        .await,
         Some(0.0)
     );
     drop(pa);
@@ -902,7 +914,7 @@ async fn a_killed_leader_is_replaced_within_five_seconds_and_the_stream_loses_no
     );
     assert!(
         eventually(Duration::from_secs(10), || standby
-            .metric("cipherbus_active_epoch")
+            .metric(r#"cipherbus_active_epoch{scope="default"}"#)
             == Some(3.0))
         .await
     );

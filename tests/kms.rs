@@ -594,13 +594,16 @@ async fn a_kms_outage_keeps_traffic_flowing_refuses_rotation_and_catches_up() {
         early.is_err(),
         "C opened a key it never unwrapped: {early:?}"
     );
-    assert_eq!(c.metric("cipherbus_active_epoch"), Some(2.0));
+    assert_eq!(
+        c.metric(r#"cipherbus_active_epoch{scope="default"}"#),
+        Some(2.0)
+    );
 
     // Its KMS is back: it catches up by itself, and the stream opens in full through it.
     cut_c = forwarder(port_c, &bao.addr);
     assert!(
         eventually(Duration::from_secs(15), || c
-            .metric("cipherbus_active_epoch")
+            .metric(r#"cipherbus_active_epoch{scope="default"}"#)
             == Some(3.0))
         .await,
         "C did not catch up: {}",
@@ -641,7 +644,7 @@ async fn proxies_on_the_same_key_in_two_tokens_read_each_other() {
     // A seals under epoch 2 now: B opens it only with the key its own token unwrapped.
     assert!(
         eventually(Duration::from_secs(10), || b
-            .metric("cipherbus_active_epoch")
+            .metric(r#"cipherbus_active_epoch{scope="default"}"#)
             == Some(2.0))
         .await
     );

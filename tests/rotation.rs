@@ -165,7 +165,10 @@ async fn rotations_under_traffic_lose_nothing_and_the_bus_sees_epochs_advance() 
         .map(|epoch| {
             pa.metrics
                 .epoch_sealed
-                .get_or_create(&cipherbus::metrics::EpochLabel { epoch })
+                .get_or_create(&cipherbus::metrics::EpochLabel {
+                    scope: "default",
+                    epoch,
+                })
                 .get()
         })
         .collect();

@@ -327,6 +327,8 @@ pub struct MemberConfig {
     pub heartbeat_every: std::time::Duration,
     /// TLS towards the upstream, as for agent sessions.
     pub tls: crate::tls::UpstreamFiles,
+    /// The key scope this member follows (its metrics label).
+    pub scope: &'static str,
 }
 
 /// Asks the authority for its keyring and applies it. No authority yet is not an error. A key
@@ -482,6 +484,7 @@ pub async fn run(
         node,
         heartbeat_every,
         tls,
+        scope,
     } = cfg;
     let record = |kind, epoch: Option<u32>, reason: String| {
         if let Some(log) = &audit {
@@ -598,7 +601,7 @@ pub async fn run(
                     commits = follow_bucket(&client, &prefix).await;
                 }
                 let active = member.keyring.snapshot().active.epoch;
-                let totals = (metrics.messages_sealed.get(), metrics.bytes_sealed.get());
+                let totals = metrics.scope_sealed_totals(scope);
                 if active != epoch_seen {
                     epoch_seen = active;
                     base = totals;
@@ -655,8 +658,8 @@ pub async fn run(
         let active = member.keyring.snapshot().active.epoch;
         if active != epoch_seen {
             epoch_seen = active;
-            base = (metrics.messages_sealed.get(), metrics.bytes_sealed.get());
+            base = metrics.scope_sealed_totals(scope);
         }
-        metrics.active_epoch.set(i64::from(active));
+        metrics.set_active_epoch(scope, active);
     }
 }

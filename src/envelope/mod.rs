@@ -238,6 +238,25 @@ impl Header {
     }
 }
 
+/// What an envelope of this version adds to its plaintext, read from its version byte alone
+/// (version 1's for anything else: [`Header::parse`] refuses what it cannot read).
+pub fn overhead_of(envelope: &[u8]) -> usize {
+    match envelope.get(1) {
+        Some(&VERSION_2) => OVERHEAD_V2,
+        _ => OVERHEAD,
+    }
+}
+
+/// The scope id a version-2 envelope names, read without validating the rest.
+pub fn scope_of(envelope: &[u8]) -> Option<ScopeId> {
+    if envelope.get(1) != Some(&VERSION_2) {
+        return None;
+    }
+    let mut id = [0u8; SCOPE_ID_LEN];
+    id.copy_from_slice(envelope.get(HEADER_LEN..HEADER_LEN_V2)?);
+    Some(ScopeId(id))
+}
+
 /// Whether `payload` claims to be an envelope (starts with [`MAGIC`]).
 ///
 /// Cheap pre-check only; [`Header::parse`] does the real validation.

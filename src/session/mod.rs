@@ -64,7 +64,8 @@ const FENCE_WAIT: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct Shared {
     pub config: Config,
-    pub keyring: Arc<Keyring>,
+    /// Every key scope this proxy holds, the default one first.
+    pub scopes: Arc<crate::scope::Scopes>,
     pub metrics: Arc<Metrics>,
     pub rewrite: InfoRewrite,
     /// TLS on the agent listener.
@@ -81,7 +82,7 @@ pub struct Shared {
 impl Shared {
     pub fn new(
         config: Config,
-        keyring: Arc<Keyring>,
+        scopes: Arc<crate::scope::Scopes>,
         metrics: Arc<Metrics>,
         listen: SocketAddr,
         agent_tls: Option<Arc<AgentTls>>,
@@ -100,11 +101,16 @@ impl Shared {
             host: listen.ip().to_string(),
             port: listen.port(),
             tls,
-            overhead: OVERHEAD,
+            // With named scopes, some envelopes carry a scope id.
+            overhead: if scopes.named() {
+                crate::envelope::MAX_OVERHEAD
+            } else {
+                OVERHEAD
+            },
         };
         Shared {
             config,
-            keyring,
+            scopes,
             metrics,
             rewrite,
             agent_tls,
@@ -734,7 +740,7 @@ where
                 continue;
             }
         }
-        let snap = shared.keyring.snapshot();
+        let keys = shared.scopes.keys();
         let limit = max_payload.load(Ordering::Relaxed);
         let mut failure: Option<ProtoError> = None;
         // Ops borrow `buf`; what they took is consumed once they are all handled.
@@ -759,7 +765,7 @@ where
                         }
                         _ => {}
                     }
-                    if let Err(e) = outbound.handle(op, policy, &snap, replies, metrics, &mut out) {
+                    if let Err(e) = outbound.handle(op, policy, &keys, replies, metrics, &mut out) {
                         // Sealing fails only if randomness is unavailable: fail closed.
                         tracing::error!(error = %e, "cannot seal; closing the session");
                         return End::Fatal;
@@ -773,7 +779,7 @@ where
             }
         }
         buf.advance(used);
-        drop(snap);
+        drop(keys);
         if let Err(e) = outbound.finish(&mut out) {
             // `out` holds plaintext where ciphertext goes: it is never sent.
             tracing::error!(error = %e, "cannot seal; closing the session");
@@ -839,8 +845,10 @@ where
         let mut failure = false;
         let mut fenced = false;
         {
-            let mut snap = shared.keyring.snapshot();
-            let limit = max_payload.load(Ordering::Relaxed) + OVERHEAD + SERVER_PAYLOAD_SLACK;
+            let mut keys = shared.scopes.keys();
+            let limit = max_payload.load(Ordering::Relaxed)
+                + crate::envelope::MAX_OVERHEAD
+                + SERVER_PAYLOAD_SLACK;
             // Ops borrow `buf`; what they took is consumed once they are all handled.
             let mut used = 0;
             loop {
@@ -851,10 +859,10 @@ where
                         out.reserve(buf.len());
                     }
                     used += len;
-                    if let Some(epoch) = inbound.pending_epoch(op, policy, &snap) {
+                    if let Some((scope, epoch)) = inbound.pending_epoch(op, policy, &keys) {
                         // A newer epoch than any known: its announcement may still be on its
                         // way. Hold this connection's delivery briefly instead of dropping.
-                        drop(snap);
+                        drop(keys);
                         inbound.finish(&mut out, metrics);
                         if !out.is_empty() {
                             if let Err(e) = agent_w.write_all(&out).await {
@@ -862,10 +870,14 @@ where
                             }
                             release(&mut out);
                         }
-                        if !wait_for_epoch(&shared.keyring, epoch).await {
-                            inbound.epoch_unavailable(epoch);
+                        let waited = match shared.scopes.get(scope) {
+                            Some(held) => wait_for_epoch(&held.keyring, epoch).await,
+                            None => false,
+                        };
+                        if !waited {
+                            inbound.epoch_unavailable(scope, epoch);
                         }
-                        snap = shared.keyring.snapshot();
+                        keys = shared.scopes.keys();
                     }
                 }
                 match op {
@@ -896,15 +908,9 @@ where
                         }
                         proto::encode_server_op(&ServerOp::<&[u8]>::Pong, &mut out);
                     }
-                    Ok(Some((op, _))) => inbound.handle(
-                        op,
-                        policy,
-                        &shared.keyring,
-                        &snap,
-                        replies,
-                        metrics,
-                        &mut out,
-                    ),
+                    Ok(Some((op, _))) => {
+                        inbound.handle(op, policy, &keys, replies, metrics, &mut out)
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         metrics.protocol_error(e.reason());

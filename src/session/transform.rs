@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
 
-use crate::envelope::{self, AeadBackend, Batch, Header, Opener, Sealer, OVERHEAD};
-use crate::keyring::{Keyring, Snapshot};
+use crate::envelope::{self, AeadBackend, Batch, Header, Opener, Sealer, OVERHEAD, OVERHEAD_V2};
 use crate::metrics::Metrics;
 use crate::policy::{Decision, Mode, Policy};
 use crate::proto::{self, ClientOp, ServerOp};
+use crate::scope::Keys;
 
 /// Reply subjects remembered per session, to tell server replies from injected plaintext.
 const MAX_TRACKED_REPLIES: usize = 64;
@@ -161,14 +161,25 @@ struct Tally {
     bytes: u64,
 }
 
+/// The sealer of one key scope, made at the scope's first message.
+#[derive(Default)]
+struct Slot {
+    sealer: Option<Sealer>,
+    /// The scope's keyring generation the sealer was checked against.
+    generation: u64,
+    scope: &'static str,
+    tally: Tally,
+}
+
 /// Agent → upstream.
 pub struct Outbound {
     cache: PolicyCache,
-    sealer: Option<Sealer>,
+    /// Indexed by scope; the default scope's first.
+    slots: Vec<Slot>,
+    /// The scope of the last message sealed: its sealer's subkey finishes a small batch.
+    last: usize,
     /// Envelopes of this read batch waiting for their AEAD; see [`Outbound::finish`].
     batch: Batch,
-    generation: u64,
-    tally: Tally,
     /// `-ERR` texts for the agent, drained by the caller.
     pub notices: Vec<String>,
 }
@@ -183,20 +194,20 @@ impl Outbound {
     pub fn new(aead: AeadBackend) -> Self {
         Outbound {
             cache: PolicyCache::default(),
-            sealer: None,
+            slots: Vec::new(),
+            last: 0,
             batch: Batch::new(aead),
-            generation: u64::MAX,
-            tally: Tally::default(),
             notices: Vec::new(),
         }
     }
 
-    /// Drops the cached sealer (its subkey is zeroized); the next message derives a new one
-    /// under a fresh nonce prefix. Called when the session goes quiet, so a subkey of a key
+    /// Drops the cached sealers (their subkeys are zeroized); the next message derives a new
+    /// one under a fresh nonce prefix. Called when the session goes quiet, so a subkey of a key
     /// destroyed meanwhile does not stay in memory while no message comes to replace it.
     pub fn forget_keys(&mut self) {
-        self.sealer = None;
-        self.generation = u64::MAX;
+        for slot in &mut self.slots {
+            slot.sealer = None;
+        }
         self.batch.release();
     }
 
@@ -207,36 +218,49 @@ impl Outbound {
         if self.batch.is_empty() {
             return Ok(());
         }
-        match &self.sealer {
+        match self.slots.get(self.last).and_then(|s| s.sealer.as_ref()) {
             Some(sealer) => self.batch.seal_with(&mut out[..], sealer),
             None => self.batch.seal(&mut out[..]),
         }
     }
 
-    /// Seals `payload` (queued in `self.batch`) under the snapshot's active epoch.
+    /// Seals `payload` (queued in `self.batch`) under the active epoch of scope `scope`.
     fn seal(
         &mut self,
-        snap: &Snapshot,
+        keys: &Keys<'_>,
+        scope: usize,
         bind: Option<&[u8]>,
         payload: &[u8],
         out: &mut BytesMut,
     ) -> Result<(), envelope::EnvelopeError> {
-        let stale = self.generation != snap.generation
-            && self
+        // Every configured scope is held: a missing one is a bug, and nothing is sent.
+        let (held, snap) = keys.get(scope).ok_or(envelope::EnvelopeError::Backend)?;
+        if self.slots.len() <= scope {
+            self.slots.resize_with(scope + 1, Slot::default);
+        }
+        let slot = &mut self.slots[scope];
+        let stale = slot.generation != snap.generation
+            && slot
                 .sealer
                 .as_ref()
                 .is_none_or(|s| s.epoch() != snap.active.epoch);
-        if stale || self.sealer.is_none() {
-            self.sealer = Some(Sealer::new(snap.active.epoch, &snap.active.key)?);
+        if stale || slot.sealer.is_none() {
+            slot.sealer = Some(Sealer::scoped(
+                snap.active.epoch,
+                &snap.active.key,
+                held.id,
+            )?);
+            slot.scope = held.name;
         }
-        self.generation = snap.generation;
-        let Some(sealer) = self.sealer.as_mut() else {
+        slot.generation = snap.generation;
+        let Some(sealer) = slot.sealer.as_mut() else {
             // Set just above.
             return Err(envelope::EnvelopeError::Backend);
         };
         sealer.seal_deferred(bind, payload, out, &mut self.batch)?;
-        self.tally.msgs += 1;
-        self.tally.bytes += payload.len() as u64;
+        slot.tally.msgs += 1;
+        slot.tally.bytes += payload.len() as u64;
+        self.last = scope;
         Ok(())
     }
 
@@ -246,7 +270,7 @@ impl Outbound {
         &mut self,
         op: ClientOp<&[u8]>,
         policy: &Policy,
-        snap: &Snapshot,
+        keys: &Keys<'_>,
         replies: &Replies,
         metrics: &Metrics,
         out: &mut BytesMut,
@@ -264,9 +288,10 @@ impl Outbound {
                     proto::put_pub_line(out, subject, reply, payload.len());
                     out.extend_from_slice(payload);
                 } else {
-                    proto::put_pub_line(out, subject, reply, payload.len() + OVERHEAD);
+                    let overhead = scope_overhead(d);
+                    proto::put_pub_line(out, subject, reply, payload.len() + overhead);
                     let bind = d.bind_subject.then_some(subject);
-                    self.seal(snap, bind, payload, out)?;
+                    self.seal(keys, usize::from(d.scope), bind, payload, out)?;
                 }
                 out.put_slice(b"\r\n");
             }
@@ -285,11 +310,11 @@ impl Outbound {
                     out.extend_from_slice(headers);
                     out.extend_from_slice(payload);
                 } else {
-                    let total = headers.len() + payload.len() + OVERHEAD;
+                    let total = headers.len() + payload.len() + scope_overhead(d);
                     proto::put_hpub_line(out, subject, reply, headers.len(), total);
                     out.extend_from_slice(headers);
                     let bind = d.bind_subject.then_some(subject);
-                    self.seal(snap, bind, payload, out)?;
+                    self.seal(keys, usize::from(d.scope), bind, payload, out)?;
                 }
                 out.put_slice(b"\r\n");
             }
@@ -334,18 +359,34 @@ impl Outbound {
 
     /// Adds the batch's counts to the shared metrics.
     pub fn flush_metrics(&mut self, metrics: &Metrics) {
-        if self.tally.msgs > 0 {
-            metrics.messages_sealed.inc_by(self.tally.msgs);
-            metrics.bytes_sealed.inc_by(self.tally.bytes);
-            if let Some(s) = &self.sealer {
-                // One batch is sealed under one epoch: the sealer is only replaced between batches.
+        for slot in &mut self.slots {
+            if slot.tally.msgs == 0 {
+                continue;
+            }
+            let tally = std::mem::take(&mut slot.tally);
+            metrics.messages_sealed.inc_by(tally.msgs);
+            metrics.bytes_sealed.inc_by(tally.bytes);
+            metrics.scope_sealed(slot.scope, tally.msgs, tally.bytes);
+            if let Some(s) = &slot.sealer {
+                // One batch seals a scope under one epoch: sealers are replaced between batches.
                 metrics
                     .epoch_sealed
-                    .get_or_create(&crate::metrics::EpochLabel { epoch: s.epoch() })
-                    .inc_by(self.tally.msgs);
+                    .get_or_create(&crate::metrics::EpochLabel {
+                        scope: slot.scope,
+                        epoch: s.epoch(),
+                    })
+                    .inc_by(tally.msgs);
             }
-            self.tally = Tally::default();
         }
+    }
+}
+
+/// What sealing adds on a subject: a named scope's envelopes carry its id.
+fn scope_overhead(d: Decision) -> usize {
+    if d.scope == 0 {
+        OVERHEAD
+    } else {
+        OVERHEAD_V2
     }
 }
 
@@ -363,8 +404,8 @@ pub struct Inbound {
     generation: u64,
     tally: Tally,
     limiter: RateLimit,
-    /// The last epoch waited for in vain, and when.
-    unavailable: Option<(u32, Instant)>,
+    /// The last scope and epoch waited for in vain, and when.
+    unavailable: Option<(usize, u32, Instant)>,
 }
 
 impl Default for Inbound {
@@ -434,12 +475,13 @@ impl Inbound {
     /// under an epoch newer than any known here, not implausibly far ahead, and not one
     /// already waited for in vain. The caller asks for a keyring sync, waits briefly, then
     /// hands the op to [`Inbound::handle`] as usual.
+    /// Returns the scope's index and the epoch.
     pub fn pending_epoch(
         &mut self,
         op: &ServerOp<&[u8]>,
         policy: &Policy,
-        snap: &Snapshot,
-    ) -> Option<u32> {
+        keys: &Keys<'_>,
+    ) -> Option<(usize, u32)> {
         let (subject, payload) = match op {
             ServerOp::Msg {
                 subject, payload, ..
@@ -449,9 +491,11 @@ impl Inbound {
             } => (subject, payload),
             _ => return None,
         };
-        if !envelope::is_envelope(payload) || payload.len() < OVERHEAD {
+        if !envelope::is_envelope(payload) || payload.len() < envelope::overhead_of(payload) {
             return None;
         }
+        let scope = keys.index_of(envelope::scope_of(payload))?;
+        let (_, snap) = keys.get(scope)?;
         let epoch = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
         if epoch == snap.active.epoch {
             return None;
@@ -462,19 +506,19 @@ impl Inbound {
         }
         if self
             .unavailable
-            .is_some_and(|(e, at)| e == epoch && at.elapsed() < UNAVAILABLE_FOR)
+            .is_some_and(|(s, e, at)| s == scope && e == epoch && at.elapsed() < UNAVAILABLE_FOR)
         {
             return None;
         }
         if self.cache.decide(policy, subject).mode != Mode::Encrypt {
             return None;
         }
-        Some(epoch)
+        Some((scope, epoch))
     }
 
-    /// Records that waiting for `epoch` did not bring its key.
-    pub fn epoch_unavailable(&mut self, epoch: u32) {
-        self.unavailable = Some((epoch, Instant::now()));
+    /// Records that waiting for `epoch` of scope `scope` did not bring its key.
+    pub fn epoch_unavailable(&mut self, scope: usize, epoch: u32) {
+        self.unavailable = Some((scope, epoch, Instant::now()));
     }
 
     /// Handles one op from the server, appending what the agent gets to `out`. An INFO is not
@@ -484,16 +528,16 @@ impl Inbound {
         &mut self,
         op: ServerOp<&[u8]>,
         policy: &Policy,
-        keyring: &Keyring,
-        snap: &Snapshot,
+        keys: &Keys<'_>,
         replies: &Replies,
         metrics: &Metrics,
         out: &mut BytesMut,
     ) {
-        if self.generation != snap.generation {
+        let generation = keys.generation();
+        if self.generation != generation {
             // Subkeys of retired or destroyed keys must not outlive the keyring change.
             self.opener.clear();
-            self.generation = snap.generation;
+            self.generation = generation;
         }
         match op {
             ServerOp::Msg {
@@ -510,7 +554,7 @@ impl Inbound {
                     reply,
                     headers: None,
                 };
-                self.deliver(admit, msg, d, payload, keyring, snap, policy, metrics, out);
+                self.deliver(admit, msg, d, payload, keys, policy, metrics, out);
             }
             ServerOp::Hmsg {
                 subject,
@@ -542,7 +586,7 @@ impl Inbound {
                     reply,
                     headers: Some(headers),
                 };
-                self.deliver(admit, msg, d, payload, keyring, snap, policy, metrics, out);
+                self.deliver(admit, msg, d, payload, keys, policy, metrics, out);
             }
             other => proto::encode_server_op(&other, out),
         }
@@ -556,8 +600,7 @@ impl Inbound {
         msg: Delivery<'_>,
         d: Decision,
         payload: &[u8],
-        keyring: &Keyring,
-        snap: &Snapshot,
+        keys: &Keys<'_>,
         policy: &Policy,
         metrics: &Metrics,
         out: &mut BytesMut,
@@ -571,23 +614,21 @@ impl Inbound {
             }
             Admit::Open { bind_to } => {
                 let mark = out.len();
-                msg.put_line(out, payload.len() - OVERHEAD);
+                msg.put_line(out, payload.len() - envelope::overhead_of(payload));
                 let bind = bind_to.unwrap_or(msg.subject);
                 let queued = self.batch.len();
                 let opened = self
-                    .open_with(keyring, snap, d, bind, payload, out, true)
+                    .open_with(keys, d, bind, payload, out, true)
                     .inspect_err(|_| out.truncate(mark));
                 if opened.is_ok() && self.batch.len() > queued {
                     queued_at = Some(mark);
                 }
                 opened
             }
-            Admit::Embedded => self
-                .open_embedded(keyring, snap, policy, payload)
-                .map(|json| {
-                    msg.put_line(out, json.len());
-                    out.extend_from_slice(&json);
-                }),
+            Admit::Embedded => self.open_embedded(keys, policy, payload).map(|json| {
+                msg.put_line(out, json.len());
+                out.extend_from_slice(&json);
+            }),
             Admit::Refuse(reason) => Err(reason),
             Admit::Drop => return,
         };
@@ -598,7 +639,7 @@ impl Inbound {
                     self.queued.push(Queued {
                         mark,
                         end: out.len(),
-                        bytes: (payload.len() - OVERHEAD) as u64,
+                        bytes: (payload.len() - envelope::overhead_of(payload)) as u64,
                     });
                 }
             }
@@ -623,7 +664,7 @@ impl Inbound {
             Mode::Plaintext => Admit::Pass,
             Mode::Encrypt if payload.is_empty() => Admit::Pass,
             Mode::Encrypt if envelope::is_envelope(payload) => {
-                if payload.len() < OVERHEAD {
+                if payload.len() < envelope::overhead_of(payload) {
                     Admit::Refuse("truncated")
                 } else {
                     Admit::Open {
@@ -640,23 +681,21 @@ impl Inbound {
 
     fn open(
         &mut self,
-        keyring: &Keyring,
-        snap: &Snapshot,
+        keys: &Keys<'_>,
         d: Decision,
         subject: &[u8],
         payload: &[u8],
         out: &mut BytesMut,
     ) -> Result<(), Refusal> {
-        self.open_with(keyring, snap, d, subject, payload, out, false)
+        self.open_with(keys, d, subject, payload, out, false)
     }
 
     /// Opens `payload` into `out`; with `queue`, the AEAD is left to `self.batch` for
     /// [`Inbound::finish`] (large payloads are opened at once either way).
-    #[allow(clippy::too_many_arguments)]
+    /// An envelope of a scope this process holds no root for is refused unopened.
     fn open_with(
         &mut self,
-        keyring: &Keyring,
-        snap: &Snapshot,
+        keys: &Keys<'_>,
         d: Decision,
         subject: &[u8],
         payload: &[u8],
@@ -664,7 +703,12 @@ impl Inbound {
         queue: bool,
     ) -> Result<(), Refusal> {
         let header = Header::parse(payload).map_err(|e| e.reason())?;
-        let key = keyring
+        let (held, snap) = keys
+            .index_of(header.scope)
+            .and_then(|i| keys.get(i))
+            .ok_or("scope_unavailable")?;
+        let key = held
+            .keyring
             .lookup(snap, header.epoch)
             .map_err(|miss| miss.reason())?;
         let (key, unbound) = (&key.key, !d.bind_subject);
@@ -678,7 +722,7 @@ impl Inbound {
         };
         opened.map_err(|e| e.reason())?;
         self.tally.msgs += 1;
-        self.tally.bytes += (payload.len() - OVERHEAD) as u64;
+        self.tally.bytes += (payload.len() - header.overhead()) as u64;
         Ok(())
     }
 
@@ -687,8 +731,7 @@ impl Inbound {
     /// subjects, empty payloads) pass unchanged.
     fn open_embedded(
         &mut self,
-        keyring: &Keyring,
-        snap: &Snapshot,
+        keys: &Keys<'_>,
         policy: &Policy,
         payload: &[u8],
     ) -> Result<Vec<u8>, Refusal> {
@@ -716,18 +759,12 @@ impl Inbound {
         if !envelope::is_envelope(&sealed) {
             return Err("plaintext");
         }
-        if sealed.len() < OVERHEAD {
+        let overhead = envelope::overhead_of(&sealed);
+        if sealed.len() < overhead {
             return Err("truncated");
         }
-        let mut plain = BytesMut::with_capacity(sealed.len() - OVERHEAD);
-        self.open(
-            keyring,
-            snap,
-            d,
-            stored_subject.as_bytes(),
-            &sealed,
-            &mut plain,
-        )?;
+        let mut plain = BytesMut::with_capacity(sealed.len() - overhead);
+        self.open(keys, d, stored_subject.as_bytes(), &sealed, &mut plain)?;
         message.insert("data".into(), serde_json::Value::from(b64.encode(&plain)));
         serde_json::to_vec(&doc).map_err(|_| "embedded")
     }
@@ -856,9 +893,11 @@ mod tests {
     /// nothing waits in its batch for the hand-written kernels; with `batched`, it does.
     #[test]
     fn the_default_backend_leaves_nothing_for_the_batch() {
-        let keyring = Keyring::open(crate::envelope::RootKey::from_bytes([7; 32]), None, 4)
-            .expect("in-memory keyring");
-        let snap = keyring.snapshot();
+        let keyring =
+            crate::keyring::Keyring::open(crate::envelope::RootKey::from_bytes([7; 32]), None, 4)
+                .expect("in-memory keyring");
+        let scopes = crate::scope::Scopes::new(std::sync::Arc::new(keyring));
+        let keys = scopes.keys();
         let (policy, metrics, replies) = (Policy::default(), Metrics::new(), Replies::default());
         for (aead, queues) in [
             (AeadBackend::Audited, false),
@@ -876,7 +915,7 @@ mod tests {
                     payload: &b"secret"[..],
                 };
                 outbound
-                    .handle(op, &policy, &snap, &replies, &metrics, &mut wire)
+                    .handle(op, &policy, &keys, &replies, &metrics, &mut wire)
                     .expect("handled");
             }
             assert_eq!(!outbound.batch.is_empty(), queues, "{aead:?} outbound");
@@ -898,7 +937,7 @@ mod tests {
                     reply: None,
                     payload: &payload[..],
                 };
-                inbound.handle(op, &policy, &keyring, &snap, &replies, &metrics, &mut out);
+                inbound.handle(op, &policy, &keys, &replies, &metrics, &mut out);
             }
             assert_eq!(!inbound.batch.is_empty(), queues, "{aead:?} inbound");
             inbound.finish(&mut out, &metrics);
@@ -908,9 +947,11 @@ mod tests {
 
     #[test]
     fn forgotten_keys_are_gone_and_come_back_with_the_next_message() {
-        let keyring = Keyring::open(crate::envelope::RootKey::from_bytes([7; 32]), None, 4)
-            .expect("in-memory keyring");
-        let snap = keyring.snapshot();
+        let keyring =
+            crate::keyring::Keyring::open(crate::envelope::RootKey::from_bytes([7; 32]), None, 4)
+                .expect("in-memory keyring");
+        let scopes = crate::scope::Scopes::new(std::sync::Arc::new(keyring));
+        let keys = scopes.keys();
         let (policy, metrics, replies) = (Policy::default(), Metrics::new(), Replies::default());
         let publish = |out: &mut Outbound, wire: &mut BytesMut| {
             let op = ClientOp::Pub {
@@ -918,7 +959,7 @@ mod tests {
                 reply: None,
                 payload: &b"secret"[..],
             };
-            out.handle(op, &policy, &snap, &replies, &metrics, wire)
+            out.handle(op, &policy, &keys, &replies, &metrics, wire)
                 .expect("queued");
             out.finish(wire).expect("sealed");
         };
@@ -940,7 +981,7 @@ mod tests {
         let first = sealed(&mut wire);
         outbound.forget_keys();
         assert!(
-            outbound.sealer.is_none(),
+            outbound.slots.iter().all(|s| s.sealer.is_none()),
             "the sealer and its subkey are dropped"
         );
         publish(&mut outbound, &mut wire);
@@ -961,15 +1002,7 @@ mod tests {
                 reply: None,
                 payload: &payload[..],
             };
-            inbound.handle(
-                op,
-                &policy,
-                &keyring,
-                &snap,
-                &replies,
-                &metrics,
-                &mut delivered,
-            );
+            inbound.handle(op, &policy, &keys, &replies, &metrics, &mut delivered);
         }
         inbound.finish(&mut delivered, &metrics);
         assert_eq!(inbound.opener.cached(), 2, "one subkey per sender prefix");
@@ -987,9 +1020,11 @@ mod tests {
     /// writes them.
     #[test]
     fn a_forged_delivery_in_a_batch_is_cut_out_and_the_rest_arrive_in_order() {
-        let keyring = Keyring::open(crate::envelope::RootKey::from_bytes([7; 32]), None, 4)
-            .expect("in-memory keyring");
-        let snap = keyring.snapshot();
+        let keyring =
+            crate::keyring::Keyring::open(crate::envelope::RootKey::from_bytes([7; 32]), None, 4)
+                .expect("in-memory keyring");
+        let scopes = crate::scope::Scopes::new(std::sync::Arc::new(keyring));
+        let keys = scopes.keys();
         let (policy, metrics, replies) = (Policy::default(), Metrics::new(), Replies::default());
         let mut outbound = Outbound::new(AeadBackend::Batched);
         let mut wire = BytesMut::new();
@@ -1001,7 +1036,7 @@ mod tests {
                 payload: &payload[..],
             };
             outbound
-                .handle(op, &policy, &snap, &replies, &metrics, &mut wire)
+                .handle(op, &policy, &keys, &replies, &metrics, &mut wire)
                 .expect("queued");
         }
         outbound.finish(&mut wire).expect("sealed");
@@ -1025,7 +1060,7 @@ mod tests {
                 headers: &b"NATS/1.0\r\nK: v\r\n\r\n"[..],
                 payload: &payload[..],
             };
-            inbound.handle(op, &policy, &keyring, &snap, &replies, &metrics, out);
+            inbound.handle(op, &policy, &keys, &replies, &metrics, out);
         };
         let mut batched = BytesMut::new();
         let mut inbound = Inbound::new(AeadBackend::Batched);
