@@ -127,15 +127,21 @@ pub struct NatsServer {
 }
 
 /// Starts nats-server with the config file in `dir`.
+/// Starts nats-server on `dir/server.conf`, its log in `dir/server.log`.
 fn spawn_nats(dir: &Path) -> Child {
+    let log = std::fs::File::create(dir.join("server.log")).expect("create server.log");
     Command::new(nats_server_bin())
         .arg("-c")
         .arg(dir.join("server.conf"))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("start nats-server")
 }
+
+/// Starts that may fail because a port picked free was taken meanwhile (another test's
+/// outgoing connection can get it): a server that exits at once is started again on new ports.
+const START_ATTEMPTS: usize = 3;
 
 impl NatsServer {
     /// A server with JetStream.
@@ -154,9 +160,15 @@ impl NatsServer {
     }
 
     fn start_inner(extra: &str, jetstream: bool) -> Self {
-        let server = Self::spawn_inner(extra, jetstream);
-        server.wait_ready();
-        server
+        let mut last = String::new();
+        for _ in 0..START_ATTEMPTS {
+            let mut server = Self::spawn_inner(extra, jetstream);
+            match server.ready() {
+                Ok(()) => return server,
+                Err(why) => last = why,
+            }
+        }
+        panic!("{last}");
     }
 
     /// Spawns the server without waiting for it: clustered JetStream is ready only once a
@@ -185,20 +197,43 @@ impl NatsServer {
         }
     }
 
-    fn wait_ready(&self) {
+    fn wait_ready(&mut self) {
+        if let Err(why) = self.ready() {
+            panic!("{why}");
+        }
+    }
+
+    /// Waits until the server answers; an error if it exited (its log's end says why) or
+    /// did not come up in time.
+    fn ready(&mut self) -> Result<(), String> {
         let start = Instant::now();
         loop {
             // The client port may expect TLS first, so readiness comes from the monitor.
             if TcpStream::connect(("127.0.0.1", self.port)).is_ok()
                 && self.monitor("healthz").contains("ok")
             {
-                return;
+                return Ok(());
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(15),
-                "nats-server did not come up on port {}",
-                self.port
-            );
+            let log = || {
+                let text =
+                    std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                lines[lines.len().saturating_sub(5)..].join("\n")
+            };
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "nats-server on port {} exited ({status}): {}",
+                    self.port,
+                    log()
+                ));
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                return Err(format!(
+                    "nats-server did not come up on port {}: {}",
+                    self.port,
+                    log()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -284,12 +319,23 @@ impl NatsCluster {
     /// has a route to every other and JetStream answers on each. Lame duck here grants 1 s of
     /// grace, then evicts clients over 30 s (the server's minimum).
     pub fn start(n: usize) -> Self {
+        let mut last = String::new();
+        for _ in 0..START_ATTEMPTS {
+            match Self::try_start(n) {
+                Ok(cluster) => return cluster,
+                Err(why) => last = why,
+            }
+        }
+        panic!("{last}");
+    }
+
+    fn try_start(n: usize) -> Result<Self, String> {
         let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let routes: Vec<String> = cluster_ports
             .iter()
             .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
             .collect();
-        let nodes: Vec<NatsServer> = (0..n)
+        let mut nodes: Vec<NatsServer> = (0..n)
             .map(|i| {
                 NatsServer::spawn_inner(&format!(
                     "server_name: n{}\nlame_duck_grace_period: \"1s\"\nlame_duck_duration: \"30s\"\n\
@@ -300,8 +346,8 @@ impl NatsCluster {
                 ), true)
             })
             .collect();
-        for node in &nodes {
-            node.wait_ready();
+        for node in &mut nodes {
+            node.ready()?;
         }
         let start = Instant::now();
         for node in &nodes {
@@ -326,7 +372,7 @@ impl NatsCluster {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        NatsCluster { nodes }
+        Ok(NatsCluster { nodes })
     }
 
     /// Every node's client URL, comma-separated, in node order.
