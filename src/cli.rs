@@ -53,7 +53,14 @@ enum Command {
     /// Ask the key authority to rotate now; waits until the new epoch is active.
     Rotate(RotateArgs),
     /// List the epochs the key authority knows and their states.
-    Keys(AuthorityArgs),
+    Keys {
+        #[command(flatten)]
+        authority: AuthorityArgs,
+        /// A config file: list the default scope and every `[[scope]]` in it, each under its
+        /// own root (instead of --kek and --scope).
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["kek", "kek_file", "scope"])]
+        config: Option<PathBuf>,
+    },
     /// Wrap every data key and the deployment seed again under the root's newest version
     /// (after the KMS rotated its key, or after `migrate`); online, through the authority.
     Rewrap(AuthorityArgs),
@@ -231,7 +238,7 @@ struct TlsArgs {
 }
 
 /// TLS towards the upstream servers.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 struct UpstreamTlsArgs {
     /// CA that signs the upstream servers' certificates.
     #[arg(long, value_name = "FILE")]
@@ -275,22 +282,20 @@ struct ControllerArgs {
 }
 
 /// How to reach the key authority.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 struct AuthorityArgs {
     /// A NATS server of the bus the authority is on [default: nats://127.0.0.1:4222].
     #[arg(long, value_name = "URL")]
     upstream: Vec<String>,
     /// Where the root key is: pkcs11:..., vault-transit:NAME, aws-kms:KEY or file:PATH.
-    #[arg(
-        long,
-        value_name = "URI",
-        conflicts_with = "kek_file",
-        required_unless_present = "kek_file"
-    )]
+    #[arg(long, value_name = "URI", conflicts_with = "kek_file")]
     kek: Option<String>,
     /// Same as --kek file:FILE.
     #[arg(long, value_name = "FILE")]
     kek_file: Option<PathBuf>,
+    /// A root and control prefix taken from a config file rather than the flags.
+    #[arg(skip)]
+    resolved: Option<(KekUri, String)>,
     /// Prefix of the control subjects.
     #[arg(long, value_name = "P", default_value = crate::policy::DEFAULT_CONTROL_PREFIX)]
     control_prefix: String,
@@ -322,7 +327,10 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Controller(args) => controller(args),
         Command::Rotate(args) => rotate(args),
-        Command::Keys(args) => keys(args),
+        Command::Keys { authority, config } => match config {
+            Some(file) => keys_of_every_scope(authority, &file),
+            None => keys(authority),
+        },
         Command::Rewrap(args) => rewrap(args),
         Command::Migrate { from_kek_file, bus } => migrate(from_kek_file, bus),
         Command::Revoke {
@@ -754,10 +762,11 @@ impl Bus {
                 upstreams.push(format!("{scheme}://{u}"));
             }
         }
-        let uri = match (args.kek, args.kek_file) {
-            (Some(k), _) => KekUri::parse(&k).map_err(|e| fail(&e))?,
-            (None, Some(f)) => KekUri::File(f),
-            (None, None) => return Err(fail(&"give --kek URI or --kek-file FILE")),
+        let (uri, resolved_prefix) = match (args.resolved, args.kek, args.kek_file) {
+            (Some((uri, prefix)), _, _) => (uri, Some(prefix)),
+            (None, Some(k), _) => (KekUri::parse(&k).map_err(|e| fail(&e))?, None),
+            (None, None, Some(f)) => (KekUri::File(f), None),
+            (None, None, None) => return Err(fail(&"give --kek URI or --kek-file FILE")),
         };
         let t = args.tls;
         let tls = crate::tls::UpstreamFiles {
@@ -768,6 +777,7 @@ impl Bus {
             server_name: t.upstream_server_name,
         };
         let prefix = match &args.scope {
+            _ if resolved_prefix.is_some() => resolved_prefix.unwrap_or_default(),
             None => args.control_prefix,
             Some(name) if name == crate::scope::DEFAULT_SCOPE => args.control_prefix,
             Some(name) => {
@@ -1108,6 +1118,43 @@ fn keys(args: AuthorityArgs) -> ExitCode {
         );
     }
     ExitCode::SUCCESS
+}
+
+/// `keys --config FILE`: the epochs of the default scope and of every `[[scope]]` in the file,
+/// each asked of its own authority under its own root.
+fn keys_of_every_scope(args: AuthorityArgs, file: &Path) -> ExitCode {
+    let flags = Overrides {
+        upstream: args.upstream.clone(),
+        ..Default::default()
+    };
+    let config = match load(Some(file), flags) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let prefix = config.policy.control_prefix().to_owned();
+    let mut every = vec![(
+        crate::scope::DEFAULT_SCOPE,
+        config.kek.clone(),
+        prefix.clone(),
+    )];
+    for scope in &config.scopes {
+        every.push((scope.name, scope.kek.clone(), scope.control_prefix(&prefix)));
+    }
+    let mut code = ExitCode::SUCCESS;
+    for (i, (name, kek, prefix)) in every.into_iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        println!("scope {name}");
+        let one = AuthorityArgs {
+            resolved: Some((kek, prefix)),
+            ..args.clone()
+        };
+        if keys(one) != ExitCode::SUCCESS {
+            code = ExitCode::FAILURE;
+        }
+    }
+    code
 }
 
 fn revoke(epoch: u32, args: AuthorityArgs, reason: String) -> ExitCode {

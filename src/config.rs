@@ -774,6 +774,85 @@ mod tests {
         }
     }
 
+    fn with_scopes(scopes: &str) -> Result<Config, ConfigError> {
+        FileConfig::from_toml(&format!("kek = \"file:/k\"\n{scopes}"), Path::new("t.toml"))
+            .unwrap()
+            .resolve(Overrides::default())
+    }
+
+    #[test]
+    fn scopes_are_resolved_with_their_own_rotation() {
+        let c = with_scopes(
+            "[rotation]\nrotate_every = \"1h\"\nmax_messages_per_epoch = 10\n\
+             [[scope]]\nname = \"tenant-a\"\nsubjects = [\"a.>\"]\nkek = \"file:/a\"\n\
+             [scope.rotation]\nmax_messages_per_epoch = 5\n\
+             [[scope]]\nname = \"b\"\nsubjects = [\"b.>\"]\nkek_file = \"/b\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.scopes.len(), 2);
+        let a = &c.scopes[0];
+        assert_eq!(a.name, "tenant-a");
+        assert_eq!(a.id, crate::envelope::ScopeId::of("tenant-a"));
+        assert_eq!(a.rotation.max_messages_per_epoch, Some(5));
+        assert_eq!(a.rotation.rotate_every, Some(Duration::from_secs(3600)));
+        assert_eq!(c.scopes[1].rotation.max_messages_per_epoch, Some(10));
+        assert_eq!(
+            a.control_prefix("cipherbus.ctl"),
+            "cipherbus.ctl.scope.tenant-a"
+        );
+        assert_eq!(
+            a.audit_log(Path::new("/s/audit.jsonl")),
+            Path::new("/s/audit.tenant-a.jsonl")
+        );
+        assert_eq!(c.policy.decide(b"b.x").scope, 2);
+    }
+
+    #[test]
+    fn bad_scopes_stop_the_start_with_one_sentence() {
+        let scope = |name: &str, subjects: &str, kek: &str| {
+            format!("[[scope]]\nname = {name:?}\nsubjects = {subjects}\nkek = {kek:?}\n")
+        };
+        let cases = [
+            (
+                scope("a", "[\"a.>\"]", "file:/a") + &scope("a", "[\"b.>\"]", "file:/b"),
+                "two scopes have this name",
+            ),
+            (
+                scope("a-b", "[\"a.>\"]", "file:/a") + &scope("A_b", "[\"b.>\"]", "file:/b"),
+                "too close to scope \"a-b\"",
+            ),
+            (
+                scope("a", "[\"t.>\"]", "file:/a") + &scope("b", "[\"t.b.>\"]", "file:/b"),
+                "\"t.b.>\" can never match",
+            ),
+            (
+                scope("a", "[\"a.>\"]", "file:/k"),
+                "its root is the top-level kek",
+            ),
+            (
+                scope("a", "[\"a.>\"]", "file:/a") + &scope("b", "[\"b.>\"]", "file:/a"),
+                "its root is also scope \"a\"'s",
+            ),
+            (scope("a", "[]", "file:/a"), "list its subjects"),
+            (
+                scope("default", "[\"a.>\"]", "file:/a"),
+                "\"default\" is the scope",
+            ),
+            (scope("a.b", "[\"a.>\"]", "file:/a"), "a scope name is"),
+            (scope("a", "[\"a..b\"]", "file:/a"), "empty token"),
+            (
+                "[[scope]]\nname = \"a\"\nsubjects = [\"a.>\"]\n".to_owned(),
+                "each scope has a root of its own",
+            ),
+            (scope("a", "[\"a.>\"]", "vault:x"), "scope \"a\""),
+        ];
+        for (text, want) in cases {
+            let err = with_scopes(&text).expect_err(&text).to_string();
+            assert!(err.contains(want), "{text}\n=> {err}");
+            assert!(!err.contains('\n'), "one sentence: {err}");
+        }
+    }
+
     #[test]
     fn defaults() {
         let c = FileConfig::default().resolve(flags_with_kek()).unwrap();

@@ -392,6 +392,57 @@ async fn rotating_and_revoking_in_one_scope_leaves_the_others_alone() {
     );
     assert!(!listing.contains("destroyed"), "{listing}");
 
+    // `keys --config` lists every scope the config holds, each under its own root.
+    let config = dir.path().join("cipherbus.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "kek = \"file:{}\"\n{}\n{}",
+            default_kek.display(),
+            scope("a", &["a.>"], &f.kek_a, ""),
+            scope("b", &["b.>"], &f.kek_b, "")
+        ),
+    )
+    .unwrap();
+    let all = cipherbus_cli(
+        bin,
+        [
+            "keys",
+            "--config",
+            config.to_str().unwrap(),
+            "--upstream",
+            &url,
+        ]
+        .iter()
+        .map(Into::into)
+        .collect(),
+    )
+    .await;
+    let listing = String::from_utf8_lossy(&all.stdout).into_owned();
+    assert!(
+        all.status.success(),
+        "{}",
+        String::from_utf8_lossy(&all.stderr)
+    );
+    let section = |name: &str| -> String {
+        let start = listing.find(&format!("scope {name}\n")).expect(name);
+        let rest = &listing[start + 1..];
+        rest[..rest.find("\nscope ").unwrap_or(rest.len())].to_owned()
+    };
+    let row = |text: &str, epoch: u32| -> String {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(&epoch.to_string()))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let a = section("a");
+    assert!(row(&a, 1).contains("destroyed"), "{listing}");
+    assert!(row(&a, 2).contains("active"), "{listing}");
+    for other in [section("default"), section("b")] {
+        assert!(row(&other, 1).contains("active"), "{listing}");
+        assert!(row(&other, 2).is_empty(), "{listing}");
+    }
+
     // Each scope's audit trail has its own entries.
     let audit_a = f.audit(Some("a"));
     let audit_b = f.audit(Some("b"));
