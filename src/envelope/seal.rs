@@ -100,7 +100,13 @@ impl Sealer {
 
     /// Bytes each envelope this sealer makes adds to its plaintext.
     pub fn overhead(&self) -> usize {
-        HEADER_LEN + TAG_LEN + if self.scope.is_some() { super::SCOPE_ID_LEN } else { 0 }
+        HEADER_LEN
+            + TAG_LEN
+            + if self.scope.is_some() {
+                super::SCOPE_ID_LEN
+            } else {
+                0
+            }
     }
 
     /// The aws-lc key of subkey `id`, if it is this sealer's.
