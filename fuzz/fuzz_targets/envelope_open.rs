@@ -2,9 +2,11 @@
 //! they were bound to, under the key that made them.
 //!
 //! Two kinds of input, picked by the low bit of the first byte:
-//! - even: seal a chosen plaintext on a chosen subject, then apply chosen mutations to the
-//!   envelope, the subject or the key. Open must succeed with the original plaintext when the
-//!   net result is unchanged, and fail whenever anything differs, even with the right key.
+//! - even: seal a chosen plaintext on a chosen subject, for the default scope (version 1) or a
+//!   chosen key scope (version 2), then apply chosen mutations to the envelope, the subject or
+//!   the key, among them relabelling the envelope into another scope or version. Open must
+//!   succeed with the original plaintext when the net result is unchanged, and fail whenever
+//!   anything differs, even with the right key.
 //! - odd: `[len][subject; len][envelope...]` straight from the fuzzer. Open may only succeed
 //!   if the bytes are exactly what the sealer would have produced for that header.
 //!
@@ -15,7 +17,7 @@
 //! or two messages, one by one under the keys the sealer or opener holds), the audited default
 //! (nothing deferred), or one batched path pinned (IFMA, radix 2^26, aws-lc under the batch's
 //! own keys, aws-lc under held keys). A deferred open shares its pass with a genuine envelope
-//! queued before it, which must open whatever happens to the fuzzed one.
+//! of the other version queued before it, which must open whatever happens to the fuzzed one.
 
 #![no_main]
 
@@ -23,7 +25,8 @@ use arbitrary::{Arbitrary, Unstructured};
 use bytes::BytesMut;
 use cipherbus::envelope::{
     derive_epoch1, is_envelope, AeadBackend, Batch, BatchPath, DataKey, EnvelopeError, Header,
-    Opener, RootKey, Sealer, BATCH_BELOW, HEADER_LEN, MAGIC, OVERHEAD,
+    Opener, RootKey, ScopeId, Sealer, BATCH_BELOW, HEADER_LEN, HEADER_LEN_V2, MAGIC, OVERHEAD,
+    OVERHEAD_V2, VERSION_1, VERSION_2,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -79,17 +82,26 @@ impl Way {
     }
 }
 
+/// The scope of the version-2 companion of a version-1 envelope.
+const COMPANION_SCOPE: &str = "payments";
+
 /// A genuine envelope for the same key, epoch and nonce prefix as `header`, bound to
 /// `subject`: it shares the opener's cached subkey with the envelope under test, so the
-/// batched backend still takes the held-keys path for the pair.
+/// batched backend still takes the held-keys path for the pair. It is of the other version
+/// (version 2 beside a version-1 envelope, version 1 beside a version-2 one), so every pass
+/// mixes headers of 32 and 40 bytes.
 fn companion(key: &DataKey, header: &Header, subject: &[u8]) -> (Header, Vec<u8>) {
     // Another counter than the header's; `u64::MAX` is never a sealer's counter.
     let counter = match header.counter() {
         0 => 1,
         c => c - 1,
     };
+    let scope = match header.scope {
+        Some(_) => None,
+        None => Some(ScopeId::of(COMPANION_SCOPE)),
+    };
     let mut out = BytesMut::new();
-    Sealer::with_prefix(header.epoch, key, header.nonce_prefix(), counter)
+    Sealer::scoped_with_prefix(header.epoch, key, scope, header.nonce_prefix(), counter)
         .seal_into(Some(subject), COMPANION, &mut out)
         .expect("sealing a short message cannot fail");
     let envelope = out.to_vec();
@@ -126,6 +138,30 @@ enum Mutation {
     Subject(Vec<u8>),
     /// Opens under another key.
     OtherKey,
+    /// Relabels the envelope: `Some(id)` makes it version 2 of scope `id` (replacing the id of
+    /// a version-2 envelope, inserting one after the nonce of a version-1 envelope), `None`
+    /// makes it version 1 (dropping the id of a version-2 envelope).
+    Relabel(Option<[u8; 8]>),
+}
+
+/// Applies [`Mutation::Relabel`] to `envelope`, as far as its length allows.
+fn relabel(envelope: &mut Vec<u8>, to: Option<[u8; 8]>) {
+    if envelope.len() < HEADER_LEN {
+        return;
+    }
+    let v2 = envelope[1] == VERSION_2 && envelope.len() >= HEADER_LEN_V2;
+    match (to, v2) {
+        (Some(id), true) => envelope[HEADER_LEN..HEADER_LEN_V2].copy_from_slice(&id),
+        (Some(id), false) => {
+            envelope[1] = VERSION_2;
+            envelope.splice(HEADER_LEN..HEADER_LEN, id);
+        }
+        (None, true) => {
+            envelope[1] = VERSION_1;
+            envelope.drain(HEADER_LEN..HEADER_LEN_V2);
+        }
+        (None, false) => envelope[1] = VERSION_1,
+    }
 }
 
 #[derive(Debug, Arbitrary)]
@@ -136,6 +172,8 @@ struct Sealed {
     epoch: u32,
     prefix: [u8; 16],
     counter: u64,
+    /// `Some`: sealed as version 2 for the scope of this id; `None`: version 1.
+    scope: Option<[u8; 8]>,
     mutations: Vec<Mutation>,
 }
 
@@ -224,7 +262,7 @@ fn open_batched(
     }
     let queued = batch.len();
     // The audited backend opens at once; the batched one defers what is short enough.
-    let deferred = batch.defers() && envelope.len() < BATCH_BELOW + OVERHEAD;
+    let deferred = batch.defers() && envelope.len() < BATCH_BELOW + header.overhead();
     assert_eq!(
         queued,
         usize::from(batch.defers()) + usize::from(deferred && result.is_ok()),
@@ -256,24 +294,26 @@ fn open_batched(
     }
 }
 
-/// Seals with a sealer at `prefix` and `counter`, once at once and once deferred `way`
-/// (behind bytes already in the buffer); both must give the same envelope.
+/// Seals with a sealer for `scope` at `prefix` and `counter`, once at once and once deferred
+/// `way` (behind bytes already in the buffer); both must give the same envelope.
+#[allow(clippy::too_many_arguments)]
 fn seal(
     way: Way,
     epoch: u32,
     key: &DataKey,
+    scope: Option<ScopeId>,
     prefix: [u8; 16],
     counter: u64,
     subject: Option<&[u8]>,
     plaintext: &[u8],
 ) -> Vec<u8> {
     let mut out = BytesMut::new();
-    Sealer::with_prefix(epoch, key, prefix, counter)
+    Sealer::scoped_with_prefix(epoch, key, scope, prefix, counter)
         .seal_into(subject, plaintext, &mut out)
         .expect("sealing a fuzz-sized message cannot fail");
     let mut batch = way.batch();
     let mut queued = BytesMut::from(SENTINEL);
-    let mut sealer = Sealer::with_prefix(epoch, key, prefix, counter);
+    let mut sealer = Sealer::scoped_with_prefix(epoch, key, scope, prefix, counter);
     sealer
         .seal_deferred(subject, plaintext, &mut queued, &mut batch)
         .expect("queueing a fuzz-sized message cannot fail");
@@ -296,16 +336,26 @@ fn sealed_then_mutated(input: Sealed, way: Way) {
     let key = key();
     let counter = input.counter.min(u64::MAX - 1);
     let bound_to = input.bound.then_some(&input.subject[..]);
+    let scope = input.scope.map(ScopeId);
     let original = seal(
         way,
         input.epoch,
         &key,
+        scope,
         input.prefix,
         counter,
         bound_to,
         &input.plaintext,
     );
-    assert_eq!(original.len(), input.plaintext.len() + 48);
+    let overhead = if scope.is_some() {
+        OVERHEAD_V2
+    } else {
+        OVERHEAD
+    };
+    assert_eq!(original.len(), input.plaintext.len() + overhead);
+    let header = Header::parse(&original).expect("a sealed envelope parses");
+    assert_eq!(header.scope, scope);
+    assert_eq!(header.overhead(), overhead);
 
     // The unmodified envelope opens, through a fresh opener and again from its cache.
     let mut cached = Opener::with_capacity(2);
@@ -351,6 +401,7 @@ fn sealed_then_mutated(input: Sealed, way: Way) {
             }
             Mutation::Subject(ref s) => subject.clone_from(s),
             Mutation::OtherKey => other = true,
+            Mutation::Relabel(to) => relabel(&mut envelope, to),
             _ => {}
         }
     }
@@ -402,7 +453,8 @@ fn raw(data: &[u8], way: Way) {
         }
     };
     assert_eq!(envelope[0], MAGIC);
-    assert_eq!(header.encode()[..], envelope[..HEADER_LEN]);
+    assert_eq!(header.encode()[..], envelope[..header.header_len()]);
+    assert_eq!(header.scope.is_some(), envelope[1] == VERSION_2);
     let key = key();
     for k in [&key, &other_key()] {
         let Ok(pt) = open(&mut Opener::new(), way, k, envelope, subject, true) else {
@@ -413,7 +465,16 @@ fn raw(data: &[u8], way: Way) {
         assert!(k == &key, "opened under a key that never sealed anything");
         let bound_to = header.subject_bound().then_some(subject);
         let (prefix, counter) = (header.nonce_prefix(), header.counter());
-        let again = seal(way, header.epoch, k, prefix, counter, bound_to, &pt);
+        let again = seal(
+            way,
+            header.epoch,
+            k,
+            header.scope,
+            prefix,
+            counter,
+            bound_to,
+            &pt,
+        );
         assert_eq!(again, envelope, "an envelope the sealer never made opened");
     }
 }

@@ -14,7 +14,7 @@ const DOC: &str = include_str!("../../docs/ENVELOPE.md");
 fn seal(s: &mut Sealer, subject: Option<&[u8]>, pt: &[u8]) -> Vec<u8> {
     let mut out = BytesMut::new();
     s.seal_into(subject, pt, &mut out).unwrap();
-    assert_eq!(out.len(), pt.len() + OVERHEAD);
+    assert_eq!(out.len(), pt.len() + s.overhead());
     out.to_vec()
 }
 
@@ -37,14 +37,21 @@ fn open(
     }
 }
 
+/// Opens `env` with RustCrypto, taking the header length from the version byte (32 bytes for
+/// version 1, 40 for version 2) rather than from `Header`.
 fn rustcrypto_open(key: &[u8; 32], env: &[u8], subject: Option<&[u8]>) -> Vec<u8> {
     let h = Header::parse(env).unwrap();
-    let mut aad = env[..HEADER_LEN].to_vec();
+    let header_len = match env[1] {
+        1 => 32,
+        2 => 40,
+        v => panic!("version {v}"),
+    };
+    let mut aad = env[..header_len].to_vec();
     if let Some(s) = subject {
         aad.extend_from_slice(s);
     }
     let tag_at = env.len() - TAG_LEN;
-    let mut buf = env[HEADER_LEN..tag_at].to_vec();
+    let mut buf = env[header_len..tag_at].to_vec();
     XChaCha20Poly1305::new(key.into())
         .decrypt_in_place_detached(
             XNonce::from_slice(&h.nonce),
@@ -63,20 +70,28 @@ fn rustcrypto_seal(
     subject: Option<&[u8]>,
     pt: &[u8],
 ) -> Vec<u8> {
-    let header = Header {
-        version: VERSION_1,
-        suite: SUITE_XCHACHA20_POLY1305,
-        flags: if subject.is_some() {
-            FLAG_SUBJECT_BOUND
-        } else {
-            0
-        },
-        epoch,
-        nonce,
-        scope: None,
+    rustcrypto_seal_scoped(key, epoch, nonce, None, subject, pt)
+}
+
+/// Seals with RustCrypto under a header written out byte by byte as docs/ENVELOPE.md lays it
+/// out: version 1 without a scope, version 2 with its id after the nonce.
+fn rustcrypto_seal_scoped(
+    key: &[u8; 32],
+    epoch: u32,
+    nonce: [u8; 24],
+    scope: Option<[u8; 8]>,
+    subject: Option<&[u8]>,
+    pt: &[u8],
+) -> Vec<u8> {
+    let version = if scope.is_some() { 2 } else { 1 };
+    let flags = if subject.is_some() { 1 } else { 0 };
+    let mut header = vec![0xC1, version, 1, flags];
+    header.extend_from_slice(&epoch.to_be_bytes());
+    header.extend_from_slice(&nonce);
+    if let Some(id) = scope {
+        header.extend_from_slice(&id);
     }
-    .encode();
-    let mut aad = header.to_vec();
+    let mut aad = header.clone();
     if let Some(s) = subject {
         aad.extend_from_slice(s);
     }
@@ -84,7 +99,7 @@ fn rustcrypto_seal(
     let tag = XChaCha20Poly1305::new(key.into())
         .encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad, &mut buf)
         .unwrap();
-    let mut env = header.to_vec();
+    let mut env = header;
     env.extend_from_slice(&buf);
     env.extend_from_slice(&tag);
     env
@@ -172,12 +187,13 @@ proptest! {
         key in any::<[u8; 32]>(),
         bytes in prop::collection::vec(any::<u8>(), 0..100),
         magic in any::<bool>(),
+        v2 in any::<bool>(),
     ) {
         let mut bytes = bytes;
         if magic && !bytes.is_empty() {
             bytes[0] = MAGIC;
             if bytes.len() > 3 {
-                bytes[1] = VERSION_1;
+                bytes[1] = if v2 { VERSION_2 } else { VERSION_1 };
                 bytes[2] = SUITE_XCHACHA20_POLY1305;
             }
         }
@@ -395,6 +411,11 @@ fn computed_vectors(v: &std::collections::HashMap<String, String>) -> Vec<(&'sta
     let wrap_nonce: [u8; 24] = hex::decode(&v["wrap_nonce"]).unwrap().try_into().unwrap();
     let wrapped = wrap_key_with_nonce(&kek, wrap_epoch, &wrapped_key, &wrap_nonce).unwrap();
     assert_eq!(unwrap_key(&kek, wrap_epoch, &wrapped).unwrap(), wrapped_key);
+    let v2 = v2_vector_inputs(v);
+    let mut s =
+        Sealer::scoped_with_prefix(v2.epoch, &v2.key, Some(v2.scope), v2.prefix, v2.counter);
+    let v2_bound = seal(&mut s, Some(&v2.subject), &v2.plaintext);
+    let v2_unbound = seal(&mut s, None, &v2.plaintext);
 
     vec![
         ("kek_fingerprint", kek.fingerprint()),
@@ -405,7 +426,34 @@ fn computed_vectors(v: &std::collections::HashMap<String, String>) -> Vec<(&'sta
         ("envelope", hex::encode(&bound)),
         ("unbound_envelope", hex::encode(&unbound)),
         ("wrapped", hex::encode(&wrapped)),
+        ("v2_scope_id", v2.scope.to_string()),
+        ("v2_envelope", hex::encode(&v2_bound)),
+        ("v2_unbound_envelope", hex::encode(&v2_unbound)),
     ]
+}
+
+/// The fixed inputs of the version-2 vectors.
+struct V2Inputs {
+    scope: ScopeId,
+    key: DataKey,
+    epoch: u32,
+    prefix: [u8; 16],
+    counter: u64,
+    subject: Vec<u8>,
+    plaintext: Vec<u8>,
+}
+
+fn v2_vector_inputs(v: &std::collections::HashMap<String, String>) -> V2Inputs {
+    let scope = String::from_utf8(hex::decode(&v["v2_scope"]).unwrap()).unwrap();
+    V2Inputs {
+        scope: ScopeId::of(&scope),
+        key: DataKey::from_bytes(hex32(&v["v2_key"])),
+        epoch: u32::from_str_radix(&v["v2_epoch"], 16).unwrap(),
+        prefix: hex::decode(&v["v2_prefix"]).unwrap().try_into().unwrap(),
+        counter: u64::from_str_radix(&v["v2_counter"], 16).unwrap(),
+        subject: hex::decode(&v["v2_subject"]).unwrap(),
+        plaintext: hex::decode(&v["v2_plaintext"]).unwrap(),
+    }
 }
 
 #[test]
@@ -435,6 +483,88 @@ fn published_vectors_match() {
         Ok(plaintext.clone())
     );
     assert_eq!(rustcrypto_open(e1.bytes(), &unbound, None), plaintext);
+
+    // Version 2: the key is the epoch-1 key above; the envelopes name their scope, open, and
+    // open with RustCrypto; RustCrypto seals the same bytes.
+    let v2 = v2_vector_inputs(&v);
+    assert_eq!(v["v2_key"], v["epoch1_key"]);
+    let env = hex::decode(&v["v2_envelope"]).unwrap();
+    let h = Header::parse(&env).unwrap();
+    assert_eq!((h.version, h.scope), (VERSION_2, Some(v2.scope)));
+    assert_eq!(
+        (h.epoch, h.nonce_prefix(), h.counter()),
+        (v2.epoch, v2.prefix, v2.counter)
+    );
+    assert_eq!(
+        open(&v2.key, &env, &v2.subject, false),
+        Ok(v2.plaintext.clone())
+    );
+    assert_eq!(
+        open(&v2.key, &env, b"payments.other", true),
+        Err(EnvelopeError::Auth)
+    );
+    assert_eq!(
+        rustcrypto_open(v2.key.bytes(), &env, Some(&v2.subject)),
+        v2.plaintext
+    );
+    assert_eq!(
+        rustcrypto_seal_scoped(
+            v2.key.bytes(),
+            v2.epoch,
+            h.nonce,
+            Some(v2.scope.0),
+            Some(&v2.subject),
+            &v2.plaintext
+        ),
+        env
+    );
+    let unbound = hex::decode(&v["v2_unbound_envelope"]).unwrap();
+    let h = Header::parse(&unbound).unwrap();
+    assert_eq!((h.scope, h.counter()), (Some(v2.scope), v2.counter + 1));
+    assert_eq!(
+        open(&v2.key, &unbound, &v2.subject, false),
+        Err(EnvelopeError::Unbound)
+    );
+    assert_eq!(
+        open(&v2.key, &unbound, b"anything", true),
+        Ok(v2.plaintext.clone())
+    );
+    assert_eq!(
+        rustcrypto_open(v2.key.bytes(), &unbound, None),
+        v2.plaintext
+    );
+    assert_eq!(
+        rustcrypto_seal_scoped(
+            v2.key.bytes(),
+            v2.epoch,
+            h.nonce,
+            Some(v2.scope.0),
+            None,
+            &v2.plaintext
+        ),
+        unbound
+    );
+    // Read through the batched backend as well.
+    for kind in batch_kinds() {
+        assert_eq!(
+            open_batched(kind, &v2.key, &env, &v2.subject, false),
+            Ok(v2.plaintext.clone())
+        );
+        assert_eq!(
+            open_batched(kind, &v2.key, &unbound, b"anything", true),
+            Ok(v2.plaintext.clone())
+        );
+    }
+}
+
+/// Prints the published vectors as the code computes them; run with `--ignored --nocapture`
+/// to regenerate the block in docs/ENVELOPE.md after a deliberate change of inputs.
+#[test]
+#[ignore]
+fn print_vectors() {
+    for (name, value) in computed_vectors(&doc_vectors()) {
+        println!("{name:<19} {value}");
+    }
 }
 
 /// Every way a session can run a read's envelopes: the audited default (`None`, nothing
@@ -635,6 +765,488 @@ fn a_batch_from_many_sealers_opens() {
                     "{kind:?}: {sealers} sealers, subject {slen}: {failed:?}"
                 );
                 assert_eq!(&out[..], &b"hello".repeat(envs.len())[..]);
+            }
+        }
+    }
+}
+
+// ---- Version 2: envelopes that name a key scope ----
+
+/// The scope the version-2 tests seal for.
+fn payments() -> ScopeId {
+    ScopeId::of("payments")
+}
+
+/// `env`, a version-2 envelope, relabelled version 1: the scope id dropped, the version byte 1.
+fn v2_as_v1(env: &[u8]) -> Vec<u8> {
+    assert_eq!(env[1], VERSION_2);
+    let mut out = env[..HEADER_LEN].to_vec();
+    out[1] = VERSION_1;
+    out.extend_from_slice(&env[HEADER_LEN_V2..]);
+    out
+}
+
+/// `env`, a version-1 envelope, relabelled version 2 of scope `id`: the id inserted after the
+/// nonce, the version byte 2.
+fn v1_as_v2(env: &[u8], id: ScopeId) -> Vec<u8> {
+    assert_eq!(env[1], VERSION_1);
+    let mut out = env[..HEADER_LEN].to_vec();
+    out[1] = VERSION_2;
+    out.extend_from_slice(&id.0);
+    out.extend_from_slice(&env[HEADER_LEN..]);
+    out
+}
+
+/// Opens `env` the deferred way on a batch of `kind`: queued with `open_deferred`, then one
+/// pass. A tag the pass refuses is `Auth`, with the message's bytes zeroed.
+fn open_batched(
+    kind: Option<BatchPath>,
+    key: &DataKey,
+    env: &[u8],
+    subject: &[u8],
+    allow_unbound: bool,
+) -> Result<Vec<u8>, EnvelopeError> {
+    let h = Header::parse(env)?;
+    let mut opener = Opener::new();
+    let mut batch = new_batch(kind);
+    let mut out = BytesMut::from(&b"pre"[..]);
+    let r = opener.open_deferred(key, &h, env, subject, allow_unbound, &mut out, &mut batch);
+    if let Err(e) = r {
+        assert_eq!(&out[..], b"pre", "{kind:?}: a refused open wrote");
+        assert!(batch.is_empty());
+        return Err(e);
+    }
+    let mut failed = Vec::new();
+    batch.open_with(&mut out[..], &opener, |i| failed.push(i));
+    assert_eq!(&out[..3], b"pre", "{kind:?}");
+    if failed.is_empty() {
+        Ok(out[3..].to_vec())
+    } else {
+        assert_eq!(failed, vec![0], "{kind:?}");
+        assert!(out[3..].iter().all(|&b| b == 0), "{kind:?}: not zeroed");
+        Err(EnvelopeError::Auth)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Our version-2 envelopes open with RustCrypto under `AAD = header[0..40] || subject`.
+    #[test]
+    fn v2_ours_opens_with_rustcrypto(
+        key in any::<[u8; 32]>(),
+        prefix in any::<[u8; 16]>(),
+        counter in 0u64..u64::MAX - 1,
+        epoch in any::<u32>(),
+        scope in any::<[u8; 8]>(),
+        subject in subject_strategy(),
+        pt in prop::collection::vec(any::<u8>(), 0..600),
+    ) {
+        let dk = DataKey::from_bytes(key);
+        let mut s = Sealer::scoped_with_prefix(epoch, &dk, Some(ScopeId(scope)), prefix, counter);
+        let env = seal(&mut s, subject.as_deref(), &pt);
+        prop_assert_eq!(env.len(), pt.len() + OVERHEAD_V2);
+        prop_assert_eq!(&env[..2], &[MAGIC, VERSION_2][..]);
+        prop_assert_eq!(&env[HEADER_LEN..HEADER_LEN_V2], &scope[..]);
+        let h = Header::parse(&env).unwrap();
+        prop_assert_eq!(h.version, VERSION_2);
+        prop_assert_eq!(h.scope, Some(ScopeId(scope)));
+        prop_assert_eq!(h.epoch, epoch);
+        prop_assert_eq!(h.nonce_prefix(), prefix);
+        prop_assert_eq!(h.counter(), counter);
+        prop_assert_eq!(h.subject_bound(), subject.is_some());
+        prop_assert_eq!(rustcrypto_open(&key, &env, subject.as_deref()), pt);
+    }
+
+    /// Version-2 envelopes RustCrypto seals (header written out byte by byte) open with ours.
+    #[test]
+    fn v2_rustcrypto_opens_with_ours(
+        key in any::<[u8; 32]>(),
+        nonce in any::<[u8; 24]>(),
+        epoch in any::<u32>(),
+        scope in any::<[u8; 8]>(),
+        subject in subject_strategy(),
+        pt in prop::collection::vec(any::<u8>(), 0..600),
+    ) {
+        let env = rustcrypto_seal_scoped(&key, epoch, nonce, Some(scope), subject.as_deref(), &pt);
+        prop_assert_eq!(Header::parse(&env).unwrap().scope, Some(ScopeId(scope)));
+        let dk = DataKey::from_bytes(key);
+        let got = open(&dk, &env, subject.as_deref().unwrap_or(b"ignored"), subject.is_none());
+        prop_assert_eq!(got, Ok(pt));
+    }
+
+    /// A scoped sealer's messages open through one opener, which keeps one subkey for them.
+    #[test]
+    fn v2_seal_open_round_trip(
+        key in any::<[u8; 32]>(),
+        epoch in any::<u32>(),
+        scope in "[a-z.]{0,20}",
+        subject in prop::collection::vec(any::<u8>(), 0..40),
+        msgs in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..300), 1..5),
+    ) {
+        let dk = DataKey::from_bytes(key);
+        let id = ScopeId::of(&scope);
+        let mut s = Sealer::scoped(epoch, &dk, Some(id)).unwrap();
+        prop_assert_eq!(s.scope(), Some(id));
+        prop_assert_eq!(s.overhead(), OVERHEAD_V2);
+        let mut o = Opener::new();
+        for pt in &msgs {
+            let env = seal(&mut s, Some(&subject), pt);
+            let h = Header::parse(&env).unwrap();
+            prop_assert_eq!(h.scope, Some(id));
+            prop_assert_eq!(h.header_len(), HEADER_LEN_V2);
+            prop_assert_eq!(h.overhead(), OVERHEAD_V2);
+            let mut out = BytesMut::new();
+            o.open_into(&dk, &h, &env, &subject, false, &mut out).unwrap();
+            prop_assert_eq!(&out[..], &pt[..]);
+        }
+        prop_assert_eq!(o.cached(), 1);
+    }
+}
+
+#[test]
+fn scope_id_is_the_labelled_sha256_prefix() {
+    use sha2::Digest as _;
+    for name in ["payments", "", "orders", "payments.eu"] {
+        let digest =
+            sha2::Sha256::digest([&b"cipherbus-v2 scope-id"[..], name.as_bytes()].concat());
+        assert_eq!(ScopeId::of(name).0[..], digest[..8], "{name:?}");
+        assert_eq!(ScopeId::of(name).to_string(), hex::encode(&digest[..8]));
+    }
+    assert_eq!(SCOPE_ID_LABEL, b"cipherbus-v2 scope-id");
+    assert_ne!(ScopeId::of("payments"), ScopeId::of("Payments"));
+    assert_ne!(ScopeId::of("payments"), ScopeId::of("payments "));
+}
+
+/// Version 1 is the default scope: `Sealer::new` and `Sealer::scoped(.., None)` seal it, and a
+/// scoped sealer seals version 2.
+#[test]
+fn sealers_pick_the_version_by_scope() {
+    let dk = DataKey::from_bytes([0x42; 32]);
+    for (mut s, version, overhead) in [
+        (Sealer::new(5, &dk).unwrap(), VERSION_1, OVERHEAD),
+        (Sealer::scoped(5, &dk, None).unwrap(), VERSION_1, OVERHEAD),
+        (
+            Sealer::scoped(5, &dk, Some(payments())).unwrap(),
+            VERSION_2,
+            OVERHEAD_V2,
+        ),
+    ] {
+        assert_eq!(s.overhead(), overhead);
+        let env = seal(&mut s, Some(b"s"), b"hello");
+        assert_eq!(env[1], version);
+        assert_eq!(env.len(), 5 + overhead);
+        let h = Header::parse(&env).unwrap();
+        assert_eq!(h.scope, s.scope());
+        assert_eq!(h.overhead(), overhead);
+        assert_eq!(open(&dk, &env, b"s", false), Ok(b"hello".to_vec()));
+    }
+    assert_eq!(MAX_OVERHEAD, 56);
+    assert_eq!((HEADER_LEN_V2, OVERHEAD_V2), (40, 56));
+}
+
+/// Version 2 through the deferred calls on every batch kind, with payloads on both sides of
+/// `BATCH_BELOW`, mixed with version-1 envelopes in one batch: the deferred seal gives the
+/// same bytes as `seal_into`, RustCrypto opens each, and one deferred open pass gives back
+/// every plaintext.
+#[test]
+fn v2_seals_and_opens_in_batches_with_v1() {
+    let key = [21u8; 32];
+    let dk = DataKey::from_bytes(key);
+    let lens = [
+        0usize,
+        1,
+        15,
+        16,
+        17,
+        64,
+        100,
+        1000,
+        BATCH_BELOW - 1,
+        BATCH_BELOW,
+        BATCH_BELOW + 1,
+    ];
+    for kind in batch_kinds() {
+        for subject in [&b"payments.card"[..], &vec![b'p'; 4094][..]] {
+            // Sealer 0 seals version 1, sealer 1 version 2, one message each in turn.
+            let scopes = [None, Some(payments())];
+            let mut sealers = scopes.map(|scope| {
+                Sealer::scoped_with_prefix(8, &dk, scope, [scope.is_some() as u8 + 1; 16], 40)
+            });
+            let mut twins = scopes.map(|scope| {
+                Sealer::scoped_with_prefix(8, &dk, scope, [scope.is_some() as u8 + 1; 16], 40)
+            });
+            let mut out = BytesMut::new();
+            let mut batch = new_batch(kind);
+            let mut expected = Vec::new();
+            let mut spans = Vec::new();
+            for (i, &len) in lens.iter().chain(lens.iter()).enumerate() {
+                let which = i % 2;
+                let pt: Vec<u8> = (0..len).map(|j| (j * 13 + i) as u8).collect();
+                let start = out.len();
+                sealers[which]
+                    .seal_deferred(Some(subject), &pt, &mut out, &mut batch)
+                    .unwrap();
+                spans.push(start..out.len());
+                expected.push((which, pt));
+            }
+            let short = expected
+                .iter()
+                .filter(|(_, pt)| pt.len() < BATCH_BELOW)
+                .count();
+            assert_eq!(batch.len(), if batch.defers() { short } else { 0 });
+            batch.seal_with(&mut out[..], &sealers[1]).unwrap();
+            let mut want = Vec::new();
+            for (span, (which, pt)) in spans.iter().zip(&expected) {
+                let env = &out[span.clone()];
+                assert_eq!(
+                    env,
+                    &seal(&mut twins[*which], Some(subject), pt)[..],
+                    "{kind:?}: deferred seal of {} bytes, version {}",
+                    pt.len(),
+                    which + 1
+                );
+                assert_eq!(env[1], [VERSION_1, VERSION_2][*which]);
+                assert_eq!(rustcrypto_open(&key, env, Some(subject)), *pt, "{kind:?}");
+                want.extend_from_slice(pt);
+            }
+            let mut opener = Opener::new();
+            let mut batch = new_batch(kind);
+            let mut opened = BytesMut::new();
+            for span in &spans {
+                let env = &out[span.clone()];
+                let h = Header::parse(env).unwrap();
+                opener
+                    .open_deferred(&dk, &h, env, subject, false, &mut opened, &mut batch)
+                    .unwrap();
+            }
+            let mut failed = Vec::new();
+            batch.open_with(&mut opened[..], &opener, |i| failed.push(i));
+            assert!(failed.is_empty(), "{kind:?}: {failed:?}");
+            assert_eq!(&opened[..], &want[..], "{kind:?}");
+        }
+    }
+}
+
+/// Version-2 envelopes sealed by RustCrypto, one or two (the held-keys path) and many to a
+/// batch, below `BATCH_BELOW`, open in one deferred pass.
+#[test]
+fn v2_from_rustcrypto_opens_in_batches() {
+    let key = [22u8; 32];
+    let dk = DataKey::from_bytes(key);
+    for kind in batch_kinds() {
+        for count in [1usize, 2, 3, 17] {
+            let envs: Vec<Vec<u8>> = (0..count)
+                .map(|i| {
+                    let scope = ScopeId::of(&format!("scope{}", i % 3)).0;
+                    rustcrypto_seal_scoped(
+                        &key,
+                        4,
+                        [i as u8; 24],
+                        Some(scope),
+                        Some(b"a.b"),
+                        &vec![i as u8; 10 * i],
+                    )
+                })
+                .collect();
+            let mut opener = Opener::new();
+            let mut batch = new_batch(kind);
+            let mut out = BytesMut::new();
+            for env in &envs {
+                let h = Header::parse(env).unwrap();
+                opener
+                    .open_deferred(&dk, &h, env, b"a.b", false, &mut out, &mut batch)
+                    .unwrap();
+            }
+            assert_eq!(batch.len(), if batch.defers() { count } else { 0 });
+            let mut failed = Vec::new();
+            batch.open_with(&mut out[..], &opener, |i| failed.push(i));
+            assert!(failed.is_empty(), "{kind:?}, {count}: {failed:?}");
+            let want: Vec<u8> = (0..count).flat_map(|i| vec![i as u8; 10 * i]).collect();
+            assert_eq!(&out[..], &want[..], "{kind:?}, {count}");
+        }
+    }
+}
+
+/// The scope id is in the AAD: an envelope relabelled into another scope, into version 1, or
+/// from version 1 into a scope parses (its header is well formed) and then fails the tag
+/// with `Auth`, bound or not, at once and in a batch.
+#[test]
+fn relabelled_envelopes_fail_to_open() {
+    let dk = DataKey::from_bytes([0x42; 32]);
+    let mut v2 = Sealer::scoped(5, &dk, Some(payments())).unwrap();
+    let mut v1 = Sealer::new(5, &dk).unwrap();
+    for subject in [Some(&b"payments.card"[..]), None] {
+        let unbound = subject.is_none();
+        let on = subject.unwrap_or(b"payments.card");
+        let scoped = seal(&mut v2, subject, b"charge 42");
+        let plain = seal(&mut v1, subject, b"charge 42");
+        assert_eq!(open(&dk, &scoped, on, unbound), Ok(b"charge 42".to_vec()));
+        assert_eq!(open(&dk, &plain, on, unbound), Ok(b"charge 42".to_vec()));
+
+        let mut relabelled = Vec::new();
+        // Into another scope, and each byte of the id changed.
+        let mut other = scoped.clone();
+        other[HEADER_LEN..HEADER_LEN_V2].copy_from_slice(&ScopeId::of("orders").0);
+        relabelled.push((other, VERSION_2, Some(ScopeId::of("orders"))));
+        for i in HEADER_LEN..HEADER_LEN_V2 {
+            let mut bad = scoped.clone();
+            bad[i] ^= 0x80;
+            let id = Header::parse(&bad).unwrap().scope;
+            assert_ne!(id, Some(payments()));
+            relabelled.push((bad, VERSION_2, id));
+        }
+        // Into the default scope: the id dropped, version 1.
+        relabelled.push((v2_as_v1(&scoped), VERSION_1, None));
+        // From the default scope into a named one: an id inserted, version 2.
+        for name in ["payments", "orders", ""] {
+            relabelled.push((
+                v1_as_v2(&plain, ScopeId::of(name)),
+                VERSION_2,
+                Some(ScopeId::of(name)),
+            ));
+        }
+
+        for (env, version, scope) in &relabelled {
+            let h = Header::parse(env).expect("a relabelled header is well formed");
+            assert_eq!((h.version, h.scope), (*version, *scope));
+            for allow in [unbound, true] {
+                assert_eq!(open(&dk, env, on, allow), Err(EnvelopeError::Auth), "{h:?}");
+                for kind in batch_kinds() {
+                    assert_eq!(
+                        open_batched(kind, &dk, env, on, allow),
+                        Err(EnvelopeError::Auth),
+                        "{kind:?}: {h:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn v2_truncations_fail_without_panic() {
+    let dk = DataKey::from_bytes([0x42; 32]);
+    let mut s = Sealer::scoped(5, &dk, Some(payments())).unwrap();
+    let env = seal(&mut s, Some(b"s"), b"some plaintext here");
+    for n in 0..env.len() {
+        let expected = match n {
+            0 => EnvelopeError::NotEnvelope,
+            // 48 to 55 bytes would be long enough for version 1.
+            n if n < OVERHEAD_V2 => EnvelopeError::Truncated,
+            _ => EnvelopeError::Auth,
+        };
+        if n < OVERHEAD_V2 {
+            assert_eq!(Header::parse(&env[..n]), Err(expected), "length {n}");
+        }
+        assert_eq!(
+            open(&dk, &env[..n], b"s", false),
+            Err(expected),
+            "length {n}"
+        );
+    }
+    // A version-2 header given with fewer bytes than it needs is caught by open_into too.
+    let h = Header::parse(&env).unwrap();
+    for n in [OVERHEAD, OVERHEAD_V2 - 1] {
+        let mut out = BytesMut::new();
+        assert_eq!(
+            Opener::new().open_into(&dk, &h, &env[..n], b"s", false, &mut out),
+            Err(EnvelopeError::Truncated)
+        );
+        assert!(out.is_empty());
+    }
+}
+
+/// `validate` ties the scope to the version: version 1 names none, version 2 names one. A
+/// header that breaks the rule, or is not the envelope's own, is refused before the AEAD.
+#[test]
+fn scope_must_match_the_version() {
+    let dk = DataKey::from_bytes([0x42; 32]);
+    // Long enough that a version-1 envelope could carry a version-2 header.
+    let pt = b"a message of more than eight bytes";
+    let v1 = seal(&mut Sealer::new(5, &dk).unwrap(), Some(b"s"), pt);
+    let v2 = seal(
+        &mut Sealer::scoped(5, &dk, Some(payments())).unwrap(),
+        Some(b"s"),
+        pt,
+    );
+    let h1 = Header::parse(&v1).unwrap();
+    let h2 = Header::parse(&v2).unwrap();
+    assert_eq!(h1.validate(), Ok(()));
+    assert_eq!(h2.validate(), Ok(()));
+    assert_eq!(h2.encode()[..], v2[..HEADER_LEN_V2]);
+
+    let v1_with_scope = Header {
+        scope: Some(payments()),
+        ..h1
+    };
+    let v2_without_scope = Header { scope: None, ..h2 };
+    assert_eq!(v1_with_scope.validate(), Err(EnvelopeError::HeaderMismatch));
+    assert_eq!(
+        v2_without_scope.validate(),
+        Err(EnvelopeError::HeaderMismatch)
+    );
+    // Unknown versions stay `version`, with or without a scope.
+    for scope in [None, Some(payments())] {
+        let h = Header {
+            version: 3,
+            scope,
+            ..h2
+        };
+        assert_eq!(h.validate(), Err(EnvelopeError::UnsupportedVersion(3)));
+    }
+
+    let refused = [
+        (v1_with_scope, &v1),
+        (v2_without_scope, &v2),
+        // Well-formed headers that are not the envelope's own.
+        (
+            Header {
+                scope: Some(ScopeId::of("orders")),
+                ..h2
+            },
+            &v2,
+        ),
+        (h2, &v1),
+        (h1, &v2),
+    ];
+    for (h, env) in refused {
+        for kind in batch_kinds() {
+            let mut out = BytesMut::from(&b"pre"[..]);
+            let mut batch = new_batch(kind);
+            assert_eq!(
+                Opener::new().open_deferred(&dk, &h, env, b"s", false, &mut out, &mut batch),
+                Err(EnvelopeError::HeaderMismatch),
+                "{kind:?}: {h:?}"
+            );
+            assert_eq!(&out[..], b"pre");
+            assert!(batch.is_empty());
+        }
+        let mut out = BytesMut::new();
+        assert_eq!(
+            Opener::new().open_into(&dk, &h, env, b"s", false, &mut out),
+            Err(EnvelopeError::HeaderMismatch),
+            "{h:?}"
+        );
+        assert!(out.is_empty());
+    }
+}
+
+#[test]
+fn every_single_bit_flip_of_a_v2_envelope_fails() {
+    let dk = DataKey::from_bytes([0x42; 32]);
+    let mut s = Sealer::scoped(5, &dk, Some(payments())).unwrap();
+    for subject in [Some(&b"payments.card"[..]), None] {
+        let env = seal(&mut s, subject, b"a short message");
+        assert!(open(&dk, &env, b"payments.card", true).is_ok());
+        for i in 0..env.len() {
+            for bit in 0..8 {
+                let mut bad = env.clone();
+                bad[i] ^= 1 << bit;
+                assert!(
+                    open(&dk, &bad, b"payments.card", true).is_err(),
+                    "{i}/{bit}"
+                );
             }
         }
     }
