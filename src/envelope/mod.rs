@@ -136,7 +136,7 @@ impl Header {
     ///
     /// Checks, in order: the magic byte ([`EnvelopeError::NotEnvelope`]), the
     /// version ([`EnvelopeError::UnsupportedVersion`]), that the envelope is
-    /// at least [`OVERHEAD`] bytes ([`EnvelopeError::Truncated`]), the suite
+    /// at least its version's overhead ([`OVERHEAD`] or [`OVERHEAD_V2`]; [`EnvelopeError::Truncated`]), the suite
     /// and the flags. It does not authenticate anything.
     pub fn parse(envelope: &[u8]) -> Result<Header, EnvelopeError> {
         match envelope.first() {
