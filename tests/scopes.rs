@@ -637,3 +637,163 @@ async fn a_subject_moved_between_scopes_keeps_its_history_readable() {
     );
     assert_eq!(refusals(&only_b, "scope_unavailable"), 1.0);
 }
+
+/// A Transit policy for one tenant's proxies: their own key, nothing else.
+fn tenant_policy(key: &str) -> String {
+    format!(
+        r#"path "transit/keys/{key}" {{ capabilities = ["read"] }}
+path "transit/encrypt/{key}" {{ capabilities = ["update"] }}
+path "transit/decrypt/{key}" {{ capabilities = ["update"] }}
+"#
+    )
+}
+
+/// Scopes whose roots are Transit keys in OpenBao, each tenant's proxy with a token that may use
+/// its own key only: each sees the other's traffic as refusals, and a scope whose root its
+/// token cannot use stops the start with one sentence naming the scope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scopes_on_openbao_roots_with_a_token_per_tenant() {
+    use support::kms::{cipherbus, output, Bao, RootUnderTest};
+    let bao = Bao::dev();
+    bao.enable_transit();
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let default_kek = write_kek(d, TEST_KEK);
+    let token_file = |name: &str, token: &str| {
+        let path = d.join(format!("{name}.token"));
+        std::fs::write(&path, format!("{token}\n")).unwrap();
+        path
+    };
+    let env = |token: &Path| RootUnderTest {
+        uri: String::new(),
+        env: vec![
+            ("VAULT_ADDR".into(), bao.addr.clone()),
+            ("VAULT_TOKEN_FILE".into(), token.display().to_string()),
+        ],
+    };
+    let admin = env(&token_file("admin", bao.token()));
+    for key in ["tenant-a", "tenant-b"] {
+        let (ok, _, text) = output(cipherbus(
+            &admin,
+            &["keygen", "--kek", &format!("vault-transit:{key}")],
+        ));
+        assert!(ok, "{text}");
+    }
+    let a = env(&token_file(
+        "a",
+        &bao.create_policy_token("tenant-a", &tenant_policy("tenant-a")),
+    ));
+    let b = env(&token_file(
+        "b",
+        &bao.create_policy_token("tenant-b", &tenant_policy("tenant-b")),
+    ));
+    let vault_scope = |name: &str, subjects: &str, key: &str| {
+        format!("[[scope]]\nname = {name:?}\nsubjects = [{subjects:?}]\nkek = \"vault-transit:{key}\"\n")
+    };
+    let config = |name: &str, scopes: &[String]| {
+        let path = d.join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "kek = \"file:{}\"\n{FAST}\n{}",
+                default_kek.display(),
+                scopes.concat()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let scope_a = vault_scope("a", "a.>", "tenant-a");
+    let scope_b = vault_scope("b", "b.>", "tenant-b");
+    let start = |root: &RootUnderTest, name: &str, scopes: &[String], controller: bool| {
+        let config = config(name, scopes);
+        let state = d.join(format!("{name}-state"));
+        let mut args = vec![
+            "run".to_owned(),
+            "--config".into(),
+            config.display().to_string(),
+            "--upstream".into(),
+            server.url(),
+            "--state-dir".into(),
+            state.display().to_string(),
+        ];
+        if controller {
+            args.push("--controller".into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+        ProxyProcess::start(cipherbus(root, &args), listen)
+    };
+    // The operator's controller holds both scopes (and creates their seeds on the bus).
+    let pab = start(&admin, "pab", &[scope_a.clone(), scope_b.clone()], true);
+    let pa = start(&a, "pa", std::slice::from_ref(&scope_a), false);
+    let pb = start(&b, "pb", std::slice::from_ref(&scope_b), false);
+
+    let mut subs = Vec::new();
+    for p in [&pa, &pb] {
+        let client = async_nats::connect(p.url()).await.unwrap();
+        let sub = client.subscribe(">").await.unwrap();
+        subs.push((client, sub));
+    }
+    let publisher = async_nats::connect(pab.url()).await.unwrap();
+    {
+        let [(_, s0), (_, s1)] = &mut subs[..] else {
+            unreachable!()
+        };
+        settle(&publisher, &mut [s0, s1], "c.marker").await;
+    }
+    for subject in ["a.orders", "b.orders"] {
+        publisher
+            .publish(subject, format!("secret on {subject}").into())
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+    let quiet = Duration::from_millis(700);
+    let orders = |got: Vec<(String, String)>| -> Vec<String> {
+        got.into_iter()
+            .filter(|(s, _)| s.ends_with(".orders"))
+            .map(|(s, p)| format!("{s}={p}"))
+            .collect()
+    };
+    assert_eq!(
+        orders(drain(&mut subs[0].1, quiet).await),
+        ["a.orders=secret on a.orders"]
+    );
+    assert_eq!(
+        orders(drain(&mut subs[1].1, quiet).await),
+        ["b.orders=secret on b.orders"]
+    );
+    let refused =
+        |p: &ProxyProcess| p.metric(r#"cipherbus_open_failures_total{reason="scope_unavailable"}"#);
+    assert_eq!(refused(&pa), Some(1.0));
+    assert_eq!(refused(&pb), Some(1.0));
+
+    // Tenant A's token cannot use tenant B's key: a proxy configured with scope b on it stops.
+    let config = config("wrong", &[scope_a.clone(), scope_b.clone()]);
+    let check = cipherbus(
+        &a,
+        &[
+            "run",
+            "--check-config",
+            "--config",
+            config.to_str().unwrap(),
+            "--upstream",
+            &server.url(),
+        ],
+    );
+    let (ok, code, text) = output(check);
+    assert!(!ok && code == Some(2), "{text}");
+    assert!(
+        text.contains("scope \"b\"") && text.contains("vault-transit:tenant-b"),
+        "{text}"
+    );
+    // The roots checked before it are listed; the refusal is one line.
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("cipherbus:")).count(),
+        1,
+        "{text}"
+    );
+    assert!(!text.contains(bao.token()));
+}
