@@ -169,6 +169,11 @@ async fn each_proxy_opens_exactly_the_scopes_it_holds_and_refuses_the_rest() {
     let observer = observer(&f.server).await;
     let mut tap = observer.subscribe(">").await.unwrap();
     let publisher = agent(&f.pab).await;
+    // A version-2 envelope adds 56 bytes: the limit agents are told leaves room for them.
+    assert_eq!(
+        publisher.server_info().max_payload,
+        observer.server_info().max_payload - 56
+    );
     {
         let [(_, s0), (_, s1), (_, s2)] = &mut inboxes[..] else {
             unreachable!()
