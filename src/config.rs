@@ -570,6 +570,24 @@ impl FileConfig {
     }
 }
 
+/// A scope name that lives as long as the process, as metric labels need: each distinct name
+/// is kept once, however often a config is read again.
+fn intern(name: &str) -> &'static str {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock, PoisonError};
+    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut names = NAMES
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(known) = names.get(name) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+    names.insert(leaked);
+    leaked
+}
+
 /// Checks one `[[scope]]` against the default root and the scopes before it.
 fn resolve_scope(
     section: ScopeSection,
@@ -642,8 +660,7 @@ fn resolve_scope(
         .resolve()
         .map_err(|e| bad(e.to_string()))?;
     Ok(Scope {
-        // Scope names are few and live as long as the process: metric labels borrow them.
-        name: Box::leak(name.clone().into_boxed_str()),
+        name: intern(&name),
         id: crate::envelope::ScopeId::of(&name),
         subjects: section.subjects,
         kek,

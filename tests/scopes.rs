@@ -801,4 +801,20 @@ async fn scopes_on_openbao_roots_with_a_token_per_tenant() {
         "{text}"
     );
     assert!(!text.contains(bao.token()));
+    // `run` itself stops likewise, before it listens.
+    let run = cipherbus(
+        &a,
+        &[
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--upstream",
+            &server.url(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let (ok, code, text) = output(run);
+    assert!(!ok && code == Some(2), "{text}");
+    assert!(text.contains("scope \"b\""), "{text}");
 }
