@@ -103,7 +103,7 @@ fn render(c: &Config, rules: &[RuleConfig]) -> String {
     if let Some(a) = c.admin {
         line(format!("admin = {}", q(&a.to_string())));
     }
-    line(format!("kek_file = {}", qp(&c.kek_file)));
+    // The root comes from the flags (`flags()`), which override the file's.
     if let Some(d) = &c.state_dir {
         line(format!("state_dir = {}", qp(d)));
     }
@@ -152,8 +152,32 @@ fn render(c: &Config, rules: &[RuleConfig]) -> String {
     line("[keyring]".into());
     line(format!("retired_cache = {}", c.retired_cache));
 
-    let r = &c.rotation;
     line("[rotation]".into());
+    rotation(&mut line, &c.rotation);
+
+    for rule in rules {
+        line("[[policy]]".into());
+        line(format!("subject = {}", q(&rule.subject)));
+        line(format!(
+            "mode = {}",
+            q(&format!("{:?}", rule.mode).to_lowercase())
+        ));
+        line(format!("bind_subject = {}", rule.bind_subject));
+    }
+    for scope in &c.scopes {
+        line("[[scope]]".into());
+        line(format!("name = {}", q(scope.name)));
+        let subjects: Vec<String> = scope.subjects.iter().map(|p| q(p)).collect();
+        line(format!("subjects = [{}]", subjects.join(", ")));
+        line(format!("kek = {}", q(&scope.kek.describe())));
+        line("[scope.rotation]".into());
+        rotation(&mut line, &scope.rotation);
+    }
+    s
+}
+
+/// Every rotation setting, explicitly.
+fn rotation(line: &mut impl FnMut(String), r: &cipherbus::config::Rotation) {
     if let Some(d) = r.rotate_every {
         line(format!("rotate_every = {}", dur(d)));
     }
@@ -169,17 +193,8 @@ fn render(c: &Config, rules: &[RuleConfig]) -> String {
         "retain_retired = {}",
         r.retain_retired.map_or_else(|| q("forever"), dur)
     ));
-
-    for rule in rules {
-        line("[[policy]]".into());
-        line(format!("subject = {}", q(&rule.subject)));
-        line(format!(
-            "mode = {}",
-            q(&format!("{:?}", rule.mode).to_lowercase())
-        ));
-        line(format!("bind_subject = {}", rule.bind_subject));
-    }
-    s
+    line(format!("lease_ttl = {}", dur(r.lease_ttl)));
+    line(format!("require_jetstream = {}", r.require_jetstream));
 }
 
 fn resolve(text: &str) -> Option<(Config, Vec<RuleConfig>)> {
@@ -193,6 +208,10 @@ fn resolve(text: &str) -> Option<(Config, Vec<RuleConfig>)> {
     };
     file.listen = literal_only(file.listen.take());
     file.admin = literal_only(file.admin.take());
+    // A PKCS#11 URI is shown without its query (module path, PIN source), so it is not written
+    // back out whole: scopes with one are left out.
+    file.scope
+        .retain(|s| !s.kek.as_deref().is_some_and(|k| k.starts_with("pkcs11:")));
     let rules = file.policy.clone();
     match file.resolve(flags()) {
         Ok(c) => Some((c, rules)),
