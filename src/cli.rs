@@ -321,7 +321,9 @@ struct RotateArgs {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    if let Err(code) = init_logging() {
+        return code;
+    }
     match cli.command {
         Command::Keygen { kek, out } => keygen(kek, out),
         Command::Run(args) => run(args),
@@ -428,15 +430,36 @@ fn fail(e: &dyn std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_USAGE)
 }
 
-fn init_logging() {
+/// Logs go to stderr: text, or with `CIPHERBUS_LOG_FORMAT=json` one JSON object per line (the
+/// same events and fields). Any other format is refused before anything runs.
+fn init_logging() -> Result<(), ExitCode> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CIPHERBUS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
     use std::io::IsTerminal;
-    let _ = tracing_subscriber::fmt()
+    let format = std::env::var("CIPHERBUS_LOG_FORMAT").unwrap_or_default();
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    match format.as_str() {
+        "" | "text" => {
+            let _ = builder
+                .with_ansi(std::io::stderr().is_terminal())
+                .try_init();
+        }
+        "json" => {
+            let _ = builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .try_init();
+        }
+        other => {
+            return Err(fail(&format!(
+                "CIPHERBUS_LOG_FORMAT {other:?} is not a log format (expected \"text\" or \"json\")"
+            )))
+        }
+    }
+    Ok(())
 }
 
 fn upstream_overrides(a: UpstreamTlsArgs) -> Overrides {

@@ -273,7 +273,9 @@ async fn no_key_or_plaintext_in_any_log_line_at_the_most_verbose_level() {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let state = d.join(name);
-        proxies.push(Daemon::spawn(
+        // One proxy logs JSON lines: the same guarantee holds for them.
+        let format = if name == "proxy-b" { "json" } else { "text" };
+        proxies.push(Daemon::spawn_with(
             &[
                 "run",
                 "--config",
@@ -290,6 +292,7 @@ async fn no_key_or_plaintext_in_any_log_line_at_the_most_verbose_level() {
             d.join(format!("{name}.log")),
             "trace",
             None,
+            &[("CIPHERBUS_LOG_FORMAT".into(), format.into())],
         ));
         wait_listening(port);
         ports.push(port);
@@ -389,7 +392,7 @@ async fn no_key_or_plaintext_in_any_log_line_at_the_most_verbose_level() {
     .await
     .unwrap();
     let b_log = &proxies[1];
-    b_log.wait_log("subject=ledger.injected");
+    b_log.wait_log("ledger.injected");
     drop((a, b, watcher));
 
     let mut logs = vec![("cli output".to_owned(), cli_output)];
@@ -398,6 +401,32 @@ async fn no_key_or_plaintext_in_any_log_line_at_the_most_verbose_level() {
         logs.push((p.log.display().to_string(), p.log()));
     }
     for (name, log) in &logs[1..] {
+        if name.ends_with("proxy-b.log") {
+            // One JSON object per line, with the event's fields at the top level.
+            let mut levels = std::collections::BTreeSet::new();
+            for line in log.lines() {
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("{name}: not a JSON line ({e}): {line}"));
+                assert!(
+                    v["timestamp"].is_string() && v["target"].is_string(),
+                    "{line}"
+                );
+                levels.insert(v["level"].as_str().unwrap_or_default().to_owned());
+            }
+            assert!(
+                ["TRACE", "DEBUG", "INFO", "WARN"]
+                    .iter()
+                    .all(|l| levels.contains(*l)),
+                "{name} logged at every level: {levels:?}"
+            );
+            assert!(
+                log.lines().any(|l| l
+                    .contains(r#""message":"refused a delivery on an encrypt subject""#)
+                    && l.contains(r#""subject":"ledger.injected""#)),
+                "{name}: the refusal as JSON"
+            );
+            continue;
+        }
         assert!(
             log.contains(" TRACE ") && log.contains(" DEBUG ") && log.contains(" INFO "),
             "{name} logged at every level:\n{log}"
@@ -474,6 +503,20 @@ async fn no_key_or_plaintext_in_any_log_line_at_the_most_verbose_level() {
         }
     }
     assert!(leaks.is_empty(), "secrets in the logs: {leaks:#?}");
+}
+
+/// A log format other than text or json stops every command with one sentence.
+#[test]
+fn an_unknown_log_format_is_refused() {
+    let out = Command::new(BIN)
+        .args(["keygen", "--out", "/nonexistent/kek"])
+        .env("CIPHERBUS_LOG_FORMAT", "yaml")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("CIPHERBUS_LOG_FORMAT \"yaml\""), "{err}");
 }
 
 /// Random bytes for a canary that cannot occur by chance.
