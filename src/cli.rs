@@ -48,6 +48,13 @@ enum Command {
     },
     /// Run the proxy.
     Run(RunArgs),
+    /// Make a running proxy re-read its config file and apply its subject policy (what SIGHUP
+    /// does, as `nats-server --signal reload`).
+    Reload {
+        /// The proxy's process id.
+        #[arg(long, value_name = "PID")]
+        pid: i32,
+    },
     /// Run the key authority alone, without a proxy listener.
     Controller(ControllerArgs),
     /// Ask the key authority to rotate now; waits until the new epoch is active.
@@ -327,6 +334,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Keygen { kek, out } => keygen(kek, out),
         Command::Run(args) => run(args),
+        Command::Reload { pid } => reload(pid),
         Command::Controller(args) => controller(args),
         Command::Rotate(args) => rotate(args),
         Command::Keys { authority, config } => match config {
@@ -544,10 +552,11 @@ fn run(args: RunArgs) -> ExitCode {
         aead: args.aead,
         ..upstream_overrides(args.upstream_tls)
     };
-    let config = match load(args.config.as_deref(), flags) {
+    let config = match load(args.config.as_deref(), flags.clone()) {
         Ok(x) => x,
         Err(code) => return code,
     };
+    let config_file = args.config.clone();
     let runtime = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -565,17 +574,60 @@ fn run(args: RunArgs) -> ExitCode {
             Ok(h) => h,
             Err(e) => return fail(&e),
         };
-        tokio::select! {
-            () = wait_for_signal() => {}
-            why = handle.failed() => {
-                handle.shutdown().await;
-                return fail(&why);
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        loop {
+            let hup = async {
+                match hangup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = wait_for_signal() => break,
+                why = handle.failed() => {
+                    handle.shutdown().await;
+                    return fail(&why);
+                }
+                Some(()) = hup => reload_from(&handle, config_file.as_deref(), &flags),
             }
         }
         tracing::info!("shutting down");
         handle.shutdown().await;
         ExitCode::SUCCESS
     })
+}
+
+/// SIGHUP: reads the config file again and applies its subject policy. A file that does not
+/// validate, or that changes what takes a restart, is refused and logged; the running config
+/// stays in force.
+fn reload_from(handle: &crate::server::ProxyHandle, file: Option<&Path>, flags: &Overrides) {
+    let Some(file) = file else {
+        tracing::info!("SIGHUP: no config file to reload (started without --config)");
+        return;
+    };
+    let loaded = FileConfig::load(file).and_then(|f| f.resolve(flags.clone()));
+    match loaded {
+        Err(e) => {
+            handle.reload_invalid();
+            tracing::error!(error = %e, "reload refused: the config does not validate; the running one stays in force");
+        }
+        Ok(config) => match handle.reload(&config) {
+            Ok(()) => tracing::info!(file = %file.display(), "reloaded the subject policy"),
+            Err(why) => tracing::error!(error = %why, "reload refused"),
+        },
+    }
+}
+
+/// `cipherbus reload --pid PID`: SIGHUP to a running proxy.
+fn reload(pid: i32) -> ExitCode {
+    let Some(target) = rustix::process::Pid::from_raw(pid) else {
+        return fail(&format!("--pid {pid} is not a process id"));
+    };
+    match rustix::process::kill_process(target, rustix::process::Signal::HUP) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("cannot signal process {pid}: {e}")),
+    }
 }
 
 /// Raises the soft open-file limit to the hard one: each agent costs two descriptors, and the
@@ -684,11 +736,25 @@ fn controller(args: ControllerArgs) -> ExitCode {
             Ok(h) => h,
             Err(e) => return fail(&e),
         };
-        tokio::select! {
-            () = wait_for_signal() => {}
-            why = handle.failed() => {
-                handle.shutdown().await;
-                return fail(&why);
+        // SIGHUP must not end the authority (its default action would).
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        loop {
+            let hup = async {
+                match hangup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = wait_for_signal() => break,
+                why = handle.failed() => {
+                    handle.shutdown().await;
+                    return fail(&why);
+                }
+                Some(()) = hup => {
+                    tracing::info!("SIGHUP: the key authority alone has no subject policy to reload");
+                }
             }
         }
         handle.shutdown().await;

@@ -86,6 +86,12 @@ pub struct Metrics {
     pub aead_backend: Family<BackendLabel, Gauge>,
     pub audit_failures: Family<ReasonLabel, Counter>,
     pub rotations_refused: Family<ReasonLabel, Counter>,
+    pub reloads: Family<OutcomeLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
 }
 
 impl Default for Metrics {
@@ -121,6 +127,7 @@ impl Metrics {
             aead_backend: Family::default(),
             audit_failures: Family::default(),
             rotations_refused: Family::default(),
+            reloads: Family::default(),
             registry: Registry::default(),
         };
         // Process-wide: the root is opened, and the KMS first called, before this registry exists.
@@ -254,6 +261,14 @@ impl Metrics {
             "Rotations, revocations and destructions the key authority refused, by reason",
             m.rotations_refused.clone(),
         );
+        registry.register(
+            "reloads",
+            "Config reloads (SIGHUP), by outcome: ok, invalid (the file did not validate) or restart_required",
+            m.reloads.clone(),
+        );
+        for outcome in ["ok", "invalid", "restart_required"] {
+            let _ = m.reloads.get_or_create(&OutcomeLabel { outcome });
+        }
         for reason in ["file", "stream"] {
             let _ = m.audit_failures.get_or_create(&ReasonLabel { reason });
         }
@@ -276,6 +291,10 @@ impl Metrics {
         self.open_failures
             .get_or_create(&ReasonLabel { reason })
             .inc();
+    }
+
+    pub fn reload(&self, outcome: &'static str) {
+        self.reloads.get_or_create(&OutcomeLabel { outcome }).inc();
     }
 
     pub fn deny(&self, direction: &'static str) {

@@ -165,6 +165,8 @@ pub struct Policy {
     control_prefix: String,
     /// Each configured scope's patterns, in file order.
     scopes: Vec<Vec<Pattern>>,
+    /// Which reload this policy came from (0 at start); caches of decisions compare it.
+    revision: u64,
 }
 
 const ENCRYPT_BOUND: Decision = Decision {
@@ -230,6 +232,7 @@ impl Policy {
             rules: compiled,
             control_prefix: control_prefix.to_owned(),
             scopes: Vec::new(),
+            revision: 0,
         })
     }
 
@@ -264,6 +267,17 @@ impl Policy {
 
     pub fn control_prefix(&self) -> &str {
         &self.control_prefix
+    }
+
+    /// Which reload this policy came from.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// This policy, as the one reload `revision` put in place.
+    pub fn with_revision(mut self, revision: u64) -> Self {
+        self.revision = revision;
+        self
     }
 
     /// The decision for a literal subject (PUB, MSG). Falls back to encrypt, bound.

@@ -149,6 +149,8 @@ pub struct ProxyHandle {
     pub keyring: Arc<Keyring>,
     /// Every scope's keyring, the default one first.
     pub scopes: Arc<crate::scope::Scopes>,
+    /// What every agent session shares (a proxy's; none for a controller alone).
+    shared: Option<Arc<Shared>>,
     shutdown: Option<watch::Sender<()>>,
     tasks: Vec<JoinHandle<()>>,
     /// Set once, with one sentence, when a part the process cannot run without stopped.
@@ -172,6 +174,40 @@ impl ProxyHandle {
     /// The sentence a part the process cannot run without stopped with, if one did.
     pub fn failure(&self) -> Option<String> {
         self.fatal.borrow().clone()
+    }
+
+    /// Puts the subject policy (and the subjects of each key scope) of `new` in force: every
+    /// session uses it from its next message on. Refused, with the running config left in
+    /// force, when `new` changes a setting that needs a restart; the error names them.
+    pub fn reload(&self, new: &Config) -> Result<(), String> {
+        let Some(shared) = &self.shared else {
+            return Err("a controller without a proxy has no subject policy to reload".into());
+        };
+        let changed = restart_settings(&shared.config)
+            .into_iter()
+            .zip(restart_settings(new))
+            .filter(|(old, new)| old.1 != new.1)
+            .map(|(old, _)| old.0)
+            .collect::<Vec<_>>();
+        if !changed.is_empty() {
+            self.metrics.reload("restart_required");
+            return Err(format!(
+                "{} changed, which takes a restart; the running config stays in force",
+                changed.join(", ")
+            ));
+        }
+        let revision = shared.policy.load().revision() + 1;
+        shared
+            .policy
+            .store(Arc::new(new.policy.clone().with_revision(revision)));
+        self.metrics.reload("ok");
+        Ok(())
+    }
+
+    /// Counts a reload refused before it reached [`ProxyHandle::reload`] (an unreadable or
+    /// invalid config file).
+    pub fn reload_invalid(&self) {
+        self.metrics.reload("invalid");
     }
 
     /// Stops accepting, closes every session, and waits for the listener tasks to end.
@@ -356,6 +392,7 @@ impl Base {
             metrics: self.metrics,
             keyring: scopes.default_keyring().clone(),
             scopes,
+            shared: None,
             shutdown: Some(self.shutdown_tx),
             tasks: self.tasks,
             fatal: self.fatal,
@@ -425,11 +462,13 @@ pub async fn start_with_scopes(
     ));
     base.tasks.push(tokio::spawn(accept_loop(
         listener,
-        shared,
+        shared.clone(),
         limit,
         shutdown_rx,
     )));
-    Ok(base.into_handle(local_addr, scopes))
+    let mut handle = base.into_handle(local_addr, scopes);
+    handle.shared = Some(shared);
+    Ok(handle)
 }
 
 async fn accept_loop(
@@ -473,6 +512,37 @@ async fn accept_loop(
             drop(permit);
         });
     }
+}
+
+/// Every setting a reload cannot change, by name, as text to compare: everything but the
+/// subject rules and the subjects of each key scope.
+fn restart_settings(c: &Config) -> Vec<(&'static str, String)> {
+    let scopes: Vec<String> = c
+        .scopes
+        .iter()
+        .map(|s| format!("{} {:?} {:?}", s.name, s.kek, s.rotation))
+        .collect();
+    vec![
+        ("listen", c.listen.to_string()),
+        ("upstream", format!("{:?}", c.upstreams)),
+        ("kek", format!("{:?}", c.kek)),
+        ("state_dir", format!("{:?}", c.state_dir)),
+        ("admin", format!("{:?}", c.admin)),
+        ("control_prefix", c.policy.control_prefix().to_owned()),
+        ("max_connections", c.max_connections.to_string()),
+        (
+            "upstream_connect_timeout",
+            format!("{:?}", c.upstream_connect_timeout),
+        ),
+        ("keyring", c.retired_cache.to_string()),
+        ("rotation", format!("{:?}", c.rotation)),
+        ("controller", c.controller.to_string()),
+        ("audit_log", format!("{:?}", c.audit_log)),
+        ("tls", format!("{:?}", c.agent_tls)),
+        ("upstream tls", format!("{:?}", c.upstream_tls)),
+        ("aead", format!("{:?}", c.aead)),
+        ("the key scopes (names, roots, rotation)", scopes.join("; ")),
+    ]
 }
 
 /// Descriptors kept back from agent sessions: the listeners, control connections, the state

@@ -66,6 +66,9 @@ pub struct Shared {
     pub config: Config,
     /// Every key scope this proxy holds, the default one first.
     pub scopes: Arc<crate::scope::Scopes>,
+    /// The subject policy in force: `config.policy` until a reload replaces it. Sessions read
+    /// it once per batch of ops, so a reload reaches connected agents at their next message.
+    pub policy: arc_swap::ArcSwap<crate::policy::Policy>,
     pub metrics: Arc<Metrics>,
     pub rewrite: InfoRewrite,
     /// TLS on the agent listener.
@@ -109,6 +112,7 @@ impl Shared {
             },
         };
         Shared {
+            policy: arc_swap::ArcSwap::from_pointee(config.policy.clone()),
             config,
             scopes,
             metrics,
@@ -712,7 +716,6 @@ where
     let mut out = BytesMut::new();
     let mut outbound = Outbound::new(shared.config.aead);
     let mut idle = Idle::new();
-    let policy = &shared.config.policy;
     let metrics = &shared.metrics;
     // PINGs forwarded upstream: the server answers each with one PONG, in order.
     let mut pings: u64 = 0;
@@ -741,6 +744,8 @@ where
             }
         }
         let keys = shared.scopes.keys();
+        let policy_now = shared.policy.load_full();
+        let policy: &crate::policy::Policy = &policy_now;
         let limit = max_payload.load(Ordering::Relaxed);
         let mut failure: Option<ProtoError> = None;
         // Ops borrow `buf`; what they took is consumed once they are all handled.
@@ -779,7 +784,7 @@ where
             }
         }
         buf.advance(used);
-        drop(keys);
+        drop((keys, policy_now));
         if let Err(e) = outbound.finish(&mut out) {
             // `out` holds plaintext where ciphertext goes: it is never sent.
             tracing::error!(error = %e, "cannot seal; closing the session");
@@ -832,7 +837,6 @@ where
     let mut out = BytesMut::new();
     let mut inbound = Inbound::new(shared.config.aead);
     let mut idle = Idle::new();
-    let policy = &shared.config.policy;
     let metrics = &shared.metrics;
     let mut notices_open = true;
     // PONGs seen from the server, to find the fence's; and once the agent has broken the
@@ -846,6 +850,8 @@ where
         let mut fenced = false;
         {
             let mut keys = shared.scopes.keys();
+            let policy_now = shared.policy.load_full();
+            let policy: &crate::policy::Policy = &policy_now;
             let limit = max_payload.load(Ordering::Relaxed)
                 + crate::envelope::MAX_OVERHEAD
                 + SERVER_PAYLOAD_SLACK;

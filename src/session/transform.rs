@@ -135,12 +135,14 @@ impl Replies {
 struct PolicyCache {
     subject: Vec<u8>,
     decision: Option<Decision>,
+    /// The policy revision the decision came from: a reload makes it stale.
+    revision: u64,
 }
 
 impl PolicyCache {
     fn decide(&mut self, policy: &Policy, subject: &[u8]) -> Decision {
         if let Some(d) = self.decision {
-            if self.subject == subject {
+            if self.revision == policy.revision() && self.subject == subject {
                 return d;
             }
         }
@@ -149,6 +151,7 @@ impl PolicyCache {
             self.subject.clear();
             self.subject.extend_from_slice(subject);
             self.decision = Some(d);
+            self.revision = policy.revision();
         }
         d
     }
