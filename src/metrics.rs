@@ -58,10 +58,123 @@ pub struct DirectionLabel {
     pub direction: &'static str,
 }
 
+/// The standard `process_*` metrics (no `cipherbus_` prefix), read from `/proc` when scraped,
+/// so a dashboard needs no node exporter for the proxy's CPU and memory.
+#[derive(Debug, Default)]
+struct ProcessMetrics {
+    registry: Registry,
+    cpu_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// The CPU seconds already added to `cpu_seconds`.
+    cpu_counted: std::sync::Mutex<f64>,
+    resident_memory: Gauge,
+    virtual_memory: Gauge,
+    open_fds: Gauge,
+    max_fds: Gauge,
+    start_time: Gauge,
+}
+
+impl ProcessMetrics {
+    fn new() -> Self {
+        let mut p = ProcessMetrics::default();
+        let mut registry = Registry::default();
+        registry.register_with_unit(
+            "process_cpu",
+            "Total user and system CPU time spent",
+            Unit::Seconds,
+            p.cpu_seconds.clone(),
+        );
+        registry.register_with_unit(
+            "process_resident_memory",
+            "Resident memory size",
+            Unit::Bytes,
+            p.resident_memory.clone(),
+        );
+        registry.register_with_unit(
+            "process_virtual_memory",
+            "Virtual memory size",
+            Unit::Bytes,
+            p.virtual_memory.clone(),
+        );
+        registry.register(
+            "process_open_fds",
+            "Open file descriptors",
+            p.open_fds.clone(),
+        );
+        registry.register(
+            "process_max_fds",
+            "The open file descriptor limit",
+            p.max_fds.clone(),
+        );
+        registry.register_with_unit(
+            "process_start_time",
+            "Start time of the process since the Unix epoch",
+            Unit::Seconds,
+            p.start_time.clone(),
+        );
+        p.registry = registry;
+        p
+    }
+
+    /// Reads this process's figures from `/proc/self`.
+    fn refresh(&self) {
+        let ticks = rustix::param::clock_ticks_per_second().max(1) as f64;
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        let field = |n: usize| fields.get(n).and_then(|v| v.parse::<u64>().ok());
+        // Numbered as in proc(5) from the state (field 3): utime 14, stime 15, starttime 22,
+        // vsize 23, rss 24 (pages).
+        if let (Some(utime), Some(stime)) = (field(14 - 3), field(15 - 3)) {
+            let total = (utime + stime) as f64 / ticks;
+            let mut counted = self
+                .cpu_counted
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if total > *counted {
+                self.cpu_seconds.inc_by(total - *counted);
+                *counted = total;
+            }
+        }
+        if let Some(vsize) = field(23 - 3) {
+            self.virtual_memory.set(vsize as i64);
+        }
+        if let Some(pages) = field(24 - 3) {
+            self.resident_memory
+                .set((pages * rustix::param::page_size() as u64) as i64);
+        }
+        if let Some(start) = field(22 - 3) {
+            let boot = std::fs::read_to_string("/proc/stat")
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            if let Some(boot) = boot {
+                self.start_time
+                    .set((boot + (start as f64 / ticks) as u64) as i64);
+            }
+        }
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            self.open_fds.set(dir.count() as i64);
+        }
+        let limit = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .as_deref()
+            .and_then(crate::server::open_files_limit);
+        if let Some(limit) = limit {
+            self.max_fds.set(i64::try_from(limit).unwrap_or(i64::MAX));
+        }
+    }
+}
+
 /// All metrics of one proxy process.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    process: ProcessMetrics,
     pub messages_sealed: Counter,
     pub messages_opened: Counter,
     pub bytes_sealed: Counter,
@@ -129,6 +242,7 @@ impl Metrics {
             rotations_refused: Family::default(),
             reloads: Family::default(),
             registry: Registry::default(),
+            process: ProcessMetrics::new(),
         };
         // Process-wide: the root is opened, and the KMS first called, before this registry exists.
         registry.register(
@@ -413,12 +527,18 @@ impl Metrics {
         }
     }
 
-    /// Renders the registry in the Prometheus/OpenMetrics text format.
+    /// Renders the registry in the Prometheus/OpenMetrics text format, the `process_*`
+    /// metrics (read now) among them.
     pub fn render(&self) -> String {
+        self.process.refresh();
         let mut out = String::with_capacity(4096);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        let mut process = String::with_capacity(1024);
+        let _ = prometheus_client::encoding::text::encode(&mut process, &self.process.registry);
+        // One exposition, one `# EOF` at its end.
+        let body = out.strip_suffix("# EOF\n").unwrap_or(&out).to_owned();
+        body + &process
     }
 }
 
@@ -453,5 +573,40 @@ mod tests {
         );
         assert!(text.contains("cipherbus_aead_backend{backend=\"batched\"} 0"));
         assert_eq!(m.open_failures_for("auth"), 1);
+    }
+
+    #[test]
+    fn process_metrics_are_read_from_proc() {
+        let m = Metrics::new();
+        // Burn a little CPU so the counter has something to show.
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        let text = m.render();
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("{name} missing: {text}"))
+        };
+        assert!(value("process_cpu_seconds_total") > 0.0);
+        assert!(value("process_resident_memory_bytes") > 1e6);
+        assert!(value("process_virtual_memory_bytes") >= value("process_resident_memory_bytes"));
+        assert!(value("process_open_fds") >= 3.0);
+        // 0 when the limit is unlimited.
+        let max = value("process_max_fds");
+        assert!(max == 0.0 || max >= value("process_open_fds"), "{max}");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let start = value("process_start_time_seconds");
+        assert!(
+            start > now - 86_400.0 && start <= now + 1.0,
+            "{start} vs {now}"
+        );
+        assert_eq!(text.matches("# EOF").count(), 1);
+        assert!(text.ends_with("# EOF\n"));
     }
 }

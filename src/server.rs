@@ -582,7 +582,7 @@ fn connection_cap(configured: usize, set: bool, open_files: Option<u64>) -> usiz
 }
 
 /// The soft "Max open files" limit from `/proc/self/limits`; `None` when unlimited or unknown.
-fn open_files_limit(limits: &str) -> Option<u64> {
+pub(crate) fn open_files_limit(limits: &str) -> Option<u64> {
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     line["Max open files".len()..]
         .split_whitespace()
