@@ -574,28 +574,39 @@ fn run(args: RunArgs) -> ExitCode {
             Ok(h) => h,
             Err(e) => return fail(&e),
         };
-        let mut hangup =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        loop {
-            let hup = async {
-                match hangup.as_mut() {
-                    Some(h) => h.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                () = wait_for_signal() => break,
-                why = handle.failed() => {
-                    handle.shutdown().await;
-                    return fail(&why);
-                }
-                Some(()) = hup => reload_from(&handle, config_file.as_deref(), &flags),
-            }
-        }
-        tracing::info!("shutting down");
+        let code = serve(&mut handle, |h| {
+            reload_from(h, config_file.as_deref(), &flags)
+        })
+        .await;
         handle.shutdown().await;
-        ExitCode::SUCCESS
+        code
     })
+}
+
+/// Runs until SIGTERM or Ctrl-C (success) or until a part the process cannot run without
+/// stops (one sentence, exit 2). SIGHUP calls `on_hangup` and goes on: its default action
+/// would end the process.
+async fn serve(
+    handle: &mut crate::server::ProxyHandle,
+    on_hangup: impl Fn(&crate::server::ProxyHandle),
+) -> ExitCode {
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        let hup = async {
+            match hangup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = wait_for_signal() => {
+                tracing::info!("shutting down");
+                return ExitCode::SUCCESS;
+            }
+            why = handle.failed() => return fail(&why),
+            Some(()) = hup => on_hangup(handle),
+        }
+    }
 }
 
 /// SIGHUP: reads the config file again and applies its subject policy. A file that does not
@@ -736,29 +747,12 @@ fn controller(args: ControllerArgs) -> ExitCode {
             Ok(h) => h,
             Err(e) => return fail(&e),
         };
-        // SIGHUP must not end the authority (its default action would).
-        let mut hangup =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        loop {
-            let hup = async {
-                match hangup.as_mut() {
-                    Some(h) => h.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                () = wait_for_signal() => break,
-                why = handle.failed() => {
-                    handle.shutdown().await;
-                    return fail(&why);
-                }
-                Some(()) = hup => {
-                    tracing::info!("SIGHUP: the key authority alone has no subject policy to reload");
-                }
-            }
-        }
+        let code = serve(&mut handle, |_| {
+            tracing::info!("SIGHUP: the key authority alone has no subject policy to reload");
+        })
+        .await;
         handle.shutdown().await;
-        ExitCode::SUCCESS
+        code
     })
 }
 
