@@ -79,6 +79,17 @@ async fn settle(via: &async_nats::Client, subs: &mut [&mut async_nats::Subscribe
     }
 }
 
+/// Publishes `secret on SUBJECT` on each subject.
+async fn publish_orders(publisher: &async_nats::Client, subjects: &[&str]) {
+    for subject in subjects {
+        publisher
+            .publish(subject.to_string(), format!("secret on {subject}").into())
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+}
+
 /// An operator command, repeated while the scope's authority is still starting.
 async fn operator(bin: &str, args: &[&str], kek: &Path) -> std::process::Output {
     for _ in 0..40 {
@@ -181,13 +192,7 @@ async fn each_proxy_opens_exactly_the_scopes_it_holds_and_refuses_the_rest() {
         settle(&publisher, &mut [s0, s1, s2, &mut tap], "c.marker").await;
     }
 
-    for subject in ["a.orders", "b.orders", "c.orders"] {
-        publisher
-            .publish(subject, format!("secret on {subject}").into())
-            .await
-            .unwrap();
-    }
-    publisher.flush().await.unwrap();
+    publish_orders(&publisher, &["a.orders", "b.orders", "c.orders"]).await;
 
     let quiet = Duration::from_millis(700);
     let seen = |got: &[(String, String)]| -> Vec<String> {
@@ -748,13 +753,7 @@ async fn scopes_on_openbao_roots_with_a_token_per_tenant() {
         };
         settle(&publisher, &mut [s0, s1], "c.marker").await;
     }
-    for subject in ["a.orders", "b.orders"] {
-        publisher
-            .publish(subject, format!("secret on {subject}").into())
-            .await
-            .unwrap();
-    }
-    publisher.flush().await.unwrap();
+    publish_orders(&publisher, &["a.orders", "b.orders"]).await;
     let quiet = Duration::from_millis(700);
     let orders = |got: Vec<(String, String)>| -> Vec<String> {
         got.into_iter()

@@ -708,6 +708,11 @@ fn http(
     }
     request.push_str("\r\n");
     request.push_str(body);
+    exchange(&mut s, &request)
+}
+
+/// Sends a whole HTTP/1.1 request (with `Connection: close`) and reads the status and body.
+fn exchange(s: &mut std::net::TcpStream, request: &str) -> std::io::Result<(u16, String)> {
     s.write_all(request.as_bytes())?;
     let mut answer = Vec::new();
     s.read_to_end(&mut answer)?;
@@ -951,18 +956,7 @@ impl Moto {
             self.port,
             body.len()
         );
-        s.write_all(request.as_bytes())?;
-        let mut answer = Vec::new();
-        s.read_to_end(&mut answer)?;
-        let answer = String::from_utf8_lossy(&answer);
-        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer");
-        let (head, body) = answer.split_once("\r\n\r\n").ok_or_else(bad)?;
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(bad)?;
-        Ok((status, body.to_owned()))
+        exchange(&mut s, &request)
     }
 
     /// [`Moto::try_kms`], panicking unless the answer is 200; returns its JSON.
