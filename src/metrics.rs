@@ -200,6 +200,10 @@ pub struct Metrics {
     pub audit_failures: Family<ReasonLabel, Counter>,
     pub rotations_refused: Family<ReasonLabel, Counter>,
     pub reloads: Family<OutcomeLabel, Counter>,
+    pub max_connections: Gauge,
+    pub rotation_interval: Family<ScopeLabel, Gauge>,
+    pub authority_leader: Family<ScopeLabel, Gauge>,
+    pub authority_last_seen: Family<ScopeLabel, Gauge>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -241,6 +245,10 @@ impl Metrics {
             audit_failures: Family::default(),
             rotations_refused: Family::default(),
             reloads: Family::default(),
+            max_connections: Gauge::default(),
+            rotation_interval: Family::default(),
+            authority_leader: Family::default(),
+            authority_last_seen: Family::default(),
             registry: Registry::default(),
             process: ProcessMetrics::new(),
         };
@@ -380,6 +388,28 @@ impl Metrics {
             "Config reloads (SIGHUP), by outcome: ok, invalid (the file did not validate) or restart_required",
             m.reloads.clone(),
         );
+        registry.register(
+            "max_connections",
+            "The agent connection cap in force (max_connections, lowered to fit the open-files limit)",
+            m.max_connections.clone(),
+        );
+        registry.register_with_unit(
+            "rotation_interval",
+            "The configured rotate_every of each key scope that rotates on a schedule",
+            Unit::Seconds,
+            m.rotation_interval.clone(),
+        );
+        registry.register(
+            "authority_leader",
+            "1 while this process's key authority acts for the scope, 0 while it stands by",
+            m.authority_leader.clone(),
+        );
+        registry.register_with_unit(
+            "authority_last_seen_timestamp",
+            "When this proxy last heard the acting key authority of the scope (Unix time; 0 before it has)",
+            Unit::Seconds,
+            m.authority_last_seen.clone(),
+        );
         for outcome in ["ok", "invalid", "restart_required"] {
             let _ = m.reloads.get_or_create(&OutcomeLabel { outcome });
         }
@@ -459,6 +489,16 @@ impl Metrics {
         self.active_epoch
             .get_or_create(&ScopeLabel { scope })
             .set(i64::from(epoch));
+    }
+
+    /// Records that scope `scope`'s acting authority was just heard.
+    pub fn authority_heard(&self, scope: &'static str) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.authority_last_seen
+            .get_or_create(&ScopeLabel { scope })
+            .set(i64::try_from(now).unwrap_or(i64::MAX));
     }
 
     /// The active epoch last set for scope `scope`.

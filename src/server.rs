@@ -330,6 +330,15 @@ impl Base {
                 keyring.set_audit(log.clone(), node.clone());
             }
             metrics.set_active_epoch(held.name, keyring.snapshot().active.epoch);
+            let label = crate::metrics::ScopeLabel { scope: held.name };
+            // Present from the start, so "never heard" (0) is visible to alerts.
+            let _ = metrics.authority_last_seen.get_or_create(&label);
+            if let Some(every) = at.rotation.rotate_every {
+                metrics
+                    .rotation_interval
+                    .get_or_create(&label)
+                    .set(i64::try_from(every.as_secs()).unwrap_or(i64::MAX));
+            }
             tasks.push(tokio::spawn(crate::control::member::run(
                 keyring.clone(),
                 metrics.clone(),
@@ -356,6 +365,7 @@ impl Base {
                         rotation: at.rotation,
                         node: node_id("authority"),
                         tls: config.upstream_tls.clone(),
+                        scope: held.name,
                     },
                     audit,
                     shutdown_rx.clone(),
@@ -444,14 +454,18 @@ pub async fn start_with_scopes(
         base.tasks
             .push(tokio::spawn(t.clone().watch(shutdown_rx.clone())));
     }
-    let limit = Arc::new(Semaphore::new(connection_cap(
+    let cap = connection_cap(
         config.max_connections,
         config.max_connections_set,
         std::fs::read_to_string("/proc/self/limits")
             .ok()
             .as_deref()
             .and_then(open_files_limit),
-    )));
+    );
+    metrics
+        .max_connections
+        .set(i64::try_from(cap).unwrap_or(i64::MAX));
+    let limit = Arc::new(Semaphore::new(cap));
     let shared = Arc::new(Shared::new(
         config,
         scopes.clone(),

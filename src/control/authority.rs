@@ -23,7 +23,7 @@ use crate::audit::{AuditLog, Event, EventKind};
 use crate::config::Rotation;
 use crate::envelope::{DataKey, Opener};
 use crate::keyring::{KeyState, Keyring};
-use crate::metrics::{Metrics, ReasonLabel};
+use crate::metrics::{Metrics, ReasonLabel, ScopeLabel};
 
 /// A proxy is live while its last heartbeat is younger than this many intervals.
 const LIVE_INTERVALS: u32 = 3;
@@ -139,6 +139,8 @@ pub struct AuthorityConfig {
     pub rotation: Rotation,
     pub node: String,
     pub tls: crate::tls::UpstreamFiles,
+    /// The key scope it rules (its metrics label).
+    pub scope: &'static str,
 }
 
 #[derive(Debug)]
@@ -426,6 +428,7 @@ impl Authority {
             "key authority running"
         );
         loop {
+            self.show_role();
             tokio::select! {
                 Some(m) = hellos.next() => self.on_hello(&m.payload),
                 Some(m) = heartbeats.next() => {
@@ -506,6 +509,10 @@ impl Authority {
                 }
                 _ = shutdown.changed() => {
                     self.release_lease().await;
+                    self.metrics
+                        .authority_leader
+                        .get_or_create(&ScopeLabel { scope: self.cfg.scope })
+                        .set(0);
                     return Ok(());
                 }
             }
@@ -976,6 +983,16 @@ impl Authority {
         self.standing_by_for
             .as_ref()
             .is_some_and(|(_, seen)| seen.elapsed() <= horizon)
+    }
+
+    /// `cipherbus_authority_leader{scope}`: whether this authority acts now.
+    fn show_role(&self) {
+        self.metrics
+            .authority_leader
+            .get_or_create(&ScopeLabel {
+                scope: self.cfg.scope,
+            })
+            .set(i64::from(!self.standing_by()));
     }
 
     /// The keyring as the authority describes it; with `wrapped`, for proxies to install.

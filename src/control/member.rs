@@ -618,10 +618,14 @@ pub async fn run(
             }
             _ = shutdown.changed() => return,
         };
+        let heard = msg.is_some();
         let result = match msg {
             Some(msg) => member.apply(&msg.payload),
             None => Ok(Reply::None),
         };
+        if heard && result.is_ok() {
+            metrics.authority_heard(scope);
+        }
         match result {
             Ok(Reply::Ack(epoch)) => {
                 let ack = sealer.seal(&member.subjects().ack, Body::Ack { epoch });
