@@ -59,6 +59,18 @@ enum Command {
     Controller(ControllerArgs),
     /// Ask the key authority to rotate now; waits until the new epoch is active.
     Rotate(RotateArgs),
+    /// The fleet at a glance: every proxy with its epoch, traffic and refusals, the
+    /// authority and its standby, and the next rotation.
+    Status {
+        #[command(flatten)]
+        authority: AuthorityArgs,
+        /// One JSON object per look, for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Look again every 2 s (in place on a terminal) until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
     /// List the epochs the key authority knows and their states.
     Keys {
         #[command(flatten)]
@@ -341,6 +353,11 @@ pub fn main() -> ExitCode {
             Some(file) => keys_of_every_scope(authority, &file),
             None => keys(authority),
         },
+        Command::Status {
+            authority,
+            json,
+            watch,
+        } => status(authority, json, watch),
         Command::Rewrap(args) => rewrap(args),
         Command::Migrate { from_kek_file, bus } => migrate(from_kek_file, bus),
         Command::Revoke {
@@ -1063,6 +1080,67 @@ fn ask_authority(
             Err(ExitCode::FAILURE)
         }
     }
+}
+
+/// How long `status` waits for the authority (less with a shorter --timeout).
+const STATUS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn status(args: AuthorityArgs, json: bool, watch: bool) -> ExitCode {
+    use std::io::IsTerminal;
+    let bus = match Bus::from_args(args) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    let (timeout, root, prefix) = (bus.timeout, bus.root.clone(), bus.prefix.clone());
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let terminal = std::io::stdout().is_terminal();
+    rt.block_on(async {
+        let client = match bus.connect().await {
+            Ok(c) => c,
+            Err(e) => return fail(&e),
+        };
+        let control_key = root.control_key();
+        let mut sealer = match crate::control::message::ControlSealer::new(
+            crate::server::node_id("cli"),
+            control_key,
+        ) {
+            Ok(s) => s,
+            Err(e) => return fail(&e),
+        };
+        let wait = timeout.min(STATUS_WAIT);
+        loop {
+            let look =
+                crate::status::look(&client, &mut sealer, control_key, &prefix, wait).await;
+            if json {
+                println!("{}", crate::status::json(&prefix, &look));
+            } else {
+                if watch && terminal {
+                    // Home and clear: the next look replaces this one.
+                    print!("\x1b[H\x1b[2J");
+                }
+                print!("{}", crate::status::table(&prefix, &look));
+                if watch {
+                    println!();
+                }
+            }
+            if !watch {
+                return match look.error {
+                    None => ExitCode::SUCCESS,
+                    Some(e) => {
+                        eprintln!("cipherbus: {e}");
+                        ExitCode::FAILURE
+                    }
+                };
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                _ = wait_for_signal() => return ExitCode::SUCCESS,
+            }
+        }
+    })
 }
 
 fn rewrap(args: AuthorityArgs) -> ExitCode {

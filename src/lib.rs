@@ -43,4 +43,5 @@ pub mod proto;
 pub mod scope;
 pub mod server;
 pub mod session;
+pub mod status;
 pub mod tls;

@@ -501,6 +501,20 @@ impl Metrics {
             .set(i64::try_from(now).unwrap_or(i64::MAX));
     }
 
+    /// Payloads refused so far, by reason (open failures, and `deny_DIRECTION` for deny
+    /// rules), non-zero only: what a proxy reports for `cipherbus status`.
+    pub fn refusal_totals(&self) -> std::collections::BTreeMap<String, u64> {
+        let failures = OPEN_FAILURE_REASONS.iter().map(|&reason| {
+            let n = self.open_failures.get_or_create(&ReasonLabel { reason }).get();
+            (reason.to_owned(), n)
+        });
+        let denies = ["publish", "subscribe", "deliver"].map(|direction| {
+            let n = self.denied.get_or_create(&DirectionLabel { direction }).get();
+            (format!("deny_{direction}"), n)
+        });
+        failures.chain(denies).filter(|(_, n)| *n > 0).collect()
+    }
+
     /// The active epoch last set for scope `scope`.
     pub fn active_epoch_of(&self, scope: &'static str) -> i64 {
         self.active_epoch.get_or_create(&ScopeLabel { scope }).get()

@@ -612,6 +612,13 @@ pub fn node_id(role: &str) -> String {
     format!("{role}-{}", hex::encode(b))
 }
 
+/// This machine's host name, for `cipherbus status` (empty where unknown).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
 pub fn upstream_urls(config: &Config) -> Vec<String> {
     config
         .upstreams

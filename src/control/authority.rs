@@ -116,6 +116,22 @@ pub fn audit_subject(prefix: &str) -> String {
     format!("{prefix}.audit")
 }
 
+/// Where proxies send their figures for `cipherbus status`.
+pub fn report_subject(prefix: &str) -> String {
+    Subjects::new(prefix).report
+}
+
+/// Where operators ask the acting authority for the fleet's status.
+pub fn status_subject(prefix: &str) -> String {
+    format!("{prefix}.cmd.status")
+}
+
+/// Proxies (and other authorities) remembered; past this, new ones are not tracked.
+const MAX_PROXIES: usize = 4096;
+
+/// A proxy silent this long, and not sealing under the active epoch, is forgotten.
+const FORGET_AFTER: Duration = Duration::from_secs(3600);
+
 /// Where authorities announce themselves.
 pub fn hello_subject(prefix: &str) -> String {
     format!("{prefix}.authority")
@@ -150,6 +166,28 @@ struct Proxy {
     active: u32,
     sealed_messages: u64,
     sealed_bytes: u64,
+    /// Messages and bytes per second sealed under `active`, from its last two heartbeats.
+    rate: (f64, f64),
+    /// When its last heartbeat came (reports also refresh `last_seen`).
+    beat_at: Option<Instant>,
+    /// Its last two reports, newest first, with when they came.
+    report: Option<(Instant, message::Report)>,
+    previous: Option<(Instant, message::Report)>,
+}
+
+impl Proxy {
+    fn new(active: u32) -> Self {
+        Proxy {
+            last_seen: Instant::now(),
+            active,
+            sealed_messages: 0,
+            sealed_bytes: 0,
+            rate: (0.0, 0.0),
+            beat_at: None,
+            report: None,
+            previous: None,
+        }
+    }
 }
 
 /// What a finished rotation reports.
@@ -188,6 +226,10 @@ struct Authority {
     since_ms: u64,
     /// Another authority that holds the role: its node id and when it was last heard.
     standing_by_for: Option<(String, Instant)>,
+    /// Every other authority heard, and when (bounded like the proxies).
+    others: HashMap<String, Instant>,
+    /// When this authority last started acting (Unix ms).
+    acting_since_ms: u64,
     /// Operators' requests heard while standing by, served if this one takes office soon.
     held_requests: std::collections::VecDeque<HeldRequest>,
     /// The lease revision this authority took over, when it took the lease from a holder.
@@ -281,6 +323,8 @@ pub async fn run(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
         standing_by_for: None,
+        others: HashMap::new(),
+        acting_since_ms: message::now_ms(),
         held_requests: std::collections::VecDeque::new(),
         taken_over: None,
         cfg,
@@ -392,6 +436,8 @@ impl Authority {
         let mut rewrap_cmds = self.client.subscribe(rewrap_subject(&prefix)).await?;
         let mut syncs = self.client.subscribe(sync_subject(&prefix)).await?;
         let mut hellos = self.client.subscribe(hello_subject(&prefix)).await?;
+        let mut reports = self.client.subscribe(report_subject(&prefix)).await?;
+        let mut status_cmds = self.client.subscribe(status_subject(&prefix)).await?;
         self.say_hello().await;
         if self.control.is_some() {
             if self.hold_lease().await && !self.take_office(&mut heartbeats, shutdown).await {
@@ -410,6 +456,7 @@ impl Authority {
                     _ = shutdown.changed() => return Ok(()),
                 }
             }
+            self.acting_since_ms = message::now_ms();
         }
         let mut tick = tokio::time::interval(self.cfg.rotation.heartbeat_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -437,6 +484,18 @@ impl Authority {
                         if let Err(e) = self.rotate("usage limit reached", &mut acks).await {
                             tracing::error!(error = %e, "usage-triggered rotation failed");
                         }
+                    }
+                }
+                Some(m) = reports.next() => self.on_report(&m.payload),
+                Some(m) = status_cmds.next() => {
+                    // A standing-by authority drops requests; the CLI says none answered.
+                    if self.standing_by() {
+                        continue;
+                    }
+                    let subject = status_subject(&self.cfg.prefix);
+                    if let (Ok(Body::StatusRequest {}), Some(reply)) = (self.open(&subject, &m.payload), m.reply) {
+                        let body = Body::StatusReply(self.status());
+                        self.reply(reply, body).await;
                     }
                 }
                 Some(m) = syncs.next() => {
@@ -499,6 +558,7 @@ impl Authority {
                         continue;
                     }
                     self.serve_held(&mut acks).await;
+                    self.forget_departed();
                     self.enforce_retention().await;
                     self.reannounce().await;
                     if self.cfg.rotation.rotate_every.is_some_and(|every| self.activated.elapsed() >= every) {
@@ -884,6 +944,7 @@ impl Authority {
         if let Err(e) = self.commit_keyring(Change::None).await {
             tracing::warn!(error = %e, "cannot write the keyring bucket");
         }
+        self.acting_since_ms = message::now_ms();
         self.reannounce().await;
         tracing::info!(
             live_proxies = self.live().len(),
@@ -944,9 +1005,6 @@ impl Authority {
     /// Another authority that started earlier (ties: the smaller node id) keeps the role.
     /// Only where there is no lease.
     fn on_hello(&mut self, payload: &[u8]) {
-        if self.control.is_some() {
-            return;
-        }
         let subject = hello_subject(&self.cfg.prefix);
         let Ok(msg) = self.open_msg(&subject, payload) else {
             return;
@@ -955,6 +1013,12 @@ impl Authority {
             return;
         };
         if msg.from == self.cfg.node {
+            return;
+        }
+        if self.others.len() < MAX_PROXIES || self.others.contains_key(&msg.from) {
+            self.others.insert(msg.from.clone(), Instant::now());
+        }
+        if self.control.is_some() {
             return;
         }
         let theirs_first = (since_ms, msg.from.as_str()) < (self.since_ms, self.cfg.node.as_str());
@@ -1203,15 +1267,183 @@ impl Authority {
         else {
             return;
         };
-        self.proxies.insert(
-            msg.from,
-            Proxy {
-                last_seen: Instant::now(),
-                active,
-                sealed_messages,
-                sealed_bytes,
-            },
-        );
+        if self.proxies.len() >= MAX_PROXIES && !self.proxies.contains_key(&msg.from) {
+            return;
+        }
+        let p = self
+            .proxies
+            .entry(msg.from)
+            .or_insert_with(|| Proxy::new(active));
+        let secs = p.beat_at.map_or(0.0, |at| at.elapsed().as_secs_f64());
+        p.rate = if p.active == active && secs > 0.0 && sealed_messages >= p.sealed_messages {
+            (
+                sealed_messages.saturating_sub(p.sealed_messages) as f64 / secs,
+                sealed_bytes.saturating_sub(p.sealed_bytes) as f64 / secs,
+            )
+        } else {
+            (0.0, 0.0)
+        };
+        p.last_seen = Instant::now();
+        p.beat_at = Some(p.last_seen);
+        p.active = active;
+        p.sealed_messages = sealed_messages;
+        p.sealed_bytes = sealed_bytes;
+    }
+
+    /// Keeps a proxy's report; one not yet heard in a heartbeat joins the proxies, as a beat.
+    fn on_report(&mut self, payload: &[u8]) {
+        let subject = self.subjects.report.clone();
+        let Ok(msg) = self.open_msg(&subject, payload) else {
+            return;
+        };
+        let Body::Report(report) = msg.body else {
+            return;
+        };
+        if self.proxies.len() >= MAX_PROXIES && !self.proxies.contains_key(&msg.from) {
+            return;
+        }
+        let p = self
+            .proxies
+            .entry(msg.from)
+            .or_insert_with(|| Proxy::new(report.active));
+        p.last_seen = Instant::now();
+        p.previous = p.report.replace((Instant::now(), report));
+    }
+
+    /// Forgets proxies long silent, except those whose usage still counts for the active epoch.
+    fn forget_departed(&mut self) {
+        let active = self.keyring.snapshot().active.epoch;
+        self.proxies
+            .retain(|_, p| p.active == active || p.last_seen.elapsed() < FORGET_AFTER);
+        self.others.retain(|_, at| at.elapsed() < FORGET_AFTER);
+    }
+
+    /// The fleet as this authority sees it, for `cipherbus status`.
+    fn status(&self) -> message::Status {
+        let snap = self.keyring.snapshot();
+        let active = snap.active.epoch;
+        drop(snap);
+        let horizon = self.cfg.rotation.heartbeat_every * LIVE_INTERVALS;
+        let mut proxies: Vec<message::ProxyStatus> = self
+            .proxies
+            .iter()
+            .map(|(node, p)| {
+                let silent = p.last_seen.elapsed() > horizon;
+                let (report, interval) = match (&p.report, &p.previous) {
+                    (Some((at, r)), Some((before, b))) => (Some(r), Some((at.duration_since(*before), b))),
+                    (Some((_, r)), None) => (Some(r), None),
+                    _ => (None, None),
+                };
+                let mut row = message::ProxyStatus {
+                    node: node.clone(),
+                    host: String::new(),
+                    version: String::new(),
+                    active: p.active,
+                    last_seen_ms: p.last_seen.elapsed().as_millis() as u64,
+                    silent,
+                    lagging: silent || p.active != active,
+                    connections: 0,
+                    sealed_messages: 0,
+                    opened_messages: 0,
+                    refused: Default::default(),
+                    interval_ms: 0,
+                    sealed_in_interval: 0,
+                    opened_in_interval: 0,
+                    refused_in_interval: Default::default(),
+                };
+                if let Some(r) = report {
+                    row.host.clone_from(&r.host);
+                    row.version.clone_from(&r.version);
+                    row.connections = r.connections;
+                    row.sealed_messages = r.sealed_messages;
+                    row.opened_messages = r.opened_messages;
+                    row.refused.clone_from(&r.refused);
+                    if let Some((span, b)) = interval {
+                        row.interval_ms = span.as_millis() as u64;
+                        row.sealed_in_interval = r.sealed_messages.saturating_sub(b.sealed_messages);
+                        row.opened_in_interval = r.opened_messages.saturating_sub(b.opened_messages);
+                        row.refused_in_interval = r
+                            .refused
+                            .iter()
+                            .map(|(k, n)| (k.clone(), n.saturating_sub(b.refused.get(k).copied().unwrap_or(0))))
+                            .filter(|(_, n)| *n > 0)
+                            .collect();
+                    }
+                }
+                row
+            })
+            .collect();
+        proxies.sort_by(|a, b| a.node.cmp(&b.node));
+        let mut standby: Vec<String> = self
+            .others
+            .iter()
+            .filter(|(_, at)| at.elapsed() <= horizon)
+            .map(|(n, _)| n.clone())
+            .collect();
+        standby.sort();
+        message::Status {
+            authority: self.cfg.node.clone(),
+            host: crate::server::host_name(),
+            acting_since_ms: self.acting_since_ms,
+            standby,
+            active,
+            activated: self
+                .keyring
+                .records()
+                .into_iter()
+                .find(|r| r.epoch == active)
+                .and_then(|r| r.activated),
+            schedule: self.schedule(active),
+            proxies,
+        }
+    }
+
+    /// When the next rotation comes, and why: the time schedule, or a usage limit reached at
+    /// the rate the proxies now seal.
+    fn schedule(&self, active: u32) -> message::Schedule {
+        let r = &self.cfg.rotation;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let current = self.proxies.values().filter(|p| p.active == active);
+        let (msgs, bytes, rate_m, rate_b) = current.fold((0u64, 0u64, 0f64, 0f64), |a, p| {
+            (
+                a.0 + p.sealed_messages,
+                a.1 + p.sealed_bytes,
+                a.2 + p.rate.0,
+                a.3 + p.rate.1,
+            )
+        });
+        let by_time = r
+            .rotate_every
+            .map(|every| (now + every.saturating_sub(self.activated.elapsed())).as_secs());
+        let eta = |used: u64, max: Option<u64>, rate: f64| {
+            let max = max?;
+            let left = max.saturating_sub(used) as f64;
+            (rate > 0.0).then(|| now.as_secs() + (left / rate).ceil() as u64)
+        };
+        let by_usage = [
+            eta(msgs, r.max_messages_per_epoch, rate_m),
+            eta(bytes, r.max_bytes_per_epoch, rate_b),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let (next, why) = match (by_time, by_usage) {
+            (Some(t), Some(u)) if u < t => (Some(u), Some("usage")),
+            (Some(t), _) => (Some(t), Some("time")),
+            (None, Some(u)) => (Some(u), Some("usage")),
+            (None, None) => (None, None),
+        };
+        message::Schedule {
+            next,
+            why: why.map(str::to_owned),
+            rotate_every_s: r.rotate_every.map(|d| d.as_secs()),
+            sealed_messages: msgs,
+            sealed_bytes: bytes,
+            max_messages: r.max_messages_per_epoch,
+            max_bytes: r.max_bytes_per_epoch,
+        }
     }
 
     fn live(&self) -> Vec<String> {
@@ -1702,6 +1934,18 @@ pub async fn request(
     let control_key = root.control_key();
     let mut sealer = ControlSealer::new(crate::server::node_id("cli"), control_key)
         .map_err(|e| e.to_string())?;
+    ask(&client, &mut sealer, control_key, subject, body).await
+}
+
+/// Sends one sealed request on an open connection and opens the sealed answer. A caller that
+/// asks repeatedly keeps one sealer, so the authority remembers one sender, not one per request.
+pub async fn ask(
+    client: &async_nats::Client,
+    sealer: &mut ControlSealer,
+    control_key: &DataKey,
+    subject: String,
+    body: Body,
+) -> Result<Body, String> {
     let sealed = sealer.seal(&subject, body).map_err(|e| e.to_string())?;
     // A rotation waits for acknowledgements, so the caller bounds the wait instead.
     let request = async_nats::Request::new()

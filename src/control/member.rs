@@ -23,6 +23,8 @@ pub struct Subjects {
     pub announce: String,
     pub ack: String,
     pub heartbeat: String,
+    /// Proxies' figures for `cipherbus status`.
+    pub report: String,
 }
 
 impl Subjects {
@@ -31,6 +33,7 @@ impl Subjects {
             announce: format!("{prefix}.announce"),
             ack: format!("{prefix}.ack"),
             heartbeat: format!("{prefix}.heartbeat"),
+            report: format!("{prefix}.report"),
         }
     }
 }
@@ -556,6 +559,7 @@ pub async fn run(
     // The bucket carries every committed change in order, including those announced while this
     // proxy was away; announcements stay for buses without JetStream.
     let mut commits = follow_bucket(&client, &prefix).await;
+    let host = crate::server::host_name();
     let mut heartbeat = tokio::time::interval(heartbeat_every);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -613,6 +617,18 @@ pub async fn run(
                 };
                 if let Ok(sealed) = sealer.seal(&member.subjects().heartbeat, body) {
                     let _ = client.publish(member.subjects().heartbeat.clone(), sealed.into()).await;
+                }
+                let report = Body::Report(message::Report {
+                    host: host.clone(),
+                    version: env!("CARGO_PKG_VERSION").to_owned(),
+                    active,
+                    connections: u64::try_from(metrics.connections.get()).unwrap_or(0),
+                    sealed_messages: metrics.messages_sealed.get(),
+                    opened_messages: metrics.messages_opened.get(),
+                    refused: metrics.refusal_totals(),
+                });
+                if let Ok(sealed) = sealer.seal(&member.subjects().report, report) {
+                    let _ = client.publish(member.subjects().report.clone(), sealed.into()).await;
                 }
                 continue;
             }

@@ -6,7 +6,7 @@
 //! root key can read or forge one, and a message moved to another control subject fails to
 //! open. Each sender numbers its messages; [`ReplayGuard`] refuses any number it has seen.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
@@ -95,6 +95,12 @@ pub enum Body {
         seed: bool,
         error: Option<String>,
     },
+    /// A proxy's figures for `cipherbus status`, sent beside each heartbeat on a subject of
+    /// its own (authorities that do not know it never subscribe to it).
+    Report(Report),
+    /// An operator asks the acting authority for the fleet's status.
+    StatusRequest {},
+    StatusReply(Status),
     /// An operator asks the authority to rotate now.
     RotateRequest {
         reason: String,
@@ -124,6 +130,81 @@ pub struct EpochInfo {
     /// Messages sealed under it, summed over the proxies' latest heartbeats (active epoch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_messages: Option<u64>,
+}
+
+/// What a proxy reports about itself. Counts are totals since the proxy started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    pub host: String,
+    pub version: String,
+    /// The epoch it seals with in this scope.
+    pub active: u32,
+    pub connections: u64,
+    pub sealed_messages: u64,
+    pub opened_messages: u64,
+    /// Payloads refused (open failures by reason, `deny_DIRECTION` for deny rules); non-zero only.
+    pub refused: BTreeMap<String, u64>,
+}
+
+/// The fleet as the acting authority of one scope sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Status {
+    /// The acting authority's node id and host.
+    pub authority: String,
+    pub host: String,
+    /// When it started acting (Unix ms).
+    pub acting_since_ms: u64,
+    /// Other authorities heard recently: they stand by.
+    pub standby: Vec<String>,
+    pub active: u32,
+    /// When the active epoch was activated (Unix seconds), where known.
+    pub activated: Option<u64>,
+    pub schedule: Schedule,
+    pub proxies: Vec<ProxyStatus>,
+}
+
+/// What rotates the active epoch next.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schedule {
+    /// The next rotation (Unix seconds), where one is due by time or expected by usage.
+    pub next: Option<u64>,
+    /// Why it comes then: `time`, or `usage` (a limit reached at the current sealing rate).
+    pub why: Option<String>,
+    pub rotate_every_s: Option<u64>,
+    /// Sealed under the active epoch, summed over the proxies' latest heartbeats.
+    pub sealed_messages: u64,
+    pub sealed_bytes: u64,
+    pub max_messages: Option<u64>,
+    pub max_bytes: Option<u64>,
+}
+
+/// One proxy in [`Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyStatus {
+    pub node: String,
+    /// Empty until its first report.
+    pub host: String,
+    pub version: String,
+    pub active: u32,
+    /// How long ago it was last heard (ms).
+    pub last_seen_ms: u64,
+    /// Silent for longer than the authority waits for a live proxy.
+    pub silent: bool,
+    /// Sealing with another epoch than the active one, or silent.
+    pub lagging: bool,
+    pub connections: u64,
+    pub sealed_messages: u64,
+    pub opened_messages: u64,
+    pub refused: BTreeMap<String, u64>,
+    /// The span between its last two reports (ms; 0 before two), and what changed over it.
+    pub interval_ms: u64,
+    pub sealed_in_interval: u64,
+    pub opened_in_interval: u64,
+    pub refused_in_interval: BTreeMap<String, u64>,
 }
 
 /// A control message with its sender and sequence number.
@@ -169,7 +250,7 @@ impl ControlError {
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -390,6 +471,44 @@ mod tests {
         )
         .unwrap();
         assert_eq!(guard.check(&m2), Ok(()));
+    }
+
+    #[test]
+    fn reports_and_status_round_trip() {
+        let report = Body::Report(Report {
+            host: "h".into(),
+            version: "1".into(),
+            active: 3,
+            connections: 2,
+            sealed_messages: 5,
+            opened_messages: 4,
+            refused: [("auth".to_owned(), 1)].into(),
+        });
+        let status = Body::StatusReply(Status {
+            authority: "a".into(),
+            host: "h".into(),
+            acting_since_ms: 1,
+            standby: vec![],
+            active: 3,
+            activated: None,
+            schedule: Schedule {
+                next: None,
+                why: None,
+                rotate_every_s: None,
+                sealed_messages: 0,
+                sealed_bytes: 0,
+                max_messages: None,
+                max_bytes: None,
+            },
+            proxies: vec![],
+        });
+        for body in [report, status, Body::StatusRequest {}] {
+            let json = serde_json::to_string(&body).unwrap();
+            assert_eq!(serde_json::from_str::<Body>(&json).unwrap(), body, "{json}");
+        }
+        // Unknown fields stay refused inside the new bodies too.
+        let extra = r#"{"type":"status_request","x":1}"#;
+        assert!(serde_json::from_str::<Body>(extra).is_err());
     }
 
     #[test]
