@@ -1112,8 +1112,7 @@ fn status(args: AuthorityArgs, json: bool, watch: bool) -> ExitCode {
         };
         let wait = timeout.min(STATUS_WAIT);
         loop {
-            let look =
-                crate::status::look(&client, &mut sealer, control_key, &prefix, wait).await;
+            let look = crate::status::look(&client, &mut sealer, control_key, &prefix, wait).await;
             if json {
                 println!("{}", crate::status::json(&prefix, &look));
             } else {

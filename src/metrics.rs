@@ -505,11 +505,17 @@ impl Metrics {
     /// rules), non-zero only: what a proxy reports for `cipherbus status`.
     pub fn refusal_totals(&self) -> std::collections::BTreeMap<String, u64> {
         let failures = OPEN_FAILURE_REASONS.iter().map(|&reason| {
-            let n = self.open_failures.get_or_create(&ReasonLabel { reason }).get();
+            let n = self
+                .open_failures
+                .get_or_create(&ReasonLabel { reason })
+                .get();
             (reason.to_owned(), n)
         });
         let denies = ["publish", "subscribe", "deliver"].map(|direction| {
-            let n = self.denied.get_or_create(&DirectionLabel { direction }).get();
+            let n = self
+                .denied
+                .get_or_create(&DirectionLabel { direction })
+                .get();
             (format!("deny_{direction}"), n)
         });
         failures.chain(denies).filter(|(_, n)| *n > 0).collect()

@@ -295,6 +295,8 @@ struct Base {
     shutdown_rx: watch::Receiver<()>,
     tasks: Vec<JoinHandle<()>>,
     fatal: watch::Receiver<Option<String>>,
+    /// This process's id on the control plane (as `cipherbus status` shows it).
+    node: String,
 }
 
 impl Base {
@@ -386,6 +388,7 @@ impl Base {
             }
         }
         Ok(Base {
+            node,
             fatal,
             metrics,
             admin_addr,
@@ -440,6 +443,7 @@ pub async fn start_with_scopes(
     let upstreams: Vec<String> = config.upstreams.iter().map(ToString::to_string).collect();
     tracing::info!(
         listen = %local_addr,
+        node = %base.node,
         upstream = %upstreams.join(","),
         active_epoch = scopes.default_keyring().snapshot().active.epoch,
         scopes = scopes.iter().count(),

@@ -186,7 +186,10 @@ pub fn table(prefix: &str, look: &Look) -> String {
             let sch = &s.schedule;
             let next = match (sch.next, sch.why.as_deref()) {
                 (Some(t), Some("usage")) => {
-                    format!("{} (usage: a limit is reached at the current rate)", time(t))
+                    format!(
+                        "{} (usage: a limit is reached at the current rate)",
+                        time(t)
+                    )
                 }
                 (Some(t), _) => format!(
                     "{} (time: every {}s)",
@@ -305,7 +308,10 @@ mod tests {
         };
         let t = table("cipherbus", &look);
         assert!(t.contains("standby: authority-2"), "{t}");
-        assert!(t.contains("1970-01-01T01:00:00.000Z (time: every 3600s)"), "{t}");
+        assert!(
+            t.contains("1970-01-01T01:00:00.000Z (time: every 3600s)"),
+            "{t}"
+        );
         let b = t.lines().find(|l| l.starts_with("proxy-b")).unwrap();
         assert!(b.contains("lagging") && b.contains("10.0") && b.contains("5.0"));
         assert!(b.ends_with("auth=2"), "{b}");
@@ -322,7 +328,10 @@ mod tests {
             heard: vec![row("proxy-a", 2, false)],
         };
         let t = table("p", &look);
-        assert!(t.starts_with("authority  none: no key authority answered"), "{t}");
+        assert!(
+            t.starts_with("authority  none: no key authority answered"),
+            "{t}"
+        );
         assert!(t.contains("proxy-a"));
         let v = json("p", &look);
         assert!(v["authority"].is_null());

@@ -1330,7 +1330,9 @@ impl Authority {
             .map(|(node, p)| {
                 let silent = p.last_seen.elapsed() > horizon;
                 let (report, interval) = match (&p.report, &p.previous) {
-                    (Some((at, r)), Some((before, b))) => (Some(r), Some((at.duration_since(*before), b))),
+                    (Some((at, r)), Some((before, b))) => {
+                        (Some(r), Some((at.duration_since(*before), b)))
+                    }
                     (Some((_, r)), None) => (Some(r), None),
                     _ => (None, None),
                 };
@@ -1360,12 +1362,19 @@ impl Authority {
                     row.refused.clone_from(&r.refused);
                     if let Some((span, b)) = interval {
                         row.interval_ms = span.as_millis() as u64;
-                        row.sealed_in_interval = r.sealed_messages.saturating_sub(b.sealed_messages);
-                        row.opened_in_interval = r.opened_messages.saturating_sub(b.opened_messages);
+                        row.sealed_in_interval =
+                            r.sealed_messages.saturating_sub(b.sealed_messages);
+                        row.opened_in_interval =
+                            r.opened_messages.saturating_sub(b.opened_messages);
                         row.refused_in_interval = r
                             .refused
                             .iter()
-                            .map(|(k, n)| (k.clone(), n.saturating_sub(b.refused.get(k).copied().unwrap_or(0))))
+                            .map(|(k, n)| {
+                                (
+                                    k.clone(),
+                                    n.saturating_sub(b.refused.get(k).copied().unwrap_or(0)),
+                                )
+                            })
                             .filter(|(_, n)| *n > 0)
                             .collect();
                     }
