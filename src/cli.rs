@@ -48,10 +48,10 @@ enum Command {
     },
     /// Run the proxy.
     Run(RunArgs),
-    /// Make a running proxy re-read its config file and apply its subject policy (what SIGHUP
-    /// does, as `nats-server --signal reload`).
+    /// Make a running proxy or controller re-read its config file and apply its subject policy,
+    /// connection cap and rotation schedule (what SIGHUP does, as `nats-server --signal reload`).
     Reload {
-        /// The proxy's process id.
+        /// The process id of `cipherbus run` or `cipherbus controller`.
         #[arg(long, value_name = "PID")]
         pid: i32,
     },
@@ -626,7 +626,8 @@ async fn serve(
     }
 }
 
-/// SIGHUP: reads the config file again and applies its subject policy. A file that does not
+/// SIGHUP: reads the config file again and applies what can change live (the subject policy,
+/// the connection cap, the rotation schedules). A file that does not
 /// validate, or that changes what takes a restart, is refused and logged; the running config
 /// stays in force.
 fn reload_from(handle: &crate::server::ProxyHandle, file: Option<&Path>, flags: &Overrides) {
@@ -641,7 +642,7 @@ fn reload_from(handle: &crate::server::ProxyHandle, file: Option<&Path>, flags: 
             tracing::error!(error = %e, "reload refused: the config does not validate; the running one stays in force");
         }
         Ok(config) => match handle.reload(&config) {
-            Ok(()) => tracing::info!(file = %file.display(), "reloaded the subject policy"),
+            Ok(()) => tracing::info!(file = %file.display(), "reloaded the config"),
             Err(why) => tracing::error!(error = %why, "reload refused"),
         },
     }
@@ -747,7 +748,8 @@ fn controller(args: ControllerArgs) -> ExitCode {
         controller: true,
         ..upstream_overrides(args.upstream_tls)
     };
-    let config = match load(args.config.as_deref(), flags) {
+    let config_file = args.config.clone();
+    let config = match load(args.config.as_deref(), flags.clone()) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -764,8 +766,8 @@ fn controller(args: ControllerArgs) -> ExitCode {
             Ok(h) => h,
             Err(e) => return fail(&e),
         };
-        let code = serve(&mut handle, |_| {
-            tracing::info!("SIGHUP: the key authority alone has no subject policy to reload");
+        let code = serve(&mut handle, |h| {
+            reload_from(h, config_file.as_deref(), &flags)
         })
         .await;
         handle.shutdown().await;

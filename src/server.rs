@@ -151,6 +151,12 @@ pub struct ProxyHandle {
     pub scopes: Arc<crate::scope::Scopes>,
     /// What every agent session shares (a proxy's; none for a controller alone).
     shared: Option<Arc<Shared>>,
+    /// The config in force: what a reload is compared with.
+    running: std::sync::Mutex<Config>,
+    /// Each held scope's rotation settings, for its authority (default scope first).
+    rotation: Vec<watch::Sender<crate::config::Rotation>>,
+    /// The permits that cap agent connections, and the cap they enforce (a proxy's).
+    limit: Option<(Arc<Semaphore>, std::sync::atomic::AtomicUsize)>,
     shutdown: Option<watch::Sender<()>>,
     tasks: Vec<JoinHandle<()>>,
     /// Set once, with one sentence, when a part the process cannot run without stopped.
@@ -176,14 +182,14 @@ impl ProxyHandle {
         self.fatal.borrow().clone()
     }
 
-    /// Puts the subject policy (and the subjects of each key scope) of `new` in force: every
-    /// session uses it from its next message on. Refused, with the running config left in
-    /// force, when `new` changes a setting that needs a restart; the error names them.
+    /// Puts what `new` changes of the subject policy (and each key scope's subjects), the
+    /// connection cap and the rotation schedules in force: sessions use the policy from their
+    /// next message on, connections above a lowered cap stay open, and each authority follows
+    /// its new schedule at its next tick. Refused whole, with the running config left in force,
+    /// when `new` changes a setting that needs a restart; the error names them.
     pub fn reload(&self, new: &Config) -> Result<(), String> {
-        let Some(shared) = &self.shared else {
-            return Err("a controller without a proxy has no subject policy to reload".into());
-        };
-        let changed = restart_settings(&shared.config)
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = restart_settings(&running)
             .into_iter()
             .zip(restart_settings(new))
             .filter(|(old, new)| old.1 != new.1)
@@ -196,10 +202,48 @@ impl ProxyHandle {
                 changed.join(", ")
             ));
         }
-        let revision = shared.policy.load().revision() + 1;
-        shared
-            .policy
-            .store(Arc::new(new.policy.clone().with_revision(revision)));
+        if let Some(shared) = &self.shared {
+            let revision = shared.policy.load().revision() + 1;
+            shared
+                .policy
+                .store(Arc::new(new.policy.clone().with_revision(revision)));
+        }
+        if let Some((limit, cap)) = &self.limit {
+            let to = connection_cap(
+                new.max_connections,
+                new.max_connections_set,
+                std::fs::read_to_string("/proc/self/limits")
+                    .ok()
+                    .as_deref()
+                    .and_then(open_files_limit),
+            );
+            let from = cap.swap(to, std::sync::atomic::Ordering::Relaxed);
+            resize(limit, from, to);
+            self.metrics
+                .max_connections
+                .set(i64::try_from(to).unwrap_or(i64::MAX));
+        }
+        for (index, (tx, held)) in self.rotation.iter().zip(self.scopes.iter()).enumerate() {
+            let rotation = scope_settings(new, index).rotation;
+            let label = crate::metrics::ScopeLabel { scope: held.name };
+            match rotation.rotate_every {
+                Some(every) => {
+                    self.metrics
+                        .rotation_interval
+                        .get_or_create(&label)
+                        .set(i64::try_from(every.as_secs()).unwrap_or(i64::MAX));
+                }
+                None => {
+                    self.metrics.rotation_interval.remove(&label);
+                }
+            }
+            tx.send_if_modified(|r| {
+                let changed = *r != rotation;
+                *r = rotation;
+                changed
+            });
+        }
+        *running = new.clone();
         self.metrics.reload("ok");
         Ok(())
     }
@@ -297,6 +341,10 @@ struct Base {
     fatal: watch::Receiver<Option<String>>,
     /// This process's id on the control plane (as `cipherbus status` shows it).
     node: String,
+    /// The config the process started with.
+    config: Config,
+    /// Each held scope's rotation settings, as its authority follows them (default first).
+    rotation: Vec<watch::Sender<crate::config::Rotation>>,
 }
 
 impl Base {
@@ -324,6 +372,7 @@ impl Base {
         }
         let (fatal_tx, fatal) = watch::channel(None);
         let node = node_id(role);
+        let mut rotation = Vec::new();
         for (index, held) in scopes.iter().enumerate() {
             let at = scope_settings(config, index);
             let keyring = &held.keyring;
@@ -357,6 +406,8 @@ impl Base {
                 if controller { None } else { audit.clone() },
                 shutdown_rx.clone(),
             )));
+            let (rotation_tx, rotation_rx) = watch::channel(at.rotation.clone());
+            rotation.push(rotation_tx);
             if controller {
                 let authority = crate::control::authority::run(
                     keyring.clone(),
@@ -370,6 +421,7 @@ impl Base {
                         scope: held.name,
                     },
                     audit,
+                    rotation_rx,
                     shutdown_rx.clone(),
                 );
                 let fatal_tx = fatal_tx.clone();
@@ -389,6 +441,8 @@ impl Base {
         }
         Ok(Base {
             node,
+            config: config.clone(),
+            rotation,
             fatal,
             metrics,
             admin_addr,
@@ -406,6 +460,9 @@ impl Base {
             keyring: scopes.default_keyring().clone(),
             scopes,
             shared: None,
+            running: std::sync::Mutex::new(self.config),
+            rotation: self.rotation,
+            limit: None,
             shutdown: Some(self.shutdown_tx),
             tasks: self.tasks,
             fatal: self.fatal,
@@ -478,6 +535,7 @@ pub async fn start_with_scopes(
         agent_tls,
         upstream_tls,
     ));
+    let limit_kept = limit.clone();
     base.tasks.push(tokio::spawn(accept_loop(
         listener,
         shared.clone(),
@@ -486,6 +544,7 @@ pub async fn start_with_scopes(
     )));
     let mut handle = base.into_handle(local_addr, scopes);
     handle.shared = Some(shared);
+    handle.limit = Some((limit_kept, std::sync::atomic::AtomicUsize::new(cap)));
     Ok(handle)
 }
 
@@ -535,10 +594,17 @@ async fn accept_loop(
 /// Every setting a reload cannot change, by name, as text to compare: everything but the
 /// subject rules and the subjects of each key scope.
 fn restart_settings(c: &Config) -> Vec<(&'static str, String)> {
+    // The schedule and limits of rotation reload; the intervals the control plane runs on do not.
+    let intervals = |r: &crate::config::Rotation| {
+        format!(
+            "heartbeat_every {:?}, lease_ttl {:?}, require_jetstream {}",
+            r.heartbeat_every, r.lease_ttl, r.require_jetstream
+        )
+    };
     let scopes: Vec<String> = c
         .scopes
         .iter()
-        .map(|s| format!("{} {:?} {:?}", s.name, s.kek, s.rotation))
+        .map(|s| format!("{} {:?} {}", s.name, s.kek, intervals(&s.rotation)))
         .collect();
     vec![
         ("listen", c.listen.to_string()),
@@ -547,20 +613,45 @@ fn restart_settings(c: &Config) -> Vec<(&'static str, String)> {
         ("state_dir", format!("{:?}", c.state_dir)),
         ("admin", format!("{:?}", c.admin)),
         ("control_prefix", c.policy.control_prefix().to_owned()),
-        ("max_connections", c.max_connections.to_string()),
         (
             "upstream_connect_timeout",
             format!("{:?}", c.upstream_connect_timeout),
         ),
         ("keyring", c.retired_cache.to_string()),
-        ("rotation", format!("{:?}", c.rotation)),
+        (
+            "rotation.heartbeat_every, lease_ttl or require_jetstream",
+            intervals(&c.rotation),
+        ),
         ("controller", c.controller.to_string()),
         ("audit_log", format!("{:?}", c.audit_log)),
         ("tls", format!("{:?}", c.agent_tls)),
         ("upstream tls", format!("{:?}", c.upstream_tls)),
         ("aead", format!("{:?}", c.aead)),
-        ("the key scopes (names, roots, rotation)", scopes.join("; ")),
+        (
+            "the key scopes (names, roots, rotation intervals)",
+            scopes.join("; "),
+        ),
     ]
+}
+
+/// Moves the connection cap from `from` to `to` permits. Permits held by open connections are
+/// not taken back: a lowered cap takes the rest as those connections close.
+fn resize(limit: &Arc<Semaphore>, from: usize, to: usize) {
+    if to > from {
+        limit.add_permits(to - from);
+        return;
+    }
+    let owed = from - to - limit.forget_permits(from - to);
+    if owed > 0 {
+        let limit = limit.clone();
+        let owed = u32::try_from(owed).unwrap_or(u32::MAX);
+        // Released permits go to this waiter before any new connection.
+        tokio::spawn(async move {
+            if let Ok(p) = limit.acquire_many_owned(owed).await {
+                p.forget();
+            }
+        });
+    }
 }
 
 /// Descriptors kept back from agent sessions: the listeners, control connections, the state

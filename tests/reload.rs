@@ -1,6 +1,8 @@
-//! Live reload of the subject policy on SIGHUP and `cipherbus reload --pid`: a connected agent
-//! gets the new rules at its next message, a broken file and a change that takes a restart are
-//! refused with the old policy left in force, and SIGHUP never ends the process.
+//! Live reload on SIGHUP and `cipherbus reload --pid`: a connected agent gets the new subject
+//! policy at its next message; a raised connection cap admits more agents and a lowered one
+//! keeps those connected; a key authority follows a new rotation schedule; a broken file and a
+//! change that takes a restart are refused with the old config left in force; SIGHUP never ends
+//! the process.
 
 mod support;
 
@@ -101,9 +103,9 @@ async fn a_sighup_applies_the_new_policy_to_connected_agents_and_refuses_bad_fil
     assert!(eventually(Duration::from_secs(5), || reloads(&proxy, "invalid") == 1.0).await);
     assert!(!goes_through(&client, &mut sub, "after a broken file").await);
 
-    // A change that takes a restart (the connection cap), with the policy back to encrypt: the
-    // whole file is refused, so the deny rule stays.
-    write("encrypt", "max_connections = 5");
+    // A change that takes a restart (the heartbeat interval), with the policy back to encrypt:
+    // the whole file is refused, so the deny rule stays.
+    write("encrypt", "[rotation]\nheartbeat_every = \"1s\"");
     reload(&proxy).await;
     assert!(
         eventually(Duration::from_secs(5), || reloads(
@@ -116,7 +118,7 @@ async fn a_sighup_applies_the_new_policy_to_connected_agents_and_refuses_bad_fil
     let log = proxy
         .wait_log(Duration::from_secs(5), |l| l.contains("takes a restart"))
         .expect("the refusal is logged");
-    assert!(log.contains("max_connections changed"), "{log}");
+    assert!(log.contains("rotation.heartbeat_every"), "{log}");
 
     // A plain SIGHUP with a good file: encrypt again, on the same connection. The process
     // lives through every signal.
@@ -132,4 +134,119 @@ async fn a_sighup_applies_the_new_policy_to_connected_agents_and_refuses_bad_fil
         proxy.wait_exit(Duration::from_millis(200)).is_none(),
         "the proxy lives through SIGHUP"
     );
+}
+
+/// Whether an agent can connect now (a refused one gets the server's maximum-connections error).
+async fn admitted(p: &ProxyProcess) -> bool {
+    match tokio::time::timeout(Duration::from_secs(3), async_nats::connect(p.url())).await {
+        Ok(Ok(c)) => {
+            let ok = tokio::time::timeout(Duration::from_secs(2), c.flush())
+                .await
+                .is_ok_and(|r| r.is_ok());
+            drop(c);
+            ok
+        }
+        _ => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_moves_the_connection_cap_and_the_rotation_schedule() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kek = write_kek(dir.path(), TEST_KEK);
+    let config = dir.path().join("cipherbus.toml");
+    let write = |extra: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "kek_file = {:?}\n{extra}\n[rotation]\nheartbeat_every = \"300ms\"\nstage_timeout = \"2s\"\n",
+                kek.display().to_string()
+            ),
+        )
+        .unwrap();
+    };
+    write("max_connections = 2");
+    let mut cmd = run_command(BIN, &kek, &[server.url()], Some(&dir.path().join("state")));
+    cmd.arg("--config").arg(&config).arg("--controller");
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let proxy = ProxyProcess::start(cmd, listen);
+    let cap = || proxy.metric("cipherbus_max_connections").unwrap_or(-1.0);
+    assert_eq!(cap(), 2.0);
+
+    let a = async_nats::connect(proxy.url()).await.unwrap();
+    let b = async_nats::connect(proxy.url()).await.unwrap();
+    a.flush().await.unwrap();
+    b.flush().await.unwrap();
+    assert!(!admitted(&proxy).await, "a third agent is over the cap");
+
+    // Raised: a third agent gets in.
+    write("max_connections = 3");
+    reload(&proxy).await;
+    assert!(eventually(Duration::from_secs(5), || cap() == 3.0).await);
+    let c = async_nats::connect(proxy.url()).await.unwrap();
+    c.flush().await.unwrap();
+
+    // Lowered below what is connected: nobody is dropped, nobody new gets in, and the cap takes
+    // the permits back as agents leave.
+    write("max_connections = 1");
+    reload(&proxy).await;
+    assert!(eventually(Duration::from_secs(5), || cap() == 1.0).await);
+    for agent in [&a, &b, &c] {
+        agent
+            .flush()
+            .await
+            .expect("a connected agent stays connected");
+    }
+    assert!(!admitted(&proxy).await);
+    drop(b);
+    drop(c);
+    assert!(
+        eventually(Duration::from_secs(5), || proxy
+            .metric("cipherbus_connections")
+            .is_some_and(|n| n == 1.0))
+        .await
+    );
+    assert!(
+        !admitted(&proxy).await,
+        "two left, and the cap of one is full"
+    );
+    drop(a);
+    assert!(
+        eventually(Duration::from_secs(5), || proxy
+            .metric("cipherbus_connections")
+            .is_some_and(|n| n == 0.0))
+        .await
+    );
+    assert!(admitted(&proxy).await);
+
+    // The authority in this process follows a schedule it did not have.
+    let epoch = || {
+        proxy
+            .metric("cipherbus_active_epoch{scope=\"default\"}")
+            .unwrap_or(0.0)
+    };
+    let before = epoch();
+    assert!(proxy
+        .metric("cipherbus_rotation_interval_seconds{scope=\"default\"}")
+        .is_none());
+    std::fs::write(
+        &config,
+        format!(
+            "kek_file = {:?}\nmax_connections = 1\n[rotation]\nheartbeat_every = \"300ms\"\nstage_timeout = \"2s\"\nrotate_every = \"1s\"\n",
+            kek.display().to_string()
+        ),
+    )
+    .unwrap();
+    reload(&proxy).await;
+    assert!(
+        eventually(Duration::from_secs(15), || epoch() >= before + 1.0).await,
+        "no scheduled rotation after the reload: {}",
+        proxy.stderr()
+    );
+    assert_eq!(
+        proxy.metric("cipherbus_rotation_interval_seconds{scope=\"default\"}"),
+        Some(1.0)
+    );
+    assert_eq!(reloads(&proxy, "ok"), 3.0);
 }

@@ -244,6 +244,7 @@ pub async fn run(
     upstreams: Vec<String>,
     cfg: AuthorityConfig,
     audit: Option<Arc<AuditLog>>,
+    rotation: watch::Receiver<crate::config::Rotation>,
     mut shutdown: watch::Receiver<()>,
 ) -> Result<(), String> {
     let stopped = |e: &dyn std::fmt::Display| format!("the key authority cannot start: {e}");
@@ -329,7 +330,7 @@ pub async fn run(
         taken_over: None,
         cfg,
     };
-    if let Err(e) = authority.serve(&mut shutdown).await {
+    if let Err(e) = authority.serve(rotation, &mut shutdown).await {
         tracing::error!(error = %e, "key authority stopped");
     }
     Ok(())
@@ -419,6 +420,7 @@ async fn attach(stream: &AuditStream, log: &AuditLog) -> Result<(), crate::audit
 impl Authority {
     async fn serve(
         &mut self,
+        mut rotation: watch::Receiver<crate::config::Rotation>,
         shutdown: &mut watch::Receiver<()>,
     ) -> Result<(), async_nats::SubscribeError> {
         let mut heartbeats = self
@@ -477,6 +479,10 @@ impl Authority {
         loop {
             self.show_role();
             tokio::select! {
+                Ok(()) = rotation.changed() => {
+                    let new = rotation.borrow_and_update().clone();
+                    self.follow_schedule(new);
+                }
                 Some(m) = hellos.next() => self.on_hello(&m.payload),
                 Some(m) = heartbeats.next() => {
                     self.on_heartbeat(&m.payload);
@@ -1047,6 +1053,23 @@ impl Authority {
         self.standing_by_for
             .as_ref()
             .is_some_and(|(_, seen)| seen.elapsed() <= horizon)
+    }
+
+    /// A reloaded config's schedule and limits; the intervals it runs on stay (they take a
+    /// restart, and a reload that changes them is refused before it gets here).
+    fn follow_schedule(&mut self, new: crate::config::Rotation) {
+        let r = &mut self.cfg.rotation;
+        r.rotate_every = new.rotate_every;
+        r.max_messages_per_epoch = new.max_messages_per_epoch;
+        r.max_bytes_per_epoch = new.max_bytes_per_epoch;
+        r.stage_timeout = new.stage_timeout;
+        r.retain_retired = new.retain_retired;
+        tracing::info!(
+            rotate_every = ?r.rotate_every,
+            max_messages_per_epoch = ?r.max_messages_per_epoch,
+            max_bytes_per_epoch = ?r.max_bytes_per_epoch,
+            "key authority follows the reloaded rotation settings"
+        );
     }
 
     /// `cipherbus_authority_leader{scope}`: whether this authority acts now.
