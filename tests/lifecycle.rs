@@ -204,6 +204,23 @@ async fn revoking_the_active_epoch_keeps_traffic_flowing_and_shreds_it_everywher
     let audit = std::fs::read_to_string(dir_a.path().join("audit.jsonl")).unwrap();
     assert!(audit.contains("\"event\":\"revoked\""));
     assert!(audit.contains("\"event\":\"destroyed\""));
+    // The proxy that refused the read audits it too, in its own log (written off the data
+    // path, so it may land a moment later).
+    let refused_read = || {
+        std::fs::read_to_string(dir_b.path().join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| {
+                l.contains("\"event\":\"refused\"")
+                    && l.contains("\"epoch\":2")
+                    && l.contains("read refused: epoch 2 is destroyed")
+            })
+    };
+    assert!(
+        eventually(Duration::from_secs(5), refused_read).await,
+        "proxy B audits the refused read"
+    );
+    cipherbus::audit::verify(&dir_b.path().join("audit.jsonl"), &test_audit_key()).unwrap();
 
     // Collectors on the control prefix get the same events, sealed.
     let control_key = cipherbus::envelope::derive_control_key(&RootKey::from_bytes(TEST_KEK));

@@ -217,12 +217,20 @@ pub struct Keyring {
     /// again (nor logged) for [`UNAVAILABLE_RETRY`], so a stream of messages under a damaged
     /// epoch costs no disk read each. Touched only on a cache miss.
     unavailable: Mutex<HashMap<u32, Unavailable>>,
-    /// Where a key that cannot be loaded is recorded, and as whom.
+    /// Destroyed epochs a delivery was refused under, and when that was last audited.
+    /// Touched only on such a refusal; holds destroyed epochs only.
+    destroyed_reads: Mutex<HashMap<u32, Instant>>,
+    /// Where a key that cannot be loaded, or a read under a destroyed one, is recorded, and
+    /// as whom.
     audit: OnceLock<(Arc<crate::audit::AuditLog>, String)>,
 }
 
 /// How long a retired key that could not be loaded is refused before the next attempt.
 pub const UNAVAILABLE_RETRY: Duration = Duration::from_secs(30);
+
+/// Reads refused under one destroyed epoch are audited at most this often: a flood of them
+/// is counted in metrics, not written to disk one by one.
+pub const DESTROYED_READ_AUDIT_EVERY: Duration = Duration::from_secs(60);
 
 struct Unavailable {
     since: Instant,
@@ -298,6 +306,7 @@ impl Keyring {
             records: Mutex::new(records),
             sync_wanted: tokio::sync::Notify::new(),
             unavailable: Mutex::new(HashMap::new()),
+            destroyed_reads: Mutex::new(HashMap::new()),
             audit: OnceLock::new(),
         };
         {
@@ -477,10 +486,54 @@ impl Keyring {
         Ok(KeyHandle::Owned(key))
     }
 
-    /// Records key load failures in `log` from now on, as `actor`. Set once; later calls are
-    /// ignored.
+    /// Records key load failures and reads refused under destroyed epochs in `log` from now
+    /// on, as `actor`. Set once; later calls are ignored.
     pub fn set_audit(&self, log: Arc<crate::audit::AuditLog>, actor: String) {
         let _ = self.audit.set((log, actor));
+    }
+
+    /// Audits that a delivery sealed under the destroyed `epoch` was refused, at most once per
+    /// epoch every [`DESTROYED_READ_AUDIT_EVERY`]. Inside a runtime the append (a write and a
+    /// sync) runs on a blocking thread, so the session that refused never waits for the disk.
+    pub fn refused_destroyed(&self, epoch: u32) {
+        let Some((log, actor)) = self.audit.get() else {
+            return;
+        };
+        // Only epochs really destroyed are remembered, so the map stays as small as they are.
+        if self.current.load().state(epoch) != Some(KeyState::Destroyed) {
+            return;
+        }
+        {
+            let mut last = self
+                .destroyed_reads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            if last
+                .get(&epoch)
+                .is_some_and(|t| now.duration_since(*t) < DESTROYED_READ_AUDIT_EVERY)
+            {
+                return;
+            }
+            last.insert(epoch, now);
+        }
+        let event = crate::audit::Event {
+            kind: crate::audit::EventKind::Refused,
+            epoch: Some(epoch),
+            fingerprint: None,
+            actor: actor.clone(),
+            reason: format!("read refused: epoch {epoch} is destroyed"),
+        };
+        let log = log.clone();
+        let append = move || {
+            if let Err(why) = log.append(event) {
+                tracing::error!(error = %why, "cannot audit a read under a destroyed epoch");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(append)),
+            Err(_) => append(),
+        }
     }
 
     /// A retired key from the state directory, unless it failed to load less than
@@ -935,6 +988,57 @@ mod tests {
         ring.unavailable.lock().unwrap().get_mut(&2).unwrap().since -= UNAVAILABLE_RETRY;
         assert!(ring.lookup(&snap, 2).is_ok());
         assert!(ring.unavailable.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn reads_under_a_destroyed_epoch_are_audited_once_per_epoch_and_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = Keyring::open(root(), Some(dir.path()), 4).unwrap();
+        let audit_path = dir.path().join("audit.log");
+        let log = Arc::new(
+            crate::audit::AuditLog::open(&audit_path, crate::audit::AuditKey::new(&root()))
+                .unwrap(),
+        );
+        ring.set_audit(log, "proxy-test".into());
+        for epoch in 2..=3 {
+            ring.stage(epoch, DataKey::generate().unwrap()).unwrap();
+            ring.activate(epoch).unwrap();
+        }
+        ring.destroy(2).unwrap();
+        let lines = || {
+            std::fs::read_to_string(&audit_path)
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        for _ in 0..100 {
+            ring.refused_destroyed(2);
+        }
+        let written = lines();
+        assert_eq!(written.len(), 1, "a flood is audited once: {written:?}");
+        assert!(
+            written[0].contains("\"refused\"")
+                && written[0].contains("\"epoch\":2")
+                && written[0].contains("read refused: epoch 2 is destroyed"),
+            "{}",
+            written[0]
+        );
+
+        // Epochs that are not destroyed are not the keyring's to report.
+        ring.refused_destroyed(3);
+        ring.refused_destroyed(9);
+        assert_eq!(lines().len(), 1);
+
+        // Each destroyed epoch has its own interval; past it, the next refusal is audited.
+        ring.destroy(1).unwrap();
+        ring.refused_destroyed(1);
+        assert_eq!(lines().len(), 2);
+        *ring.destroyed_reads.lock().unwrap().get_mut(&2).unwrap() -= DESTROYED_READ_AUDIT_EVERY;
+        ring.refused_destroyed(2);
+        ring.refused_destroyed(2);
+        assert_eq!(lines().len(), 3);
+        crate::audit::verify(&audit_path, &crate::audit::AuditKey::new(&root())).unwrap();
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, BytesMut};
 
 use crate::envelope::{self, AeadBackend, Batch, Header, Opener, Sealer, OVERHEAD, OVERHEAD_V2};
+use crate::keyring::KeyMiss;
 use crate::metrics::Metrics;
 use crate::policy::{Decision, Mode, Policy};
 use crate::proto::{self, ClientOp, ServerOp};
@@ -710,10 +711,12 @@ impl Inbound {
             .index_of(header.scope)
             .and_then(|i| keys.get(i))
             .ok_or("scope_unavailable")?;
-        let key = held
-            .keyring
-            .lookup(snap, header.epoch)
-            .map_err(|miss| miss.reason())?;
+        let key = held.keyring.lookup(snap, header.epoch).map_err(|miss| {
+            if miss == KeyMiss::Destroyed {
+                held.keyring.refused_destroyed(header.epoch);
+            }
+            miss.reason()
+        })?;
         let (key, unbound) = (&key.key, !d.bind_subject);
         let opened = if queue {
             let batch = &mut self.batch;
