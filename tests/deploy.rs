@@ -44,6 +44,7 @@ fn the_systemd_unit_is_hardened_and_verifies() {
         ("StateDirectoryMode", "0700"),
         ("CapabilityBoundingSet", ""),
         ("RestartPreventExitStatus", "2"),
+        ("ExecReload", "/bin/kill -HUP $MAINPID"),
     ] {
         assert_eq!(value(key), [want], "{key}");
     }
