@@ -70,6 +70,10 @@ enum Command {
         /// Look again every 2 s (in place on a terminal) until interrupted.
         #[arg(long)]
         watch: bool,
+        /// A config file: show the default scope and every `[[scope]]` in it, each under its
+        /// own root (instead of --kek and --scope).
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["kek", "kek_file", "scope"])]
+        config: Option<PathBuf>,
     },
     /// List the epochs the key authority knows and their states.
     Keys {
@@ -357,7 +361,8 @@ pub fn main() -> ExitCode {
             authority,
             json,
             watch,
-        } => status(authority, json, watch),
+            config,
+        } => status(authority, config.as_deref(), json, watch),
         Command::Rewrap(args) => rewrap(args),
         Command::Migrate { from_kek_file, bus } => migrate(from_kek_file, bus),
         Command::Revoke {
@@ -1087,54 +1092,107 @@ fn ask_authority(
 /// How long `status` waits for the authority (less with a shorter --timeout).
 const STATUS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-fn status(args: AuthorityArgs, json: bool, watch: bool) -> ExitCode {
+fn status(args: AuthorityArgs, config: Option<&Path>, json: bool, watch: bool) -> ExitCode {
     use std::io::IsTerminal;
-    let bus = match Bus::from_args(args) {
-        Ok(b) => b,
-        Err(code) => return code,
-    };
-    let (timeout, root, prefix) = (bus.timeout, bus.root.clone(), bus.prefix.clone());
+    // Each scope asked of its own authority under its own root.
+    let mut scopes = Vec::new();
+    match config {
+        Some(file) => {
+            let flags = Overrides {
+                upstream: args.upstream.clone(),
+                ..Default::default()
+            };
+            let config = match load(Some(file), flags) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let prefix = config.policy.control_prefix().to_owned();
+            let mut every = vec![(
+                crate::scope::DEFAULT_SCOPE,
+                config.kek.clone(),
+                prefix.clone(),
+            )];
+            for scope in &config.scopes {
+                every.push((scope.name, scope.kek.clone(), scope.control_prefix(&prefix)));
+            }
+            for (name, kek, prefix) in every {
+                let one = AuthorityArgs {
+                    resolved: Some((kek, prefix)),
+                    ..args.clone()
+                };
+                match Bus::from_args(one) {
+                    Ok(b) => scopes.push((name.to_owned(), b)),
+                    Err(code) => return code,
+                }
+            }
+        }
+        None => {
+            let name = args
+                .scope
+                .clone()
+                .unwrap_or_else(|| crate::scope::DEFAULT_SCOPE.to_owned());
+            match Bus::from_args(args) {
+                Ok(b) => scopes.push((name, b)),
+                Err(code) => return code,
+            }
+        }
+    }
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
     };
     let terminal = std::io::stdout().is_terminal();
     rt.block_on(async {
-        let client = match bus.connect().await {
+        // Every scope is on the same bus: one connection asks them all.
+        let client = match scopes[0].1.connect().await {
             Ok(c) => c,
             Err(e) => return fail(&e),
         };
-        let control_key = root.control_key();
-        let mut sealer = match crate::control::message::ControlSealer::new(
-            crate::server::node_id("cli"),
-            control_key,
-        ) {
-            Ok(s) => s,
-            Err(e) => return fail(&e),
-        };
-        let wait = timeout.min(STATUS_WAIT);
+        let mut sealers = Vec::new();
+        for (_, bus) in &scopes {
+            match crate::control::message::ControlSealer::new(
+                crate::server::node_id("cli"),
+                bus.root.control_key(),
+            ) {
+                Ok(s) => sealers.push(s),
+                Err(e) => return fail(&e),
+            }
+        }
         loop {
-            let look = crate::status::look(&client, &mut sealer, control_key, &prefix, wait).await;
-            if json {
-                println!("{}", crate::status::json(&prefix, &look));
-            } else {
-                if watch && terminal {
-                    // Home and clear: the next look replaces this one.
-                    print!("\x1b[H\x1b[2J");
+            if watch && terminal && !json {
+                // Home and clear: this look replaces the last one.
+                print!("\x1b[H\x1b[2J");
+            }
+            let mut failed = false;
+            for (i, ((name, bus), sealer)) in scopes.iter().zip(&mut sealers).enumerate() {
+                let wait = bus.timeout.min(STATUS_WAIT);
+                let control_key = bus.root.control_key();
+                let look =
+                    crate::status::look(&client, sealer, control_key, &bus.prefix, wait).await;
+                if json {
+                    println!("{}", crate::status::json(name, &bus.prefix, &look));
+                } else {
+                    if i > 0 {
+                        println!();
+                    }
+                    print!("{}", crate::status::table(name, &bus.prefix, &look));
                 }
-                print!("{}", crate::status::table(&prefix, &look));
-                if watch {
-                    println!();
+                if let Some(e) = &look.error {
+                    failed = true;
+                    if !watch {
+                        eprintln!("cipherbus: scope {name}: {e}");
+                    }
                 }
             }
             if !watch {
-                return match look.error {
-                    None => ExitCode::SUCCESS,
-                    Some(e) => {
-                        eprintln!("cipherbus: {e}");
-                        ExitCode::FAILURE
-                    }
+                return if failed {
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
                 };
+            }
+            if !json {
+                println!();
             }
             tokio::select! {
                 _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}

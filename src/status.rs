@@ -108,18 +108,20 @@ pub async fn look(
     }
 }
 
-/// The look as one JSON object: the authority's status with `prefix` added, or, without one,
-/// `authority: null`, the `error` and the proxies heard.
-pub fn json(prefix: &str, look: &Look) -> serde_json::Value {
+/// The look as one JSON object: the authority's status with `scope` and `prefix` added, or,
+/// without one, `authority: null`, the `error` and the proxies heard.
+pub fn json(scope: &str, prefix: &str, look: &Look) -> serde_json::Value {
     match &look.status {
         Some(status) => {
             let mut v = serde_json::to_value(status).unwrap_or_default();
             if let Some(o) = v.as_object_mut() {
+                o.insert("scope".into(), scope.into());
                 o.insert("prefix".into(), prefix.into());
             }
             v
         }
         None => serde_json::json!({
+            "scope": scope,
             "prefix": prefix,
             "authority": null,
             "error": look.error,
@@ -159,8 +161,9 @@ fn reasons(refused: &std::collections::BTreeMap<String, u64>) -> String {
 }
 
 /// The look as a table for a terminal.
-pub fn table(prefix: &str, look: &Look) -> String {
+pub fn table(scope: &str, prefix: &str, look: &Look) -> String {
     let mut out = String::new();
+    let _ = writeln!(out, "scope      {scope} (control prefix {prefix})");
     let rows = match &look.status {
         Some(s) => {
             let standby = if s.standby.is_empty() {
@@ -306,7 +309,7 @@ mod tests {
             error: None,
             heard: vec![],
         };
-        let t = table("cipherbus", &look);
+        let t = table("default", "cipherbus", &look);
         assert!(t.contains("standby: authority-2"), "{t}");
         assert!(
             t.contains("1970-01-01T01:00:00.000Z (time: every 3600s)"),
@@ -315,7 +318,8 @@ mod tests {
         let b = t.lines().find(|l| l.starts_with("proxy-b")).unwrap();
         assert!(b.contains("lagging") && b.contains("10.0") && b.contains("5.0"));
         assert!(b.ends_with("auth=2"), "{b}");
-        let v = json("cipherbus", &look);
+        let v = json("default", "cipherbus", &look);
+        assert_eq!(v["scope"], "default");
         assert_eq!(v["prefix"], "cipherbus");
         assert_eq!(v["proxies"][1]["lagging"], true);
     }
@@ -327,13 +331,13 @@ mod tests {
             error: Some("no key authority answered".into()),
             heard: vec![row("proxy-a", 2, false)],
         };
-        let t = table("p", &look);
+        let t = table("a", "p", &look);
         assert!(
-            t.starts_with("authority  none: no key authority answered"),
+            t.starts_with("scope      a (control prefix p)\nauthority  none: no key authority"),
             "{t}"
         );
         assert!(t.contains("proxy-a"));
-        let v = json("p", &look);
+        let v = json("a", "p", &look);
         assert!(v["authority"].is_null());
         assert_eq!(v["proxies"][0]["node"], "proxy-a");
     }

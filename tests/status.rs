@@ -256,3 +256,100 @@ async fn status_shows_every_proxy_the_authority_its_standby_and_a_lagging_proxy(
         assert!(p.metric("cipherbus_max_connections").unwrap() > 0.0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_with_a_config_file_shows_every_scope_with_its_own_epoch() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kek = write_kek(dir.path(), TEST_KEK);
+    let tenant_dir = dir.path().join("tenant");
+    std::fs::create_dir(&tenant_dir).unwrap();
+    let tenant_kek = write_kek(&tenant_dir, [7; 32]);
+    let config = dir.path().join("cipherbus.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "kek_file = {:?}\n[rotation]\nheartbeat_every = \"300ms\"\nstage_timeout = \"2s\"\n[[scope]]\nname = \"tenant\"\nsubjects = [\"tenant.>\"]\nkek = \"file:{}\"\n",
+            kek.display().to_string(),
+            tenant_kek.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = run_command(BIN, &kek, &[server.url()], Some(&dir.path().join("state")));
+    cmd.arg("--config").arg(&config).arg("--controller");
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let proxy = ProxyProcess::start(cmd, listen);
+    let node = node_of(&proxy);
+
+    // Rotate the tenant scope only: its epoch moves, the default one stays.
+    let rotated = cipherbus_cli(
+        BIN,
+        vec![
+            "rotate".into(),
+            "--scope".into(),
+            "tenant".into(),
+            "--kek-file".into(),
+            tenant_kek.clone().into(),
+            "--upstream".into(),
+            server.url().into(),
+        ],
+    )
+    .await;
+    assert!(rotated.status.success(), "{rotated:?}");
+
+    let look = || async {
+        let out = cipherbus_cli(
+            BIN,
+            vec![
+                "status".into(),
+                "--json".into(),
+                "--config".into(),
+                config.clone().into(),
+                "--upstream".into(),
+                server.url().into(),
+            ],
+        )
+        .await;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        (out.status.success(), lines, text)
+    };
+    let mut seen = (false, Vec::new(), String::new());
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(15) {
+        seen = look().await;
+        let (ok, lines, _) = &seen;
+        let on =
+            |scope: &str, epoch: u64| {
+                lines.iter().any(|v| {
+                    v["scope"] == scope
+                        && v["active"].as_u64() == Some(epoch)
+                        && v["proxies"].as_array().unwrap().iter().any(|r| {
+                            r["node"] == node.as_str() && r["active"].as_u64() == Some(epoch)
+                        })
+                })
+            };
+        if *ok && lines.len() == 2 && on("default", 1) && on("tenant", 2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (ok, lines, text) = seen;
+    assert!(ok, "{text}");
+    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!(lines[0]["scope"], "default", "{text}");
+    assert_eq!(lines[0]["active"].as_u64(), Some(1), "{text}");
+    assert_eq!(lines[1]["scope"], "tenant", "{text}");
+    assert_eq!(lines[1]["prefix"], "cipherbus.ctl.scope.tenant", "{text}");
+    assert_eq!(lines[1]["active"].as_u64(), Some(2), "{text}");
+    let row = lines[1]["proxies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node"] == node.as_str())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(row["active"].as_u64(), Some(2), "{text}");
+}
