@@ -1097,35 +1097,17 @@ fn status(args: AuthorityArgs, config: Option<&Path>, json: bool, watch: bool) -
     // Each scope asked of its own authority under its own root.
     let mut scopes = Vec::new();
     match config {
-        Some(file) => {
-            let flags = Overrides {
-                upstream: args.upstream.clone(),
-                ..Default::default()
-            };
-            let config = match load(Some(file), flags) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let prefix = config.policy.control_prefix().to_owned();
-            let mut every = vec![(
-                crate::scope::DEFAULT_SCOPE,
-                config.kek.clone(),
-                prefix.clone(),
-            )];
-            for scope in &config.scopes {
-                every.push((scope.name, scope.kek.clone(), scope.control_prefix(&prefix)));
-            }
-            for (name, kek, prefix) in every {
-                let one = AuthorityArgs {
-                    resolved: Some((kek, prefix)),
-                    ..args.clone()
-                };
-                match Bus::from_args(one) {
-                    Ok(b) => scopes.push((name.to_owned(), b)),
-                    Err(code) => return code,
+        Some(file) => match every_scope(&args, file) {
+            Ok(every) => {
+                for (name, one) in every {
+                    match Bus::from_args(one) {
+                        Ok(b) => scopes.push((name.to_owned(), b)),
+                        Err(code) => return code,
+                    }
                 }
             }
-        }
+            Err(code) => return code,
+        },
         None => {
             let name = args
                 .scope
@@ -1340,17 +1322,17 @@ fn keys(args: AuthorityArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// `keys --config FILE`: the epochs of the default scope and of every `[[scope]]` in the file,
-/// each asked of its own authority under its own root.
-fn keys_of_every_scope(args: AuthorityArgs, file: &Path) -> ExitCode {
+/// The default scope and every `[[scope]]` of a config file, each with the arguments that
+/// reach its own authority under its own root.
+fn every_scope(
+    args: &AuthorityArgs,
+    file: &Path,
+) -> Result<Vec<(&'static str, AuthorityArgs)>, ExitCode> {
     let flags = Overrides {
         upstream: args.upstream.clone(),
         ..Default::default()
     };
-    let config = match load(Some(file), flags) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
+    let config = load(Some(file), flags)?;
     let prefix = config.policy.control_prefix().to_owned();
     let mut every = vec![(
         crate::scope::DEFAULT_SCOPE,
@@ -1360,16 +1342,31 @@ fn keys_of_every_scope(args: AuthorityArgs, file: &Path) -> ExitCode {
     for scope in &config.scopes {
         every.push((scope.name, scope.kek.clone(), scope.control_prefix(&prefix)));
     }
+    Ok(every
+        .into_iter()
+        .map(|(name, kek, prefix)| {
+            let one = AuthorityArgs {
+                resolved: Some((kek, prefix)),
+                ..args.clone()
+            };
+            (name, one)
+        })
+        .collect())
+}
+
+/// `keys --config FILE`: the epochs of the default scope and of every `[[scope]]` in the file,
+/// each asked of its own authority under its own root.
+fn keys_of_every_scope(args: AuthorityArgs, file: &Path) -> ExitCode {
+    let every = match every_scope(&args, file) {
+        Ok(e) => e,
+        Err(code) => return code,
+    };
     let mut code = ExitCode::SUCCESS;
-    for (i, (name, kek, prefix)) in every.into_iter().enumerate() {
+    for (i, (name, one)) in every.into_iter().enumerate() {
         if i > 0 {
             println!();
         }
         println!("scope {name}");
-        let one = AuthorityArgs {
-            resolved: Some((kek, prefix)),
-            ..args.clone()
-        };
         if keys(one) != ExitCode::SUCCESS {
             code = ExitCode::FAILURE;
         }

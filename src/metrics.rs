@@ -428,6 +428,9 @@ impl Metrics {
         for direction in ["publish", "subscribe", "deliver"] {
             let _ = m.denied.get_or_create(&DirectionLabel { direction });
         }
+        for reason in ["max_connections", "no_upstream"] {
+            let _ = m.connections_refused.get_or_create(&ReasonLabel { reason });
+        }
         Metrics { registry, ..m }
     }
 

@@ -1290,13 +1290,9 @@ impl Authority {
         else {
             return;
         };
-        if self.proxies.len() >= MAX_PROXIES && !self.proxies.contains_key(&msg.from) {
+        let Some(p) = self.proxy(msg.from, active) else {
             return;
-        }
-        let p = self
-            .proxies
-            .entry(msg.from)
-            .or_insert_with(|| Proxy::new(active));
+        };
         let secs = p.beat_at.map_or(0.0, |at| at.elapsed().as_secs_f64());
         p.rate = if p.active == active && secs > 0.0 && sealed_messages >= p.sealed_messages {
             (
@@ -1313,6 +1309,19 @@ impl Authority {
         p.sealed_bytes = sealed_bytes;
     }
 
+    /// The entry of proxy `node`, new ones joining as sealing with `active`; `None` for a new
+    /// one past [`MAX_PROXIES`].
+    fn proxy(&mut self, node: String, active: u32) -> Option<&mut Proxy> {
+        if self.proxies.len() >= MAX_PROXIES && !self.proxies.contains_key(&node) {
+            return None;
+        }
+        Some(
+            self.proxies
+                .entry(node)
+                .or_insert_with(|| Proxy::new(active)),
+        )
+    }
+
     /// Keeps a proxy's report; one not yet heard in a heartbeat joins the proxies, as a beat.
     fn on_report(&mut self, payload: &[u8]) {
         let subject = self.subjects.report.clone();
@@ -1322,13 +1331,9 @@ impl Authority {
         let Body::Report(report) = msg.body else {
             return;
         };
-        if self.proxies.len() >= MAX_PROXIES && !self.proxies.contains_key(&msg.from) {
+        let Some(p) = self.proxy(msg.from, report.active) else {
             return;
-        }
-        let p = self
-            .proxies
-            .entry(msg.from)
-            .or_insert_with(|| Proxy::new(report.active));
+        };
         p.last_seen = Instant::now();
         p.previous = p.report.replace((Instant::now(), report));
     }
