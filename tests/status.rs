@@ -224,6 +224,15 @@ async fn status_shows_every_proxy_the_authority_its_standby_and_a_lagging_proxy(
     assert_eq!(v["active"].as_u64(), Some(epoch + 1), "{v:#}");
     assert!(expected(&v), "proxy 2 ({}) alone lags: {v:#}", nodes[2]);
 
+    // Heartbeats and reports come on two subscriptions, in either order: neither is refused
+    // as a replay of the other.
+    let replayed = http_get(leader_admin, "/metrics")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("cipherbus_control_refused_total{reason=\"replayed\"} "))
+        .map_or(0.0, |v| v.trim().parse::<f64>().unwrap());
+    assert_eq!(replayed, 0.0, "{}", leader.stderr());
+
     // No authority: the sentence, a failing exit, and the proxies that still report.
     standby.kill();
     signal(leader.pid(), "-TERM");
@@ -280,6 +289,14 @@ async fn status_with_a_config_file_shows_every_scope_with_its_own_epoch() {
     let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let proxy = ProxyProcess::start(cmd, listen);
     let node = node_of(&proxy);
+    assert!(
+        eventually(Duration::from_secs(15), || proxy
+            .metric("cipherbus_authority_leader{scope=\"tenant\"}")
+            == Some(1.0))
+        .await,
+        "the tenant's authority never acted: {}",
+        proxy.stderr()
+    );
 
     // Rotate the tenant scope only: its epoch moves, the default one stays.
     let rotated = cipherbus_cli(

@@ -207,7 +207,10 @@ struct Authority {
     control_key: DataKey,
     sealer: ControlSealer,
     opener: Opener,
-    guard: ReplayGuard,
+    /// One per subject: a sender's messages on different subjects arrive through different
+    /// subscriptions, in no set order, and the subject is sealed into each (no cross-subject
+    /// replay), so numbers only need to rise per sender and subject.
+    guards: HashMap<String, ReplayGuard>,
     audit: Option<Arc<AuditLog>>,
     /// The audit trail's copy on the bus, where the bus has JetStream.
     audit_stream: Option<AuditStream>,
@@ -311,7 +314,7 @@ pub async fn run(
         control_key,
         sealer,
         opener: Opener::new(),
-        guard: ReplayGuard::default(),
+        guards: HashMap::new(),
         audit,
         audit_attached: audit_stream.is_some(),
         audit_stream,
@@ -1259,8 +1262,15 @@ impl Authority {
         subject: &str,
         payload: &[u8],
     ) -> Result<message::ControlMessage, ControlError> {
-        let msg = message::open(&mut self.opener, &self.control_key, subject, payload)
-            .and_then(|m| self.guard.check(&m).map(|()| m));
+        let msg =
+            message::open(&mut self.opener, &self.control_key, subject, payload).and_then(|m| {
+                // Subjects are this authority's own few, so the map stays small.
+                let guard = match self.guards.get_mut(subject) {
+                    Some(g) => g,
+                    None => self.guards.entry(subject.to_owned()).or_default(),
+                };
+                guard.check(&m).map(|()| m)
+            });
         match msg {
             Ok(m) => Ok(m),
             Err(e) => {
