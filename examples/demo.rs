@@ -239,7 +239,7 @@ async fn main() -> Result<()> {
         &root,
         authority::rotate_subject(PREFIX),
         Body::RotateRequest {
-            reason: "demo: scheduled rotation".into(),
+            reason: "demo: rotate under traffic".into(),
         },
     )
     .await?;
