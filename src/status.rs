@@ -64,6 +64,10 @@ pub async fn look(
             }
         }
         Ok(Ok(_)) => "the key authority answered with something else".to_owned(),
+        // Nobody listens for status requests: no authority, or one older than `status`.
+        Ok(Err(e)) if e.starts_with("no key authority is running") => format!(
+            "no key authority answered on {prefix} (none is running, or it is a version without `status`)"
+        ),
         Ok(Err(e)) => e,
         Err(_) => format!(
             "no key authority answered on {prefix} within {wait:?} (none is running, or the one running stands by)"
