@@ -84,6 +84,26 @@ fn hex(bytes: &[u8], max: usize) -> String {
     s
 }
 
+/// Publishes `text` on `demo.orders`; what the bus observer saw and what agent B received.
+async fn exchange(
+    publisher: &async_nats::Client,
+    tap: &mut async_nats::Subscriber,
+    inbox: &mut async_nats::Subscriber,
+    text: &str,
+) -> Result<(async_nats::Message, async_nats::Message)> {
+    publisher
+        .publish("demo.orders", text.as_bytes().to_vec().into())
+        .await?;
+    publisher.flush().await?;
+    let seen = tokio::time::timeout(Duration::from_secs(5), tap.next())
+        .await?
+        .ok_or("observer closed")?;
+    let got = tokio::time::timeout(Duration::from_secs(5), inbox.next())
+        .await?
+        .ok_or("subscriber closed")?;
+    Ok((seen, got))
+}
+
 fn section(title: &str) {
     println!("\n── {title}");
 }
@@ -179,16 +199,7 @@ async fn main() -> Result<()> {
     support::sync(&subscriber).await;
     support::sync(&observer).await;
     for text in MESSAGES {
-        publisher
-            .publish("demo.orders", text.as_bytes().to_vec().into())
-            .await?;
-        publisher.flush().await?;
-        let seen = tokio::time::timeout(Duration::from_secs(5), tap.next())
-            .await?
-            .ok_or("observer closed")?;
-        let got = tokio::time::timeout(Duration::from_secs(5), inbox.next())
-            .await?
-            .ok_or("subscriber closed")?;
+        let (seen, got) = exchange(&publisher, &mut tap, &mut inbox, text).await?;
         let header = Header::parse(&seen.payload)?;
         println!("agent A published  {:?}", text);
         println!(
@@ -421,16 +432,7 @@ async fn main() -> Result<()> {
         Header::parse(&still.payload)?.epoch
     );
 
-    publisher
-        .publish("demo.orders", "still talking".into())
-        .await?;
-    publisher.flush().await?;
-    let seen = tokio::time::timeout(Duration::from_secs(5), tap.next())
-        .await?
-        .ok_or("observer closed")?;
-    let got = tokio::time::timeout(Duration::from_secs(5), inbox.next())
-        .await?
-        .ok_or("subscriber closed")?;
+    let (seen, got) = exchange(&publisher, &mut tap, &mut inbox, "still talking").await?;
     let now_epoch = Header::parse(&seen.payload)?.epoch;
     println!(
         "after the revoke   agent B received {:?}, sealed under epoch {now_epoch}",

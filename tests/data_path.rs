@@ -386,15 +386,6 @@ async fn status_messages_pass_untouched_idle_heartbeats() {
     assert_eq!(p.metrics.open_failures_for("plaintext"), 0);
 }
 
-/// Sends `signal` (`STOP`, `CONT`) to a process.
-fn signal(pid: u32, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success(), "kill -{signal} {pid}");
-}
-
 /// Messages in the bursts of the two tests below.
 const BURST: usize = 20_000;
 

@@ -123,11 +123,7 @@ async fn a_sighup_applies_the_new_policy_to_connected_agents_and_refuses_bad_fil
     // A plain SIGHUP with a good file: encrypt again, on the same connection. The process
     // lives through every signal.
     write("encrypt", "");
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &proxy.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    signal(proxy.pid(), "HUP");
     assert!(eventually(Duration::from_secs(5), || reloads(&proxy, "ok") == 2.0).await);
     assert!(goes_through(&client, &mut sub, "encrypted again").await);
     assert!(

@@ -10,15 +10,6 @@ use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cipherbus");
 
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
-
 /// `cipherbus status --json`: the exit status and the parsed object.
 async fn status(kek: &std::path::Path, server: &NatsServer) -> (bool, serde_json::Value, String) {
     let out = cipherbus_cli(
@@ -194,7 +185,7 @@ async fn status_shows_every_proxy_the_authority_its_standby_and_a_lagging_proxy(
     );
 
     // Pause proxy 2 and rotate: it cannot follow, so it lags.
-    signal(proxies[2].pid(), "-STOP");
+    signal(proxies[2].pid(), "STOP");
     let rotated = operator_cli(BIN, &["rotate", "--upstream", &server.url()], &kek).await;
     assert!(rotated.status.success(), "{rotated:?}");
     // The authority catches up with the heartbeats queued while it waited for acks.
@@ -235,7 +226,7 @@ async fn status_shows_every_proxy_the_authority_its_standby_and_a_lagging_proxy(
 
     // No authority: the sentence, a failing exit, and the proxies that still report.
     standby.kill();
-    signal(leader.pid(), "-TERM");
+    signal(leader.pid(), "TERM");
     assert!(leader.wait_exit(Duration::from_secs(10)).is_some());
     let (ok, v, stderr) = status(&kek, &server).await;
     assert!(!ok);
@@ -253,7 +244,7 @@ async fn status_shows_every_proxy_the_authority_its_standby_and_a_lagging_proxy(
         "a paused proxy sends nothing"
     );
 
-    signal(proxies[2].pid(), "-CONT");
+    signal(proxies[2].pid(), "CONT");
     traffic.abort();
     drain.abort();
     // Each proxy heard the acting authority.

@@ -674,6 +674,15 @@ pub async fn cipherbus_cli(bin: &str, args: Vec<std::ffi::OsString>) -> std::pro
     .expect("join")
 }
 
+/// Sends `signal` (`STOP`, `CONT`, `HUP`, `TERM`) to a process.
+pub fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
 /// Resident memory of process `pid` in bytes, from /proc; 0 once it is gone.
 pub fn rss_of(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
