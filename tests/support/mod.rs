@@ -604,20 +604,39 @@ pub async fn round_trip(
 pub async fn replay_stream(client: &async_nats::Client, name: &str) -> Vec<String> {
     use async_nats::jetstream::{self, consumer::push};
     use futures::StreamExt;
-    let deliver = client.new_inbox();
-    let mut sub = client.subscribe(deliver.clone()).await.unwrap();
-    sync(client).await;
-    jetstream::new(client.clone())
-        .get_stream(name)
-        .await
-        .unwrap()
-        .create_consumer(push::Config {
-            deliver_subject: deliver,
-            ack_policy: jetstream::consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    // A cluster that just lost a node may time out an API call while its leaders move. Each
+    // attempt has its own inbox, so a consumer created by an attempt that timed out anyway
+    // delivers nowhere.
+    let started = Instant::now();
+    let mut sub = loop {
+        let deliver = client.new_inbox();
+        let sub = client.subscribe(deliver.clone()).await.unwrap();
+        sync(client).await;
+        let created = async {
+            jetstream::new(client.clone())
+                .get_stream(name)
+                .await
+                .map_err(|e| e.to_string())?
+                .create_consumer(push::Config {
+                    deliver_subject: deliver,
+                    ack_policy: jetstream::consumer::AckPolicy::None,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        match created {
+            Ok(_) => break sub,
+            Err(e) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "no consumer on {name}: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
     let mut got = Vec::new();
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(1500), sub.next()).await {
         got.push(String::from_utf8_lossy(&m.payload).into_owned());
