@@ -3,19 +3,13 @@
 
 mod support;
 
-use std::path::Path;
 use std::process::Command;
 
 use support::*;
 
-/// Debian 12's systemd, which ships `systemd-analyze`; installed if the machine lacks it.
-const SYSTEMD_DEB: &str = "252.38-1~deb12u1";
-
+/// Debian 12's systemd (pinned in `tests/support/debian-pins`), which ships `systemd-analyze`.
 fn systemd_analyze() -> &'static str {
-    let installed = || Path::new("/usr/bin/systemd-analyze").exists();
-    if !installed() {
-        clients::apt_install(&[format!("systemd={SYSTEMD_DEB}")], installed);
-    }
+    clients::debian_install(&["systemd"]);
     "/usr/bin/systemd-analyze"
 }
 

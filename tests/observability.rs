@@ -16,26 +16,14 @@ use serde_json::Value;
 use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cipherbus");
-/// Debian 12's Prometheus, which ships `promtool`; installed if the machine lacks it.
-const PROMETHEUS_DEB: &str = "2.42.0+ds-5+b6";
 const DASHBOARD: &str = include_str!("../deploy/grafana/cipherbus.json");
 const RULES: &str = include_str!("../deploy/prometheus/cipherbus.rules.yml");
 const RULE_TESTS: &str = include_str!("../deploy/prometheus/cipherbus.rules.test.yml");
 const OPERATIONS: &str = include_str!("../docs/OPERATIONS.md");
 
+/// Debian 12's Prometheus (pinned in `tests/support/debian-pins`), which ships `promtool`.
 fn prometheus_bin() -> (&'static str, &'static str) {
-    let installed = || {
-        let version = |bin: &str| {
-            Command::new(bin)
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(PROMETHEUS_DEB))
-        };
-        version("/usr/bin/prometheus") && version("/usr/bin/promtool")
-    };
-    if !installed() {
-        clients::apt_install(&[format!("prometheus={PROMETHEUS_DEB}")], installed);
-    }
+    clients::debian_install(&["prometheus"]);
     ("/usr/bin/prometheus", "/usr/bin/promtool")
 }
 

@@ -3,7 +3,8 @@
 //! [`super::nats_py_path`]). Each one's test program lives in `tests/clients/<lang>/`.
 //!
 //! Everything a client needs goes under `target/tools/`, except the Debian packages, which
-//! `apt-get` installs at the pinned versions (the tests run as root, as CI does).
+//! `apt-get` installs at the upstream versions pinned in `tests/support/debian-pins` (the tests
+//! run as root, as CI does).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,12 +14,6 @@ use std::time::{Duration, Instant};
 /// `@nats-io/transport-node`, `@nats-io/jetstream` and `@nats-io/kv`, as pinned in
 /// `tests/clients/js/package-lock.json`.
 pub const NATS_JS_VERSION: &str = "3.4.0";
-/// Debian's `libnats-dev` (nats.c).
-pub const NATS_C_DEB: &str = "3.4.1-1+b1";
-/// Debian's `golang-github-nats-io-go-nats-dev` (nats.go).
-pub const NATS_GO_DEB: &str = "1.22.1-1";
-/// Debian's `golang-go`, which builds it.
-pub const GOLANG_DEB: &str = "2:1.19~1";
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -71,33 +66,35 @@ pub(crate) fn run(cmd: &mut Command, what: &str) {
     );
 }
 
-/// Installs Debian packages at pinned versions (`name=version`), once, serialised across test
-/// processes because apt takes one lock for the whole system.
-pub(crate) fn apt_install(packages: &[String], installed: impl Fn() -> bool) {
-    once_across_processes("apt", &installed, || {
-        let install = || {
-            Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends"])
-                .args(packages)
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .output()
-        };
-        if matches!(install(), Ok(o) if o.status.success()) {
-            return;
-        }
-        // A fresh machine has no package lists yet.
-        run(
-            Command::new("apt-get").args(["update", "-q"]),
-            "apt-get update",
-        );
-        let out = install().expect("run apt-get install");
+/// Installs Debian packages at the upstream versions pinned in `tests/support/debian-pins`,
+/// whatever build of each the archive carries now, once, serialised across test processes
+/// because apt takes one lock for the whole system. `tests/support/debian.py` refreshes the
+/// package lists first when they are over an hour old, checks the installed upstream versions
+/// and prints the exact builds into the test output.
+pub(crate) fn debian_install(packages: &[&str]) {
+    let script = root().join("tests/support/debian.py");
+    let debian = |verb: &str| {
+        let mut cmd = Command::new("python3");
+        cmd.arg(&script).arg(verb).args(packages);
+        cmd
+    };
+    let installed = || {
+        debian("installed")
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    once_across_processes("apt", installed, || {
+        let out = debian("install").output().expect("run tests/support/debian.py");
         assert!(
             out.status.success(),
-            "apt-get install {packages:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "{}",
+            String::from_utf8_lossy(&out.stderr).trim()
         );
     });
-    assert!(installed(), "{packages:?} installed but not found");
+    // Its stderr is the process's own, so the builds show in the test output uncaptured.
+    let out = debian("installed").status().expect("run tests/support/debian.py");
+    assert!(out.success(), "{packages:?} installed but not at their pins");
 }
 
 /// A copy of `tests/clients/<lang>` under `target/tools/clients-<lang>`, refreshed when a
@@ -154,14 +151,8 @@ pub fn nats_c() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let header = Path::new("/usr/include/nats/nats.h");
-        apt_install(
-            &[
-                format!("libnats-dev={NATS_C_DEB}"),
-                "pkg-config".into(),
-                "gcc".into(),
-            ],
-            || header.exists() && deb_version("libnats-dev").as_deref() == Some(NATS_C_DEB),
-        );
+        debian_install(&["libnats-dev", "pkg-config", "gcc"]);
+        assert!(header.exists(), "libnats-dev installed without {}", header.display());
         let dir = workdir("c");
         let bin = dir.join("matrix");
         let source = dir.join("matrix.c");
@@ -190,17 +181,7 @@ pub fn nats_c() -> PathBuf {
 pub fn nats_go() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        apt_install(
-            &[
-                format!("golang-go={GOLANG_DEB}"),
-                format!("golang-github-nats-io-go-nats-dev={NATS_GO_DEB}"),
-            ],
-            || {
-                deb_version("golang-go").as_deref() == Some(GOLANG_DEB)
-                    && deb_version("golang-github-nats-io-go-nats-dev").as_deref()
-                        == Some(NATS_GO_DEB)
-            },
-        );
+        debian_install(&["golang-go", "golang-github-nats-io-go-nats-dev"]);
         let src = workdir("go");
         let gopath = tools().join("gopath");
         let pkg = gopath.join("src/cbmatrix");
@@ -230,17 +211,6 @@ pub fn nats_go() -> PathBuf {
         bin
     })
     .clone()
-}
-
-/// The installed version of a Debian package, from dpkg.
-pub(crate) fn deb_version(package: &str) -> Option<String> {
-    let out = Command::new("dpkg-query")
-        .args(["-W", "-f=${Status} ${Version}", package])
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.strip_prefix("install ok installed ")
-        .map(|v| v.trim().to_owned())
 }
 
 /// Whether `built` exists and is at least as new as `source`.

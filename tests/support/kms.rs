@@ -4,7 +4,7 @@
 //! This module owns three things:
 //! - [`SoftHsm`]: a fresh SoftHSM token in a temporary directory, with its own
 //!   `softhsm2.conf`, a PIN file, and OpenSC's `pkcs11-tool` to create and inspect keys.
-//!   SoftHSM and OpenSC come from Debian through [`super::clients`]'s `apt_install`.
+//!   SoftHSM and OpenSC come from Debian through [`super::clients`]'s `debian_install`.
 //! - [`Bao`]: an OpenBao server on a free loopback port, either in dev mode (in memory) or on
 //!   raft storage in its directory, initialised and unsealed here so it survives a restart,
 //!   with helpers for its transit engine, policies and tokens. The `bao` binary comes from
@@ -24,17 +24,13 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::clients::{apt_install, deb_version, once_across_processes, run, tools};
+use super::clients::{debian_install, once_across_processes, run, tools};
 use super::{
     contains, free_port, http_get, observer, replay_stream, round_trip, sync, NatsServer,
     ProxyProcess,
 };
 use futures::StreamExt;
 
-/// Debian's `softhsm2` (SoftHSM, the PKCS#11 token).
-pub const SOFTHSM_DEB: &str = "2.6.1-2.1";
-/// Debian's `opensc`, for `pkcs11-tool`.
-pub const OPENSC_DEB: &str = "0.23.0-0.3+deb12u2";
 /// Where Debian's SoftHSM puts its PKCS#11 module.
 pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
@@ -74,17 +70,8 @@ pub fn softhsm_module() -> PathBuf {
     MODULE
         .get_or_init(|| {
             let module = PathBuf::from(SOFTHSM_MODULE);
-            apt_install(
-                &[
-                    format!("softhsm2={SOFTHSM_DEB}"),
-                    format!("opensc={OPENSC_DEB}"),
-                ],
-                || {
-                    module.exists()
-                        && deb_version("softhsm2").as_deref() == Some(SOFTHSM_DEB)
-                        && deb_version("opensc").as_deref() == Some(OPENSC_DEB)
-                },
-            );
+            debian_install(&["softhsm2", "opensc"]);
+            assert!(module.exists(), "softhsm2 installed without {SOFTHSM_MODULE}");
             module
         })
         .clone()
