@@ -163,7 +163,7 @@ impl ProcessMetrics {
         let limit = std::fs::read_to_string("/proc/self/limits")
             .ok()
             .as_deref()
-            .and_then(crate::server::open_files_limit);
+            .and_then(crate::process::open_files_limit);
         if let Some(limit) = limit {
             self.max_fds.set(i64::try_from(limit).unwrap_or(i64::MAX));
         }

@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::kek::Root;
 use crate::keyring::{Keyring, KeyringError};
 use crate::metrics::{Metrics, ReasonLabel};
+use crate::process::node_id;
 use crate::session::{self, Shared};
 
 #[derive(Debug, thiserror::Error)]
@@ -215,7 +216,7 @@ impl ProxyHandle {
                 std::fs::read_to_string("/proc/self/limits")
                     .ok()
                     .as_deref()
-                    .and_then(open_files_limit),
+                    .and_then(crate::process::open_files_limit),
             );
             let from = cap.swap(to, std::sync::atomic::Ordering::Relaxed);
             resize(limit, from, to);
@@ -521,7 +522,7 @@ pub async fn start_with_scopes(
         std::fs::read_to_string("/proc/self/limits")
             .ok()
             .as_deref()
-            .and_then(open_files_limit),
+            .and_then(crate::process::open_files_limit),
     );
     metrics
         .max_connections
@@ -690,30 +691,6 @@ fn connection_cap(configured: usize, set: bool, open_files: Option<u64>) -> usiz
     }
 }
 
-/// The soft "Max open files" limit from `/proc/self/limits`; `None` when unlimited or unknown.
-pub(crate) fn open_files_limit(limits: &str) -> Option<u64> {
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line["Max open files".len()..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// A random id for this process on the control plane.
-pub fn node_id(role: &str) -> String {
-    let mut b = [0u8; 6];
-    let _ = getrandom::getrandom(&mut b);
-    format!("{role}-{}", hex::encode(b))
-}
-
-/// This machine's host name, for `cipherbus status` (empty where unknown).
-pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default()
-}
-
 pub fn upstream_urls(config: &Config) -> Vec<String> {
     config
         .upstreams
@@ -782,21 +759,6 @@ async fn probe_upstream(config: Config, mut shutdown: watch::Receiver<()>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const LIMITS: &str = "\
-Limit                     Soft Limit           Hard Limit           Units
-Max processes             unlimited            unlimited            processes
-Max open files            1024                 524288               files
-Max locked memory         8388608              8388608              bytes
-";
-
-    #[test]
-    fn the_soft_open_files_limit_is_read() {
-        assert_eq!(open_files_limit(LIMITS), Some(1024));
-        let unlimited = LIMITS.replace("1024      ", "unlimited ");
-        assert_eq!(open_files_limit(&unlimited), None);
-        assert_eq!(open_files_limit("nothing here"), None);
-    }
 
     #[test]
     fn the_cap_is_lowered_to_what_the_descriptors_allow() {

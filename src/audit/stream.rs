@@ -16,21 +16,7 @@ use super::AuditError;
 /// How long one append or read may wait for the server.
 const WAIT: Duration = Duration::from_secs(2);
 
-/// The stream that holds the audit trail of the deployment whose control prefix is `prefix`.
-pub fn stream_name(prefix: &str) -> String {
-    let mut name: String = prefix
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_uppercase()
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    name.push_str("_AUDIT");
-    name
-}
+pub use crate::bus::audit_stream_name as stream_name;
 
 /// The subject its entries are published on.
 pub fn stream_subject(prefix: &str) -> String {

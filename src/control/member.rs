@@ -396,7 +396,7 @@ async fn keyring_bucket(
         return None;
     }
     async_nats::jetstream::new(client.clone())
-        .get_key_value(super::authority::keyring_bucket(prefix))
+        .get_key_value(crate::bus::keyring_bucket(prefix))
         .await
         .ok()
 }
@@ -404,7 +404,7 @@ async fn keyring_bucket(
 /// The keyring as the authority last wrote it to the bucket (sealed), if the bus has one.
 async fn keyring_from_bucket(client: &async_nats::Client, prefix: &str) -> Option<bytes::Bytes> {
     let kv = keyring_bucket(client, prefix).await?;
-    kv.get(super::authority::KEYRING_KEY).await.ok().flatten()
+    kv.get(crate::bus::KEYRING_KEY).await.ok().flatten()
 }
 
 /// Opens a watch on the keyring bucket, starting at the value the authority last committed,
@@ -414,7 +414,7 @@ async fn follow_bucket(
     prefix: &str,
 ) -> Option<async_nats::jetstream::kv::Watch> {
     let kv = keyring_bucket(client, prefix).await?;
-    match kv.watch_with_history(super::authority::KEYRING_KEY).await {
+    match kv.watch_with_history(crate::bus::KEYRING_KEY).await {
         Ok(w) => {
             tracing::debug!("following the keyring bucket");
             Some(w)
@@ -559,7 +559,7 @@ pub async fn run(
     // The bucket carries every committed change in order, including those announced while this
     // proxy was away; announcements stay for buses without JetStream.
     let mut commits = follow_bucket(&client, &prefix).await;
-    let host = crate::server::host_name();
+    let host = crate::process::host_name();
     let mut heartbeat = tokio::time::interval(heartbeat_every);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

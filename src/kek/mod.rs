@@ -14,6 +14,7 @@
 //!   unwrap shows in the KMS's own audit log.
 
 pub mod aws;
+pub mod file;
 mod http;
 pub mod pkcs11;
 pub mod seed;
@@ -31,7 +32,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use zeroize::Zeroizing;
 
 use crate::envelope::{self, DataKey, EnvelopeError, RootKey, KEY_LEN};
-use crate::keyring::source::{KekFile, KeySourceError, RootKeySource};
+use crate::kek::file::{KekFile, KeySourceError, RootKeySource};
 
 /// What a wrapped key is for: bound into every wrap (AES-GCM AAD, or the KMS's encryption
 /// context), so a wrapped key presented for another purpose, epoch or scope fails to unwrap.

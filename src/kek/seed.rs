@@ -141,7 +141,7 @@ pub async fn load_or_create(
     kek: &dyn Kek,
     create: bool,
 ) -> Result<WrappedSeed, String> {
-    let bucket = crate::control::authority::keyring_bucket(prefix);
+    let bucket = crate::bus::keyring_bucket(prefix);
     let no_js = || {
         format!(
             "{}: an HSM or KMS root keeps its wrapped deployment seed in the JetStream bucket {bucket}, and this bus has no JetStream",
@@ -154,7 +154,7 @@ pub async fn load_or_create(
             kek.describe()
         )
     };
-    let kv = match crate::control::authority::open_bucket(client, bucket.clone(), create).await {
+    let kv = match crate::bus::open_bucket(client, bucket.clone(), create).await {
         Ok(kv) => kv,
         Err(e)
             if ["not enabled", "jetstream unavailable", "no responders"]
@@ -195,8 +195,8 @@ pub async fn store(
     seed: &WrappedSeed,
     expect: Option<u64>,
 ) -> Result<u64, String> {
-    let bucket = crate::control::authority::keyring_bucket(prefix);
-    let kv = crate::control::authority::open_bucket(client, bucket.clone(), true).await?;
+    let bucket = crate::bus::keyring_bucket(prefix);
+    let kv = crate::bus::open_bucket(client, bucket.clone(), true).await?;
     let r = match expect {
         None => kv
             .create(SEED_KEY, seed.to_json().into())
@@ -215,8 +215,8 @@ pub async fn read(
     client: &async_nats::Client,
     prefix: &str,
 ) -> Result<Option<(WrappedSeed, u64)>, String> {
-    let bucket = crate::control::authority::keyring_bucket(prefix);
-    let kv = crate::control::authority::open_bucket(client, bucket, false).await?;
+    let bucket = crate::bus::keyring_bucket(prefix);
+    let kv = crate::bus::open_bucket(client, bucket, false).await?;
     match kv.entry(SEED_KEY).await.map_err(|e| e.to_string())? {
         Some(e) if e.operation == async_nats::jetstream::kv::Operation::Put => {
             Ok(Some((WrappedSeed::from_json(&e.value)?, e.revision)))

@@ -12,7 +12,6 @@
 //! - Epochs only move forward. Staging an epoch at or below one already known is refused, and a
 //!   destroyed epoch never comes back, not even after a restart.
 
-pub mod source;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};

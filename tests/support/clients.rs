@@ -85,7 +85,9 @@ pub(crate) fn debian_install(packages: &[&str]) {
             .is_ok_and(|s| s.success())
     };
     once_across_processes("apt", installed, || {
-        let out = debian("install").output().expect("run tests/support/debian.py");
+        let out = debian("install")
+            .output()
+            .expect("run tests/support/debian.py");
         assert!(
             out.status.success(),
             "{}",
@@ -93,8 +95,13 @@ pub(crate) fn debian_install(packages: &[&str]) {
         );
     });
     // Its stderr is the process's own, so the builds show in the test output uncaptured.
-    let out = debian("installed").status().expect("run tests/support/debian.py");
-    assert!(out.success(), "{packages:?} installed but not at their pins");
+    let out = debian("installed")
+        .status()
+        .expect("run tests/support/debian.py");
+    assert!(
+        out.success(),
+        "{packages:?} installed but not at their pins"
+    );
 }
 
 /// A copy of `tests/clients/<lang>` under `target/tools/clients-<lang>`, refreshed when a
@@ -152,7 +159,11 @@ pub fn nats_c() -> PathBuf {
     BIN.get_or_init(|| {
         let header = Path::new("/usr/include/nats/nats.h");
         debian_install(&["libnats-dev", "pkg-config", "gcc"]);
-        assert!(header.exists(), "libnats-dev installed without {}", header.display());
+        assert!(
+            header.exists(),
+            "libnats-dev installed without {}",
+            header.display()
+        );
         let dir = workdir("c");
         let bin = dir.join("matrix");
         let source = dir.join("matrix.c");

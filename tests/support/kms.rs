@@ -71,7 +71,10 @@ pub fn softhsm_module() -> PathBuf {
         .get_or_init(|| {
             let module = PathBuf::from(SOFTHSM_MODULE);
             debian_install(&["softhsm2", "opensc"]);
-            assert!(module.exists(), "softhsm2 installed without {SOFTHSM_MODULE}");
+            assert!(
+                module.exists(),
+                "softhsm2 installed without {SOFTHSM_MODULE}"
+            );
             module
         })
         .clone()
