@@ -22,7 +22,7 @@
 //!
 //! Each step checks what it shows; if one does not hold, the demo ends with an error.
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 use std::path::Path;

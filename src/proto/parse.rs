@@ -572,6 +572,83 @@ fn split_headers(body: &[u8], hdr: usize) -> Result<(&[u8], &[u8]), ProtoError> 
     Ok(body.split_at(hdr))
 }
 
+/// The shape of one message verb's arguments, and its errors in its own words.
+struct SizedVerb {
+    /// The arguments before the optional reply: the subject (`PUB`), or subject and sid (`MSG`).
+    fixed: usize,
+    headers: bool,
+    arity: &'static str,
+    size: &'static str,
+    hdr: &'static str,
+    hdr_larger: &'static str,
+}
+
+const PUB: SizedVerb = SizedVerb {
+    fixed: 1,
+    headers: false,
+    arity: "PUB: wrong number of arguments",
+    size: "PUB: bad or missing size",
+    hdr: "",
+    hdr_larger: "",
+};
+const HPUB: SizedVerb = SizedVerb {
+    fixed: 1,
+    headers: true,
+    arity: "HPUB: wrong number of arguments",
+    size: "HPUB: bad or missing total size",
+    hdr: "HPUB: bad or missing header size",
+    hdr_larger: "HPUB: header size larger than total size",
+};
+const MSG: SizedVerb = SizedVerb {
+    fixed: 2,
+    headers: false,
+    arity: "MSG: wrong number of arguments",
+    size: "MSG: bad or missing size",
+    hdr: "",
+    hdr_larger: "",
+};
+const HMSG: SizedVerb = SizedVerb {
+    fixed: 2,
+    headers: true,
+    arity: "HMSG: wrong number of arguments",
+    size: "HMSG: bad or missing total size",
+    hdr: "HMSG: bad or missing header size",
+    hdr_larger: "HMSG: header size larger than total size",
+};
+
+/// The arguments every message verb shares, checked in the server's order (`processPub`,
+/// `processHeaderPub`, `processMsgArgs`, `processHeaderMsgArgs`): arity, the header size, the
+/// total size, `hdr <= total`, then `max_payload`.
+fn sized_args(
+    args: &[u8],
+    verb: &SizedVerb,
+    max_payload: usize,
+) -> Result<(Args, Option<Span>, Option<usize>, usize), ProtoError> {
+    let a = Args::split(args, is_pub_sep);
+    let base = verb.fixed + 1 + usize::from(verb.headers);
+    let reply = if a.len == base {
+        None
+    } else if a.len == base + 1 {
+        Some(a.spans[verb.fixed])
+    } else {
+        return Err(ProtoError::BadArgs(verb.arity));
+    };
+    let last = a.len - 1;
+    let hdr = if verb.headers {
+        Some(a.size(args, last - 1, verb.hdr)?)
+    } else {
+        None
+    };
+    let size = a.size(args, last, verb.size)?;
+    if hdr.is_some_and(|hdr| hdr > size) {
+        return Err(ProtoError::BadArgs(verb.hdr_larger));
+    }
+    if size > max_payload {
+        return Err(ProtoError::MaxPayload);
+    }
+    Ok((a, reply, hdr, size))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Agent -> proxy
 
@@ -579,16 +656,11 @@ fn split_headers(body: &[u8], hdr: usize) -> Result<(&[u8], &[u8]), ProtoError> 
 struct ClientDialect;
 
 #[derive(Debug, Clone, Copy)]
-enum ClientPending {
-    Pub {
-        subject: Span,
-        reply: Option<Span>,
-    },
-    Hpub {
-        subject: Span,
-        reply: Option<Span>,
-        hdr: usize,
-    },
+struct ClientPending {
+    subject: Span,
+    reply: Option<Span>,
+    /// `Some` for `HPUB`.
+    hdr: Option<usize>,
 }
 
 impl Dialect for ClientDialect {
@@ -604,47 +676,13 @@ impl Dialect for ClientDialect {
         headers: bool,
     ) -> Result<Step<ClientOp<&[u8]>, ClientPending>, ProtoError> {
         let op = match verb {
-            Verb::Pub => {
-                // processPub: arity, then size, then max_payload.
-                let a = Args::split(args, is_pub_sep);
-                let (reply, size_at) = match a.len {
-                    2 => (None, 1),
-                    3 => (Some(a.spans[1]), 2),
-                    _ => return Err(ProtoError::BadArgs("PUB: wrong number of arguments")),
-                };
-                let size = a.size(args, size_at, "PUB: bad or missing size")?;
-                if size > max_payload {
-                    return Err(ProtoError::MaxPayload);
-                }
-                let pending = ClientPending::Pub {
-                    subject: a.spans[0],
-                    reply,
-                };
-                return Ok(Step::Payload { pending, size });
-            }
-            Verb::Hpub => {
-                // processHeaderPub: headers allowed, arity, header size, total size,
-                // hdr <= total, max_payload.
-                if !headers {
+            Verb::Pub | Verb::Hpub => {
+                if verb == Verb::Hpub && !headers {
                     return Err(ProtoError::BadArgs("HPUB: headers not enabled in CONNECT"));
                 }
-                let a = Args::split(args, is_pub_sep);
-                let (reply, hdr_at) = match a.len {
-                    3 => (None, 1),
-                    4 => (Some(a.spans[1]), 2),
-                    _ => return Err(ProtoError::BadArgs("HPUB: wrong number of arguments")),
-                };
-                let hdr = a.size(args, hdr_at, "HPUB: bad or missing header size")?;
-                let size = a.size(args, hdr_at + 1, "HPUB: bad or missing total size")?;
-                if hdr > size {
-                    return Err(ProtoError::BadArgs(
-                        "HPUB: header size larger than total size",
-                    ));
-                }
-                if size > max_payload {
-                    return Err(ProtoError::MaxPayload);
-                }
-                let pending = ClientPending::Hpub {
+                let spec = if verb == Verb::Hpub { &HPUB } else { &PUB };
+                let (a, reply, hdr, size) = sized_args(args, spec, max_payload)?;
+                let pending = ClientPending {
                     subject: a.spans[0],
                     reply,
                     hdr,
@@ -692,21 +730,23 @@ impl Dialect for ClientDialect {
         args: &'b [u8],
         payload: &'b [u8],
     ) -> Result<ClientOp<&'b [u8]>, ProtoError> {
-        Ok(match pending {
-            ClientPending::Pub { subject, reply } => ClientOp::Pub {
-                subject: at(args, subject),
-                reply: reply.map(|r| at(args, r)),
-                payload,
-            },
-            ClientPending::Hpub {
+        let ClientPending {
+            subject,
+            reply,
+            hdr,
+        } = pending;
+        let (subject, reply) = (at(args, subject), reply.map(|r| at(args, r)));
+        Ok(match hdr {
+            None => ClientOp::Pub {
                 subject,
                 reply,
-                hdr,
-            } => {
+                payload,
+            },
+            Some(hdr) => {
                 let (headers, payload) = split_headers(payload, hdr)?;
                 ClientOp::Hpub {
-                    subject: at(args, subject),
-                    reply: reply.map(|r| at(args, r)),
+                    subject,
+                    reply,
                     headers,
                     payload,
                 }
@@ -744,44 +784,8 @@ impl Dialect for ServerDialect {
     ) -> Result<Step<ServerOp<&[u8]>, ServerPending>, ProtoError> {
         let op = match verb {
             Verb::Msg | Verb::Hmsg => {
-                let with_hdr = verb == Verb::Hmsg;
-                let a = Args::split(args, is_pub_sep);
-                let (base, arity, bad_size) = if with_hdr {
-                    (
-                        4,
-                        "HMSG: wrong number of arguments",
-                        "HMSG: bad or missing total size",
-                    )
-                } else {
-                    (
-                        3,
-                        "MSG: wrong number of arguments",
-                        "MSG: bad or missing size",
-                    )
-                };
-                let reply = if a.len == base {
-                    None
-                } else if a.len == base + 1 {
-                    Some(a.spans[2])
-                } else {
-                    return Err(ProtoError::BadArgs(arity));
-                };
-                let last = a.len - 1;
-                let size = a.size(args, last, bad_size)?;
-                let hdr = if with_hdr {
-                    let hdr = a.size(args, last - 1, "HMSG: bad or missing header size")?;
-                    if hdr > size {
-                        return Err(ProtoError::BadArgs(
-                            "HMSG: header size larger than total size",
-                        ));
-                    }
-                    Some(hdr)
-                } else {
-                    None
-                };
-                if size > max_payload {
-                    return Err(ProtoError::MaxPayload);
-                }
+                let spec = if verb == Verb::Hmsg { &HMSG } else { &MSG };
+                let (a, reply, hdr, size) = sized_args(args, spec, max_payload)?;
                 let pending = ServerPending {
                     subject: a.spans[0],
                     sid: a.spans[1],
@@ -844,14 +848,15 @@ mod tests {
     use super::*;
     use crate::proto::{encode_client_op, encode_server_op};
 
-    /// Parses the next op as the session does, then keeps it beyond the buffer and consumes
-    /// its bytes.
-    trait Next {
-        type Op;
+    /// One direction's parser, as the session drives it: parse the next op, keep it beyond
+    /// the buffer, consume its bytes; and the encoder that writes it back.
+    trait Side: Default {
+        type Op: std::fmt::Debug + PartialEq;
         fn next(&mut self, buf: &mut BytesMut, max: usize) -> Result<Option<Self::Op>, ProtoError>;
+        fn encode(op: &Self::Op, out: &mut BytesMut);
     }
 
-    impl Next for ClientParser {
+    impl Side for ClientParser {
         type Op = ClientOp;
         fn next(&mut self, buf: &mut BytesMut, max: usize) -> Result<Option<ClientOp>, ProtoError> {
             let Some((op, len)) = self.parse(buf, max)? else {
@@ -861,9 +866,12 @@ mod tests {
             buf.advance(len);
             Ok(Some(op))
         }
+        fn encode(op: &ClientOp, out: &mut BytesMut) {
+            encode_client_op(op, out);
+        }
     }
 
-    impl Next for ServerParser {
+    impl Side for ServerParser {
         type Op = ServerOp;
         fn next(&mut self, buf: &mut BytesMut, max: usize) -> Result<Option<ServerOp>, ProtoError> {
             let Some((op, len)) = self.parse(buf, max)? else {
@@ -873,6 +881,9 @@ mod tests {
             buf.advance(len);
             Ok(Some(op))
         }
+        fn encode(op: &ServerOp, out: &mut BytesMut) {
+            encode_server_op(op, out);
+        }
     }
 
     const BIG: usize = 1 << 20;
@@ -881,92 +892,106 @@ mod tests {
         Bytes::copy_from_slice(s.as_bytes())
     }
 
-    /// Parses every complete op in `input`; returns the ops and the error that stopped it, if any.
+    /// Feeds `chunks` one after the other, parsing all it can after each; returns the ops and
+    /// the error that stopped it, if any.
+    fn chunks<P: Side>(chunks: &[&[u8]], max: usize) -> (Vec<P::Op>, Option<ProtoError>) {
+        let mut p = P::default();
+        let mut buf = BytesMut::new();
+        let mut ops = Vec::new();
+        for chunk in chunks {
+            buf.extend_from_slice(chunk);
+            loop {
+                match p.next(&mut buf, max) {
+                    Ok(Some(op)) => ops.push(op),
+                    Ok(None) => break,
+                    Err(e) => return (ops, Some(e)),
+                }
+            }
+        }
+        (ops, None)
+    }
+
+    /// Parses every complete op in `input`.
+    fn all<P: Side>(input: &[u8], max: usize) -> (Vec<P::Op>, Option<ProtoError>) {
+        chunks::<P>(&[input], max)
+    }
+
+    fn one<P: Side>(input: &str) -> P::Op {
+        let (ops, err) = all::<P>(input.as_bytes(), BIG);
+        assert_eq!(err, None, "{input:?}");
+        assert_eq!(ops.len(), 1, "{input:?}: {ops:?}");
+        ops.into_iter().next().unwrap()
+    }
+
+    fn err<P: Side>(input: &[u8], max: usize) -> ProtoError {
+        match all::<P>(input, max) {
+            (_, Some(e)) => e,
+            (ops, None) => panic!("{:?} parsed to {ops:?}", String::from_utf8_lossy(input)),
+        }
+    }
+
+    fn encode<P: Side>(ops: &[P::Op]) -> BytesMut {
+        let mut out = BytesMut::new();
+        for op in ops {
+            P::encode(op, &mut out);
+        }
+        out
+    }
+
     fn client_all(input: &[u8], max: usize) -> (Vec<ClientOp>, Option<ProtoError>) {
-        client_chunks(&[input], max)
+        all::<ClientParser>(input, max)
     }
-
-    /// Feeds `chunks` one after the other, parsing all it can after each.
-    fn client_chunks(chunks: &[&[u8]], max: usize) -> (Vec<ClientOp>, Option<ProtoError>) {
-        let mut p = ClientParser::new();
-        let mut buf = BytesMut::new();
-        let mut ops = Vec::new();
-        for chunk in chunks {
-            buf.extend_from_slice(chunk);
-            loop {
-                match p.next(&mut buf, max) {
-                    Ok(Some(op)) => ops.push(op),
-                    Ok(None) => break,
-                    Err(e) => return (ops, Some(e)),
-                }
-            }
-        }
-        (ops, None)
+    fn client_chunks(input: &[&[u8]], max: usize) -> (Vec<ClientOp>, Option<ProtoError>) {
+        chunks::<ClientParser>(input, max)
     }
-
-    fn server_chunks(chunks: &[&[u8]], max: usize) -> (Vec<ServerOp>, Option<ProtoError>) {
-        let mut p = ServerParser::new();
-        let mut buf = BytesMut::new();
-        let mut ops = Vec::new();
-        for chunk in chunks {
-            buf.extend_from_slice(chunk);
-            loop {
-                match p.next(&mut buf, max) {
-                    Ok(Some(op)) => ops.push(op),
-                    Ok(None) => break,
-                    Err(e) => return (ops, Some(e)),
-                }
-            }
-        }
-        (ops, None)
-    }
-
     fn server_all(input: &[u8], max: usize) -> (Vec<ServerOp>, Option<ProtoError>) {
-        server_chunks(&[input], max)
+        all::<ServerParser>(input, max)
     }
-
+    fn server_chunks(input: &[&[u8]], max: usize) -> (Vec<ServerOp>, Option<ProtoError>) {
+        chunks::<ServerParser>(input, max)
+    }
     fn one_client(input: &str) -> ClientOp {
-        let (ops, err) = client_all(input.as_bytes(), BIG);
-        assert_eq!(err, None, "{input:?}");
-        assert_eq!(ops.len(), 1, "{input:?}: {ops:?}");
-        ops.into_iter().next().unwrap()
+        one::<ClientParser>(input)
     }
-
     fn one_server(input: &str) -> ServerOp {
-        let (ops, err) = server_all(input.as_bytes(), BIG);
-        assert_eq!(err, None, "{input:?}");
-        assert_eq!(ops.len(), 1, "{input:?}: {ops:?}");
-        ops.into_iter().next().unwrap()
+        one::<ServerParser>(input)
     }
-
     fn client_err(input: &[u8], max: usize) -> ProtoError {
-        match client_all(input, max) {
-            (_, Some(e)) => e,
-            (ops, None) => panic!("{:?} parsed to {ops:?}", String::from_utf8_lossy(input)),
-        }
+        err::<ClientParser>(input, max)
     }
-
     fn server_err(input: &[u8], max: usize) -> ProtoError {
-        match server_all(input, max) {
-            (_, Some(e)) => e,
-            (ops, None) => panic!("{:?} parsed to {ops:?}", String::from_utf8_lossy(input)),
-        }
+        err::<ServerParser>(input, max)
     }
 
-    fn encode_client(ops: &[ClientOp]) -> BytesMut {
-        let mut out = BytesMut::new();
-        for op in ops {
-            encode_client_op(op, &mut out);
-        }
-        out
+    /// Encoding `ops` and parsing them back gives `ops`, whole or cut in two at `cut`.
+    fn round_trips<P: Side>(ops: Vec<P::Op>, cut: prop::sample::Index) -> Result<(), TestCaseError>
+    where
+        P::Op: Clone,
+    {
+        let wire = encode::<P>(&ops);
+        let (got, err) = all::<P>(&wire, BIG);
+        prop_assert_eq!(err, None);
+        prop_assert_eq!(&got, &ops);
+        let (a, b) = wire.split_at(cut.index(wire.len() + 1));
+        prop_assert_eq!(chunks::<P>(&[a, b], BIG), (ops, None));
+        Ok(())
     }
 
-    fn encode_server(ops: &[ServerOp]) -> BytesMut {
-        let mut out = BytesMut::new();
-        for op in ops {
-            encode_server_op(op, &mut out);
-        }
-        out
+    /// What any input parses to encodes canonically and parses back the same, and cutting the
+    /// input in two never changes the outcome, errors included.
+    fn reparses_stably<P: Side>(
+        input: &[u8],
+        cut: prop::sample::Index,
+    ) -> Result<(), TestCaseError> {
+        let (ops, err) = all::<P>(input, BIG);
+        let wire = encode::<P>(&ops);
+        let (again, err2) = all::<P>(&wire, BIG);
+        prop_assert_eq!(err2, None);
+        prop_assert_eq!(&again, &ops);
+        prop_assert_eq!(&encode::<P>(&again), &wire);
+        let (a, b) = input.split_at(cut.index(input.len() + 1));
+        prop_assert_eq!(chunks::<P>(&[a, b], BIG), (ops, err));
+        Ok(())
     }
 
     // ---- lenient input forms ----------------------------------------------------------------
@@ -1033,7 +1058,7 @@ mod tests {
             let want = one_client(canonical);
             // Canonical input re-encodes to itself.
             assert_eq!(
-                &encode_client(std::slice::from_ref(&want))[..],
+                &encode::<ClientParser>(std::slice::from_ref(&want))[..],
                 canonical.as_bytes(),
                 "{canonical:?}"
             );
@@ -1128,7 +1153,7 @@ mod tests {
         for (canonical, lenient) in cases {
             let want = one_server(canonical);
             assert_eq!(
-                &encode_server(std::slice::from_ref(&want))[..],
+                &encode::<ServerParser>(std::slice::from_ref(&want))[..],
                 canonical.as_bytes(),
                 "{canonical:?}"
             );
@@ -1782,47 +1807,22 @@ mod tests {
     proptest! {
         #[test]
         fn client_ops_round_trip(ops in prop::collection::vec(client_op(), 0..12), cut in any::<prop::sample::Index>()) {
-            let wire = encode_client(&ops);
-            let (got, err) = client_all(&wire, BIG);
-            prop_assert_eq!(err, None);
-            prop_assert_eq!(&got, &ops);
-            let (a, b) = wire.split_at(cut.index(wire.len() + 1));
-            prop_assert_eq!(client_chunks(&[a, b], BIG), (ops, None));
+            round_trips::<ClientParser>(ops, cut)?;
         }
 
         #[test]
         fn server_ops_round_trip(ops in prop::collection::vec(server_op(), 0..12), cut in any::<prop::sample::Index>()) {
-            let wire = encode_server(&ops);
-            let (got, err) = server_all(&wire, BIG);
-            prop_assert_eq!(err, None);
-            prop_assert_eq!(&got, &ops);
-            let (a, b) = wire.split_at(cut.index(wire.len() + 1));
-            prop_assert_eq!(server_chunks(&[a, b], BIG), (ops, None));
+            round_trips::<ServerParser>(ops, cut)?;
         }
 
         #[test]
         fn client_reparse_is_stable(input in noisy_stream(), cut in any::<prop::sample::Index>()) {
-            let (ops, err) = client_all(&input, BIG);
-            let wire = encode_client(&ops);
-            let (again, err2) = client_all(&wire, BIG);
-            prop_assert_eq!(err2, None);
-            prop_assert_eq!(&again, &ops);
-            prop_assert_eq!(&encode_client(&again), &wire);
-            // Fragmentation never changes the outcome, errors included.
-            let (a, b) = input.split_at(cut.index(input.len() + 1));
-            prop_assert_eq!(client_chunks(&[a, b], BIG), (ops, err));
+            reparses_stably::<ClientParser>(&input, cut)?;
         }
 
         #[test]
         fn server_reparse_is_stable(input in noisy_stream(), cut in any::<prop::sample::Index>()) {
-            let (ops, err) = server_all(&input, BIG);
-            let wire = encode_server(&ops);
-            let (again, err2) = server_all(&wire, BIG);
-            prop_assert_eq!(err2, None);
-            prop_assert_eq!(&again, &ops);
-            prop_assert_eq!(&encode_server(&again), &wire);
-            let (a, b) = input.split_at(cut.index(input.len() + 1));
-            prop_assert_eq!(server_chunks(&[a, b], BIG), (ops, err));
+            reparses_stably::<ServerParser>(&input, cut)?;
         }
 
         #[test]

@@ -1,20 +1,18 @@
 //! The `aws-kms:` root against moto, an AWS KMS emulator, not AWS itself: moto's server speaks
 //! KMS's JSON API on a loopback port, and the proxies reach it through `AWS_ENDPOINT_URL_KMS`
 //! with signed requests, as they would reach AWS. moto checks no signature or credential, and
-//! a few of its errors differ from KMS's (see `support::kms::Moto`), so what these tests show
+//! a few of its errors differ from KMS's (see `crate::support::kms::Moto`), so what these tests show
 //! is the client's side: configuration, the requests, the encryption context, the answers'
 //! handling, and the secrets kept out of logs. The proxies run as the real binary, with
 //! `--kek aws-kms:KEY`, on a real nats-server with JetStream.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::kms::{
+use crate::support::kms::{
     carries_traffic_rotates_and_opens_history, cipherbus, output, rotate, run_args, Moto,
     RootUnderTest,
 };
-use support::*;
+use crate::support::*;
 
 /// A root on moto's key `key`, with moto's environment plus `extra` (which wins).
 fn moto_root(moto: &Moto, key: &str, extra: &[(&str, &str)]) -> RootUnderTest {

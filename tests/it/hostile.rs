@@ -7,16 +7,14 @@
 //! The raw agents use blocking sockets in the test body; the in-process proxies run on the
 //! runtime's worker threads, so those tests use the multi-threaded runtime.
 
-mod support;
-
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use bytes::Bytes;
 use cipherbus::envelope::{Header, MAGIC};
 use futures::StreamExt;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(10);

@@ -3,13 +3,12 @@
 //! The proxy runs as a `cipherbus run` child process wherever what is checked belongs to a
 //! process: its file descriptors, its memory, its exit code.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use async_nats::jetstream::{self, stream};
 use base64::Engine;
 use cipherbus::control::member::Subjects;
@@ -17,7 +16,6 @@ use cipherbus::control::message::{Body, ControlSealer};
 use cipherbus::envelope::{DataKey, Header, RootKey};
 use cipherbus::keyring::{KeyState, Keyring};
 use futures::StreamExt;
-use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cipherbus");
 const FAST: &str = "[rotation]\nheartbeat_every = \"200ms\"\nstage_timeout = \"2s\"\n";

@@ -2,15 +2,13 @@
 //! holds the root of and refuses the rest; rotation, revocation and usage limits stay inside
 //! their scope; a relabelled envelope fails; a subject moved between scopes keeps its history.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::support::*;
 use cipherbus::envelope::{Header, ScopeId, VERSION_1, VERSION_2};
 use cipherbus::server::ProxyHandle;
 use futures::StreamExt;
-use support::*;
 
 const ROOT_A: [u8; 32] = [0xa1; 32];
 const ROOT_B: [u8; 32] = [0xb2; 32];
@@ -663,7 +661,7 @@ path "transit/decrypt/{key}" {{ capabilities = ["update"] }}
 /// token cannot use stops the start with one sentence naming the scope.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scopes_on_openbao_roots_with_a_token_per_tenant() {
-    use support::kms::{cipherbus, output, Bao, RootUnderTest};
+    use crate::support::kms::{cipherbus, output, Bao, RootUnderTest};
     let bao = Bao::dev();
     bao.enable_transit();
     let server = NatsServer::start();

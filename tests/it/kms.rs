@@ -2,18 +2,16 @@
 //! OpenBao's Transit engine, each started by the test. The proxies run as the real binary,
 //! with `--kek URI`, on a real nats-server with JetStream.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use futures::StreamExt;
-use support::kms::{
+use crate::support::kms::{
     carries_traffic_rotates_and_opens_history, cipherbus, output, proxy, Bao, RootUnderTest,
     SoftHsm,
 };
-use support::*;
+use crate::support::*;
+use futures::StreamExt;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cipherbus");
 

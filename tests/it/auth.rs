@@ -3,17 +3,15 @@
 //! agent's CONNECT through unchanged, so the right credentials work through two proxies and the
 //! wrong ones are refused by the server, exactly as without the proxy.
 
-mod support;
-
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use crate::support::*;
 use async_nats::{ConnectErrorKind, ConnectOptions, ServerInfo};
 use base64::Engine;
 use cipherbus::envelope::MAGIC;
 use futures::StreamExt;
-use support::*;
 
 const WAIT: Duration = Duration::from_secs(10);
 

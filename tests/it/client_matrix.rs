@@ -8,9 +8,7 @@
 //! an envelope on the bus, that no plaintext marker ever crossed the bus, and that the stored
 //! copies in JetStream and KV are envelopes too.
 
-mod support;
-
-#[path = "clients/rust/matrix.rs"]
+#[path = "../clients/rust/matrix.rs"]
 mod rust_matrix;
 
 use std::path::PathBuf;
@@ -18,13 +16,13 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::clients;
+use crate::support::*;
 use cipherbus::config::{FileConfig, Overrides};
 use cipherbus::envelope::{Header, RootKey, MAGIC};
 use cipherbus::server::ProxyHandle;
 use cipherbus::tls::AgentTlsMode;
 use futures::StreamExt;
-use support::clients;
-use support::*;
 
 /// Every scenario each client runs, by the name it reports.
 const SCENARIOS: &[&str] = &[

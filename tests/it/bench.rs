@@ -2,13 +2,11 @@
 //! the same with the root in OpenBao's transit engine. What the numbers are is for
 //! docs/PERFORMANCE.md; here only that they are measured.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 
+use crate::support::kms::Bao;
 use serde_json::Value;
-use support::kms::Bao;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cipherbus");
 
@@ -34,7 +32,7 @@ fn bench_with(mut cmd: Command, args: &[&str]) -> std::process::Output {
     cmd.arg("bench")
         .args(args)
         .arg("--nats-server")
-        .arg(support::nats_server_bin())
+        .arg(crate::support::nats_server_bin())
         .output()
         .expect("run cipherbus bench")
 }

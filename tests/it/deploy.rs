@@ -1,11 +1,9 @@
 //! The files in `deploy/`: the systemd unit is hardened, `systemd-analyze verify` accepts it,
 //! and the command line it runs is one the proxy accepts.
 
-mod support;
-
 use std::process::Command;
 
-use support::*;
+use crate::support::*;
 
 /// Debian 12's systemd (pinned in `tests/support/debian-pins`), which ships `systemd-analyze`.
 fn systemd_analyze() -> &'static str {
@@ -13,7 +11,7 @@ fn systemd_analyze() -> &'static str {
     "/usr/bin/systemd-analyze"
 }
 
-const UNIT: &str = include_str!("../deploy/systemd/cipherbus.service");
+const UNIT: &str = include_str!("../../deploy/systemd/cipherbus.service");
 
 #[test]
 fn the_systemd_unit_is_hardened_and_verifies() {

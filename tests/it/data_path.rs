@@ -1,15 +1,13 @@
 //! Unmodified async-nats agents through two proxies, with a raw observer on the bus proving that
 //! only ciphertext crosses it.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use cipherbus::envelope::{self, MAGIC, OVERHEAD};
 use futures::StreamExt;
-use support::*;
 
 const WAIT: Duration = Duration::from_secs(10);
 

@@ -2,11 +2,9 @@
 //! a standby, on a JetStream server. The rows, their epochs and traffic, a proxy made to lag by
 //! pausing it (SIGSTOP) across a rotation, and the sentence when no authority answers.
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cipherbus");
 

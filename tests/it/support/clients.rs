@@ -3,7 +3,7 @@
 //! [`super::nats_py_path`]). Each one's test program lives in `tests/clients/<lang>/`.
 //!
 //! Everything a client needs goes under `target/tools/`, except the Debian packages, which
-//! `apt-get` installs at the upstream versions pinned in `tests/support/debian-pins` (the tests
+//! `apt-get` installs at the upstream versions pinned in `tests/it/support/debian-pins` (the tests
 //! run as root, as CI does).
 
 use std::path::{Path, PathBuf};
@@ -66,13 +66,13 @@ pub(crate) fn run(cmd: &mut Command, what: &str) {
     );
 }
 
-/// Installs Debian packages at the upstream versions pinned in `tests/support/debian-pins`,
+/// Installs Debian packages at the upstream versions pinned in `tests/it/support/debian-pins`,
 /// whatever build of each the archive carries now, once, serialised across test processes
-/// because apt takes one lock for the whole system. `tests/support/debian.py` refreshes the
+/// because apt takes one lock for the whole system. `tests/it/support/debian.py` refreshes the
 /// package lists first when they are over an hour old, checks the installed upstream versions
 /// and prints the exact builds into the test output.
 pub(crate) fn debian_install(packages: &[&str]) {
-    let script = root().join("tests/support/debian.py");
+    let script = root().join("tests/it/support/debian.py");
     let debian = |verb: &str| {
         let mut cmd = Command::new("python3");
         cmd.arg(&script).arg(verb).args(packages);
@@ -87,7 +87,7 @@ pub(crate) fn debian_install(packages: &[&str]) {
     once_across_processes("apt", installed, || {
         let out = debian("install")
             .output()
-            .expect("run tests/support/debian.py");
+            .expect("run tests/it/support/debian.py");
         assert!(
             out.status.success(),
             "{}",
@@ -97,7 +97,7 @@ pub(crate) fn debian_install(packages: &[&str]) {
     // Its stderr is the process's own, so the builds show in the test output uncaptured.
     let out = debian("installed")
         .status()
-        .expect("run tests/support/debian.py");
+        .expect("run tests/it/support/debian.py");
     assert!(
         out.success(),
         "{packages:?} installed but not at their pins"

@@ -3,13 +3,11 @@
 //! cut tail or an older copy of the file against the stream, a lost file comes back from the
 //! stream, and a key event the stream cannot record does not happen.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::support::*;
 use cipherbus::envelope::RootKey;
-use support::*;
 
 const PREFIX: &str = "cipherbus.ctl";
 const FAST: &str = "[rotation]\nheartbeat_every = \"200ms\"\nstage_timeout = \"5s\"\n";

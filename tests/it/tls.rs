@@ -1,17 +1,15 @@
 //! TLS on both sides: every agent mode against every upstream mode, with certificates made at
 //! test time, plus mTLS, exact INFO flags, hot reload and startup errors.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::support::*;
 use cipherbus::config::{FileConfig, Overrides};
 use cipherbus::envelope::{RootKey, MAGIC};
 use cipherbus::server::ProxyHandle;
 use cipherbus::tls::AgentTlsMode;
 use futures::StreamExt;
-use support::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Upstream {

@@ -3,15 +3,13 @@
 //! sees a slow consumer and drops it, and the proxy's memory stays flat while hundreds of MiB
 //! flow past.
 
-mod support;
-
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(10);
 const PAYLOAD: usize = 64 * 1024;

@@ -1,16 +1,14 @@
 //! Keys over time: late joiners and restarted proxies open stored history, retention and
 //! revocation crypto-shred epochs everywhere, and a second authority stands by.
 
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
+use crate::support::*;
 use async_nats::jetstream::{self, stream};
 use cipherbus::envelope::RootKey;
 use cipherbus::server::ProxyHandle;
 use futures::StreamExt;
-use support::*;
 
 const PREFIX: &str = "cipherbus.ctl";
 const FAST: &str = "[rotation]\nheartbeat_every = \"200ms\"\nstage_timeout = \"3s\"\n";

@@ -2,8 +2,6 @@
 //! log line at the most verbose level, private files whatever the umask, and constant-time
 //! comparison of every secret-derived value outside the AEAD. docs/SECURITY.md lists them.
 
-mod support;
-
 use std::fs::File;
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
@@ -11,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use base64::Engine;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::XChaCha20Poly1305;
 use futures::StreamExt;
-use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cipherbus");
 const WAIT: Duration = Duration::from_secs(15);
@@ -809,7 +807,7 @@ fn operator_with(args: &[&str], env: &[(String, String)]) -> String {
 /// CLI's output, or in any process's `/proc/<pid>/cmdline` or `/proc/<pid>/environ`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_pin_or_token_in_any_log_line_or_command_line() {
-    use support::kms::{Bao, SoftHsm};
+    use crate::support::kms::{Bao, SoftHsm};
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

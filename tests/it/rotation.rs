@@ -2,18 +2,16 @@
 //! acknowledge and activate new epochs while traffic flows, lose nothing, and refuse forged,
 //! replayed and backwards announcements.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use crate::support::*;
 use base64::Engine;
 use cipherbus::control::member::Subjects;
 use cipherbus::control::message::{self, Body, ControlSealer};
 use cipherbus::envelope::{self, DataKey, Header, Opener, RootKey};
 use cipherbus::server::ProxyHandle;
 use futures::StreamExt;
-use support::*;
 
 const PREFIX: &str = "cipherbus.ctl";
 

@@ -16,20 +16,18 @@
 //!
 //! `cargo test` runs the committed corpus (`tests/differential/corpus/`) and a fixed set of
 //! seeds. A longer run is documented in `docs/HOSTILE.md`:
-//! `CIPHERBUS_DIFF_CASES=5000 CIPHERBUS_DIFF_SEED=<n> cargo test --test differential -- --nocapture`;
+//! `CIPHERBUS_DIFF_CASES=5000 CIPHERBUS_DIFF_SEED=<n> cargo test --test it differential:: -- --nocapture`;
 //! a case that differs is written to the corpus directory, so it is replayed from then on.
 //! Differences that are explained and accepted are listed in `docs/HOSTILE.md` and recognised
 //! by [`known_difference`].
-
-mod support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use cipherbus::envelope::OVERHEAD;
-use support::*;
 
 /// The `max_payload` both sides advertise: small, so streams at the limit stay cheap.
 const MAX_PAYLOAD: usize = 2048;

@@ -6,19 +6,17 @@
 //! The raw agents use blocking sockets in the test body; the in-process proxies run on the
 //! runtime's worker threads, so every test here uses the multi-threaded runtime.
 
-mod support;
-
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use cipherbus::config::{FileConfig, Overrides};
 use cipherbus::envelope::{RootKey, OVERHEAD};
 use cipherbus::proto::ProtoError;
 use cipherbus::server::ProxyHandle;
 use serde_json::{Map, Value};
-use support::*;
 
 const WAIT: Duration = Duration::from_secs(10);
 

@@ -4,12 +4,10 @@
 //! change that takes a restart are refused with the old config left in force; SIGHUP never ends
 //! the process.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use futures::StreamExt;
-use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cipherbus");
 

@@ -2,8 +2,6 @@
 //! and one sentence, `--check-config`, riding out an upstream that is not there yet, and the
 //! admin endpoint.
 
-mod support;
-
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -11,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cipherbus");
 const WAIT: Duration = Duration::from_secs(10);

@@ -3,13 +3,11 @@
 //! its agents are told and recover elsewhere when it evicts them; and rotations reach proxies
 //! attached to different nodes.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use cipherbus::envelope::{Header, RootKey};
 use futures::StreamExt;
-use support::*;
 
 const FAST: &str = "[rotation]\nheartbeat_every = \"200ms\"\nstage_timeout = \"3s\"\n";
 

@@ -4,22 +4,20 @@
 //! (one hosting the key authority) while agents talk through them, answers every dashboard
 //! query with data, loads every rule healthy, and has no alert to raise.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use serde_json::Value;
-use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cipherbus");
-const DASHBOARD: &str = include_str!("../deploy/grafana/cipherbus.json");
-const RULES: &str = include_str!("../deploy/prometheus/cipherbus.rules.yml");
-const RULE_TESTS: &str = include_str!("../deploy/prometheus/cipherbus.rules.test.yml");
-const OPERATIONS: &str = include_str!("../docs/OPERATIONS.md");
+const DASHBOARD: &str = include_str!("../../deploy/grafana/cipherbus.json");
+const RULES: &str = include_str!("../../deploy/prometheus/cipherbus.rules.yml");
+const RULE_TESTS: &str = include_str!("../../deploy/prometheus/cipherbus.rules.test.yml");
+const OPERATIONS: &str = include_str!("../../docs/OPERATIONS.md");
 
 /// Debian 12's Prometheus (pinned in `tests/support/debian-pins`), which ships `promtool`.
 fn prometheus_bin() -> (&'static str, &'static str) {

