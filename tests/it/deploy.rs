@@ -5,7 +5,7 @@ use std::process::Command;
 
 use crate::support::*;
 
-/// Debian 12's systemd (pinned in `tests/support/debian-pins`), which ships `systemd-analyze`.
+/// Debian 12's systemd (pinned in `tests/it/support/debian-pins`), which ships `systemd-analyze`.
 fn systemd_analyze() -> &'static str {
     clients::debian_install(&["systemd"]);
     "/usr/bin/systemd-analyze"

@@ -19,7 +19,7 @@ const RULES: &str = include_str!("../../deploy/prometheus/cipherbus.rules.yml");
 const RULE_TESTS: &str = include_str!("../../deploy/prometheus/cipherbus.rules.test.yml");
 const OPERATIONS: &str = include_str!("../../docs/OPERATIONS.md");
 
-/// Debian 12's Prometheus (pinned in `tests/support/debian-pins`), which ships `promtool`.
+/// Debian 12's Prometheus (pinned in `tests/it/support/debian-pins`), which ships `promtool`.
 fn prometheus_bin() -> (&'static str, &'static str) {
     clients::debian_install(&["prometheus"]);
     ("/usr/bin/prometheus", "/usr/bin/promtool")

@@ -86,56 +86,74 @@ def refresh(force):
         f.write(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
 
 
-def available(package):
-    """The builds the archive carries, the candidate first, then newest first."""
-    policy = apt("apt-cache", "policy", package).stdout
-    candidate = re.search(r"^\s*Candidate:\s*(\S+)", policy, re.M)
-    builds = []
-    if candidate and candidate.group(1) != "(none)":
-        builds.append(candidate.group(1))
-    for line in apt("apt-cache", "madison", package, check=False).stdout.splitlines():
+def available(packages):
+    """For each package, the builds the archive carries: the candidate first, then newest first.
+    One `apt-cache policy` and one `apt-cache madison` for them all: each call loads the cache."""
+    builds = {p: [] for p in packages}
+    policy = apt("apt-cache", "policy", *packages).stdout
+    for block in re.split(r"^(?=\S)", policy, flags=re.M):
+        name = re.match(r"([a-z0-9][a-z0-9+.-]*):", block)
+        candidate = re.search(r"^\s*Candidate:\s*(\S+)", block, re.M)
+        if name and name.group(1) in builds and candidate and candidate.group(1) != "(none)":
+            builds[name.group(1)].append(candidate.group(1))
+    for line in apt("apt-cache", "madison", *packages, check=False).stdout.splitlines():
         fields = [f.strip() for f in line.split("|")]
-        if len(fields) >= 2 and fields[0] == package and fields[1] not in builds:
-            builds.append(fields[1])
+        if len(fields) >= 2 and fields[0] in builds and fields[1] not in builds[fields[0]]:
+            builds[fields[0]].append(fields[1])
     return builds
 
 
-def exact_deps(package, version):
-    """The dependencies `package=version` names at one exact version (`name (= X)`)."""
-    show = apt("apt-cache", "show", f"{package}={version}").stdout
-    record = show.split("\n\n", 1)[0]
-    deps = []
-    for field in ("Pre-Depends", "Depends"):
-        m = re.search(rf"^{field}:(.*(?:\n .*)*)", record, re.M)
-        if not m:
+def exact_deps(chosen):
+    """For each `(package, version)`, the dependencies it names at one exact version."""
+    show = apt("apt-cache", "show", *[f"{p}={v}" for p, v in chosen]).stdout
+    deps = {}
+    for record in show.split("\n\n"):
+        name = re.search(r"^Package:\s*(\S+)", record, re.M)
+        if not name or name.group(1) in deps:
             continue
-        for dep in m.group(1).replace("\n", " ").split(","):
-            exact = re.fullmatch(r"\s*([a-z0-9][a-z0-9+.-]*)(?::\S+)?\s*\(=\s*([^)\s]+)\)\s*", dep)
-            if exact:
-                deps.append((exact.group(1), exact.group(2)))
+        found = []
+        for field in ("Pre-Depends", "Depends"):
+            m = re.search(rf"^{field}:(.*(?:\n .*)*)", record, re.M)
+            if not m:
+                continue
+            for dep in m.group(1).replace("\n", " ").split(","):
+                exact = re.fullmatch(r"\s*([a-z0-9][a-z0-9+.-]*)(?::\S+)?\s*\(=\s*([^)\s]+)\)\s*", dep)
+                if exact:
+                    found.append((exact.group(1), exact.group(2)))
+        deps[name.group(1)] = found
     return deps
 
 
 def plan(packages, pins):
-    """`name=build` for each package and the exact dependencies of its build."""
-    chosen = {}
+    """For each package, `name=build` of its pinned build followed by the dependencies that
+    build names at one exact version (and theirs). Refused when a package has no such build."""
     for package in packages:
         if package not in pins:
             raise Refused(f"{package} has no pin in {PINS}; add one before a test installs it")
+    builds = available(packages)
+    targets = {}
+    for package in packages:
         pin = pins[package]
-        builds = available(package)
-        build = next((b for b in builds if matches(b, pin)), None)
+        build = next((b for b in builds[package] if matches(b, pin)), None)
         if build is None:
-            have = ", ".join(builds) or "none"
+            have = ", ".join(builds[package]) or "none"
             raise Refused(f"the archive has no build of {package} at {describe(pin)} (it has: {have})")
-        chosen[package] = build
-        todo = [(package, build)]
-        while todo:
-            for dep, version in exact_deps(*todo.pop()):
-                if dep not in chosen:
-                    chosen[dep] = version
-                    todo.append((dep, version))
-    return [f"{name}={build}" for name, build in chosen.items()]
+        targets[package] = {package: build}
+    # Widen each package's set by the exact dependencies of what it holds, in batches.
+    todo = {(p, v) for held in targets.values() for p, v in held.items()}
+    seen = {}
+    while todo:
+        deps = exact_deps(sorted(todo))
+        seen.update(deps)
+        todo = set()
+        for held in targets.values():
+            for name in list(held):
+                for dep, version in seen.get(name, []):
+                    if dep not in held:
+                        held[dep] = version
+                        if dep not in seen:
+                            todo.add((dep, version))
+    return {p: [f"{n}={v}" for n, v in held.items()] for p, held in targets.items()}
 
 
 def installed_build(package):
@@ -179,20 +197,33 @@ def main(argv):
             return 0
         if command == "install":
             refresh(force=False)
-            targets = plan(args, pins)
+            targets = sorted({t for ts in plan(args, pins).values() for t in ts})
             apt("apt-get", "install", "-y", "-q", "--no-install-recommends", *targets)
             verify(args, pins)
             return 0
-        # check: every pin, against lists refreshed now.
+        # check: every pin, against lists refreshed now. One dry run of them all; only when it
+        # fails, one per pin, so the failure names its package.
         refresh(force=True)
-        failures = []
-        for package in pins:
-            try:
-                targets = plan([package], pins)
-                apt("apt-get", "install", "-s", "-q", "--no-install-recommends", *targets)
-                print(f"debian: {package} {describe(pins[package])}: {' '.join(targets)} installs")
-            except Refused as e:
-                failures.append(str(e))
+        failures, planned = [], {}
+        try:
+            planned = plan(list(pins), pins)
+        except Refused:
+            # Pin by pin, so that every pin the archive lacks is named, not only the first.
+            for package in pins:
+                try:
+                    planned.update(plan([package], pins))
+                except Refused as e:
+                    failures.append(str(e))
+        everything = sorted({t for targets in planned.values() for t in targets})
+        together = apt("apt-get", "install", "-s", "-q", "--no-install-recommends", *everything, check=False)
+        for package, targets in planned.items():
+            if together.returncode != 0:
+                try:
+                    apt("apt-get", "install", "-s", "-q", "--no-install-recommends", *targets)
+                except Refused as e:
+                    failures.append(f"{package} {describe(pins[package])}: {e}")
+                    continue
+            print(f"debian: {package} {describe(pins[package])}: {' '.join(targets)} installs")
         for failure in failures:
             print(f"debian: {failure}", file=sys.stderr)
         return 1 if failures else 0
