@@ -202,6 +202,7 @@ pub struct Metrics {
     pub reloads: Family<OutcomeLabel, Counter>,
     pub max_connections: Gauge,
     pub rotation_interval: Family<ScopeLabel, Gauge>,
+    pub retired_loads: Family<ScopeLabel, Counter>,
     pub authority_leader: Family<ScopeLabel, Gauge>,
     pub authority_last_seen: Family<ScopeLabel, Gauge>,
 }
@@ -247,6 +248,7 @@ impl Metrics {
             reloads: Family::default(),
             max_connections: Gauge::default(),
             rotation_interval: Family::default(),
+            retired_loads: Family::default(),
             authority_leader: Family::default(),
             authority_last_seen: Family::default(),
             registry: Registry::default(),
@@ -393,9 +395,14 @@ impl Metrics {
             "The agent connection cap in force (max_connections, lowered to fit the open-files limit)",
             m.max_connections.clone(),
         );
+        registry.register(
+            "retired_key_loads",
+            "Retired keys unwrapped on their first use (again after the retired LRU let them go), one call to the root each; a start unwraps only the active and staged keys",
+            m.retired_loads.clone(),
+        );
         registry.register_with_unit(
             "rotation_interval",
-            "The configured rotate_every of each key scope that rotates on a schedule",
+            "The configured rotate_every of each key scope; 0 for a scope with no time schedule",
             Unit::Seconds,
             m.rotation_interval.clone(),
         );
@@ -534,6 +541,8 @@ impl Metrics {
         use crate::keyring::KeyState;
         let snap = keyring.snapshot();
         self.set_active_epoch(scope, snap.active.epoch);
+        let loads = self.retired_loads.get_or_create(&ScopeLabel { scope });
+        loads.inc_by(keyring.retired_loads().saturating_sub(loads.get()));
         let mut counts = [0i64; 4];
         for (epoch, state) in snap.epochs() {
             let i = match state {

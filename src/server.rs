@@ -227,17 +227,10 @@ impl ProxyHandle {
         for (index, (tx, held)) in self.rotation.iter().zip(self.scopes.iter()).enumerate() {
             let rotation = scope_settings(new, index).rotation;
             let label = crate::metrics::ScopeLabel { scope: held.name };
-            match rotation.rotate_every {
-                Some(every) => {
-                    self.metrics
-                        .rotation_interval
-                        .get_or_create(&label)
-                        .set(i64::try_from(every.as_secs()).unwrap_or(i64::MAX));
-                }
-                None => {
-                    self.metrics.rotation_interval.remove(&label);
-                }
-            }
+            self.metrics
+                .rotation_interval
+                .get_or_create(&label)
+                .set(schedule_seconds(rotation.rotate_every));
             tx.send_if_modified(|r| {
                 let changed = *r != rotation;
                 *r = rotation;
@@ -385,12 +378,10 @@ impl Base {
             let label = crate::metrics::ScopeLabel { scope: held.name };
             // Present from the start, so "never heard" (0) is visible to alerts.
             let _ = metrics.authority_last_seen.get_or_create(&label);
-            if let Some(every) = at.rotation.rotate_every {
-                metrics
-                    .rotation_interval
-                    .get_or_create(&label)
-                    .set(i64::try_from(every.as_secs()).unwrap_or(i64::MAX));
-            }
+            metrics
+                .rotation_interval
+                .get_or_create(&label)
+                .set(schedule_seconds(at.rotation.rotate_every));
             tasks.push(tokio::spawn(crate::control::member::run(
                 keyring.clone(),
                 metrics.clone(),
@@ -689,6 +680,12 @@ fn connection_cap(configured: usize, set: bool, open_files: Option<u64>) -> usiz
     } else {
         configured
     }
+}
+
+/// A scope's `rotate_every` as `cipherbus_rotation_interval_seconds` shows it: 0 for a scope
+/// with no time schedule, so the series is there either way (dashboards show "no schedule").
+fn schedule_seconds(every: Option<Duration>) -> i64 {
+    every.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 pub fn upstream_urls(config: &Config) -> Vec<String> {

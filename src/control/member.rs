@@ -108,6 +108,9 @@ pub struct Member {
     guard: ReplayGuard,
     subjects: Subjects,
     keyring_subject: String,
+    /// The newest activation acknowledged, so each is acknowledged once, however it arrived
+    /// (the announcement, a re-announcement, or the bucket first).
+    activation_acked: u32,
 }
 
 impl std::fmt::Debug for Member {
@@ -137,6 +140,7 @@ impl Member {
             guard: ReplayGuard::default(),
             subjects: Subjects::new(prefix),
             keyring_subject: super::authority::keyring_subject(prefix),
+            activation_acked: 0,
         }
     }
 
@@ -182,6 +186,18 @@ impl Member {
                 unavailable: e.is_unavailable(),
             }),
         }
+    }
+
+    /// The active epoch, once, when it is newer than the last activation acknowledged: the
+    /// authority then shows this proxy at it at once (`cipherbus status`), not at its next
+    /// heartbeat. However the activation arrived (announcement, re-announcement or the
+    /// bucket), it is acknowledged once.
+    pub fn activation_to_ack(&mut self) -> Option<u32> {
+        let active = self.keyring.snapshot().active.epoch;
+        (active > self.activation_acked).then(|| {
+            self.activation_acked = active;
+            active
+        })
     }
 
     pub fn control_key(&self) -> &DataKey {
@@ -230,7 +246,7 @@ impl Member {
                     self.keyring.activate(epoch).map_err(persisting(epoch))?;
                     tracing::info!(epoch, "activated a new data key");
                 }
-                Ok(Reply::None)
+                Ok(self.activation_to_ack().map_or(Reply::None, Reply::Ack))
             }
             Body::Destroy { epoch, reason } => {
                 if snap.state(epoch) != Some(KeyState::Destroyed) {
@@ -251,6 +267,9 @@ impl Member {
     /// epoch if it is newer.
     pub fn apply_sync(&mut self, epochs: &[message::EpochInfo]) -> Result<(), ApplyError> {
         let snap = self.keyring.snapshot();
+        // Retired epochs this proxy lacks are kept wrapped, unwrapped on first use: catching
+        // up on history costs no call to the root, and one write of the state.
+        let mut retired = Vec::new();
         for info in epochs {
             let local = snap.state(info.epoch);
             match info.state {
@@ -265,6 +284,16 @@ impl Member {
                     tracing::warn!(epoch = info.epoch, "destroyed a data key");
                 }
                 KeyState::Destroyed => {}
+                KeyState::Retired if local.is_none() && info.epoch != 1 => {
+                    let wrapped = base64::engine::general_purpose::STANDARD
+                        .decode(info.wrapped.as_deref().unwrap_or_default())
+                        .map_err(|_| ApplyError::Unwrap {
+                            epoch: info.epoch,
+                            why: "not base64".into(),
+                            unavailable: false,
+                        })?;
+                    retired.push((info.epoch, info.fingerprint.clone(), wrapped));
+                }
                 state if local.is_none() => {
                     let epoch = info.epoch;
                     let (key, wrapped) =
@@ -302,6 +331,18 @@ impl Member {
             }
         }
         drop(snap);
+        if let Some(&(first, _, _)) = retired.first() {
+            let adopted = self
+                .keyring
+                .adopt_retired_wrapped(&retired)
+                .map_err(persisting(first))?;
+            if adopted > 0 {
+                tracing::info!(
+                    epochs = adopted,
+                    "installed retired data keys, to unwrap on first use"
+                );
+            }
+        }
         if let Some(active) = epochs.iter().find(|i| i.state == KeyState::Active) {
             if active.epoch > self.keyring.snapshot().active.epoch {
                 match self.keyring.activate(active.epoch) {
@@ -572,7 +613,10 @@ pub async fn run(
                 }
                 match member.apply_commit(&entry.value) {
                     Ok(staged) => {
-                        for epoch in staged {
+                        let activated = (member.keyring.snapshot().active.epoch != before)
+                            .then(|| member.activation_to_ack())
+                            .flatten();
+                        for epoch in staged.into_iter().chain(activated) {
                             let ack = sealer.seal(&member.subjects().ack, Body::Ack { epoch });
                             if let Ok(ack) = ack {
                                 let _ = client

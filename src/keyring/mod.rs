@@ -207,7 +207,8 @@ pub struct Keyring {
     retired_cap: usize,
     clock: AtomicU64,
     store: Option<Store>,
-    /// Serializes changes; the hot path never takes it.
+    /// Serializes changes. The hot path takes it only on a retired key's first use, to check
+    /// the key against its recorded fingerprint.
     records: Mutex<StateFile>,
     /// Raised by sessions that saw an epoch newer than any known; the control plane answers
     /// with one sync, however many sessions asked.
@@ -216,6 +217,11 @@ pub struct Keyring {
     /// again (nor logged) for [`UNAVAILABLE_RETRY`], so a stream of messages under a damaged
     /// epoch costs no disk read each. Touched only on a cache miss.
     unavailable: Mutex<HashMap<u32, Unavailable>>,
+    /// One gate per retired epoch being loaded, so sessions that miss the same epoch at once
+    /// cost one call to the root: the first loads, the others wait and take it from the cache.
+    loading: Mutex<HashMap<u32, Arc<Mutex<()>>>>,
+    /// Retired keys loaded (unwrapped) on first use since start.
+    retired_loads: AtomicU64,
     /// Destroyed epochs a delivery was refused under, and when that was last audited.
     /// Touched only on such a refusal; holds destroyed epochs only.
     destroyed_reads: Mutex<HashMap<u32, Instant>>,
@@ -305,6 +311,8 @@ impl Keyring {
             records: Mutex::new(records),
             sync_wanted: tokio::sync::Notify::new(),
             unavailable: Mutex::new(HashMap::new()),
+            loading: Mutex::new(HashMap::new()),
+            retired_loads: AtomicU64::new(0),
             destroyed_reads: Mutex::new(HashMap::new()),
             audit: OnceLock::new(),
         };
@@ -317,9 +325,11 @@ impl Keyring {
         Ok(ring)
     }
 
-    /// Unwraps every wrapped key the state names and compares its fingerprint, so a truncated
-    /// or corrupted key file fails the start, naming the file, instead of the first delivery
-    /// that needs it. A retired epoch's missing file is only a warning: `destroy` shreds the
+    /// Unwraps the keys that seal or are about to (active and staged) and compares their
+    /// fingerprints, so a truncated or corrupted one fails the start, naming the file. Retired
+    /// keys are only looked for: each is unwrapped and checked on its first use (through the
+    /// LRU), so the start costs the same however many epochs history holds, one root call
+    /// each at most. A retired epoch's missing file is only a warning: `destroy` shreds the
     /// file before it records the state, and a crash between the two leaves exactly that.
     fn check_key_files(&self, records: &StateFile) -> Result<(), KeyringError> {
         use subtle::ConstantTimeEq;
@@ -334,6 +344,7 @@ impl Keyring {
                     tracing::warn!(epoch = r.epoch, path = %path.display(), "the wrapped key of a retired epoch is missing; it can no longer open");
                     continue;
                 }
+                (KeyState::Retired, Some(_)) => continue,
                 _ => self.load_key(r.epoch)?,
             };
             if !bool::from(key.fingerprint().as_bytes().ct_eq(r.fingerprint.as_bytes())) {
@@ -475,14 +486,43 @@ impl Keyring {
             Some(_) => {}
         }
         let tick = self.clock.fetch_add(1, Ordering::Relaxed);
-        if let Some(slot) = self.retired.get(&epoch) {
-            slot.last_used.store(tick, Ordering::Relaxed);
-            return Ok(KeyHandle::Owned(slot.key.clone()));
+        let cached = || {
+            self.retired.get(&epoch).map(|slot| {
+                slot.last_used.store(tick, Ordering::Relaxed);
+                KeyHandle::Owned(slot.key.clone())
+            })
+        };
+        if let Some(key) = cached() {
+            return Ok(key);
         }
-        let key = self.load_retired(epoch)?;
-        let key = Arc::new(EpochKey { epoch, key });
+        // Single flight: one load per epoch, however many sessions miss it at once.
+        let gate = self
+            .loading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(epoch)
+            .or_default()
+            .clone();
+        let _loading = gate.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(key) = cached() {
+            return Ok(key);
+        }
+        let loaded = self.load_retired(epoch);
+        self.loading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&epoch);
+        let key = Arc::new(EpochKey {
+            epoch,
+            key: loaded?,
+        });
         self.cache_retired(key.clone(), tick);
         Ok(KeyHandle::Owned(key))
+    }
+
+    /// Retired keys unwrapped on first use since start (after the LRU let them go, again).
+    pub fn retired_loads(&self) -> u64 {
+        self.retired_loads.load(Ordering::Relaxed)
     }
 
     /// Records key load failures and reads refused under destroyed epochs in `log` from now
@@ -545,9 +585,13 @@ impl Keyring {
         {
             return Err(KeyMiss::Unavailable);
         }
-        let e = match self.load_key(epoch) {
+        let e = match self
+            .load_key(epoch)
+            .and_then(|key| self.check_fingerprint(epoch, key))
+        {
             Ok(key) => {
                 lock().remove(&epoch);
+                self.retired_loads.fetch_add(1, Ordering::Relaxed);
                 return Ok(key);
             }
             Err(e) => e,
@@ -582,6 +626,32 @@ impl Keyring {
         Err(KeyMiss::Unavailable)
     }
 
+    /// `key`, if it is the one `state.json` records for `epoch`: a retired key is checked
+    /// here, on first use, as the start checks the active one.
+    fn check_fingerprint(&self, epoch: u32, key: DataKey) -> Result<DataKey, KeyringError> {
+        let recorded = self
+            .records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .epochs
+            .iter()
+            .find(|r| r.epoch == epoch)
+            .map(|r| r.fingerprint.clone());
+        match recorded {
+            Some(f) if !crate::ct::eq_str(&key.fingerprint(), &f) => Err(KeyringError::Corrupt {
+                path: self
+                    .store
+                    .as_ref()
+                    .map(|s| s.key_path(epoch))
+                    .unwrap_or_default(),
+                why: format!(
+                    "its key does not match the fingerprint state.json records for epoch {epoch}"
+                ),
+            }),
+            _ => Ok(key),
+        }
+    }
+
     /// Number of retired keys held unwrapped in memory.
     pub fn retired_cached(&self) -> usize {
         self.retired.len()
@@ -614,17 +684,28 @@ impl Keyring {
         if epoch == 1 {
             return Ok(self.root.epoch1().clone());
         }
-        let store = self.store.as_ref().ok_or(KeyringError::Refused {
-            epoch,
-            why: "no state directory holds its wrapped key",
-            reason: "not_stored",
-        })?;
-        let wrapped = store
-            .load_wrapped(epoch)?
-            .ok_or_else(|| KeyringError::Corrupt {
-                path: store.key_path(epoch),
-                why: format!("the wrapped key of epoch {epoch} is missing"),
-            })?;
+        // The state directory's copy; without one, the copy adopted into memory.
+        let (wrapped, path) = match &self.store {
+            Some(store) => (
+                store
+                    .load_wrapped(epoch)?
+                    .ok_or_else(|| KeyringError::Corrupt {
+                        path: store.key_path(epoch),
+                        why: format!("the wrapped key of epoch {epoch} is missing"),
+                    })?,
+                store.key_path(epoch),
+            ),
+            None => (
+                self.wrapped_cached(epoch)
+                    .ok_or(KeyringError::Refused {
+                        epoch,
+                        why: "no state directory holds its wrapped key",
+                        reason: "not_stored",
+                    })?
+                    .to_vec(),
+                PathBuf::new(),
+            ),
+        };
         match self.root.unwrap(epoch, &wrapped) {
             Ok(key) => {
                 self.remember_wrapped(epoch, &wrapped);
@@ -637,10 +718,69 @@ impl Keyring {
                 reason: "kms_unavailable",
             }),
             Err(e) => Err(KeyringError::Corrupt {
-                path: store.key_path(epoch),
+                path,
                 why: format!("cannot unwrap: {e}"),
             }),
         }
+    }
+
+    /// Records retired epochs this keyring lacks from their wrapped keys alone, with one write
+    /// of the state for them all: each is unwrapped on its first use and checked then against
+    /// the fingerprint given here. Catching up on history so costs no call to the root.
+    /// Epochs already known here are left as they are.
+    pub fn adopt_retired_wrapped(
+        &self,
+        epochs: &[(u32, String, Vec<u8>)],
+    ) -> Result<usize, KeyringError> {
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        let known: std::collections::HashSet<u32> =
+            records.epochs.iter().map(|r| r.epoch).collect();
+        let fresh: Vec<&(u32, String, Vec<u8>)> = epochs
+            .iter()
+            .filter(|(epoch, _, _)| *epoch > 1 && !known.contains(epoch))
+            .collect();
+        if fresh.is_empty() {
+            return Ok(0);
+        }
+        let mut next = records.clone();
+        for (epoch, fingerprint, wrapped) in &fresh {
+            if let Some(s) = &self.store {
+                s.save_wrapped(*epoch, wrapped)?;
+            }
+            next.epochs.push(EpochRecord {
+                epoch: *epoch,
+                state: KeyState::Retired,
+                fingerprint: fingerprint.clone(),
+                created: now_secs(),
+                activated: None,
+            });
+        }
+        next.epochs.sort_by_key(|r| r.epoch);
+        if let Some(s) = &self.store {
+            s.save_state(&next)?;
+        }
+        for (epoch, _, wrapped) in &fresh {
+            self.remember_wrapped(*epoch, wrapped);
+        }
+        let prev = self.current.load();
+        let mut states = (*prev.states).clone();
+        for (epoch, _, _) in &fresh {
+            states.insert(*epoch, KeyState::Retired);
+        }
+        self.current.store(Arc::new(Snapshot {
+            generation: prev.generation + 1,
+            active: prev.active.clone(),
+            staged: prev.staged.clone(),
+            unsaved: prev
+                .unsaved
+                .iter()
+                .filter(|k| !fresh.iter().any(|(e, _, _)| *e == k.epoch))
+                .cloned()
+                .collect(),
+            states: Arc::new(states),
+        }));
+        *records = next;
+        Ok(fresh.len())
     }
 
     /// Rebuilds the snapshot from the records and swaps it in.
@@ -940,6 +1080,69 @@ mod tests {
 
     fn root() -> RootKey {
         RootKey::from_bytes([7; 32])
+    }
+
+    /// A state directory with epochs 2 to `newest` made here, `newest` active; their keys.
+    fn history(dir: &Path, newest: u32) -> Vec<DataKey> {
+        let ring = Keyring::open(root(), Some(dir), 4).unwrap();
+        let mut keys = vec![ring.snapshot().active.key.clone()];
+        for epoch in 2..=newest {
+            let key = DataKey::generate().unwrap();
+            keys.push(key.clone());
+            ring.stage(epoch, key).unwrap();
+            ring.activate(epoch).unwrap();
+        }
+        keys
+    }
+
+    #[test]
+    fn a_start_unwraps_no_retired_key_and_each_loads_once_on_first_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = history(dir.path(), 40);
+        let ring = Arc::new(Keyring::open(root(), Some(dir.path()), 64).unwrap());
+        assert_eq!(ring.retired_loads(), 0, "the start left history alone");
+        assert_eq!(ring.retired_cached(), 0);
+        let snap = ring.snapshot();
+        assert_eq!(snap.active.epoch, 40);
+
+        // Sixteen sessions miss epoch 17 at once: one load, and all get its key.
+        let barrier = Arc::new(std::sync::Barrier::new(16));
+        let threads: Vec<_> = (0..16)
+            .map(|_| {
+                let (ring, barrier) = (ring.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let snap = ring.snapshot();
+                    barrier.wait();
+                    match ring.lookup(&snap, 17) {
+                        Ok(k) => k.key.fingerprint(),
+                        Err(e) => panic!("{e:?}"),
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), keys[16].fingerprint());
+        }
+        assert_eq!(ring.retired_loads(), 1, "single flight");
+        assert!(ring.lookup(&snap, 17).is_ok());
+        assert!(ring.lookup(&snap, 3).is_ok());
+        assert_eq!(ring.retired_loads(), 2, "once each, then from memory");
+    }
+
+    #[test]
+    fn a_retired_key_file_from_another_epoch_is_refused_on_first_use() {
+        let dir = tempfile::tempdir().unwrap();
+        history(dir.path(), 4);
+        // Epoch 3's file replaced by epoch 2's: a valid wrap, of the wrong key. The start
+        // does not look at retired keys; the first use checks the fingerprint.
+        let keys = dir.path().join("keys");
+        let name = |e: u32| keys.join(format!("epoch-{e:010}.key"));
+        std::fs::copy(name(2), name(3)).unwrap();
+        let ring = Keyring::open(root(), Some(dir.path()), 4).unwrap();
+        let snap = ring.snapshot();
+        assert_eq!(ring.lookup(&snap, 3).err(), Some(KeyMiss::Unavailable));
+        assert!(ring.lookup(&snap, 2).is_ok());
+        assert_eq!(ring.retired_loads(), 1);
     }
 
     #[test]

@@ -231,13 +231,84 @@ async fn a_crashed_proxy_comes_back_with_its_keys_and_takes_its_agents_back() {
     assert!(!proxy.stderr().contains("panicked"), "{}", proxy.stderr());
 }
 
-/// A state directory with epochs 1 and 2 retired and 3 active, as a proxy leaves it.
-fn three_epochs(dir: &Path) {
+/// A state directory with epochs 1 and 2 retired and 3 active, as a proxy leaves it; the
+/// keys of epochs 2 and 3.
+fn three_epochs(dir: &Path) -> [DataKey; 2] {
     let ring = Keyring::open(RootKey::from_bytes(TEST_KEK), Some(dir), 4).unwrap();
-    for epoch in 2..=3 {
-        ring.stage(epoch, DataKey::generate().unwrap()).unwrap();
+    let keys = [DataKey::generate().unwrap(), DataKey::generate().unwrap()];
+    for (epoch, key) in (2..=3).zip(keys.iter()) {
+        ring.stage(epoch, key.clone()).unwrap();
         ring.activate(epoch).unwrap();
     }
+    keys
+}
+
+/// A retired key is unwrapped on its first use, not at start: a damaged one does not stop
+/// the start. The proxy serves new traffic; the first message under the damaged epoch is
+/// refused, the log names the file, and the refusal is audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_retired_key_is_refused_on_first_use_naming_the_file_and_audited() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kek = write_kek(dir.path(), TEST_KEK);
+    let state = tempfile::tempdir().unwrap();
+    let [retired, _] = three_epochs(state.path());
+    let damaged = key_path(state.path(), 2);
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&damaged, bytes).unwrap();
+
+    let cmd = run_command(BIN, &kek, &[server.url()], Some(state.path()));
+    let proxy = ProxyProcess::start(cmd, local_addr());
+    let agent = async_nats::connect(proxy.url()).await.unwrap();
+    let mut inbox = agent.subscribe("history").await.unwrap();
+    sync(&agent).await;
+    let mut fresh = agent.subscribe("after.start").await.unwrap();
+    sync(&agent).await;
+    assert!(
+        round_trip(&agent, "after.start", &mut fresh).await,
+        "new traffic flows: {}",
+        proxy.stderr()
+    );
+
+    // A message stored under epoch 2 before, delivered now.
+    let mut sealer = cipherbus::envelope::Sealer::new(2, &retired).unwrap();
+    let mut envelope = bytes::BytesMut::new();
+    sealer
+        .seal_into(Some(b"history"), b"from epoch 2", &mut envelope)
+        .unwrap();
+    let raw = async_nats::connect(server.url()).await.unwrap();
+    raw.publish("history", envelope.freeze()).await.unwrap();
+    raw.flush().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), inbox.next())
+            .await
+            .is_err(),
+        "nothing is delivered under a damaged key"
+    );
+    let refused = "cipherbus_open_failures_total{reason=\"key_unavailable\"}";
+    assert!(
+        eventually(Duration::from_secs(5), || proxy.metric(refused)
+            == Some(1.0))
+        .await,
+        "{}",
+        proxy.stderr()
+    );
+    assert!(
+        proxy.stderr().contains(&damaged.display().to_string()),
+        "the log names the file: {}",
+        proxy.stderr()
+    );
+    let audit = state.path().join("audit.jsonl");
+    let log = std::fs::read_to_string(&audit).unwrap_or_default();
+    assert!(
+        log.lines().any(|l| l.contains("\"event\":\"refused\"")
+            && l.contains("\"epoch\":2")
+            && l.contains(&damaged.display().to_string())),
+        "audited: {log}"
+    );
+    cipherbus::audit::verify(&audit, &test_audit_key()).unwrap();
 }
 
 fn key_path(state: &Path, epoch: u32) -> PathBuf {
@@ -272,8 +343,8 @@ async fn a_damaged_state_directory_stops_the_start_naming_the_file_and_is_audite
             std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
             p
         }),
-        ("corrupted retired key", |s| {
-            let p = key_path(s, 2);
+        ("corrupted active key", |s| {
+            let p = key_path(s, 3);
             let mut bytes = std::fs::read(&p).unwrap();
             let last = bytes.len() - 1;
             bytes[last] ^= 0x01;

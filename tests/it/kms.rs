@@ -727,3 +727,107 @@ fn a_vault_token_without_permission_or_a_wrong_key_stops_the_start_with_one_sent
         assert_eq!(text.trim().lines().count(), 1, "one sentence: {text}");
     }
 }
+
+/// Epochs of history written under an OpenBao root before the proxy starts.
+const HISTORY: u32 = 300;
+
+/// A proxy's start unwraps the deployment seed and the key that seals, not the history: with
+/// 300 epochs under an OpenBao root it makes as few Transit calls as with one. A retired
+/// key is unwrapped on its first use, once however often it is then used, and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openbao_root_starts_without_unwrapping_history_and_unwraps_a_retired_key_on_first_use()
+{
+    use cipherbus::kek::{vault::VaultKek, Kek, Root};
+    use std::sync::Arc;
+
+    let server = NatsServer::start();
+    let bao = Bao::dev();
+    bao.enable_transit();
+    bao.create_key("cipherbus", "aes256-gcm96");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+
+    // The history, written here as a proxy would have kept it: epochs 2 to HISTORY, each
+    // wrapped by Transit, HISTORY active.
+    let kek: Arc<dyn Kek> = Arc::new(
+        VaultKek::new(
+            &bao.addr,
+            zeroize::Zeroizing::new(bao.token().to_owned()),
+            "cipherbus",
+            "transit",
+            None,
+            None,
+        )
+        .unwrap(),
+    );
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let seed = cipherbus::kek::seed::load_or_create(&client, "cipherbus.ctl", &*kek, true)
+        .await
+        .unwrap();
+    let keys = {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || {
+            let root = Root::from_seed(kek, &seed, "cipherbus.ctl").unwrap();
+            let ring = cipherbus::keyring::Keyring::open(root, Some(&state), 4).unwrap();
+            let mut keys = vec![ring.snapshot().active.key.clone()];
+            for epoch in 2..=HISTORY {
+                let key = cipherbus::envelope::DataKey::generate().unwrap();
+                keys.push(key.clone());
+                ring.stage(epoch, key).unwrap();
+                ring.activate(epoch).unwrap();
+            }
+            keys
+        })
+        .await
+        .unwrap()
+    };
+
+    let token = bao.write_token_file(dir.path());
+    let root = RootUnderTest {
+        uri: "vault-transit:cipherbus".into(),
+        env: vec![
+            ("VAULT_ADDR".into(), bao.addr.clone()),
+            ("VAULT_TOKEN_FILE".into(), token.display().to_string()),
+        ],
+    };
+    let p = proxy(&root, &server, &state, false);
+    let unwraps = || {
+        p.metric("cipherbus_kms_requests_total{op=\"unwrap\",outcome=\"ok\"}")
+            .unwrap_or(0.0)
+    };
+    let loads = || {
+        p.metric("cipherbus_retired_key_loads_total{scope=\"default\"}")
+            .unwrap_or(-1.0)
+    };
+    let at_start = unwraps();
+    // The seed, and the active key (checked against its fingerprint, then held).
+    assert!(
+        at_start <= 3.0,
+        "{at_start} Transit unwraps at start for {HISTORY} epochs"
+    );
+    assert_eq!(loads(), 0.0);
+
+    // Stored history under epoch 17 reaches an agent: one unwrap, then none.
+    let agent = async_nats::connect(p.url()).await.unwrap();
+    let mut inbox = agent.subscribe("history").await.unwrap();
+    sync(&agent).await;
+    let mut sealer = cipherbus::envelope::Sealer::new(17, &keys[16]).unwrap();
+    for i in 0..3 {
+        let mut envelope = bytes::BytesMut::new();
+        sealer
+            .seal_into(
+                Some(b"history"),
+                format!("old {i}").as_bytes(),
+                &mut envelope,
+            )
+            .unwrap();
+        client.publish("history", envelope.freeze()).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), inbox.next())
+            .await
+            .unwrap_or_else(|_| panic!("not delivered: {}", p.stderr()))
+            .unwrap();
+        assert_eq!(got.payload, format!("old {i}").as_bytes());
+    }
+    assert_eq!(unwraps(), at_start + 1.0, "{}", p.stderr());
+    assert_eq!(loads(), 1.0);
+}

@@ -30,6 +30,7 @@ mod observability;
 mod protocol;
 mod reload;
 mod rotation;
+mod scale;
 mod scopes;
 mod security;
 mod slow_agent;

@@ -504,14 +504,16 @@ fn a_real_prometheus_scraping_two_proxies_answers_every_dashboard_query_and_no_a
     let kek = write_kek(dir.path(), TEST_KEK);
     std::fs::create_dir(dir.path().join("tenant-a")).unwrap();
     let tenant_kek = write_kek(&dir.path().join("tenant-a"), [0x17; 32]);
-    // A schedule (so key age has something to be compared with), a fast heartbeat, and a
-    // named scope beside the default one.
+    // A fast heartbeat, and a named scope beside the default one. The named scope rotates on
+    // a schedule (so key age has something to be compared with); the default one has none,
+    // and every panel must still show it.
     let config = dir.path().join("cipherbus.toml");
     std::fs::write(
         &config,
         format!(
-            "[rotation]\nrotate_every = \"1h\"\nheartbeat_every = \"1s\"\n\n\
-             [[scope]]\nname = \"tenant-a\"\nsubjects = [\"tenant-a.>\"]\nkek = \"file:{}\"\n",
+            "[rotation]\nheartbeat_every = \"1s\"\n\n\
+             [[scope]]\nname = \"tenant-a\"\nsubjects = [\"tenant-a.>\"]\nkek = \"file:{}\"\n\
+             [scope.rotation]\nrotate_every = \"1h\"\n",
             tenant_kek.display()
         ),
     )
@@ -664,6 +666,36 @@ fn a_real_prometheus_scraping_two_proxies_answers_every_dashboard_query_and_no_a
                 .ok_or(format!("no data for {empty:#?}"))
         },
     );
+    // Every scope has its schedule on the key-age panel: the named scope's rotate_every, and
+    // 0 (shown as "no schedule") for the default scope, which has none.
+    let schedule = exprs
+        .iter()
+        .find(|e| e.contains("cipherbus_rotation_interval_seconds"))
+        .expect("the key-age panel reads rotate_every");
+    let by_scope: BTreeSet<(String, String)> = prom
+        .query(&substitute(schedule, &vars))
+        .iter()
+        .map(|r| {
+            (
+                r["metric"]["scope"].as_str().unwrap_or_default().to_owned(),
+                r["value"][1].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        by_scope,
+        BTreeSet::from([
+            ("default".to_owned(), "0".to_owned()),
+            ("tenant-a".to_owned(), "3600".to_owned())
+        ]),
+        "{schedule}"
+    );
+    let mapped = serde_json::to_string(&dashboard()).unwrap();
+    assert!(
+        mapped.contains("\"no schedule\""),
+        "the dashboard names the 0"
+    );
+
     // The template variables' own queries list both proxies.
     for var in dashboard()["templating"]["list"].as_array().unwrap() {
         let Some(def) = var["definition"].as_str() else {

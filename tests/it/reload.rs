@@ -221,9 +221,11 @@ async fn a_reload_moves_the_connection_cap_and_the_rotation_schedule() {
             .unwrap_or(0.0)
     };
     let before = epoch();
-    assert!(proxy
-        .metric("cipherbus_rotation_interval_seconds{scope=\"default\"}")
-        .is_none());
+    // No time schedule reads 0.
+    assert_eq!(
+        proxy.metric("cipherbus_rotation_interval_seconds{scope=\"default\"}"),
+        Some(0.0)
+    );
     std::fs::write(
         &config,
         format!(

@@ -260,6 +260,73 @@ async fn status_shows_every_proxy_the_authority_its_standby_and_a_lagging_proxy(
     }
 }
 
+/// Proxies acknowledge an activation, and the authority updates their rows from it: `status`
+/// taken right after `rotate` returns shows every acknowledging proxy at the new epoch, none
+/// lagging, although their next heartbeat is seconds away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_right_after_rotate_shows_every_acknowledging_proxy_at_the_new_epoch() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let kek = write_kek(dir.path(), TEST_KEK);
+    let config = dir.path().join("cipherbus.toml");
+    // The default heartbeat interval: the rows must not wait for it.
+    std::fs::write(
+        &config,
+        format!(
+            "kek_file = {:?}\n[rotation]\nheartbeat_every = \"5s\"\nstage_timeout = \"5s\"\n",
+            kek.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut proxies = Vec::new();
+    for i in 0..3 {
+        let mut cmd = run_command(
+            BIN,
+            &kek,
+            &[server.url()],
+            Some(&dir.path().join(format!("proxy-{i}"))),
+        );
+        cmd.arg("--config").arg(&config);
+        if i == 0 {
+            cmd.arg("--controller");
+        }
+        let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+        proxies.push(ProxyProcess::start(cmd, listen));
+    }
+    let nodes: Vec<String> = proxies.iter().map(node_of).collect();
+    // Every proxy is known to the authority (from its first heartbeat) before the rotation.
+    let started = std::time::Instant::now();
+    loop {
+        let (ok, v, _) = status(&kek, &server).await;
+        if ok && proxy_rows(&v).len() == 3 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the proxies never showed: {v:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    for round in 0..2 {
+        let rotated = operator_cli(BIN, &["rotate", "--upstream", &server.url()], &kek).await;
+        assert!(rotated.status.success(), "{rotated:?}");
+        let (ok, v, stderr) = status(&kek, &server).await;
+        assert!(ok, "{stderr}");
+        let epoch = v["active"].as_u64().unwrap();
+        assert_eq!(epoch, 2 + round, "{v:#}");
+        let rows = proxy_rows(&v);
+        for node in &nodes {
+            let r = rows
+                .iter()
+                .find(|r| r["node"] == node.as_str())
+                .unwrap_or_else(|| panic!("no row for {node}: {v:#}"));
+            assert_eq!(r["active"].as_u64(), Some(epoch), "round {round}: {r}");
+            assert_eq!(r["lagging"], false, "round {round}: {r}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_with_a_config_file_shows_every_scope_with_its_own_epoch() {
     let server = NatsServer::start();

@@ -71,6 +71,36 @@ impl Authority {
         p.sealed_bytes = sealed_bytes;
     }
 
+    /// An acknowledgement outside a rotation's stage: one for the active epoch is a proxy
+    /// saying it activated it, which its row shows at once (`cipherbus status`) instead of at
+    /// its next heartbeat.
+    pub(super) fn on_ack(&mut self, payload: &[u8]) {
+        let subject = self.subjects.ack.clone();
+        let Ok(msg) = self.open_msg(&subject, payload) else {
+            return;
+        };
+        if let Body::Ack { epoch } = msg.body {
+            self.on_activated(msg.from, epoch);
+        }
+    }
+
+    /// Proxy `node` seals with `epoch`, the active one. Its counts start again, as those a
+    /// heartbeat brings are per active epoch.
+    pub(super) fn on_activated(&mut self, node: String, epoch: u32) {
+        if epoch != self.keyring.snapshot().active.epoch {
+            return;
+        }
+        if let Some(p) = self.proxies.get_mut(&node) {
+            p.last_seen = Instant::now();
+            if p.active != epoch {
+                p.active = epoch;
+                p.sealed_messages = 0;
+                p.sealed_bytes = 0;
+                p.rate = (0.0, 0.0);
+            }
+        }
+    }
+
     /// The entry of proxy `node`, new ones joining as sealing with `active`; `None` for a new
     /// one past [`MAX_PROXIES`].
     pub(super) fn proxy(&mut self, node: String, active: u32) -> Option<&mut Proxy> {

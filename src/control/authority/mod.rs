@@ -49,6 +49,10 @@ const LIVE_INTERVALS: u32 = 3;
 const ROLL_CALL_WINDOW: Duration = Duration::from_millis(500);
 /// How often a staged key is announced again while acknowledgements are missing.
 const RESTAGE_EVERY: Duration = Duration::from_millis(250);
+/// How long a rotation waits, once the activation is announced, for the proxies that staged
+/// the key to say they seal with it, so `status` right after `rotate` shows them there.
+/// Proxies that predate these acknowledgements never send one: the rotation ends at this bound.
+const ACTIVATION_WAIT: Duration = Duration::from_secs(1);
 /// An operator's request heard while standing by.
 struct HeldRequest {
     at: Instant,
@@ -510,7 +514,7 @@ impl Authority {
                     }
                     self.serve_rotate(m, &mut acks).await;
                 }
-                Some(_) = acks.next() => {} // Late acks outside a rotation carry no news.
+                Some(m) = acks.next() => self.on_ack(&m.payload),
                 _ = lease_tick.tick(), if self.control.is_some() => {
                     let held = !self.standing_by();
                     if self.hold_lease().await && !held {

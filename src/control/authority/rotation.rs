@@ -1,6 +1,8 @@
 //! The rotation steps: stage until every live proxy acknowledges, activate, retire, destroy
 //! and revoke, retention, and announcing the keyring again for proxies that missed it.
 
+use futures::FutureExt;
+
 use super::*;
 
 impl Authority {
@@ -410,6 +412,9 @@ impl Authority {
         if let Err(e) = self.audit_now(retired).await {
             return Err(self.refuse_unaudited("activation", &e));
         }
+        // Acknowledgements still queued are of the stage; from the commit on, an Ack for this
+        // epoch says a proxy seals with it (it may read the commit before the announcement).
+        while let Some(Some(_)) = acks.next().now_or_never() {}
         if let Err(e) = self.commit_keyring(Change::Activate(epoch)).await {
             let why = format!("staged but not activated: {e}");
             self.audit(self.event(EventKind::Refused, epoch, Some(fingerprint), &why));
@@ -425,6 +430,20 @@ impl Authority {
         self.retired_usage.insert(old, old_usage);
         // Heard once by everyone in the common case; the periodic re-announcement covers loss.
         self.announce(Body::Activate { epoch }).await;
+        let until = tokio::time::Instant::now() + ACTIVATION_WAIT;
+        let mut activated: Vec<String> = Vec::new();
+        while acked.iter().any(|n| !activated.contains(n)) {
+            let Ok(Some(m)) = tokio::time::timeout_at(until, acks.next()).await else {
+                break;
+            };
+            let subject = self.subjects.ack.clone();
+            if let Ok(msg) = self.open_msg(&subject, &m.payload) {
+                if msg.body == (Body::Ack { epoch }) {
+                    activated.push(msg.from.clone());
+                    self.on_activated(msg.from, epoch);
+                }
+            }
+        }
         self.activated = Instant::now();
         self.metrics.rotations.inc();
         tracing::info!(
