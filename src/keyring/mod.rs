@@ -1130,6 +1130,34 @@ mod tests {
     }
 
     #[test]
+    fn history_adopted_wrapped_is_written_once_and_unwrapped_on_first_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = Keyring::open(root(), Some(dir.path()), 4).unwrap();
+        let keys: Vec<DataKey> = (0..3).map(|_| DataKey::generate().unwrap()).collect();
+        let mut history: Vec<(u32, String, Vec<u8>)> = keys
+            .iter()
+            .zip(2u32..)
+            .map(|(k, e)| (e, k.fingerprint(), ring.root().wrap(e, k).unwrap()))
+            .collect();
+        // Epoch 4 arrives with another epoch's fingerprint: adopted, refused on use.
+        history[2].1 = keys[0].fingerprint();
+        assert_eq!(ring.adopt_retired_wrapped(&history).unwrap(), 3);
+        assert_eq!(ring.adopt_retired_wrapped(&history).unwrap(), 0, "known already");
+        assert_eq!(ring.retired_loads(), 0);
+        let snap = ring.snapshot();
+        assert_eq!(snap.state(3), Some(KeyState::Retired));
+        let k = ring.lookup(&snap, 3).ok().unwrap();
+        assert_eq!(k.key.fingerprint(), keys[1].fingerprint());
+        assert_eq!(ring.lookup(&snap, 4).err(), Some(KeyMiss::Unavailable));
+        assert_eq!(ring.retired_loads(), 1);
+        drop(snap);
+        // And they are in the state directory: a restart knows them.
+        let again = Keyring::open(root(), Some(dir.path()), 4).unwrap();
+        assert_eq!(again.snapshot().state(2), Some(KeyState::Retired));
+        assert!(again.lookup(&again.snapshot(), 2).is_ok());
+    }
+
+    #[test]
     fn a_retired_key_file_from_another_epoch_is_refused_on_first_use() {
         let dir = tempfile::tempdir().unwrap();
         history(dir.path(), 4);
