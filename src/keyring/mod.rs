@@ -1142,7 +1142,11 @@ mod tests {
         // Epoch 4 arrives with another epoch's fingerprint: adopted, refused on use.
         history[2].1 = keys[0].fingerprint();
         assert_eq!(ring.adopt_retired_wrapped(&history).unwrap(), 3);
-        assert_eq!(ring.adopt_retired_wrapped(&history).unwrap(), 0, "known already");
+        assert_eq!(
+            ring.adopt_retired_wrapped(&history).unwrap(),
+            0,
+            "known already"
+        );
         assert_eq!(ring.retired_loads(), 0);
         let snap = ring.snapshot();
         assert_eq!(snap.state(3), Some(KeyState::Retired));
