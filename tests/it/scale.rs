@@ -20,33 +20,14 @@ async fn two_hundred_members_acknowledge_a_rotation_within_a_two_second_stage() 
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let kek = write_kek(dir.path(), TEST_KEK);
-    let config = dir.path().join("cipherbus.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "kek_file = {:?}\n[rotation]\nheartbeat_every = \"1s\"\nstage_timeout = \"2s\"\n",
-            kek.display().to_string()
-        ),
-    )
-    .unwrap();
-    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let authority = Spawned::spawn(
-        std::process::Command::new(BIN)
-            .args(["controller", "--config"])
-            .arg(&config)
-            .arg("--upstream")
-            .arg(server.url())
-            .arg("--state-dir")
-            .arg(dir.path().join("authority"))
-            .arg("--admin")
-            .arg(admin.to_string()),
+    let config = write_config(
+        dir.path(),
+        &kek,
+        "[rotation]\nheartbeat_every = \"1s\"\nstage_timeout = \"2s\"\n",
     );
+    let (authority, admin) = spawn_controller(BIN, &config, &server, &dir.path().join("authority"));
     assert!(
-        eventually(Duration::from_secs(15), || http_get(admin, "/metrics")
-            .is_some_and(
-                |m| m.contains("cipherbus_authority_leader{scope=\"default\"} 1")
-            ))
-        .await,
+        eventually(Duration::from_secs(15), || leads(admin)).await,
         "the authority never acted: {}",
         authority.stderr()
     );

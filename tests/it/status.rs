@@ -59,37 +59,13 @@ async fn status_shows_every_proxy_the_authority_its_standby_and_a_lagging_proxy(
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let kek = write_kek(dir.path(), TEST_KEK);
-    let config = dir.path().join("cipherbus.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "kek_file = {:?}\n[rotation]\nheartbeat_every = \"300ms\"\nstage_timeout = \"2s\"\nrotate_every = \"1h\"\nlease_ttl = \"2s\"\n[[policy]]\nsubject = \"fleet.>\"\nmode = \"encrypt\"\n",
-            kek.display().to_string()
-        ),
-    )
-    .unwrap();
-    let controller = |name: &str| {
-        let admin = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let state = dir.path().join(name);
-        let p = Spawned::spawn(
-            std::process::Command::new(BIN)
-                .args(["controller", "--config"])
-                .arg(&config)
-                .arg("--upstream")
-                .arg(server.url())
-                .arg("--state-dir")
-                .arg(&state)
-                .arg("--admin")
-                .arg(admin.to_string())
-                .env("CIPHERBUS_LOG", "info,async_nats=warn"),
-        );
-        (p, admin)
-    };
+    let config = write_config(
+        dir.path(),
+        &kek,
+        "[rotation]\nheartbeat_every = \"300ms\"\nstage_timeout = \"2s\"\nrotate_every = \"1h\"\nlease_ttl = \"2s\"\n[[policy]]\nsubject = \"fleet.>\"\nmode = \"encrypt\"\n",
+    );
+    let controller = |name: &str| spawn_controller(BIN, &config, &server, &dir.path().join(name));
     let (mut leader, leader_admin) = controller("authority-a");
-    let leads = |admin| {
-        http_get(admin, "/metrics")
-            .is_some_and(|m| m.contains("cipherbus_authority_leader{scope=\"default\"} 1"))
-    };
     assert!(
         eventually(Duration::from_secs(15), || leads(leader_admin)).await,
         "the authority never acted: {}",
@@ -268,16 +244,12 @@ async fn status_right_after_rotate_shows_every_acknowledging_proxy_at_the_new_ep
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let kek = write_kek(dir.path(), TEST_KEK);
-    let config = dir.path().join("cipherbus.toml");
     // The default heartbeat interval: the rows must not wait for it.
-    std::fs::write(
-        &config,
-        format!(
-            "kek_file = {:?}\n[rotation]\nheartbeat_every = \"5s\"\nstage_timeout = \"5s\"\n",
-            kek.display().to_string()
-        ),
-    )
-    .unwrap();
+    let config = write_config(
+        dir.path(),
+        &kek,
+        "[rotation]\nheartbeat_every = \"5s\"\nstage_timeout = \"5s\"\n",
+    );
     let mut proxies = Vec::new();
     for i in 0..3 {
         let mut cmd = run_command(

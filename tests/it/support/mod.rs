@@ -671,6 +671,45 @@ pub fn write_kek(dir: &Path, kek: [u8; 32]) -> PathBuf {
     path
 }
 
+/// `dir/cipherbus.toml`: `kek_file` naming `kek`, then `body` (sections such as `[rotation]`).
+pub fn write_config(dir: &Path, kek: &Path, body: &str) -> PathBuf {
+    let path = dir.join("cipherbus.toml");
+    let text = format!("kek_file = {:?}\n{body}", kek.display().to_string());
+    std::fs::write(&path, text).expect("write the config file");
+    path
+}
+
+/// `cipherbus controller` with `config`, on `server`, its state in `state`, and its admin
+/// endpoint on a free port, which it returns.
+pub fn spawn_controller(
+    bin: &str,
+    config: &Path,
+    server: &NatsServer,
+    state: &Path,
+) -> (Spawned, SocketAddr) {
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let p = Spawned::spawn(
+        Command::new(bin)
+            .args(["controller", "--config"])
+            .arg(config)
+            .arg("--upstream")
+            .arg(server.url())
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--admin")
+            .arg(admin.to_string())
+            .env("CIPHERBUS_LOG", "info,async_nats=warn"),
+    );
+    (p, admin)
+}
+
+/// Whether the process serving metrics on `admin` acts as the key authority of the default
+/// scope.
+pub fn leads(admin: SocketAddr) -> bool {
+    http_get(admin, "/metrics")
+        .is_some_and(|m| m.contains("cipherbus_authority_leader{scope=\"default\"} 1"))
+}
+
 /// Runs `bin` with `args` and `--kek-file kek`, the shape of every operator command.
 pub async fn operator_cli(bin: &str, args: &[&str], kek: &Path) -> std::process::Output {
     let mut all: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
